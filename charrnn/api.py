@@ -1,0 +1,107 @@
+"""The Python interface: train, load a run, generate, evaluate.
+
+>>> import charrnn
+>>> result = charrnn.train("shakespeare", "runs/shk", max_steps=200)     # doctest: +SKIP
+>>> lm = charrnn.load("runs/shk")                                         # doctest: +SKIP
+>>> print(lm.generate("ROMEO:", length=200, temperature=0.8, seed=1)[0])  # doctest: +SKIP
+>>> lm.evaluate()                                                         # doctest: +SKIP
+{'loss': 1.52, 'bpc': 2.19, 'perplexity': 4.57, 'chars': 111539}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import build_config
+from .corpus import load_corpus
+from .data import split_train_val
+from .errors import CharRNNError
+from .sampling import Sampler
+from .training import Trainer, TrainResult, evaluate, resolve_device
+
+
+def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bool = False, force: bool = False,
+          progress: bool = True, **options) -> TrainResult:
+    """Train a model on ``corpus`` (a text file, a folder of ``.txt`` files, or a corpus name) into ``out``.
+
+    ``options`` are the fields of :class:`charrnn.config.TrainConfig` (``arch``, ``hidden``,
+    ``seq_len``, ``lr``, ``max_steps``, ``time_limit``, ...), layered over ``preset``.  With
+    ``resume=True`` the run continues from its last checkpoint with its saved options; options
+    given here override the saved ones (to extend ``max_steps``, say).
+    """
+    out = Path(out)
+    if resume:
+        saved = ckpt.read_config(out)
+        values = dict(saved.get("training", {}))
+        values.update({k: v for k, v in options.items() if v is not None})
+        cfg = build_config(None, **values)
+    else:
+        cfg = build_config(preset, **options)
+    data = load_corpus(corpus, lowercase=cfg.lowercase, newlines_to_spaces=cfg.newlines_to_spaces,
+                       progress=progress)
+    if not resume:
+        ckpt.prepare_new_run_dir(out, force=force)
+    trainer = Trainer(data, cfg, out, resume=resume, progress=progress)
+    return trainer.fit()
+
+
+class LanguageModel:
+    """A trained run, loaded for generation and evaluation."""
+
+    def __init__(self, loaded: ckpt.LoadedRun, device: torch.device):
+        self.run = loaded
+        self.model = loaded.model
+        self.vocab = loaded.vocab
+        self.config = loaded.config
+        self.device = device
+        self.sampler = Sampler(self.model, self.vocab)
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """Characters of ``text`` the model does not know (they are read as ``[UNK]``)."""
+        return self.vocab.unknown_chars(text)
+
+    def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None) -> list[str]:
+        """``num_samples`` texts (prompt + ``length`` new characters), sampled in one batch.
+
+        ``prompt`` may also be a list of prompts (one sample each).  ``temperature=0`` is greedy.
+        """
+        return self.sampler.generate(prompt, length, num_samples, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, seed=seed)
+
+    def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None) -> Iterator[list[str]]:
+        """Yield the next character of every sample, ``length`` times (the prompt is not repeated)."""
+        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
+        return self.sampler.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+    def evaluate(self, corpus: str | None = None, *, seq_len: int = 256, n_streams: int = 16) -> dict:
+        """Loss on the run's validation split, or on all of ``corpus``: ``{loss, bpc, perplexity, chars}``."""
+        norm = self.config.get("training", {})
+        lower, nl = norm.get("lowercase", False), norm.get("newlines_to_spaces", False)
+        if corpus is None:
+            name = self.config.get("corpus", {}).get("name")
+            if not name:
+                raise CharRNNError("this run does not record its corpus; pass --corpus")
+            data = load_corpus(name, lowercase=lower, newlines_to_spaces=nl)
+            ids = data.reencode(self.vocab)
+            _, ids = split_train_val(ids, norm.get("val_fraction", 0.1))
+            if len(ids) < 2:
+                raise CharRNNError("the run has no validation split (--val-fraction 0); pass --corpus")
+        else:
+            ids = load_corpus(corpus, lowercase=lower, newlines_to_spaces=nl).reencode(self.vocab)
+            if len(ids) < 2:
+                raise CharRNNError(f"corpus {corpus} is shorter than two characters; nothing to evaluate")
+        return evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device)
+
+
+def load(run: str | Path, *, weights: str = "best", device: str = "cpu") -> LanguageModel:
+    """Load a run directory (best weights unless ``weights="latest"``) on ``device`` (default CPU)."""
+    dev = resolve_device(device)
+    return LanguageModel(ckpt.load_run(run, weights=weights, device=dev), dev)

@@ -1,0 +1,225 @@
+"""``charrnn``: the command line.  Parsing and printing only; the work is in the library.
+
+Every user error is one line on stderr, ``error: <what and how to fix>``, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .config import PRESET_HELP, PRESETS
+from .errors import CharRNNError
+
+RULE = "-" * 72
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line too."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _add_train(sub) -> None:
+    presets = "; ".join(f"{name}: {PRESET_HELP.get(name, '')}" for name in PRESETS)
+    p = sub.add_parser(
+        "train", help="train a model on a text file, a folder of .txt files or a named corpus",
+        description="Train a character-level language model. Options left out come from --preset, then from "
+                    f"the defaults (the TensorFlow tutorial's). Presets: {presets}.",
+    )
+    p.add_argument("corpus", help="a UTF-8 text file, a directory of .txt files, or a corpus name "
+                                  "(shakespeare, nietzsche)")
+    p.add_argument("--out", required=True, help="run directory to write (never overwritten without "
+                                                "--resume or --force)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named bundle of options (explicit options win)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("corpus")
+    g.add_argument("--lowercase", action="store_true", default=None, help="lowercase the text")
+    g.add_argument("--newlines-to-spaces", action="store_true", default=None, help="replace newlines by spaces")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", choices=["gru", "lstm", "rnn"], help="recurrent cell (default gru)")
+    g.add_argument("--layers", type=int, help="stacked recurrent layers (default 1)")
+    g.add_argument("--hidden", type=int, help="units per recurrent layer (default 1024)")
+    g.add_argument("--embed", type=int, help="embedding size, 0 for one-hot inputs (default 256)")
+    g.add_argument("--dropout", type=float, help="dropout on the recurrent layers' inputs and output (default 0)")
+    g = p.add_argument_group("training")
+    g.add_argument("--seq-len", type=int, help="characters per training sequence (default 100)")
+    g.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
+    g.add_argument("--lr", type=float, help="learning rate (default 0.001)")
+    g.add_argument("--optimizer", choices=["adam", "adamw", "rmsprop", "sgd"], help="optimizer (default adam)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
+    g.add_argument("--clip", type=float, help="clip the gradient norm to this; 0 turns it off (default 5)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
+    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps (default 0)")
+    g.add_argument("--min-lr-ratio", type=float, help="cosine decays to lr x this (default 0.1)")
+    g.add_argument("--epochs", type=int, help="passes over the training text (default 10, unless --max-steps or "
+                                              "--time-limit is given)")
+    g.add_argument("--max-steps", type=int, help="stop after this many steps in all")
+    g.add_argument("--time-limit", type=float, help="stop after this many seconds of training in all "
+                                                     "(checkpoint included)")
+    g.add_argument("--val-fraction", type=float, help="the last fraction of the text held out (default 0.1)")
+    g.add_argument("--eval-every", type=int, help="also evaluate every N steps (default: each epoch)")
+    g.add_argument("--eval-streams", type=int, help="parallel contiguous streams in evaluation (default 16)")
+    g.add_argument("--log-every", type=int, help="log the training loss every N steps (default 10)")
+    g.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: at each "
+                                                        "evaluation)")
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda if available")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="bf16 autocast or fp32; auto picks bf16 where the hardware computes it natively")
+    p.set_defaults(func=cmd_train)
+
+
+TRAIN_OPTIONS = (
+    "lowercase", "newlines_to_spaces", "arch", "layers", "hidden", "embed", "dropout", "seq_len", "batch_size",
+    "lr", "optimizer", "weight_decay", "clip", "lr_schedule", "warmup_steps", "min_lr_ratio", "epochs",
+    "max_steps", "time_limit", "val_fraction", "eval_every", "eval_streams", "log_every", "checkpoint_every",
+    "seed", "device", "precision",
+)
+
+
+def cmd_train(args) -> int:
+    from .api import train
+
+    options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
+    result = train(args.corpus, args.out, preset=args.preset, resume=args.resume, force=args.force,
+                   progress=not args.quiet, **options)
+    best = f"{result.best_val_loss:.4f} nats/char" if result.best_val_loss is not None else "n/a"
+    print(f"stopped ({result.stop_reason}) at step {result.step}, epoch {result.epoch}, after "
+          f"{result.train_time:.0f} s; best val loss {best}; run in {result.run_dir}", file=sys.stderr)
+    if result.stop_reason == "interrupted":
+        print(f"checkpoint saved; continue with: charrnn train {args.corpus} --out {args.out} --resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a trained run")
+    p.add_argument("run", help="run directory written by `charrnn train`")
+    p.add_argument("--prompt", default="", help="text to continue (default: start after a newline)")
+    p.add_argument("--length", type=int, default=1000, help="characters to generate per sample (default 1000)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy; lower is safer, higher wilder")
+    p.add_argument("--top-k", type=int, help="sample only among the K most likely characters")
+    p.add_argument("--top-p", type=float, help="sample only among the most likely characters holding mass P")
+    p.add_argument("--num-samples", type=int, default=1, help="samples, generated together in one batch")
+    p.add_argument("--seed", type=int, help="random seed: same seed, same text")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default cpu")
+    p.add_argument("--json", action="store_true", help='print {"samples": [...]}')
+    p.set_defaults(func=cmd_generate)
+
+
+def _warn_unknown(lm, text: str) -> None:
+    unknown = lm.unknown_chars(text)
+    if unknown:
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        print(f"warning: prompt characters not in the model's vocabulary are read as [UNK]: {shown}",
+              file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    from .api import load
+    from .sampling import check_sampling_options
+
+    check_sampling_options(args.temperature, args.top_k, args.top_p, args.length, args.num_samples)
+    lm = load(args.run, weights=args.weights, device=args.device)
+    _warn_unknown(lm, args.prompt)
+    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.json:
+        samples = lm.generate(args.prompt, args.length, num_samples=args.num_samples, **options)
+        print(json.dumps({"samples": samples}, ensure_ascii=False))
+    elif args.num_samples == 1:
+        out = sys.stdout
+        out.write(args.prompt)
+        out.flush()
+        for (ch,) in lm.stream(args.prompt, args.length, **options):
+            out.write(ch)
+            out.flush()
+        out.write("\n")
+    else:
+        samples = lm.generate(args.prompt, args.length, num_samples=args.num_samples, **options)
+        print(f"\n\n{RULE}\n\n".join(samples))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss, bits/char and perplexity of a run on its validation split or a corpus")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--corpus", help="evaluate on all of this corpus instead of the run's validation split")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    p.add_argument("--json", action="store_true", help='print {"loss", "bpc", "perplexity", "chars"}')
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .api import load
+
+    lm = load(args.run, weights=args.weights, device=args.device)
+    r = lm.evaluate(args.corpus)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        where = args.corpus or "validation split"
+        print(f"{where}: loss {r['loss']:.4f} nats/char, {r['bpc']:.4f} bits/char, perplexity "
+              f"{r['perplexity']:.3f} over {r['chars']:,} characters ({lm.run.weights})")
+    return 0
+
+
+def _add_corpora(sub) -> None:
+    p = sub.add_parser("corpora", help="list the named corpora and where each is available")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_corpora)
+
+
+def cmd_corpora(args) -> int:
+    from .corpus import corpora_status
+
+    rows = corpora_status()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']}: {r['description']}")
+        if r["available"]:
+            print(f"  available: {r['path']}")
+        else:
+            print(f"  not available here; looked in {'; '.join(r['searched'])}; will download {r['url']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="charrnn", description="Character-level recurrent language models: train, generate, "
+                                                 "evaluate.")
+    parser.add_argument("--version", action="version", version=f"charrnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_generate(sub)
+    _add_eval(sub)
+    _add_corpora(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CharRNNError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Training options as one dataclass, and presets: named bundles of those same options.
+
+Layering: dataclass defaults (the TensorFlow tutorial's setup) <- preset <- explicit
+options.  A preset is nothing but a dict of option values; there is no second code path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from .errors import CharRNNError
+
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    # corpus normalisation
+    lowercase: bool = False
+    newlines_to_spaces: bool = False
+    # model (see models.ModelConfig)
+    arch: str = "gru"
+    embed: int = 256
+    hidden: int = 1024
+    layers: int = 1
+    dropout: float = 0.0
+    # optimisation
+    seq_len: int = 100
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    clip: float | None = 5.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    # how long
+    epochs: int | None = 10
+    max_steps: int | None = None
+    time_limit: float | None = None
+    # validation, logging, checkpoints
+    val_fraction: float = 0.1
+    eval_every: int | None = None
+    eval_streams: int = 16
+    log_every: int = 10
+    checkpoint_every: int | None = None
+    # reproducibility and hardware
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate(self) -> "TrainConfig":
+        positive_ints = ("seq_len", "batch_size", "embed_or_zero", "hidden", "layers", "eval_streams", "log_every")
+        for name in positive_ints:
+            if name == "embed_or_zero":
+                if self.embed < 0:
+                    raise CharRNNError(f"--embed must be positive (or 0 for one-hot inputs), got {self.embed}")
+                continue
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if self.clip is not None and not (self.clip >= 0 and math.isfinite(self.clip)):
+            raise CharRNNError(f"--clip must be >= 0 (0 turns clipping off), got {self.clip}")
+        for name in ("lr", "time_limit"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise CharRNNError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        if self.weight_decay < 0:
+            raise CharRNNError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise CharRNNError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise CharRNNError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 <= self.dropout < 1:
+            raise CharRNNError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.val_fraction < 1:
+            raise CharRNNError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
+                              ("device", DEVICES), ("arch", ("gru", "lstm", "rnn"))):
+            if getattr(self, name) not in allowed:
+                raise CharRNNError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                   f"got '{getattr(self, name)}'")
+        if self.epochs is None and self.max_steps is None and self.time_limit is None:
+            raise CharRNNError("give at least one of --epochs, --max-steps and --time-limit")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise CharRNNError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# Named bundles of the options above.  `charrnn train --help` lists them.
+PRESETS: dict[str, dict] = {
+    "tutorial-gru": {},  # the TensorFlow tutorial: embedding 256, GRU 1024, seq 100, batch 64, Adam
+}
+
+PRESET_HELP = {
+    "tutorial-gru": "the TensorFlow tutorial's model and training (the defaults)",
+}
+
+
+def build_config(preset: str | None = None, **options) -> TrainConfig:
+    """Defaults <- preset <- options (``None`` values in ``options`` mean "not given")."""
+    values: dict = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise CharRNNError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update({k: v for k, v in options.items() if v is not None})
+    # --max-steps or --time-limit alone means "train until then", not "until then or 10 epochs".
+    if "epochs" not in values and (values.get("max_steps") or values.get("time_limit")):
+        values["epochs"] = None
+    return TrainConfig.from_dict(values).validate()

@@ -1,0 +1,357 @@
+"""Reading text: files, directories of ``.txt`` files and named corpora.
+
+A corpus is read once, in chunks, and encoded to a compact array of ids on disk
+(``$CHARRNN_HOME/encoded/<key>/ids.npy``) that later runs memory-map.  The key is
+made of the files' paths, sizes and modification times and the normalisation
+options, so a second run on the same (possibly huge) corpus starts in seconds and
+never holds the text in memory as Python objects.
+
+Named corpora (``shakespeare``, ``nietzsche``) are looked up in the cache
+(``$CHARRNN_HOME/corpora``), then in ``$CHARRNN_DATA``, then downloaded from the
+addresses the original tutorials use, with a progress bar and an integrity check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CharRNNError
+from .fileio import atomic_write_json
+from .vocab import Vocab, codepoints
+
+CHUNK_BYTES = 16 << 20
+ENCODING_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class NamedCorpus:
+    name: str
+    filename: str
+    url: str
+    sha256: str
+    description: str
+    # Copies of nietzsche.txt in circulation differ by a few characters, so only a
+    # loose check (length and opening) is possible for it.
+    exact: bool = True
+    approx_chars: int = 0
+    starts_with: str = ""
+
+
+NAMED_CORPORA = {
+    "shakespeare": NamedCorpus(
+        "shakespeare",
+        "tinyshakespeare.txt",
+        "https://storage.googleapis.com/download.tensorflow.org/data/shakespeare.txt",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        "Tiny Shakespeare (1,115,394 characters), the TensorFlow tutorial's corpus",
+    ),
+    "nietzsche": NamedCorpus(
+        "nietzsche",
+        "nietzsche.txt",
+        "https://s3.amazonaws.com/text-datasets/nietzsche.txt",
+        "dea01ca2da603db6736fd856c585d073ccf3dca68efe4a59c5e73242cdf0b028",
+        "Nietzsche (600,901 characters), the Keras LSTM example's corpus",
+        exact=False,
+        approx_chars=600_901,
+        starts_with="PREFACE",
+    ),
+}
+
+
+def charrnn_home() -> Path:
+    return Path(os.environ.get("CHARRNN_HOME") or Path.home() / ".cache" / "charrnn")
+
+
+# --------------------------------------------------------------------------- named corpora
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_named(nc: NamedCorpus, path: Path) -> str | None:
+    """None if ``path`` holds the named corpus, else what is wrong with it."""
+    if nc.exact:
+        digest = _sha256_file(path)
+        return None if digest == nc.sha256 else f"sha256 {digest} is not the expected {nc.sha256}"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        return "it is not UTF-8 text"
+    if not text.startswith(nc.starts_with) or abs(len(text) - nc.approx_chars) > nc.approx_chars // 100:
+        return f"it does not look like {nc.filename} ({len(text):,} characters, expected about {nc.approx_chars:,})"
+    return None
+
+
+def named_corpus_locations(name: str) -> list[tuple[str, Path]]:
+    """Where a named corpus is looked for, in order: (label, path)."""
+    nc = NAMED_CORPORA[name]
+    places = [("cache", charrnn_home() / "corpora" / nc.filename)]
+    if os.environ.get("CHARRNN_DATA"):
+        places.append(("$CHARRNN_DATA", Path(os.environ["CHARRNN_DATA"]) / nc.filename))
+    return places
+
+
+def find_named_corpus(name: str) -> Path | None:
+    for _, path in named_corpus_locations(name):
+        if path.is_file():
+            return path
+    return None
+
+
+def download_named_corpus(name: str, progress: bool = True) -> Path:
+    """Download a named corpus into the cache, checking its integrity."""
+    from tqdm import tqdm
+
+    nc = NAMED_CORPORA[name]
+    dest = charrnn_home() / "corpora" / nc.filename
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    how_to = (
+        f"download {nc.url} yourself and put it at {dest}, or set CHARRNN_DATA to a directory holding {nc.filename}"
+    )
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{nc.filename}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(nc.url, timeout=30) as resp:
+                    total = int(resp.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {nc.filename}",
+                              disable=not progress, leave=False) as bar:
+                        for block in iter(lambda: resp.read(1 << 16), b""):
+                            out.write(block)
+                            bar.update(len(block))
+            except OSError as e:
+                reason = getattr(e, "reason", None) or e
+                raise CharRNNError(f"cannot download corpus '{name}' ({reason}); {how_to}") from None
+        if not nc.exact:  # the Keras copy: drop a byte-order mark, CRLF -> LF
+            raw = Path(tmp).read_bytes()
+            Path(tmp).write_bytes(raw.removeprefix(b"\xef\xbb\xbf").replace(b"\r\n", b"\n"))
+        problem = _check_named(nc, Path(tmp))
+        if problem:
+            raise CharRNNError(f"downloaded corpus '{name}' failed its integrity check ({problem}); {how_to}")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def resolve_named_corpus(name: str, download: bool = True, progress: bool = True) -> Path:
+    nc = NAMED_CORPORA[name]
+    for label, path in named_corpus_locations(name):
+        if path.is_file():
+            problem = _check_named(nc, path)
+            if problem:
+                raise CharRNNError(
+                    f"{path} ({label}) is not the expected {nc.filename}: {problem}; replace or delete it"
+                )
+            return path
+    if not download:
+        raise CharRNNError(f"corpus '{name}' is not available; set CHARRNN_DATA to a directory holding {nc.filename}")
+    return download_named_corpus(name, progress=progress)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def resolve_corpus_files(spec: str, download: bool = True, progress: bool = True) -> tuple[str, list[Path]]:
+    """``spec`` (a path, a directory or a corpus name) -> (display name, files)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return str(path), [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
+        if not files:
+            raise CharRNNError(f"directory {spec} holds no .txt files; point to a text file or a folder of .txt files")
+        return str(path), files
+    if spec in NAMED_CORPORA:
+        return spec, [resolve_named_corpus(spec, download=download, progress=progress)]
+    if os.sep in spec or "." in spec:
+        raise CharRNNError(f"corpus path {spec} does not exist; check the path")
+    known = ", ".join(sorted(NAMED_CORPORA))
+    raise CharRNNError(f"unknown corpus '{spec}': not a file or directory, and not a named corpus ({known})")
+
+
+def _iter_text(files: list[Path], lowercase: bool, newlines_to_spaces: bool, hasher=None):
+    """Yield the normalised text of ``files`` in chunks, checking that it is UTF-8."""
+    for path in files:
+        offset = 0  # byte offset in this file of data[0]
+        pending = b""
+        first = True
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(CHUNK_BYTES)
+                if hasher is not None:
+                    hasher.update(block)
+                data = pending + block
+                final = not block
+                if first:
+                    first = False
+                    if data.startswith(b"\xef\xbb\xbf"):
+                        data, offset = data[3:], 3
+                try:
+                    text, pending = data.decode("utf-8"), b""
+                except UnicodeDecodeError as e:
+                    if not final and e.end == len(data) and len(data) - e.start < 4:
+                        text, pending = data[: e.start].decode("utf-8"), data[e.start :]
+                    else:
+                        raise CharRNNError(
+                            f"{path} is not UTF-8 text: invalid byte 0x{data[e.start]:02x} at byte offset "
+                            f"{offset + e.start}; convert it to UTF-8 (e.g. iconv -t UTF-8)"
+                        ) from None
+                offset += len(data) - len(pending)
+                if lowercase:
+                    text = text.lower()
+                if newlines_to_spaces:
+                    text = text.replace("\n", " ")
+                if text:
+                    yield text
+                if final:
+                    break
+
+
+def read_text(spec: str, lowercase: bool = False, newlines_to_spaces: bool = False) -> str:
+    """The whole normalised text of a corpus as one string (for small corpora and tests)."""
+    _, files = resolve_corpus_files(spec)
+    return "".join(_iter_text(files, lowercase, newlines_to_spaces))
+
+
+# --------------------------------------------------------------------------- encoded corpora
+
+
+@dataclass
+class EncodedCorpus:
+    """A corpus as one array of ids (memory-mapped from the cache) and its vocabulary."""
+
+    name: str
+    ids: np.ndarray
+    vocab: Vocab
+    sha256: str
+    lowercase: bool = False
+    newlines_to_spaces: bool = False
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "chars": len(self.ids),
+            "lowercase": self.lowercase,
+            "newlines_to_spaces": self.newlines_to_spaces,
+        }
+
+    def reencode(self, vocab: Vocab) -> np.ndarray:
+        """The ids under another vocabulary (characters it lacks become ``[UNK]``)."""
+        table = np.zeros(len(self.vocab), dtype=vocab.dtype)
+        table[1:] = vocab.encode_codepoints(self.vocab._codes)
+        out = np.empty(len(self.ids), dtype=vocab.dtype)
+        for i in range(0, len(self.ids), CHUNK_BYTES):
+            out[i : i + CHUNK_BYTES] = table[self.ids[i : i + CHUNK_BYTES]]
+        return out
+
+
+def _cache_key(files: list[Path], lowercase: bool, newlines_to_spaces: bool) -> str:
+    parts = [f"v{ENCODING_FORMAT}", f"lower={lowercase}", f"nl={newlines_to_spaces}"]
+    for p in files:
+        st = p.stat()
+        parts.append(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def load_corpus(
+    spec: str,
+    lowercase: bool = False,
+    newlines_to_spaces: bool = False,
+    download: bool = True,
+    progress: bool = True,
+) -> EncodedCorpus:
+    """Resolve, read, normalise and encode a corpus, through the on-disk cache."""
+    name, files = resolve_corpus_files(spec, download=download, progress=progress)
+    cache = charrnn_home() / "encoded" / _cache_key(files, lowercase, newlines_to_spaces)
+    meta_path = cache / "meta.json"
+    if not meta_path.is_file():
+        _encode_to_cache(files, cache, lowercase, newlines_to_spaces, progress)
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    ids = np.load(cache / "ids.npy", mmap_mode="r")
+    if len(ids) == 0:
+        raise CharRNNError(f"corpus {name} is empty; give a file with some text in it")
+    return EncodedCorpus(name, ids, Vocab(list(meta["chars"])), meta["sha256"], lowercase, newlines_to_spaces)
+
+
+def _encode_to_cache(files, cache: Path, lowercase, newlines_to_spaces, progress) -> None:
+    from tqdm import tqdm
+
+    total_bytes = sum(p.stat().st_size for p in files)
+    show = progress and total_bytes > (64 << 20)
+    # Pass 1: the character set, the length and the checksum.
+    hasher = hashlib.sha256()
+    seen = np.zeros(0, dtype=np.uint32)
+    n = 0
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="scanning corpus", disable=not show) as bar:
+        for text in _iter_text(files, lowercase, newlines_to_spaces, hasher):
+            cps = codepoints(text)
+            seen = np.union1d(seen, np.unique(cps))
+            n += len(cps)
+            bar.update(len(text))
+    vocab = Vocab.from_codepoints(seen)
+    cache.mkdir(parents=True, exist_ok=True)
+    # Pass 2: encode into a memory-mapped .npy, then publish it with a rename.
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=".ids.", suffix=".npy")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=vocab.dtype, shape=(n,))
+        pos = 0
+        with tqdm(total=n, unit="char", unit_scale=True, desc="encoding corpus", disable=not show) as bar:
+            for text in _iter_text(files, lowercase, newlines_to_spaces):
+                ids = vocab.encode(text)
+                out[pos : pos + len(ids)] = ids
+                pos += len(ids)
+                bar.update(len(ids))
+        out.flush()
+        del out
+        os.replace(tmp, cache / "ids.npy")
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    atomic_write_json(
+        cache / "meta.json",
+        {"format": ENCODING_FORMAT, "sha256": hasher.hexdigest(), "chars": "".join(vocab.chars), "length": n,
+         "files": [str(p.resolve()) for p in files]},
+    )
+
+
+def corpora_status() -> list[dict]:
+    """For ``charrnn corpora``: each named corpus and where it is (or is not) available."""
+    rows = []
+    for name, nc in NAMED_CORPORA.items():
+        path = find_named_corpus(name)
+        where = [f"{label}: {p}" for label, p in named_corpus_locations(name)]
+        rows.append({
+            "name": name,
+            "description": nc.description,
+            "available": path is not None,
+            "path": str(path) if path else None,
+            "searched": where,
+            "url": nc.url,
+        })
+    return rows
+
+
+def clear_encoded_cache() -> None:
+    shutil.rmtree(charrnn_home() / "encoded", ignore_errors=True)

@@ -1,0 +1,3 @@
+from .charlm import ARCHS, CharLM, ModelConfig
+
+__all__ = ["ARCHS", "CharLM", "ModelConfig"]

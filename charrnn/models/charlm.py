@@ -1,0 +1,98 @@
+"""The character language model: embedding (or one-hot) -> recurrent stack -> logits."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CharRNNError
+
+ARCHS = ("gru", "lstm", "rnn")
+
+State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of :class:`CharLM`; ``embed=0`` feeds one-hot vectors (Keras recipe)."""
+
+    vocab_size: int
+    arch: str = "gru"
+    embed: int = 256
+    hidden: int = 1024
+    layers: int = 1
+    dropout: float = 0.0
+
+    def validate(self) -> "ModelConfig":
+        if self.arch not in ARCHS:
+            raise CharRNNError(f"--arch must be one of {', '.join(ARCHS)}, got '{self.arch}'")
+        for name in ("hidden", "layers", "vocab_size"):
+            if int(getattr(self, name)) <= 0:
+                raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.embed < 0:
+            raise CharRNNError(f"--embed must be positive (or 0 for one-hot inputs), got {self.embed}")
+        if not 0 <= self.dropout < 1:
+            raise CharRNNError(f"--dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CharLM(nn.Module):
+    """``forward(ids (batch, time), state) -> (logits (batch, time, vocab), state)``.
+
+    The recurrent stack is ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` (fused kernels, cuDNN on
+    GPU).  ``state`` is ``(layers, batch, hidden)``, or a pair of those for LSTM; ``None``
+    means zeros.  Dropout (if any) is applied to the inputs of every recurrent layer and
+    to the output of the last one.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        c = config
+        self.embedding = nn.Embedding(c.vocab_size, c.embed) if c.embed else None
+        in_size = c.embed or c.vocab_size
+        rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[c.arch]
+        self.rnn = rnn_cls(in_size, c.hidden, num_layers=c.layers, batch_first=True,
+                           dropout=c.dropout if c.layers > 1 else 0.0)
+        self.drop = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.hidden, c.vocab_size)
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embedding is None:
+            return F.one_hot(ids, self.config.vocab_size).to(self.head.weight.dtype)
+        return self.embedding(ids)
+
+    def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        x = self.drop(self.embed_ids(ids))
+        y, state = self.rnn(x, state)
+        return self.head(self.drop(y)), state
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def zero_state(self, batch: int, device=None, dtype=None) -> State:
+        c = self.config
+        h = torch.zeros(c.layers, batch, c.hidden, device=device or self.head.weight.device,
+                        dtype=dtype or self.head.weight.dtype)
+        return (h, h.clone()) if c.arch == "lstm" else h
+
+    def summary(self) -> str:
+        c = self.config
+        rows = []
+        if self.embedding is not None:
+            rows.append((f"embedding {c.vocab_size} x {c.embed}", self.embedding.weight.numel()))
+        else:
+            rows.append((f"one-hot inputs ({c.vocab_size})", 0))
+        rows.append((f"{c.arch.upper()} {c.layers} x {c.hidden}" + (f", dropout {c.dropout}" if c.dropout else ""),
+                     sum(p.numel() for p in self.rnn.parameters())))
+        rows.append((f"linear {c.hidden} -> {c.vocab_size}", sum(p.numel() for p in self.head.parameters())))
+        width = max(len(r[0]) for r in rows)
+        lines = [f"  {name:<{width}}  {n:>12,}" for name, n in rows]
+        lines.append(f"  {'total parameters':<{width}}  {self.num_parameters():>12,}")
+        return "\n".join(lines)

@@ -1,0 +1,451 @@
+"""The training loop: batches, optimiser, clipping, evaluation, progress, checkpoints, resume.
+
+Exact resume: a checkpoint holds the weights, the optimiser, every RNG state and the
+data position (epoch, step within it).  The order of an epoch's batches is a function
+of (seed, epoch) alone, so a run stopped at a checkpoint and resumed takes the same
+steps, in the same order, with the same dropout masks, as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .corpus import EncodedCorpus
+from .data import WindowBatches, eval_streams, split_train_val
+from .errors import CharRNNError
+from .fileio import atomic_write_text
+from .models.charlm import CharLM, ModelConfig
+
+LN2 = math.log(2)
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CharRNNError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32.
+
+    ``auto`` uses bf16 where the hardware has it (CUDA with bf16 support, CPUs with
+    AVX-512 BF16 / AMX); elsewhere bf16 is emulated and many times slower than fp32.
+    """
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int = 16,
+             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None) -> dict:
+    """Mean loss over every character of ``ids`` (but the first), each predicted once.
+
+    The text is cut into ``n_streams`` contiguous streams that run side by side; each
+    is read in chunks of ``seq_len`` with the recurrent state carried between chunks,
+    as char-rnn evaluates.  Returns ``{"loss", "bpc", "perplexity", "chars"}``.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    x, y = eval_streams(ids, n_streams)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = int((y >= 0).sum())
+    state = None
+    try:
+        for t in range(0, x.shape[1], seq_len):
+            xb = x[:, t : t + seq_len].to(device)
+            yb = y[:, t : t + seq_len].to(device)
+            with autocast(device, amp_dtype):
+                logits, state = model(xb, state)
+            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1),
+                                     ignore_index=-100, reduction="sum").double()
+    finally:
+        model.train(was_training)
+    loss = float(total) / count
+    return {"loss": loss, "bpc": loss / LN2, "perplexity": math.exp(min(loss, 700)), "chars": count}
+
+
+# --------------------------------------------------------------------------- learning rate
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None, progress_time: float | None) -> float:
+    """The learning rate for ``step`` (0-based): optional linear warm-up, then constant or cosine decay.
+
+    Cosine decays over ``total_steps`` when the run's length in steps is known; a run bounded
+    only by ``--time-limit`` decays over its time budget instead (``progress_time`` in [0, 1]).
+    """
+    lr = cfg.lr
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        if total_steps:
+            frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        else:
+            frac = progress_time or 0.0
+        frac = min(max(frac, 0.0), 1.0)
+        return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return lr
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        # Keras's RMSprop: rho 0.9, eps 1e-7 (PyTorch's defaults are 0.99 / 1e-8).
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, eps=1e-7, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class StopFlag:
+    """Set by Ctrl-C / SIGTERM; the loop stops after the current step, saves, exits.
+
+    A second Ctrl-C raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.reason is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.reason = "interrupted"
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    epoch: int
+    stop_reason: str
+    best_val_loss: float | None
+    last_val_loss: float | None
+    train_time: float
+    chars_seen: int
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    """Train a :class:`CharLM` on an encoded corpus into a run directory."""
+
+    def __init__(self, corpus: EncodedCorpus, cfg: TrainConfig, run_dir, resume: bool = False,
+                 progress: bool = True, log=None):
+        self.corpus = corpus
+        self.cfg = cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.vocab = corpus.vocab
+        train_ids, self.val_ids = split_train_val(corpus.ids, cfg.val_fraction)
+        if cfg.val_fraction > 0 and len(self.val_ids) < 2:
+            raise CharRNNError(f"the validation split ({len(self.val_ids)} characters) is too short; "
+                               "use a longer corpus or a larger --val-fraction")
+        self.batches = WindowBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed)
+        self.model_cfg = ModelConfig(len(self.vocab), cfg.arch, cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
+        torch.manual_seed(cfg.seed)
+        self.model = CharLM(self.model_cfg).to(self.device)
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.step = 0
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.best_val: float | None = None
+        self.last_val: float | None = None
+        self.train_time = 0.0
+        self.chars_seen = 0
+        if resume:
+            self._resume()
+        else:
+            self._start()
+
+    # ----------------------------------------------------------------- set-up
+
+    def _config_json(self) -> dict:
+        return {
+            "model": self.model_cfg.to_dict(),
+            "corpus": self.corpus.describe(),
+            "training": self.cfg.to_dict(),
+        }
+
+    def _start(self) -> None:
+        ckpt.write_config(self.run_dir, self._config_json())
+        self.vocab.save(self.run_dir / ckpt.VOCAB)
+        (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
+
+    def _resume(self) -> None:
+        saved = ckpt.read_config(self.run_dir)
+        saved_vocab = ckpt.Vocab.load(self.run_dir / ckpt.VOCAB)
+        if saved_vocab.chars != self.vocab.chars:
+            extra = sorted(set(self.vocab.chars) - set(saved_vocab.chars))
+            missing = sorted(set(saved_vocab.chars) - set(self.vocab.chars))
+            raise CharRNNError(
+                f"the corpus's vocabulary does not match the checkpoint's in {self.run_dir} (new characters "
+                f"{''.join(extra)!r}, missing {''.join(missing)!r}); resume with the corpus the run was trained on"
+            )
+        if saved.get("model") != self.model_cfg.to_dict():
+            raise CharRNNError(f"the model options differ from the run's ({saved.get('model')}); resume without "
+                               "changing --arch/--hidden/--embed/--layers/--dropout")
+        state = ckpt.load_trainer_state(self.run_dir)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.best_val = state.get("best_val")
+        self.last_val = state.get("last_val")
+        self.train_time = state.get("train_time", 0.0)
+        self.chars_seen = state.get("chars_seen", 0)
+        if saved.get("corpus", {}).get("sha256") != self.corpus.sha256:
+            self.log(f"warning: the corpus differs from the one {self.run_dir} was trained on "
+                     "(same characters); continuing")
+        ckpt.write_config(self.run_dir, self._config_json())
+        self._truncate_metrics()
+        self.log(f"resuming {self.run_dir} at step {self.step} (epoch {self.epoch + 1}, "
+                 f"step {self.step_in_epoch} of it)")
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
+        path = self.run_dir / ckpt.METRICS
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= self.step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    # ----------------------------------------------------------------- bookkeeping
+
+    def total_steps(self) -> int | None:
+        """The run's length in steps when it is known in advance."""
+        candidates = []
+        if self.cfg.max_steps:
+            candidates.append(self.cfg.max_steps)
+        if self.cfg.epochs:
+            candidates.append(self.cfg.epochs * self.batches.nominal_steps_per_epoch())
+        return min(candidates) if candidates else None
+
+    def _metric(self, record: dict) -> None:
+        with open(self.run_dir / ckpt.METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self) -> None:
+        state = {
+            "format_version": ckpt.FORMAT_VERSION,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "best_val": self.best_val,
+            "last_val": self.last_val,
+            "train_time": self.train_time,
+            "chars_seen": self.chars_seen,
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        ckpt.save_trainer_state(self.run_dir / ckpt.STATE, state)
+        ckpt.save_weights(self.run_dir / ckpt.LATEST, self.model, self.step)
+
+    def validate(self) -> float | None:
+        if self.cfg.val_fraction == 0:
+            return None
+        result = evaluate(self.model, self.val_ids, seq_len=max(self.cfg.seq_len, 256),
+                          n_streams=self.cfg.eval_streams, device=self.device, amp_dtype=self.amp_dtype)
+        self.last_val = result["loss"]
+        improved = self.best_val is None or result["loss"] < self.best_val
+        if improved:
+            self.best_val = result["loss"]
+            ckpt.save_weights(self.run_dir / ckpt.BEST, self.model, self.step)
+        self._metric({"step": self.step, "epoch": self.epoch, "time": round(self.train_time, 3),
+                      "val_loss": result["loss"], "val_bpc": result["bpc"]})
+        return result["loss"]
+
+    # ----------------------------------------------------------------- the loop
+
+    def summary(self) -> str:
+        c = self.corpus
+        n_train, n_val = len(self.batches.ids), len(self.val_ids)
+        precision = "bf16 autocast" if self.amp_dtype is not None else "fp32"
+        return "\n".join([
+            f"corpus {c.name}: {len(c):,} characters, vocabulary {len(self.vocab)} (with [UNK]); "
+            f"train {n_train:,}, validation {n_val:,}",
+            f"model {self.model_cfg.arch.upper()}, {self.model.num_parameters():,} parameters:",
+            self.model.summary(),
+            f"device {self.device}, {precision}; batch {self.cfg.batch_size} x {self.cfg.seq_len}, "
+            f"{self.cfg.optimizer} lr {self.cfg.lr}, {self.batches.nominal_steps_per_epoch()} steps per epoch",
+        ])
+
+    def fit(self) -> TrainResult:
+        from tqdm import tqdm
+
+        if self.progress:
+            self.log(self.summary())
+
+        cfg = self.cfg
+        model, opt = self.model, self.optimizer
+        total_steps = self.total_steps()
+        params = [p for p in model.parameters()]
+        chars_per_step = cfg.batch_size * cfg.seq_len
+        stop = StopFlag()
+        stop_reason = None
+        model.train()
+        bar = tqdm(total=total_steps, initial=self.step, disable=not self.progress, unit="step",
+                   dynamic_ncols=True, desc="training", file=sys.stderr)
+        write = bar.write if self.progress else self.log
+        running = torch.zeros((), device=self.device)
+        running_n = 0
+        session_start = time.perf_counter()
+        time_at_start = self.train_time
+        window_t, window_chars = time.perf_counter(), 0
+        last_eval_step = None
+
+        def elapsed() -> float:
+            return time_at_start + time.perf_counter() - session_start
+
+        def report_val(loss: float | None, why: str) -> None:
+            if loss is not None:
+                write(f"step {self.step} ({why}): val loss {loss:.4f} nats/char, {loss / LN2:.4f} bits/char"
+                      + (" (best)" if loss == self.best_val else ""))
+
+        with stop.installed():
+            while True:
+                # Stopping rules, checked between steps (a checkpoint is always taken at a stop).
+                if stop.reason:
+                    stop_reason = stop.reason
+                elif cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    stop_reason = "max_steps"
+                elif cfg.epochs is not None and self.epoch >= cfg.epochs:
+                    stop_reason = "epochs"
+                elif cfg.time_limit is not None and elapsed() >= cfg.time_limit:
+                    stop_reason = "time_limit"
+                if stop_reason:
+                    break
+
+                x, y = self.batches.batch(self.epoch, self.step_in_epoch)
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                lr = learning_rate(cfg, self.step, total_steps,
+                                   elapsed() / cfg.time_limit if cfg.time_limit else None)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                with autocast(self.device, self.amp_dtype):
+                    logits, _ = model(x)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                opt.step()
+
+                self.step += 1
+                self.step_in_epoch += 1
+                self.chars_seen += chars_per_step
+                window_chars += chars_per_step
+                running += loss.detach()
+                running_n += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == 1:
+                    mean = float(running) / running_n
+                    if not math.isfinite(mean):
+                        raise CharRNNError(f"the training loss became {mean} at step {self.step}; lower --lr or "
+                                           "set --clip (the last good checkpoint is kept)")
+                    now = time.perf_counter()
+                    cps = window_chars / max(now - window_t, 1e-9)
+                    window_t, window_chars = now, 0
+                    running.zero_()
+                    running_n = 0
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{mean:.4f}", chars_per_s=f"{cps:,.0f}")
+                    self._metric({"step": self.step, "epoch": self.epoch, "time": round(elapsed(), 3),
+                                  "loss": mean, "lr": lr, "chars_per_s": round(cps, 1)})
+
+                epoch_done = self.step_in_epoch >= self.batches.steps_in_epoch(self.epoch)
+                if epoch_done:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                eval_due = epoch_done or (cfg.eval_every and self.step % cfg.eval_every == 0)
+                self.train_time = elapsed()
+                if eval_due:
+                    report_val(self.validate(), f"end of epoch {self.epoch}" if epoch_done else "eval")
+                    last_eval_step = self.step
+                    self.train_time = elapsed()
+                    self.checkpoint()
+                elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.checkpoint()
+
+            if last_eval_step != self.step and self.step > 0:
+                report_val(self.validate(), "final")
+            self.train_time = elapsed()
+            self.checkpoint()
+        bar.close()
+        return TrainResult(self.run_dir, self.step, self.epoch, stop_reason, self.best_val, self.last_val,
+                           self.train_time, self.chars_seen)
