@@ -25,13 +25,14 @@ from .training import Trainer, TrainResult, evaluate, resolve_device
 
 
 def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bool = False, force: bool = False,
-          progress: bool = True, **options) -> TrainResult:
+          progress: bool = True, log=None, **options) -> TrainResult:
     """Train a model on ``corpus`` (a text file, a folder of ``.txt`` files, or a corpus name) into ``out``.
 
     ``options`` are the fields of :class:`charrnn.config.TrainConfig` (``arch``, ``hidden``,
     ``seq_len``, ``lr``, ``max_steps``, ``time_limit``, ...), layered over ``preset``.  With
     ``resume=True`` the run continues from its last checkpoint with its saved options; options
-    given here override the saved ones (to extend ``max_steps``, say).
+    given here override the saved ones (to extend ``max_steps``, say).  ``progress`` shows a
+    progress bar; ``log(message)`` receives the summary and evaluation lines (default: stderr).
     """
     out = Path(out)
     if resume:
@@ -45,7 +46,7 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
                        progress=progress)
     if not resume:
         ckpt.prepare_new_run_dir(out, force=force)
-    trainer = Trainer(data, cfg, out, resume=resume, progress=progress)
+    trainer = Trainer(data, cfg, out, resume=resume, progress=progress, log=log)
     return trainer.fit()
 
 

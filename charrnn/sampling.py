@@ -198,7 +198,8 @@ class Sampler:
                  **options) -> list[str]:
         """Complete texts (prompt + continuation), one per sample."""
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        check_sampling_options(length=length, num_samples=len(prompts), **options)
+        opts = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p")}
+        check_sampling_options(length=length, num_samples=len(prompts), **opts)
         pieces: list[list[str]] = [[p] for p in prompts]
         for step in self.stream(prompts, length, **options):
             for piece, ch in zip(pieces, step):

@@ -349,8 +349,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         from tqdm import tqdm
 
-        if self.progress:
-            self.log(self.summary())
+        self.log(self.summary())
 
         cfg = self.cfg
         model, opt = self.model, self.optimizer

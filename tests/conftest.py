@@ -1,0 +1,65 @@
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog.",
+    "a stitch in time saves nine.",
+    "all that glitters is not gold.",
+    "to be or not to be, that is the question.",
+    "the early bird catches the worm.",
+    "ROMEO: what light through yonder window breaks?",
+]
+
+
+def make_text(n_chars: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    parts, size = [], 0
+    while size < n_chars:
+        s = rng.choice(SENTENCES) + ("\n" if rng.random() < 0.3 else " ")
+        parts.append(s)
+        size += len(s)
+    return "".join(parts)[:n_chars]
+
+
+def unigram_entropy(text: str) -> float:
+    """Entropy of the character distribution in nats."""
+    counts = Counter(text)
+    n = len(text)
+    return -sum(c / n * math.log(c / n) for c in counts.values())
+
+
+@pytest.fixture(autouse=True)
+def charrnn_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("charrnn_home")
+    monkeypatch.setenv("CHARRNN_HOME", str(home))
+    monkeypatch.delenv("CHARRNN_DATA", raising=False)
+    return home
+
+
+@pytest.fixture
+def small_corpus(tmp_path) -> Path:
+    path = tmp_path / "small.txt"
+    path.write_text(make_text(20_000), encoding="utf-8")
+    return path
+
+
+# Options for a model that trains in a second or two.
+TINY = ["--hidden", "48", "--embed", "16", "--seq-len", "32", "--batch-size", "16", "--quiet"]
+TINY_KW = dict(hidden=48, embed=16, seq_len=32, batch_size=16)
+
+
+def run_cli(*args, env=None, timeout=300, input=None):
+    """Run the real `charrnn` entry point in a subprocess."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "charrnn", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, input=input)

@@ -1,0 +1,143 @@
+"""Training: it learns, it checkpoints, it resumes exactly, it stops when told."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import charrnn
+from charrnn.errors import CharRNNError
+
+from .conftest import TINY, TINY_KW, make_text, unigram_entropy
+
+
+def weights(run, name="model.safetensors"):
+    return load_file(str(run / name))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_small_model_learns_well_below_the_unigram_entropy(small_corpus, tmp_path):
+    result = charrnn.train(str(small_corpus), tmp_path / "run", progress=False, max_steps=300, eval_every=100,
+                           lr=3e-3, **TINY_KW)
+    h1 = unigram_entropy(small_corpus.read_text())
+    assert result.stop_reason == "max_steps" and result.step == 300
+    assert result.best_val_loss < 0.5 * h1, (result.best_val_loss, h1)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in lines if "loss" in r)
+    assert first["step"] == 1
+    import math
+    assert abs(first["loss"] - math.log(len(set(small_corpus.read_text())) + 1)) < 0.3
+    val_steps = [r["step"] for r in lines if "val_loss" in r]
+    assert {100, 200, 300, 35, 70} <= set(val_steps)  # every --eval-every steps and every epoch
+    lm = charrnn.load(tmp_path / "run")
+    assert lm.evaluate()["loss"] == pytest.approx(result.best_val_loss, rel=1e-4)
+    # What it learned shows in the samples: mostly real words from the corpus.
+    text = lm.generate("the ", 300, temperature=0.5, seed=0)[0]
+    words = set(" ".join(make_text(20_000).split("\n")).split())
+    produced = text.replace("\n", " ").split()
+    assert sum(w in words for w in produced) / len(produced) > 0.7
+
+
+def test_interrupted_at_a_checkpoint_and_resumed_equals_uninterrupted(small_corpus, tmp_path):
+    opts = dict(progress=False, dropout=0.2, layers=2, eval_every=4, **TINY_KW)
+    charrnn.train(str(small_corpus), tmp_path / "straight", max_steps=14, **opts)
+    charrnn.train(str(small_corpus), tmp_path / "split", max_steps=6, **opts)
+    r = charrnn.train(str(small_corpus), tmp_path / "split", resume=True, max_steps=14, progress=False)
+    assert r.step == 14
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))
+    # Metrics after the resume point are not duplicated.
+    steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+             if "val_loss" in x]
+    assert steps == sorted(set(steps))
+
+
+def test_resume_across_an_epoch_boundary(small_corpus, tmp_path):
+    opts = dict(progress=False, **TINY_KW)
+    # 20,000 chars * 0.9 / 32 / 16 = 35 steps per epoch: stop inside the second epoch.
+    charrnn.train(str(small_corpus), tmp_path / "a", max_steps=50, **opts)
+    charrnn.train(str(small_corpus), tmp_path / "b", max_steps=40, **opts)
+    charrnn.train(str(small_corpus), tmp_path / "b", resume=True, max_steps=50, progress=False)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_best_weights_and_latest(small_corpus, tmp_path):
+    charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=20, eval_every=10, **TINY_KW)
+    assert (tmp_path / "r" / "best.safetensors").exists()
+    best = charrnn.load(tmp_path / "r")
+    latest = charrnn.load(tmp_path / "r", weights="latest")
+    assert best.run.weights == "best.safetensors" and latest.run.weights == "model.safetensors"
+
+
+def test_time_limit_stops_cleanly_with_a_checkpoint(small_corpus, tmp_path):
+    r = charrnn.train(str(small_corpus), tmp_path / "r", progress=False, time_limit=1.5, **TINY_KW)
+    assert r.stop_reason == "time_limit"
+    assert 1.5 <= r.train_time < 30
+    state = torch.load(tmp_path / "r" / "trainer-state.pt", weights_only=True)
+    assert state["step"] == r.step > 0
+
+
+def test_existing_run_is_never_overwritten_without_force(small_corpus, tmp_path):
+    charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=3, **TINY_KW)
+    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    with pytest.raises(CharRNNError, match="--resume"):
+        charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=3, **TINY_KW)
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+    r = charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=2, force=True, **TINY_KW)
+    assert r.step == 2
+
+
+def test_force_refuses_a_directory_that_is_not_a_run(small_corpus, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(CharRNNError, match="not a charrnn run"):
+        charrnn.train(str(small_corpus), tmp_path / "mine", progress=False, max_steps=2, force=True, **TINY_KW)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_resume_with_a_different_vocabulary_is_refused(small_corpus, tmp_path):
+    charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=3, **TINY_KW)
+    other = tmp_path / "other.txt"
+    other.write_text(make_text(20_000).upper(), encoding="utf-8")
+    with pytest.raises(CharRNNError, match="vocabulary does not match"):
+        charrnn.train(str(other), tmp_path / "r", resume=True, progress=False, max_steps=6)
+
+
+def test_training_on_cpu_loads_on_cpu_with_map_location(small_corpus, tmp_path):
+    # Weights are stored on the CPU whatever device trained them (safetensors of .cpu() tensors),
+    # and trainer-state is loaded with map_location="cpu": a GPU run loads on a CPU-only machine.
+    charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=2, **TINY_KW)
+    for name in ("model.safetensors", "best.safetensors"):
+        assert all(t.device.type == "cpu" for t in load_file(str(tmp_path / "r" / name)).values())
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(small_corpus, tmp_path):
+    run = tmp_path / "r"
+    args = [sys.executable, "-m", "charrnn", "train", str(small_corpus), "--out", str(run), "--max-steps",
+            "100000", "--log-every", "1", *TINY]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    stopped = torch.load(run / "trainer-state.pt", weights_only=True)["step"]
+    assert stopped >= 20
+    target = stopped + 7
+    charrnn.train(str(small_corpus), run, resume=True, max_steps=target, progress=False)
+    charrnn.train(str(small_corpus), tmp_path / "straight", max_steps=target, progress=False, log_every=1,
+                  **TINY_KW)
+    assert_same_weights(weights(run), weights(tmp_path / "straight"))
