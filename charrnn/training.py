@@ -140,6 +140,20 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
+def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, clip: float | None,
+               device: torch.device, amp_dtype: torch.dtype | None, params: list | None = None) -> torch.Tensor:
+    """One full step (forward, loss, backward, clip, update); returns the loss, not synchronised."""
+    with autocast(device, amp_dtype):
+        logits, _ = model(x)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params if params is not None else model.parameters(), clip)
+    opt.step()
+    return loss.detach()
+
+
 # --------------------------------------------------------------------------- signals
 
 
@@ -397,20 +411,13 @@ class Trainer:
                                    elapsed() / cfg.time_limit if cfg.time_limit else None)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                with autocast(self.device, self.amp_dtype):
-                    logits, _ = model(x)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-                opt.step()
+                loss = train_step(model, opt, x, y, cfg.clip, self.device, self.amp_dtype, params)
 
                 self.step += 1
                 self.step_in_epoch += 1
                 self.chars_seen += chars_per_step
                 window_chars += chars_per_step
-                running += loss.detach()
+                running += loss
                 running_n += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == 1:
