@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CharRNNError
+from . import fast_rnn
 
 ARCHS = ("gru", "lstm", "rnn")
 
@@ -69,9 +70,26 @@ class CharLM(nn.Module):
         return self.embedding(ids)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
-        x = self.drop(self.embed_ids(ids))
-        y, state = self.rnn(x, state)
+        # CPU training goes through charrnn.models.fast_rnn (same parameters, same results,
+        # batched weight gradients); GPU (cuDNN), no_grad inference and autocast keep self.rnn.
+        if self._fast_lookup(ids):
+            y, state = fast_rnn.rnn_forward(self.rnn, None, state, gi0=self._input_projection(ids))
+        else:
+            x = self.drop(self.embed_ids(ids))
+            if fast_rnn.usable(self.rnn, x):
+                y, state = fast_rnn.rnn_forward(self.rnn, x, state)
+            else:
+                y, state = self.rnn(x, state)
         return self.head(self.drop(y)), state
+
+    def _fast_lookup(self, ids: torch.Tensor) -> bool:
+        """Fast path with the first projection as a vocab-table lookup (no input dropout)."""
+        return (ids.dim() == 2 and (self.drop.p == 0 or not self.training)
+                and fast_rnn.supported(self.rnn, ids.device, self.rnn.weight_ih_l0.dtype))
+
+    def _input_projection(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self.embedding.weight if self.embedding is not None else None
+        return fast_rnn.embedded_projection(ids, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0, w)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,216 @@
+"""charrnn.models.fast_rnn: same results as nn.GRU / nn.LSTM / nn.RNN, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from charrnn.models import CharLM, ModelConfig, fast_rnn
+
+B, T, I, H = 3, 7, 5, 16
+CLASSES = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}
+
+
+def _make(arch, layers, dtype=torch.float32, batch_first=True, **kw):
+    torch.manual_seed(1234)
+    return CLASSES[arch](I, H, num_layers=layers, batch_first=batch_first, **kw).to(dtype)
+
+
+def _state(arch, layers, dtype=torch.float32):
+    h0 = torch.randn(layers, B, H, dtype=dtype, requires_grad=True)
+    if arch == "lstm":
+        return (h0, torch.randn(layers, B, H, dtype=dtype, requires_grad=True))
+    return h0
+
+
+def _flat(state):
+    return list(state) if isinstance(state, tuple) else [state]
+
+
+def _run(forward, rnn, x, state):
+    """Outputs, and gradients of a loss that touches every output, w.r.t. params, x, state."""
+    y, final = forward(rnn, x, state)
+    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    loss = (y * weights).sum() + sum((s ** 2).sum() for s in _flat(final))
+    inputs = [x, *rnn.parameters()] + ([] if state is None else _flat(state))
+    return [y, *_flat(final)], torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_torch_module(arch, layers, with_state):
+    rnn = _make(arch, layers)
+    torch.manual_seed(0)
+    x = torch.randn(B, T, I, requires_grad=True)
+    state = _state(arch, layers) if with_state else None
+    assert fast_rnn.usable(rnn, x)
+    ref_out, ref_grads = _run(lambda r, x, s: r(x, s), rnn, x, state)
+    out, grads = _run(fast_rnn.rnn_forward, rnn, x, state)
+    assert len(out) == len(ref_out) and len(grads) == len(ref_grads)
+    for a, b in zip(out, ref_out):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(grads, ref_grads):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_rnn_relu_and_time_major():
+    for rnn in (_make("rnn", 2, nonlinearity="relu"), _make("gru", 2, batch_first=False)):
+        torch.manual_seed(0)
+        x = torch.randn(T, B, I, requires_grad=True)
+        ref_out, ref_grads = _run(lambda r, x, s: r(x, s), rnn, x, None)
+        out, grads = _run(fast_rnn.rnn_forward, rnn, x, None)
+        for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_single_time_step():
+    rnn = _make("lstm", 2)
+    x = torch.randn(B, 1, I, requires_grad=True)
+    ref_out, ref_grads = _run(lambda r, x, s: r(x, s), rnn, x, None)
+    out, grads = _run(fast_rnn.rnn_forward, rnn, x, None)
+    for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["gru", "lstm", "rnn_tanh", "rnn_relu"])
+def test_gradcheck_float64(mode):
+    torch.manual_seed(0)
+    b, t, h = 2, 3, 4
+    g = {"gru": 3, "lstm": 4}.get(mode, 1)
+    gi = torch.randn(t, b, g * h, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(b, h, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(b, h, dtype=torch.float64, requires_grad=True) if mode == "lstm" else None
+    w = (torch.randn(g * h, h, dtype=torch.float64) * 0.5).requires_grad_()
+    bias = torch.randn(g * h, dtype=torch.float64, requires_grad=True)
+    if mode == "rnn_relu":
+        gi = (gi.detach() + 0.5).requires_grad_()   # keep pre-activations away from the kink at 0
+    if mode == "lstm":
+        fn = lambda gi, h0, c0, w, bias: fast_rnn.layer_forward(mode, gi, h0, c0, w, bias)
+        inputs = (gi, h0, c0, w, bias)
+    else:
+        fn = lambda gi, h0, w, bias: fast_rnn.layer_forward(mode, gi, h0, None, w, bias)
+        inputs = (gi, h0, w, bias)
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_dropout_between_layers():
+    rnn = _make("gru", 3, dropout=0.5)
+    x = torch.randn(B, T, I)
+    rnn.train()
+    torch.manual_seed(7)
+    a, _ = fast_rnn.rnn_forward(rnn, x)
+    torch.manual_seed(7)
+    b, _ = fast_rnn.rnn_forward(rnn, x)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)           # same seed, same masks
+    c, _ = fast_rnn.rnn_forward(rnn, x)
+    assert not torch.equal(a, c)                                # dropout is active
+    rnn.eval()                                                  # eval: no dropout, like nn.GRU
+    torch.testing.assert_close(fast_rnn.rnn_forward(rnn, x)[0], rnn(x)[0], atol=1e-5, rtol=0)
+
+
+def test_usable_conditions(monkeypatch):
+    rnn = _make("gru", 1)
+    x = torch.randn(B, T, I)
+    assert fast_rnn.usable(rnn, x)
+    with torch.no_grad():
+        assert not fast_rnn.usable(rnn, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast_rnn.usable(rnn, x)
+    assert not fast_rnn.usable(rnn, x[0])                       # unbatched input
+    assert not fast_rnn.usable(nn.GRU(I, H, bidirectional=True), x)
+    assert not fast_rnn.usable(nn.LSTM(I, H, proj_size=4), x)
+    monkeypatch.setattr(fast_rnn, "ENABLED", False)
+    assert not fast_rnn.usable(rnn, x)
+
+
+def _charlm_loss_and_grads(model, ids, targets, state=None):
+    model.zero_grad()
+    logits, final = model(ids, state)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    loss.backward()
+    return loss.detach(), logits.detach(), final, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch,embed", [("gru", 8), ("lstm", 8), ("rnn", 8), ("gru", 0), ("lstm", 0)])
+def test_charlm_fast_path_matches_stock(arch, embed, monkeypatch):
+    """dropout 0: the first projection is the vocab-table lookup (embedding or one-hot)."""
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=11, arch=arch, embed=embed, hidden=H, layers=2))
+    model.train()
+    ids = torch.randint(0, 11, (B, T))
+    targets = torch.randint(0, 11, (B, T))
+    state = model.zero_state(B)
+    state = tuple(s + 0.1 for s in state) if isinstance(state, tuple) else state + 0.1
+
+    calls = []
+    real = fast_rnn.rnn_forward
+    monkeypatch.setattr(fast_rnn, "rnn_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(fast_rnn, "ENABLED", True)
+    fast = _charlm_loss_and_grads(model, ids, targets, state)
+    assert calls, "fast path was not taken"
+    monkeypatch.setattr(fast_rnn, "ENABLED", False)
+    n_calls = len(calls)
+    stock = _charlm_loss_and_grads(model, ids, targets, state)
+    assert len(calls) == n_calls
+
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast[1], stock[1], atol=1e-5, rtol=0)
+    for a, b in zip(_flat(fast[2]), _flat(stock[2])):
+        assert a.shape == b.shape == (2, B, H)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert fast[3].keys() == stock[3].keys()
+    for name in fast[3]:
+        torch.testing.assert_close(fast[3][name], stock[3][name], atol=1e-4, rtol=0, msg=name)
+
+
+def test_charlm_inference_uses_stock_module(monkeypatch):
+    model = CharLM(ModelConfig(vocab_size=11, embed=8, hidden=H))
+    monkeypatch.setattr(fast_rnn, "rnn_forward", lambda *a, **kw: pytest.fail("fast path under no_grad"))
+    with torch.no_grad():
+        logits, state = model(torch.randint(0, 11, (B, T)))
+    assert logits.shape == (B, T, 11) and state.shape == (1, B, H)
+
+
+def test_embedded_projection_matches_linear():
+    torch.manual_seed(0)
+    emb = torch.randn(11, 11, requires_grad=True)       # embed width = vocab, so one-hot fits too
+    w = torch.randn(3 * H, 11, requires_grad=True)
+    b = torch.randn(3 * H, requires_grad=True)
+    ids = torch.randint(0, 11, (B, T))
+    dgi = torch.randn(T, B, 3 * H)
+    for embedding in (emb, None):
+        x = F.embedding(ids, emb) if embedding is not None else F.one_hot(ids, 11).float()
+        ref = F.linear(x.transpose(0, 1), w, b)
+        out = fast_rnn.embedded_projection(ids, w, b, embedding)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        leaves = [w, b] + ([emb] if embedding is not None else [])
+        for g, g_ref in zip(torch.autograd.grad(out, leaves, dgi), torch.autograd.grad(ref, leaves, dgi)):
+            torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=0)
+
+
+def test_charlm_dropout_fast_path_is_deterministic(monkeypatch):
+    """dropout > 0 (x goes through nn.Dropout, so the plain fast path): same seed, same result."""
+    model = CharLM(ModelConfig(vocab_size=11, arch="gru", embed=8, hidden=H, layers=2, dropout=0.3))
+    model.train()
+    ids, targets = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T))
+    calls = []
+    real = fast_rnn.rnn_forward
+    monkeypatch.setattr(fast_rnn, "rnn_forward", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    torch.manual_seed(5)
+    a = _charlm_loss_and_grads(model, ids, targets)
+    torch.manual_seed(5)
+    b = _charlm_loss_and_grads(model, ids, targets)
+    assert calls == [{}, {}]                                    # fast path, without the lookup
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    for name in a[3]:
+        torch.testing.assert_close(a[3][name], b[3][name], atol=0, rtol=0)
+    model.eval()                                                # eval with grad: lookup, no dropout
+    fast = _charlm_loss_and_grads(model, ids, targets)
+    monkeypatch.setattr(fast_rnn, "ENABLED", False)
+    stock = _charlm_loss_and_grads(model, ids, targets)
+    torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
+    for name in fast[3]:
+        torch.testing.assert_close(fast[3][name], stock[3][name], atol=1e-4, rtol=0, msg=name)
