@@ -115,7 +115,7 @@ def test_bad_training_input(capsys, tmp_path, small_corpus, case):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("to be or not to be")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
-    code, stdout, err = cli(capsys, "train", *args, "--out", out, "--max-steps", "2", *TINY)
+    code, stdout, err = cli(capsys, "train", args[0], "--out", out, "--max-steps", "2", *TINY, *args[1:])
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), err
