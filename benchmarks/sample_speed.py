@@ -48,12 +48,36 @@ def measure(sampler, batch, length, temperature=1.0, repeats=3):
             "first_char_ms": round(statistics.median(firsts), 2)}
 
 
+@torch.inference_mode()
+def stepwise_val_bpc(sampler, loaded, streams=64):
+    """Validation bits/char computed with the sampling step (so int8 weights are what is measured)."""
+    import math
+
+    from charrnn.corpus import load_corpus
+    from charrnn.data import eval_streams, split_train_val
+
+    train_cfg = loaded.config["training"]
+    data = load_corpus(loaded.config["corpus"]["name"], lowercase=train_cfg["lowercase"],
+                       newlines_to_spaces=train_cfg["newlines_to_spaces"], progress=False)
+    _, val = split_train_val(data.reencode(loaded.vocab), train_cfg["val_fraction"])
+    x, y = eval_streams(val, streams)
+    stepper = sampler.stepper
+    state = stepper.from_module_state(loaded.model.zero_state(x.shape[0]))
+    total = 0.0
+    for t in range(x.shape[1]):
+        logits, state = stepper.step(x[:, t].long(), state)
+        total += float(torch.nn.functional.cross_entropy(logits, y[:, t].long(), ignore_index=-100, reduction="sum"))
+    return total / int((y >= 0).sum()) / math.log(2)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 5, 64])
     p.add_argument("--length", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--run", help="a trained run directory (default: the default model, random weights)")
+    p.add_argument("--weights", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"],
+                   help="weight formats of the sampling step to measure")
     args = p.parse_args(argv)
     if args.run:
         from charrnn.checkpoint import load_run
@@ -62,9 +86,14 @@ def main(argv=None):
         model, vocab = loaded.model, loaded.vocab
     else:
         model, vocab = default_model()
-    sampler = Sampler(model, vocab)
-    measure(sampler, 1, 50, repeats=1)  # warm-up
-    results = [measure(sampler, b, args.length, repeats=args.repeats) for b in args.batch_size]
+    results = []
+    for weights in args.weights:
+        sampler = Sampler(model, vocab, weights=weights)
+        measure(sampler, 1, 50, repeats=1)  # warm-up
+        for b in args.batch_size:
+            results.append({"weights": weights, **measure(sampler, b, args.length, repeats=args.repeats)})
+        if args.run:  # the quality cost of the weight format, through the sampling step itself
+            results[-1]["val_bpc_stepwise"] = round(stepwise_val_bpc(sampler, loaded), 4)
     emit({"benchmark": "sample_speed", "length": args.length, "parameters": model.num_parameters(),
           "results": results, "peak_rss_mb": round(peak_rss_mb(), 1), **machine()})
 

@@ -300,15 +300,15 @@ def _encode_to_cache(files, cache: Path, lowercase, newlines_to_spaces, progress
     show = progress and total_bytes > (64 << 20)
     # Pass 1: the character set, the length and the checksum.
     hasher = hashlib.sha256()
-    seen = np.zeros(0, dtype=np.uint32)
+    seen = np.zeros(0x110000, dtype=bool)
     n = 0
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="scanning corpus", disable=not show) as bar:
         for text in _iter_text(files, lowercase, newlines_to_spaces, hasher):
             cps = codepoints(text)
-            seen = np.union1d(seen, np.unique(cps))
+            seen |= np.bincount(cps, minlength=0x110000).astype(bool)
             n += len(cps)
             bar.update(len(text))
-    vocab = Vocab.from_codepoints(seen)
+    vocab = Vocab.from_codepoints(np.flatnonzero(seen))
     cache.mkdir(parents=True, exist_ok=True)
     # Pass 2: encode into a memory-mapped .npy, then publish it with a rename.
     fd, tmp = tempfile.mkstemp(dir=cache, prefix=".ids.", suffix=".npy")

@@ -96,9 +96,13 @@ def eval_streams(ids: np.ndarray, n_streams: int) -> tuple[torch.Tensor, torch.T
         raise CharRNNError("the validation text is shorter than two characters; raise --val-fraction")
     n_streams = max(1, min(n_streams, n_pred))
     length = -(-n_pred // n_streams)
-    x = torch.zeros(n_streams * length, dtype=torch.int64)
-    y = torch.full((n_streams * length,), -100, dtype=torch.int64)
-    all_ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-    x[:n_pred] = all_ids[:-1]
-    y[:n_pred] = all_ids[1:]
+    # Compact storage (a long validation split must not cost 8 bytes per character); the
+    # evaluation loop widens one chunk at a time.
+    dtype = torch.int16 if int(np.max(ids)) < 2**15 else torch.int32
+    x = torch.zeros(n_streams * length, dtype=dtype)
+    y = torch.full((n_streams * length,), -100, dtype=dtype)
+    for i in range(0, n_pred, 1 << 24):
+        chunk = torch.from_numpy(np.asarray(ids[i : min(i + (1 << 24), n_pred) + 1], dtype=np.int32)).to(dtype)
+        x[i : i + len(chunk) - 1] = chunk[:-1]
+        y[i : i + len(chunk) - 1] = chunk[1:]
     return x.view(n_streams, length), y.view(n_streams, length)

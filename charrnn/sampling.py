@@ -68,6 +68,23 @@ def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+WEIGHT_FORMATS = ("fp32", "int8")
+
+
+def _fp32_linear(weight: torch.Tensor, bias: torch.Tensor):
+    weight, bias = weight.detach(), bias.detach()
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _int8_linear(weight: torch.Tensor, bias: torch.Tensor):
+    """``x -> x @ W.T + b`` with W quantised to int8 per output row (CPU only)."""
+    w = weight.detach().float().cpu()
+    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+    q = torch.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
+    packed = torch.ops.quantized.linear_prepack(q, bias.detach().float().cpu())
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed)
+
+
 class Stepper:
     """One character at a time from a :class:`CharLM`'s weights (no copy of the recurrent weights).
 
@@ -75,7 +92,11 @@ class Stepper:
     per-layer ``(batch, hidden)`` tensors (pairs ``(h, c)`` for LSTM).
     """
 
-    def __init__(self, model: CharLM):
+    def __init__(self, model: CharLM, weights: str = "fp32"):
+        """``weights="int8"`` runs the matrix products with int8 weights (per-row scales, dynamic
+        activation quantisation, fbgemm): 4x less memory to stream per character."""
+        if weights not in WEIGHT_FORMATS:
+            raise CharRNNError(f"sampling weights must be one of {', '.join(WEIGHT_FORMATS)}, got '{weights}'")
         c = model.config
         self.arch, self.layers, self.hidden = c.arch, c.layers, c.hidden
         rnn = model.rnn
@@ -83,12 +104,11 @@ class Stepper:
             w0, b0 = rnn.weight_ih_l0, rnn.bias_ih_l0
             inputs = model.embedding.weight if model.embedding is not None else torch.eye(c.vocab_size, device=w0.device)
             self.table = torch.addmm(b0, inputs, w0.t()).contiguous()  # (vocab, gates*hidden)
-        self.w_ih = [None] + [getattr(rnn, f"weight_ih_l{i}").detach() for i in range(1, c.layers)]
-        self.b_ih = [None] + [getattr(rnn, f"bias_ih_l{i}").detach() for i in range(1, c.layers)]
-        self.w_hh = [getattr(rnn, f"weight_hh_l{i}").detach() for i in range(c.layers)]
-        self.b_hh = [getattr(rnn, f"bias_hh_l{i}").detach() for i in range(c.layers)]
-        self.head_w = model.head.weight.detach()
-        self.head_b = model.head.bias.detach()
+        linear = _int8_linear if weights == "int8" else _fp32_linear
+        self.lin_ih = [None] + [linear(getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"))
+                                for i in range(1, c.layers)]
+        self.lin_hh = [linear(getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}")) for i in range(c.layers)]
+        self.head = linear(model.head.weight, model.head.bias)
 
     def from_module_state(self, state: State) -> list:
         if self.arch == "lstm":
@@ -106,10 +126,10 @@ class Stepper:
         new_state = []
         x = None
         for i in range(self.layers):
-            gi = self.table[ids] if i == 0 else F.linear(x, self.w_ih[i], self.b_ih[i])
+            gi = self.table[ids] if i == 0 else self.lin_ih[i](x)
             if self.arch == "gru":
                 h = state[i]
-                gh = F.linear(h, self.w_hh[i], self.b_hh[i])
+                gh = self.lin_hh[i](h)
                 rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
                 r, z = rz[:, :H], rz[:, H:]
                 n = torch.tanh(gi[:, 2 * H :] + r * gh[:, 2 * H :])
@@ -117,29 +137,29 @@ class Stepper:
                 new_state.append(h)
             elif self.arch == "lstm":
                 h, c = state[i]
-                gates = gi + F.linear(h, self.w_hh[i], self.b_hh[i])
+                gates = gi + self.lin_hh[i](h)
                 ig, fg, gg, og = gates.chunk(4, dim=1)
                 c = torch.sigmoid(fg) * c + torch.sigmoid(ig) * torch.tanh(gg)
                 h = torch.sigmoid(og) * torch.tanh(c)
                 new_state.append((h, c))
             else:
-                h = torch.tanh(gi + F.linear(state[i], self.w_hh[i], self.b_hh[i]))
+                h = torch.tanh(gi + self.lin_hh[i](state[i]))
                 new_state.append(h)
             x = h
-        return F.linear(x, self.head_w, self.head_b), new_state
+        return self.head(x), new_state
 
 
 class Sampler:
     """Batched, streaming text generation from a :class:`CharLM` and its vocabulary."""
 
-    def __init__(self, model: CharLM, vocab: Vocab):
+    def __init__(self, model: CharLM, vocab: Vocab, weights: str = "fp32"):
         if model.config.vocab_size != len(vocab):
             raise CharRNNError(f"model has {model.config.vocab_size} ids but the vocabulary {len(vocab)}; "
                                "the run directory is inconsistent, retrain it")
         self.model = model.eval()
         self.vocab = vocab
         self.device = model.head.weight.device
-        self.stepper = Stepper(model)
+        self.stepper = Stepper(model, weights)
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
         """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).

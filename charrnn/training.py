@@ -94,8 +94,8 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     state = None
     try:
         for t in range(0, x.shape[1], seq_len):
-            xb = x[:, t : t + seq_len].to(device)
-            yb = y[:, t : t + seq_len].to(device)
+            xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
+            yb = y[:, t : t + seq_len].to(device=device, dtype=torch.int64)
             with autocast(device, amp_dtype):
                 logits, state = model(xb, state)
             total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1),
@@ -264,6 +264,8 @@ class Trainer:
         if saved.get("model") != self.model_cfg.to_dict():
             raise CharRNNError(f"the model options differ from the run's ({saved.get('model')}); resume without "
                                "changing --arch/--hidden/--embed/--layers/--dropout")
+        for stale in self.run_dir.glob(".*.tmp"):  # left by a kill in the middle of a write
+            stale.unlink(missing_ok=True)
         state = ckpt.load_trainer_state(self.run_dir)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

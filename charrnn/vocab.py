@@ -29,6 +29,7 @@ class Vocab:
 
     chars: list[str]
     _codes: np.ndarray = field(init=False, repr=False)
+    _table: np.ndarray | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if any(len(c) != 1 for c in self.chars):
@@ -37,6 +38,7 @@ class Vocab:
         if len(codes) > 1 and not np.all(codes[1:] > codes[:-1]):
             raise CharRNNError("vocabulary characters must be unique and sorted")
         self._codes = codes
+        self._table = None
 
     @classmethod
     def from_codepoints(cls, codes: np.ndarray) -> "Vocab":
@@ -61,12 +63,11 @@ class Vocab:
 
     def encode_codepoints(self, codes: np.ndarray) -> np.ndarray:
         """Map code points to ids; characters not in the vocabulary become ``[UNK]``."""
-        if len(self._codes) == 0:
-            return np.zeros(len(codes), dtype=self.dtype)
-        pos = np.searchsorted(self._codes, codes)
-        pos_clipped = np.minimum(pos, len(self._codes) - 1)
-        found = self._codes[pos_clipped] == codes
-        return np.where(found, pos_clipped + 1, UNK_ID).astype(self.dtype)
+        if self._table is None:  # one entry per Unicode code point: encoding is a single gather
+            table = np.zeros(0x110000, dtype=self.dtype)
+            table[self._codes] = np.arange(1, len(self._codes) + 1, dtype=self.dtype)
+            self._table = table
+        return self._table[codes]
 
     def encode(self, text: str) -> np.ndarray:
         return self.encode_codepoints(codepoints(text))

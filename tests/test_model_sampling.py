@@ -125,3 +125,21 @@ def test_unknown_prompt_characters_map_to_unk():
 def test_greedy_generation_is_deterministic_without_seed():
     s = _sampler()
     assert s.generate("a", 40, temperature=0)[0] == s.generate("a", 40, temperature=0)[0]
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_int8_stepper_stays_close_to_fp32(arch):
+    torch.manual_seed(2)
+    model = CharLM(ModelConfig(vocab_size=30, arch=arch, embed=16, hidden=64, layers=2)).eval()
+    ids = torch.randint(0, 30, (4, 20))
+    fp32, int8 = Stepper(model), Stepper(model, "int8")
+    s32 = fp32.from_module_state(model.zero_state(4))
+    s8 = int8.from_module_state(model.zero_state(4))
+    with torch.no_grad():
+        for t in range(20):
+            a, s32 = fp32.step(ids[:, t], s32)
+            b, s8 = int8.step(ids[:, t], s8)
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert not torch.equal(a, b)  # it really ran in int8
+    with pytest.raises(CharRNNError, match="int8"):
+        Stepper(model, "int4")

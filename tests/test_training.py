@@ -141,3 +141,21 @@ def test_ctrl_c_saves_and_resume_continues_exactly(small_corpus, tmp_path):
     charrnn.train(str(small_corpus), tmp_path / "straight", max_steps=target, progress=False, log_every=1,
                   **TINY_KW)
     assert_same_weights(weights(run), weights(tmp_path / "straight"))
+
+
+def test_a_kill_between_checkpoints_resumes_from_the_last_one(small_corpus, tmp_path):
+    run = tmp_path / "r"
+    args = [sys.executable, "-m", "charrnn", "train", str(small_corpus), "--out", str(run), "--max-steps",
+            "100000", "--log-every", "1", "--checkpoint-every", "5", *TINY]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "trainer-state.pt").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.kill()  # SIGKILL: no chance to save anything
+    proc.wait(timeout=60)
+    saved = torch.load(run / "trainer-state.pt", weights_only=True)["step"]
+    assert saved > 0 and saved % 5 == 0
+    r = charrnn.train(str(small_corpus), run, resume=True, max_steps=saved + 3, progress=False)
+    assert r.step == saved + 3
+    charrnn.load(run).generate("the", 10, seed=0)

@@ -48,8 +48,9 @@ class CharLM(nn.Module):
 
     The recurrent stack is ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` (fused kernels, cuDNN on
     GPU).  ``state`` is ``(layers, batch, hidden)``, or a pair of those for LSTM; ``None``
-    means zeros.  Dropout (if any) is applied to the inputs of every recurrent layer and
-    to the output of the last one.
+    means zeros.  Dropout (if any) is applied between recurrent layers and to the output of
+    the last one, not to the embedding (which keeps the first layer's input projection a
+    table lookup on the CPU training path).
     """
 
     def __init__(self, config: ModelConfig):
@@ -75,7 +76,7 @@ class CharLM(nn.Module):
         if self._fast_lookup(ids):
             y, state = fast_rnn.rnn_forward(self.rnn, None, state, gi0=self._input_projection(ids))
         else:
-            x = self.drop(self.embed_ids(ids))
+            x = self.embed_ids(ids)
             if fast_rnn.usable(self.rnn, x):
                 y, state = fast_rnn.rnn_forward(self.rnn, x, state)
             else:
@@ -83,8 +84,8 @@ class CharLM(nn.Module):
         return self.head(self.drop(y)), state
 
     def _fast_lookup(self, ids: torch.Tensor) -> bool:
-        """Fast path with the first projection as a vocab-table lookup (no input dropout)."""
-        return (ids.dim() == 2 and (self.drop.p == 0 or not self.training)
+        """Fast path with the first projection as a vocab-table lookup."""
+        return (ids.dim() == 2
                 and fast_rnn.supported(self.rnn, ids.device, self.rnn.weight_ih_l0.dtype))
 
     def _input_projection(self, ids: torch.Tensor) -> torch.Tensor:
