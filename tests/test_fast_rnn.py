@@ -192,7 +192,7 @@ def test_embedded_projection_matches_linear():
 
 
 def test_charlm_dropout_fast_path_is_deterministic(monkeypatch):
-    """dropout > 0 (x goes through nn.Dropout, so the plain fast path): same seed, same result."""
+    """dropout > 0 (between layers and on the output; the embedding lookup path stays): same seed, same result."""
     model = CharLM(ModelConfig(vocab_size=11, arch="gru", embed=8, hidden=H, layers=2, dropout=0.3))
     model.train()
     ids, targets = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T))
@@ -203,7 +203,7 @@ def test_charlm_dropout_fast_path_is_deterministic(monkeypatch):
     a = _charlm_loss_and_grads(model, ids, targets)
     torch.manual_seed(5)
     b = _charlm_loss_and_grads(model, ids, targets)
-    assert calls == [{}, {}]                                    # fast path, without the lookup
+    assert len(calls) == 2 and all("gi0" in c for c in calls)  # fast path with the table lookup
     torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
     for name in a[3]:
         torch.testing.assert_close(a[3][name], b[3][name], atol=0, rtol=0)
