@@ -53,13 +53,15 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
 class LanguageModel:
     """A trained run, loaded for generation and evaluation."""
 
-    def __init__(self, loaded: ckpt.LoadedRun, device: torch.device):
+    def __init__(self, loaded: ckpt.LoadedRun, device: torch.device, int8: bool = False):
         self.run = loaded
         self.model = loaded.model
         self.vocab = loaded.vocab
         self.config = loaded.config
         self.device = device
-        self.sampler = Sampler(self.model, self.vocab)
+        if int8 and device.type != "cpu":
+            raise CharRNNError("int8 sampling runs on the CPU only; drop --int8 or use --device cpu")
+        self.sampler = Sampler(self.model, self.vocab, weights="int8" if int8 else "fp32")
 
     def unknown_chars(self, text: str) -> list[str]:
         """Characters of ``text`` the model does not know (they are read as ``[UNK]``)."""
@@ -102,7 +104,10 @@ class LanguageModel:
         return evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device)
 
 
-def load(run: str | Path, *, weights: str = "best", device: str = "cpu") -> LanguageModel:
-    """Load a run directory (best weights unless ``weights="latest"``) on ``device`` (default CPU)."""
+def load(run: str | Path, *, weights: str = "best", device: str = "cpu", int8: bool = False) -> LanguageModel:
+    """Load a run directory (best weights unless ``weights="latest"``) on ``device`` (default CPU).
+
+    ``int8=True`` makes generation run its per-character step with int8 weights (CPU only).
+    """
     dev = resolve_device(device)
-    return LanguageModel(ckpt.load_run(run, weights=weights, device=dev), dev)
+    return LanguageModel(ckpt.load_run(run, weights=weights, device=dev), dev, int8=int8)

@@ -46,7 +46,7 @@ def _add_train(sub) -> None:
     g.add_argument("--layers", type=int, help="stacked recurrent layers (default 1)")
     g.add_argument("--hidden", type=int, help="units per recurrent layer (default 1024)")
     g.add_argument("--embed", type=int, help="embedding size, 0 for one-hot inputs (default 256)")
-    g.add_argument("--dropout", type=float, help="dropout on the recurrent layers' inputs and output (default 0)")
+    g.add_argument("--dropout", type=float, help="dropout between recurrent layers and on the output (default 0)")
     g = p.add_argument_group("training")
     g.add_argument("--seq-len", type=int, help="characters per training sequence (default 100)")
     g.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
@@ -112,6 +112,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default cpu")
     p.add_argument("--json", action="store_true", help='print {"samples": [...]}')
+    p.add_argument("--beam-width", type=int, help="print the K most likely continuations (beam search) with their "
+                                                  "total log-probabilities instead of sampling")
     p.set_defaults(func=cmd_generate)
 
 
@@ -128,8 +130,19 @@ def cmd_generate(args) -> int:
     from .sampling import check_sampling_options
 
     check_sampling_options(args.temperature, args.top_k, args.top_p, args.length, args.num_samples)
-    lm = load(args.run, weights=args.weights, device=args.device)
+    if args.beam_width is not None:
+        from .sampling import check_beam_width
+
+        check_beam_width(args.beam_width)
+    lm = load(args.run, weights=args.weights, device=args.device, int8=args.int8)
     _warn_unknown(lm, args.prompt)
+    if args.beam_width is not None:
+        beams = lm.sampler.beam(args.prompt, args.length, args.beam_width)
+        if args.json:
+            print(json.dumps({"beams": [{"text": t, "log_prob": lp} for t, lp in beams]}, ensure_ascii=False))
+        else:
+            print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
+        return 0
     options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     if args.json:
         samples = lm.generate(args.prompt, args.length, num_samples=args.num_samples, **options)
@@ -203,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_corpora(sub)
+    from .tasks.cli import add_task_parser
+
+    add_task_parser(sub)
     return parser
 
 

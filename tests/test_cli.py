@@ -186,3 +186,10 @@ def test_argparse_errors_are_one_line_too(capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error:")
     code, _, err = cli(capsys, "generate", "x", "--temperature", "hot")
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_generate_int8(capsys, trained_run):
+    run, _ = trained_run
+    code, out, _ = cli(capsys, "generate", run, "--prompt", "the ", "--length", "60", "--int8", "--seed", "2",
+                       "--temperature", "0.5")
+    assert code == 0 and out.startswith("the ") and len(out) == 4 + 60 + 1

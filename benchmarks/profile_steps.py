@@ -1,6 +1,6 @@
 """Where the time goes: torch.profiler tables for a training step and for batch-1 sampling.
 
-    python benchmarks/profile.py [--what train sample] [--rows 12]
+    python benchmarks/profile_steps.py [--what train sample] [--rows 12]
 
 Uses the default model (GRU 1024, embedding 256, vocabulary 66; batch 64 x 100 for training,
 200 characters at batch 1 for sampling).  Prints the profiler's tables (self CPU time).
