@@ -134,7 +134,7 @@ class Stepper:
         new_state = []
         x = None
         for i in range(self.layers):
-            gi = self.table[ids] if i == 0 else self.lin_ih[i](x)
+            gi = F.embedding(ids, self.table) if i == 0 else self.lin_ih[i](x)
             if self.arch == "gru":
                 h = state[i]
                 gh = self.lin_hh[i](h)
