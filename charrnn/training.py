@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +200,6 @@ class TrainResult:
     last_val_loss: float | None
     train_time: float
     chars_seen: int
-    history: list = field(default_factory=list)
 
 
 class Trainer:
