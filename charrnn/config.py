@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from .errors import CharRNNError
+from .models.charlm import ModelConfig
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -54,12 +55,9 @@ class TrainConfig:
     precision: str = "auto"
 
     def validate(self) -> "TrainConfig":
-        positive_ints = ("seq_len", "batch_size", "embed_or_zero", "hidden", "layers", "eval_streams", "log_every")
-        for name in positive_ints:
-            if name == "embed_or_zero":
-                if self.embed < 0:
-                    raise CharRNNError(f"--embed must be positive (or 0 for one-hot inputs), got {self.embed}")
-                continue
+        # The model's own options are checked by the model layer (vocab_size is not known yet).
+        ModelConfig(1, self.arch, self.embed, self.hidden, self.layers, self.dropout).validate()
+        for name in ("seq_len", "batch_size", "eval_streams", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -79,12 +77,10 @@ class TrainConfig:
             raise CharRNNError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise CharRNNError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.dropout < 1:
-            raise CharRNNError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0 <= self.val_fraction < 1:
             raise CharRNNError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
-                              ("device", DEVICES), ("arch", ("gru", "lstm", "rnn"))):
+                              ("device", DEVICES)):
             if getattr(self, name) not in allowed:
                 raise CharRNNError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                    f"got '{getattr(self, name)}'")

@@ -31,7 +31,7 @@ class ModelConfig:
         if self.arch not in ARCHS:
             raise CharRNNError(f"--arch must be one of {', '.join(ARCHS)}, got '{self.arch}'")
         for name in ("hidden", "layers", "vocab_size"):
-            if int(getattr(self, name)) <= 0:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if self.embed < 0:
             raise CharRNNError(f"--embed must be positive (or 0 for one-hot inputs), got {self.embed}")
