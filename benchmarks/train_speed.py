@@ -51,7 +51,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = train_step(model, opt, x, y, 5.0, device, amp, params)
+        loss, _ = train_step(model, opt, x, y, 5.0, device, amp, params)
         float(loss)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)

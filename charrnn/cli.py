@@ -50,6 +50,13 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--seq-len", type=int, help="characters per training sequence (default 100)")
     g.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
+    g.add_argument("--stateful", action="store_true", default=None,
+                   help="truncated back-propagation through time: batch-size contiguous streams, each batch "
+                        "continuing the last one with the recurrent state carried over (reset every epoch)")
+    g.add_argument("--window-step", type=int, help="stateless windows start every N characters (default: "
+                                                   "--seq-len, no overlap)")
+    g.add_argument("--loss-on", choices=["all", "last"],
+                   help="predict every next character of a window (default) or only the one after it (Keras)")
     g.add_argument("--lr", type=float, help="learning rate (default 0.001)")
     g.add_argument("--optimizer", choices=["adam", "adamw", "rmsprop", "sgd"], help="optimizer (default adam)")
     g.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
@@ -68,6 +75,15 @@ def _add_train(sub) -> None:
     g.add_argument("--log-every", type=int, help="log the training loss every N steps (default 10)")
     g.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: at each "
                                                         "evaluation)")
+    g = p.add_argument_group("samples during training (printed and saved in RUN/samples/)")
+    g.add_argument("--sample-every", type=int, help="sample every N steps (default: at the end of each epoch "
+                                                    "and of training; 0: never)")
+    g.add_argument("--sample-temperatures", type=_temperatures, metavar="T1,T2,...",
+                   help="one sample per temperature (default 0.2,0.5,1.0,1.2)")
+    g.add_argument("--sample-length", type=int, help="characters per sample (default 200)")
+    g.add_argument("--sample-prompt", help="text the samples continue (default: the first 40 characters of the "
+                                           "validation text)")
+    g = p.add_argument_group("reproducibility and hardware")
     g.add_argument("--seed", type=int, help="random seed (default 0)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda if available")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
@@ -75,8 +91,16 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _temperatures(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, like 0.2,0.5,1.0, got '{text}'")
+
+
 TRAIN_OPTIONS = (
     "lowercase", "newlines_to_spaces", "arch", "layers", "hidden", "embed", "dropout", "seq_len", "batch_size",
+    "stateful", "window_step", "loss_on", "sample_every", "sample_temperatures", "sample_length", "sample_prompt",
     "lr", "optimizer", "weight_decay", "clip", "lr_schedule", "warmup_steps", "min_lr_ratio", "epochs",
     "max_steps", "time_limit", "val_fraction", "eval_every", "eval_streams", "log_every", "checkpoint_every",
     "seed", "device", "precision",
@@ -210,6 +234,37 @@ def cmd_corpora(args) -> int:
     return 0
 
 
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="draw training and validation loss of one or more runs into a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid, with a legend)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> int:
+    from .report import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out, force=args.force)}", file=sys.stderr)
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML page about a run")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.run, args.out, force=args.force, weights=args.weights)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="charrnn", description="Character-level recurrent language models: train, generate, "
                                                  "evaluate.")
@@ -219,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_eval(sub)
     _add_corpora(sub)
+    _add_plot(sub)
+    _add_report(sub)
     from .tasks.cli import add_task_parser
 
     add_task_parser(sub)

@@ -7,7 +7,7 @@ options.  A preset is nothing but a dict of option values; there is no second co
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from .errors import CharRNNError
 from .models.charlm import ModelConfig
@@ -16,6 +16,7 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+LOSS_ON = ("all", "last")
 
 
 @dataclass
@@ -29,9 +30,13 @@ class TrainConfig:
     hidden: int = 1024
     layers: int = 1
     dropout: float = 0.0
-    # optimisation
+    # data: shuffled windows (stateless, every `window_step` characters) or contiguous streams (stateful)
     seq_len: int = 100
     batch_size: int = 64
+    window_step: int | None = None  # default seq_len
+    stateful: bool = False
+    loss_on: str = "all"  # "last": only the window's last character is a target (the Keras recipe)
+    # optimisation
     lr: float = 1e-3
     optimizer: str = "adam"
     weight_decay: float = 0.0
@@ -49,6 +54,11 @@ class TrainConfig:
     eval_streams: int = 16
     log_every: int = 10
     checkpoint_every: int | None = None
+    # samples during training: every `sample_every` steps (None: at each epoch end; 0: never)
+    sample_every: int | None = None
+    sample_temperatures: list[float] = field(default_factory=lambda: [0.2, 0.5, 1.0, 1.2])
+    sample_length: int = 200
+    sample_prompt: str | None = None  # default: the start of the validation text
     # reproducibility and hardware
     seed: int = 0
     device: str = "auto"
@@ -57,11 +67,11 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         # The model's own options are checked by the model layer (vocab_size is not known yet).
         ModelConfig(1, self.arch, self.embed, self.hidden, self.layers, self.dropout).validate()
-        for name in ("seq_len", "batch_size", "eval_streams", "log_every"):
+        for name in ("seq_len", "batch_size", "eval_streams", "log_every", "sample_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every"):
+        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every", "window_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -84,6 +94,16 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise CharRNNError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                    f"got '{getattr(self, name)}'")
+        if self.loss_on not in LOSS_ON:
+            raise CharRNNError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got '{self.loss_on}'")
+        if self.stateful and (self.window_step not in (None, self.seq_len) or self.loss_on != "all"):
+            raise CharRNNError("--stateful reads contiguous streams: it cannot be combined with --window-step or "
+                               "--loss-on last; drop one of them")
+        if self.sample_every is not None and (not isinstance(self.sample_every, int) or self.sample_every < 0):
+            raise CharRNNError(f"--sample-every must be >= 0 (0 turns samples off), got {self.sample_every}")
+        if not self.sample_temperatures or any(not (t >= 0 and math.isfinite(t)) for t in self.sample_temperatures):
+            raise CharRNNError(f"--sample-temperatures must be numbers >= 0 (0 is greedy), got "
+                               f"{self.sample_temperatures}")
         if self.epochs is None and self.max_steps is None and self.time_limit is None:
             raise CharRNNError("give at least one of --epochs, --max-steps and --time-limit")
         return self
@@ -109,12 +129,21 @@ PRESETS: dict[str, dict] = {
         "seq_len": 100, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "clip": 1.0,
         "lr_schedule": "cosine", "warmup_steps": 50, "min_lr_ratio": 0.05, "time_limit": 1200.0,
     },
+    # The Keras "character-level text generation with LSTM" example on Nietzsche (seed 004).
+    "keras-lstm": {
+        "lowercase": True, "newlines_to_spaces": True, "arch": "lstm", "layers": 1, "hidden": 128, "embed": 0,
+        "seq_len": 40, "window_step": 3, "loss_on": "last", "batch_size": 1024, "optimizer": "rmsprop",
+        "lr": 0.01, "clip": 0.0, "epochs": 40, "sample_length": 400,
+    },
 }
 
 PRESET_HELP = {
     "tutorial-gru": "the TensorFlow tutorial's model and training (the defaults)",
     "shakespeare-20min": "the tutorial's GRU 1024 with output dropout 0.1, AdamW 3e-3 with cosine decay "
                          "over a 20-minute --time-limit: the best found for 20 CPU minutes",
+    "keras-lstm": "the Keras Nietzsche example: lowercased, newlines as spaces, one-hot 40-character windows "
+                  "every 3 characters, LSTM 128, loss on the next character after each window, RMSprop 0.01, "
+                  "batch 1024, 40 epochs, samples at 0.2/0.5/1.0/1.2 after each epoch",
 }
 
 

@@ -31,22 +31,26 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 @dataclass
 class WindowBatches:
-    """Random windows of ``seq_len + 1`` characters, each pair (char, next) used once per epoch.
+    """Random windows of ``seq_len + 1`` characters, shuffled, in batches of ``batch_size``.
 
-    Every epoch picks a random offset in ``[0, seq_len)`` and cuts the training text into
-    windows starting every ``seq_len`` characters from it (consecutive windows share one
-    character: the last target of one is the first input of the next), shuffles them and
-    groups them into batches of ``batch_size``, dropping the remainder, like the
-    TensorFlow tutorial's ``shuffle(...).batch(64, drop_remainder=True)``.
+    Every epoch picks a random offset in ``[0, window_step)`` and cuts the training text into
+    windows starting every ``window_step`` characters from it (by default ``seq_len``: consecutive
+    windows then share one character, the last target of one being the first input of the next,
+    so each (char, next) pair is used once per epoch), shuffles them and groups them into batches,
+    dropping the remainder, like the TensorFlow tutorial's
+    ``shuffle(...).batch(64, drop_remainder=True)``.  The Keras recipe's overlapping windows
+    (40 characters every 3) are ``seq_len=40, window_step=3``.
     """
 
     ids: np.ndarray
     seq_len: int
     batch_size: int
     seed: int
+    window_step: int | None = None
 
     def __post_init__(self) -> None:
-        if len(self.ids) < self.seq_len * self.batch_size + self.seq_len + 1:
+        self.step = self.window_step or self.seq_len
+        if self._n_windows(self.step - 1) < self.batch_size:
             raise CharRNNError(
                 f"the training text ({len(self.ids):,} characters) is shorter than one batch of "
                 f"{self.batch_size} sequences of {self.seq_len + 1}; use a longer corpus or lower "
@@ -54,12 +58,14 @@ class WindowBatches:
             )
         self._epoch = None
 
+    def _n_windows(self, offset: int) -> int:
+        return max(0, (len(self.ids) - offset - self.seq_len - 1) // self.step + 1)
+
     def _plan(self, epoch: int):
         if self._epoch != epoch:
             g = _epoch_generator(self.seed, epoch)
-            offset = int(torch.randint(self.seq_len, (1,), generator=g))
-            n_windows = (len(self.ids) - offset - 1) // self.seq_len
-            self._perm = torch.randperm(n_windows, generator=g).numpy()
+            offset = int(torch.randint(self.step, (1,), generator=g))
+            self._perm = torch.randperm(self._n_windows(offset), generator=g).numpy()
             self._offset = offset
             self._epoch = epoch
         return self._offset, self._perm
@@ -68,7 +74,7 @@ class WindowBatches:
         return len(self._plan(epoch)[1]) // self.batch_size
 
     def nominal_steps_per_epoch(self) -> int:
-        return (len(self.ids) - self.seq_len // 2 - 1) // self.seq_len // self.batch_size
+        return self._n_windows(self.step // 2) // self.batch_size
 
     def batch(self, epoch: int, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets ``(batch, seq_len)`` int64 for batch ``step`` of ``epoch``.
@@ -77,7 +83,63 @@ class WindowBatches:
         """
         offset, perm = self._plan(epoch)
         windows = perm[step * self.batch_size : (step + 1) * self.batch_size][rows]
-        starts = offset + windows.astype(np.int64) * self.seq_len
+        starts = offset + windows.astype(np.int64) * self.step
+        idx = starts[:, None] + np.arange(self.seq_len + 1)
+        chunk = torch.from_numpy(np.asarray(self.ids[idx], dtype=np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+@dataclass
+class StreamBatches:
+    """Contiguous streams for stateful training (truncated back-propagation through time).
+
+    Every epoch the training text, from a random offset in ``[0, seq_len)``, is cut into
+    ``batch_size`` contiguous streams of equal length; batch ``k`` holds characters
+    ``[k * seq_len, (k + 1) * seq_len]`` of every stream, so row ``i`` of batch ``k + 1``
+    continues row ``i`` of batch ``k`` exactly where it stopped, and the recurrent state at
+    the end of one batch is the right state to start the next.  Consecutive batches are not
+    independent samples: that is the price of learning dependencies longer than ``seq_len``.
+    """
+
+    ids: np.ndarray
+    seq_len: int
+    batch_size: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self._stream_len(self.seq_len - 1) < self.seq_len:
+            raise CharRNNError(
+                f"the training text ({len(self.ids):,} characters) is too short for {self.batch_size} "
+                f"streams of at least {self.seq_len + 1} characters; use a longer corpus or lower "
+                "--batch-size / --seq-len"
+            )
+        self._epoch = None
+
+    def _stream_len(self, offset: int) -> int:
+        # Characters of input per stream (each stream also needs one more as the last target).
+        return (len(self.ids) - offset - 1) // self.batch_size
+
+    def _offset(self, epoch: int) -> int:
+        if self._epoch != epoch:
+            self._off = int(torch.randint(self.seq_len, (1,), generator=_epoch_generator(self.seed, epoch)))
+            self._epoch = epoch
+        return self._off
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self._stream_len(self._offset(epoch)) // self.seq_len
+
+    def nominal_steps_per_epoch(self) -> int:
+        return self._stream_len(self.seq_len // 2) // self.seq_len
+
+    def batch(self, epoch: int, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets ``(batch, seq_len)`` int64: the next ``seq_len`` characters of each stream.
+
+        ``rows`` selects some of the streams (a data-parallel rank's share).
+        """
+        offset = self._offset(epoch)
+        length = self._stream_len(offset)
+        streams = np.arange(self.batch_size, dtype=np.int64)[rows]
+        starts = offset + streams * length + step * self.seq_len
         idx = starts[:, None] + np.arange(self.seq_len + 1)
         chunk = torch.from_numpy(np.asarray(self.ids[idx], dtype=np.int64))
         return chunk[:, :-1], chunk[:, 1:]

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .corpus import EncodedCorpus
-from .data import WindowBatches, eval_streams, split_train_val
+from .data import StreamBatches, WindowBatches, eval_streams, split_train_val
 from .errors import CharRNNError
 from .fileio import atomic_write_text
-from .models.charlm import CharLM, ModelConfig
+from .models.charlm import CharLM, ModelConfig, State
 
 LN2 = math.log(2)
 
@@ -141,17 +141,26 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 
 
 def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, clip: float | None,
-               device: torch.device, amp_dtype: torch.dtype | None, params: list | None = None) -> torch.Tensor:
-    """One full step (forward, loss, backward, clip, update); returns the loss, not synchronised."""
+               device: torch.device, amp_dtype: torch.dtype | None, params: list | None = None,
+               state: State | None = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
+    """One full step (forward, loss, backward, clip, update) from the recurrent ``state`` (None: zeros).
+
+    Returns the loss (not synchronised) and the final state, detached from the graph (stateful
+    training starts the next batch from it).  ``last_only`` puts the loss on each window's last
+    character only (the Keras recipe).
+    """
     with autocast(device, amp_dtype):
-        logits, _ = model(x)
+        logits, state = model(x, state)
+    if last_only:
+        logits, y = logits[:, -1:], y[:, -1:]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip:
         torch.nn.utils.clip_grad_norm_(params if params is not None else model.parameters(), clip)
     opt.step()
-    return loss.detach()
+    state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    return loss.detach(), state
 
 
 # --------------------------------------------------------------------------- signals
@@ -219,7 +228,11 @@ class Trainer:
         if cfg.val_fraction > 0 and len(self.val_ids) < 2:
             raise CharRNNError(f"the validation split ({len(self.val_ids)} characters) is too short; "
                                "use a longer corpus or a larger --val-fraction")
-        self.batches = WindowBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed)
+        self.train_ids = train_ids
+        if cfg.stateful:
+            self.batches = StreamBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed)
+        else:
+            self.batches = WindowBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step)
         self.model_cfg = ModelConfig(len(self.vocab), cfg.arch, cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
         torch.manual_seed(cfg.seed)
         self.model = CharLM(self.model_cfg).to(self.device)
@@ -231,6 +244,8 @@ class Trainer:
         self.last_val: float | None = None
         self.train_time = 0.0
         self.chars_seen = 0
+        self.stream_state: State | None = None  # stateful training: the state the next batch starts from
+        self.epoch_loss = [0.0, 0]  # sum and count of this epoch's training losses
         if resume:
             self._resume()
         else:
@@ -276,6 +291,11 @@ class Trainer:
         self.last_val = state.get("last_val")
         self.train_time = state.get("train_time", 0.0)
         self.chars_seen = state.get("chars_seen", 0)
+        self.epoch_loss = [state.get("epoch_loss_sum", 0.0), state.get("epoch_loss_count", 0)]
+        saved_stream = state.get("stream_state")
+        if saved_stream is not None:
+            held = tuple(t.to(self.device) for t in saved_stream)
+            self.stream_state = held if self.model_cfg.arch == "lstm" else held[0]
         if saved.get("corpus", {}).get("sha256") != self.corpus.sha256:
             self.log(f"warning: the corpus differs from the one {self.run_dir} was trained on "
                      "(same characters); continuing")
@@ -326,7 +346,12 @@ class Trainer:
             "last_val": self.last_val,
             "train_time": self.train_time,
             "chars_seen": self.chars_seen,
+            "epoch_loss_sum": self.epoch_loss[0],
+            "epoch_loss_count": self.epoch_loss[1],
         }
+        if self.stream_state is not None:
+            held = self.stream_state if isinstance(self.stream_state, tuple) else (self.stream_state,)
+            state["stream_state"] = [t.detach().cpu() for t in held]
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
         ckpt.save_trainer_state(self.run_dir / ckpt.STATE, state)
@@ -345,6 +370,31 @@ class Trainer:
         self._metric({"step": self.step, "epoch": self.epoch, "time": round(self.train_time, 3),
                       "val_loss": result["loss"], "val_bpc": result["bpc"]})
         return result["loss"]
+
+    def sample_prompt(self) -> str:
+        if self.cfg.sample_prompt is not None:
+            return self.cfg.sample_prompt
+        source = self.val_ids if len(self.val_ids) else self.train_ids
+        return self.vocab.decode(np.asarray(source[:40]))
+
+    def sample(self, write) -> None:
+        """Samples at each of ``--sample-temperatures``: printed, and saved in ``samples/``."""
+        from .sampling import Sampler
+
+        cfg = self.cfg
+        prompt = self.sample_prompt()
+        folder = self.run_dir / ckpt.SAMPLES
+        folder.mkdir(exist_ok=True)
+        try:
+            sampler = Sampler(self.model, self.vocab)
+            for t in cfg.sample_temperatures:
+                # A generator of its own per (seed, step): the training RNG is left untouched.
+                text = sampler.generate(prompt, cfg.sample_length, temperature=t,
+                                        seed=(cfg.seed * 1_000_003 + self.step) % 2**63)[0]
+                atomic_write_text(folder / f"step{self.step:07d}-t{t:g}.txt", text)
+                write(f"----- sample at step {self.step}, temperature {t:g} -----\n{text}\n")
+        finally:
+            self.model.train()
 
     # ----------------------------------------------------------------- the loop
 
@@ -379,10 +429,19 @@ class Trainer:
         write = bar.write if self.progress else self.log
         running = torch.zeros((), device=self.device)
         running_n = 0
+        epoch_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # flushed into self.epoch_loss
+
+        def flush_epoch_loss() -> None:
+            self.epoch_loss[0] += float(epoch_sum)
+            epoch_sum.zero_()
+
+        def checkpoint() -> None:
+            flush_epoch_loss()
+            self.checkpoint()
         session_start = time.perf_counter()
         time_at_start = self.train_time
         window_t, window_chars = time.perf_counter(), 0
-        last_eval_step = None
+        last_eval_step = last_sample_step = None
 
         def elapsed() -> float:
             return time_at_start + time.perf_counter() - session_start
@@ -412,7 +471,10 @@ class Trainer:
                                    elapsed() / cfg.time_limit if cfg.time_limit else None)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss = train_step(model, opt, x, y, cfg.clip, self.device, self.amp_dtype, params)
+                loss, state = train_step(model, opt, x, y, cfg.clip, self.device, self.amp_dtype, params,
+                                         state=self.stream_state, last_only=cfg.loss_on == "last")
+                if cfg.stateful:
+                    self.stream_state = state
 
                 self.step += 1
                 self.step_in_epoch += 1
@@ -420,6 +482,8 @@ class Trainer:
                 window_chars += chars_per_step
                 running += loss
                 running_n += 1
+                epoch_sum += loss
+                self.epoch_loss[1] += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == 1:
                     mean = float(running) / running_n
@@ -437,22 +501,41 @@ class Trainer:
 
                 epoch_done = self.step_in_epoch >= self.batches.steps_in_epoch(self.epoch)
                 if epoch_done:
+                    flush_epoch_loss()
+                    mean = self.epoch_loss[0] / max(self.epoch_loss[1], 1)
+                    write(f"epoch {self.epoch + 1}: mean training loss {mean:.4f} nats/char over "
+                          f"{self.epoch_loss[1]} steps")
+                    self._metric({"step": self.step, "epoch": self.epoch, "time": round(elapsed(), 3),
+                                  "epoch_loss": mean})
                     self.epoch += 1
                     self.step_in_epoch = 0
+                    self.epoch_loss = [0.0, 0]
+                    self.stream_state = None  # stateful streams restart from zeros every epoch
                 eval_due = epoch_done or (cfg.eval_every and self.step % cfg.eval_every == 0)
+                if cfg.sample_every is None:
+                    sample_due = epoch_done
+                else:
+                    sample_due = cfg.sample_every > 0 and self.step % cfg.sample_every == 0
                 self.train_time = elapsed()
                 if eval_due:
                     report_val(self.validate(), f"end of epoch {self.epoch}" if epoch_done else "eval")
                     last_eval_step = self.step
+                if sample_due:
+                    self.sample(write)
+                    last_sample_step = self.step
+                if eval_due or sample_due:
                     self.train_time = elapsed()
-                    self.checkpoint()
+                if eval_due:
+                    checkpoint()
                 elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.checkpoint()
+                    checkpoint()
 
             if last_eval_step != self.step and self.step > 0:
                 report_val(self.validate(), "final")
+            if cfg.sample_every != 0 and last_sample_step != self.step and self.step > 0:
+                self.sample(write)
             self.train_time = elapsed()
-            self.checkpoint()
+            checkpoint()
         bar.close()
         return TrainResult(self.run_dir, self.step, self.epoch, stop_reason, self.best_val, self.last_val,
                            self.train_time, self.chars_seen)
