@@ -206,7 +206,7 @@ def write_report(run, out, force: bool = False, weights: str = "best") -> Path:
 <p>{speed['length']} characters at batch 1 on CPU, fp32: {speed['chars_per_s']:,.0f} characters per second,
 first character after {speed['first_char_ms']:.1f} ms.</p>
 <h2>Model</h2>{table(cfg.get('model', {}))}
-<p>{e(str(n_params))} parameters:</p><pre>{e(lm.model.summary())}</pre>
+<p>{n_params:,} parameters:</p><pre>{e(lm.model.summary())}</pre>
 <h2>Corpus</h2>{table(cfg.get('corpus', {}))}
 <h2>Training options</h2>{table(cfg.get('training', {}))}
 </body></html>
