@@ -265,6 +265,43 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a trained run over HTTP: a JSON API, streaming, and a web page",
+                       description="Serve a trained run over HTTP (needs the serve extra): POST /v1/generate, "
+                                   "POST /v1/generate/stream (server-sent events), GET /v1/model, GET /healthz, "
+                                   "and a web page at /.")
+    p.add_argument("run", help="run directory written by `charrnn train`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                       "only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default cpu")
+    p.add_argument("--int8", action="store_true", help="generate with int8 weights (CPU); requests are then "
+                                                       "stepped one after another instead of batched together")
+    from .serve.limits import LIMIT_HELP
+
+    g = p.add_argument_group("limits (a request over one is answered 422 with a JSON error)")
+    for name, (default, text) in LIMIT_HELP.items():
+        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{text} (default {default})")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
+                   help="server log level (info logs every request)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from .serve import Limits, serve
+    from .serve.limits import LIMIT_HELP
+
+    limits = Limits(**{name: getattr(args, name) for name in LIMIT_HELP})
+    try:
+        serve(args.run, host=args.host, port=args.port, weights=args.weights, device=args.device, int8=args.int8,
+              limits=limits, log_level=args.log_level)
+    except KeyboardInterrupt:
+        pass
+    print("server stopped", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="charrnn", description="Character-level recurrent language models: train, generate, "
                                                  "evaluate.")
@@ -276,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpora(sub)
     _add_plot(sub)
     _add_report(sub)
+    _add_serve(sub)
     from .tasks.cli import add_task_parser
 
     add_task_parser(sub)

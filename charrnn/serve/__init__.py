@@ -1,0 +1,81 @@
+"""``charrnn serve``: an HTTP server (Starlette under uvicorn) and a web page for one trained run.
+
+>>> import charrnn
+>>> from charrnn.serve import Limits, create_app, serve
+>>> app = create_app(charrnn.load("runs/shk"), Limits(max_length=500))   # doctest: +SKIP
+>>> serve("runs/shk", port=8000)                                         # doctest: +SKIP
+
+Needs the ``serve`` extra (``pip install -e ".[serve]"``).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+
+from ..errors import CharRNNError
+from .limits import Limits
+
+__all__ = ["Limits", "create_app", "bind", "serve"]
+
+
+def create_app(lm, limits: Limits | None = None, **options):
+    """The Starlette application serving ``lm``; see :func:`charrnn.serve.app.create_app`."""
+    return _web().create_app(lm, limits, **options)
+
+
+def _web():
+    """The web modules, imported on first use so that the rest of charrnn works without the serve extra."""
+    try:
+        import uvicorn  # noqa: F401
+
+        from . import app
+    except ImportError as e:
+        raise CharRNNError(f"charrnn serve needs the Python package '{e.name}'; install the serve extra: "
+                           "pip install -e \".[serve]\"") from None
+    return app
+
+
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket on ``host:port`` (``port=0``: any free port), or a one-line error saying why not."""
+    if not 0 <= port <= 65535:
+        raise CharRNNError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise CharRNNError(f"cannot listen on host '{host}' ({e.strerror}); give an address such as 127.0.0.1 "
+                           "with --host") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise CharRNNError(f"port {port} on {host} is already in use; stop what is using it or pick another "
+                               "with --port") from None
+        raise CharRNNError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --host or --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "best", device: str = "cpu",
+          int8: bool = False, limits: Limits | None = None, log_level: str = "info") -> None:
+    """Load ``run`` and serve it on ``host:port`` until interrupted (Ctrl-C or SIGTERM)."""
+    from ..api import load
+
+    web = _web()
+    import uvicorn
+
+    limits = (limits or Limits()).validate()
+    lm = load(run, weights=weights, device=device, int8=int8)
+    sock = bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    print(f"serving {run} ({lm.run.weights}) on http://{shown}:{bound_port}/ (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
+    config = uvicorn.Config(web.create_app(lm, limits), log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

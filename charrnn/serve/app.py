@@ -1,0 +1,245 @@
+"""The HTTP interface: a Starlette application around one loaded model and an :class:`Engine`.
+
+Endpoints (JSON in, JSON out; every error is ``{"error": "<what is wrong>"}`` with a 4xx/5xx status):
+
+- ``POST /v1/generate``: ``{prompt, length, temperature, top_k, top_p, num_samples, seed}`` ->
+  ``{samples: [...], seed}``.
+- ``POST /v1/generate/stream``: the same request; server-sent events, one ``data: {"text": [...]}``
+  per batch of new characters (one string per sample), then ``event: done`` with the samples.
+- ``GET /v1/model``: the loaded model, its vocabulary and the server's limits.
+- ``GET /healthz``: ``{"status": "ok"}`` and the engine's counters.
+- ``GET /``: the web page (``static/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..errors import CharRNNError
+from ..sampling import check_sampling_options
+from .engine import Busy, Engine, Job
+from .limits import Limits
+
+STATIC = Path(__file__).parent / "static"
+
+
+class GenerateRequest(BaseModel):
+    """The request body; types are strict (``"5"`` is not a length, ``true`` is not a temperature)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    prompt: str = ""
+    length: int = 200
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    num_samples: int = 1
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _api_names(message: str) -> str:
+    """``--top-p must be ...`` (the library speaks in CLI options) -> ``top_p must be ...`` (the JSON field)."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+def _sse(data: dict, event: str | None = None) -> str:
+    """One server-sent event; the payload is JSON so that newlines in the text survive."""
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def describe_model(lm, limits: Limits) -> dict:
+    cfg = lm.config
+    corpus = cfg.get("corpus", {})
+    return {
+        "run": lm.run.path.name,
+        "weights": lm.run.weights,
+        "model": cfg.get("model", {}),
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "corpus": {"name": Path(corpus["name"]).name if corpus.get("name") else None, "chars": corpus.get("chars")},
+        "vocabulary": "".join(lm.vocab.chars),
+        "device": str(lm.device),
+        "int8": bool(lm.int8),
+        "limits": limits.to_dict(),
+        "defaults": GenerateRequest().model_dump(),
+    }
+
+
+def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -> Starlette:
+    """The server for a loaded :class:`charrnn.api.LanguageModel` (``charrnn.load(run)``)."""
+    limits = (limits or Limits()).validate()
+    engine = Engine(lm.sampler, batch_requests=not lm.int8, max_queue=limits.max_queue,
+                    max_batch=limits.max_batch, hop_seconds=hop_seconds)
+    # A request body is a handful of fields around the prompt; anything far larger is refused unread.
+    max_body = 4 * limits.max_prompt_chars + 4096
+
+    async def parse(request: Request, streaming: bool) -> Job:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise RequestError(413, f"the request body is over {max_body} bytes; the prompt may be at most "
+                                        f"{limits.max_prompt_chars} characters")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RequestError(400, f"the request body is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise RequestError(400, "the request body must be a JSON object, e.g. {\"prompt\": \"ROMEO:\"}")
+        try:
+            req = GenerateRequest.model_validate(data)
+        except ValidationError as e:
+            raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
+                                              for err in e.errors())) from None
+        if len(req.prompt) > limits.max_prompt_chars:
+            raise RequestError(422, f"prompt: {len(req.prompt)} characters; this server accepts at most "
+                                    f"{limits.max_prompt_chars} (--max-prompt-chars)")
+        if req.length > limits.max_length:
+            raise RequestError(422, f"length: {req.length}; this server generates at most {limits.max_length} "
+                                    "characters per sample (--max-length)")
+        if req.num_samples > limits.max_samples:
+            raise RequestError(422, f"num_samples: {req.num_samples}; this server generates at most "
+                                    f"{limits.max_samples} samples per request (--max-samples)")
+        try:
+            check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples)
+            lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
+        except CharRNNError as e:
+            raise RequestError(422, _api_names(str(e))) from None
+        return Job(req.prompt, req.length, req.num_samples, req.temperature, req.top_k, req.top_p, req.seed,
+                   streaming=streaming)
+
+    async def submit(request: Request, streaming: bool) -> Job | JSONResponse:
+        try:
+            return engine.submit(await parse(request, streaming))
+        except RequestError as e:
+            return _error(e.status, e.message)
+        except Busy as e:
+            return _error(503, str(e), headers={"Retry-After": "1"})
+
+    async def generate(request: Request):
+        job = await submit(request, streaming=False)
+        if not isinstance(job, Job):
+            return job
+        # Wait for the samples, or for the client to hang up (then stop generating for it).
+        waiter = asyncio.ensure_future(job.done.wait())
+        hangup = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([waiter, hangup], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+            waiter.cancel()
+            job.cancel()  # no-op when finished
+        if not job.done.is_set() or job.cancelled:
+            return _error(499, "the client closed the request")
+        if job.error:
+            return _error(job.error_status, job.error)
+        return JSONResponse({"samples": job.samples, "seed": job.seed})
+
+    async def generate_stream(request: Request):
+        job = await submit(request, streaming=True)
+        if not isinstance(job, Job):
+            return job
+
+        async def events():
+            while True:
+                pieces = await job.updates.get()
+                finished = pieces is None
+                while not finished and not job.updates.empty():  # send what has piled up as one event
+                    more = job.updates.get_nowait()
+                    if more is None:
+                        finished = True
+                    else:
+                        pieces = [a + b for a, b in zip(pieces, more)]
+                if pieces:
+                    yield _sse({"text": pieces})
+                if finished:
+                    break
+            if job.error:
+                yield _sse({"error": job.error}, event="error")
+            else:
+                yield _sse({"samples": job.samples, "seed": job.seed}, event="done")
+
+        return _JobStream(job, events())
+
+    async def model(request: Request):
+        return JSONResponse(describe_model(lm, limits))
+
+    async def healthz(request: Request):
+        return JSONResponse({"status": "ok", **engine.status()})
+
+    async def index(request: Request):
+        return FileResponse(STATIC / "index.html")
+
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, exc.detail)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            Route("/healthz", healthz),
+            Route("/v1/model", model),
+            Route("/v1/generate", generate, methods=["POST"]),
+            Route("/v1/generate/stream", generate_stream, methods=["POST"]),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+        ],
+        exception_handlers={HTTPException: http_error},
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.limits = limits
+    return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects (the body has been read, so only ``http.disconnect`` is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class _JobStream(StreamingResponse):
+    """An event stream that cancels its job however the response ends (finished, client gone, error)."""
+
+    def __init__(self, job: Job, content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            pass
+        finally:
+            self.job.cancel()
