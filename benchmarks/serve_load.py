@@ -1,0 +1,102 @@
+"""Server throughput: N clients at once against `charrnn serve`, against one request after another.
+
+    python benchmarks/serve_load.py [--clients 1 8 50] [--length 300] [--run DIR] [--int8]
+
+Starts the real server (uvicorn, a free localhost port) on the default model (GRU 1024,
+embedding 256, vocabulary 66; random weights unless --run names a trained run), sends
+``clients`` POST /v1/generate requests at once (``length`` characters, one sample, distinct
+seeds), and compares with generating the same requests one after another in-process, which
+is what a server without batching can do at best.  Prints one JSON object: per client count,
+aggregate chars_per_s of the server and of the sequential baseline, and the median and
+slowest request latency.
+"""
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+import uvicorn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit, machine  # noqa: E402
+from sample_speed import default_model  # noqa: E402
+
+import charrnn  # noqa: E402
+from charrnn import checkpoint  # noqa: E402
+from charrnn.serve import Limits, bind, create_app  # noqa: E402
+
+
+def random_run(path) -> str:
+    model, vocab = default_model()
+    checkpoint.write_config(path, {"model": model.config.to_dict(), "corpus": {"name": "random weights"}})
+    vocab.save(os.path.join(path, checkpoint.VOCAB))
+    checkpoint.save_weights(os.path.join(path, checkpoint.LATEST), model, 0)
+    return path
+
+
+async def load(url, clients, length):
+    async def one(client, seed):
+        t = time.perf_counter()
+        r = await client.post("/v1/generate", json={"prompt": "ROMEO:", "length": length, "seed": seed})
+        r.raise_for_status()
+        return time.perf_counter() - t
+
+    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        t = time.perf_counter()
+        latencies = await asyncio.gather(*(one(client, s) for s in range(clients)))
+        return time.perf_counter() - t, latencies
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 50])
+    ap.add_argument("--length", type=int, default=300)
+    ap.add_argument("--run")
+    ap.add_argument("--int8", action="store_true")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = args.run or random_run(tmp)
+        lm = charrnn.load(run, int8=args.int8)
+        app = create_app(lm, Limits(max_queue=max(args.clients) + 10, max_batch=max(64, max(args.clients))))
+        sock = bind("127.0.0.1", 0)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        results = {}
+        try:
+            asyncio.run(load(url, 1, 20))  # warm-up
+            for n in args.clients:
+                t = time.perf_counter()
+                for seed in range(n):
+                    lm.generate("ROMEO:", args.length, seed=seed)
+                sequential = time.perf_counter() - t
+                wall, latencies = asyncio.run(load(url, n, args.length))
+                chars = n * args.length
+                results[str(n)] = {
+                    "server_chars_per_s": round(chars / wall),
+                    "sequential_chars_per_s": round(chars / sequential),
+                    "speedup": round(sequential / wall, 2),
+                    "median_latency_s": round(statistics.median(latencies), 3),
+                    "max_latency_s": round(max(latencies), 3),
+                    "peak_running": app.state.engine.stats["peak_running"],
+                }
+        finally:
+            server.should_exit = True
+            thread.join(10)
+    emit({"benchmark": "serve_load", "length": args.length, "int8": args.int8,
+          "model": "random default" if not args.run else args.run, "clients": results, "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
