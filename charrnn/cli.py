@@ -273,16 +273,17 @@ def _add_serve(sub) -> None:
     p.add_argument("run", help="run directory written by `charrnn train`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                        "only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="default 8000; 0 picks a free port")
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default cpu")
     p.add_argument("--int8", action="store_true", help="generate with int8 weights (CPU); requests are then "
                                                        "stepped one after another instead of batched together")
     from .serve.limits import LIMIT_HELP
 
-    g = p.add_argument_group("limits (a request over one is answered 422 with a JSON error)")
+    g = p.add_argument_group("limits (a request over one is refused with a JSON error)")
     for name, (default, text) in LIMIT_HELP.items():
-        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"{text} (default {default})")
+        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, metavar="N",
+                       help=f"{text} (default {default})")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                    help="server log level (info logs every request)")
     p.set_defaults(func=cmd_serve)
