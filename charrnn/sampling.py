@@ -18,21 +18,8 @@ import torch.nn.functional as F
 
 from .errors import CharRNNError
 from .models.charlm import CharLM, State
+from .options import check_beam_width, check_sampling_options, start_text  # noqa: F401 (re-exported)
 from .vocab import UNK_ID, Vocab
-
-
-def check_sampling_options(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                           length: int = 1, num_samples: int = 1) -> None:
-    if temperature is None or temperature < 0:
-        raise CharRNNError(f"--temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise CharRNNError(f"--top-k must be a positive integer, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise CharRNNError(f"--top-p must be in (0, 1], got {top_p}")
-    if length is None or length < 0:
-        raise CharRNNError(f"--length must be >= 0, got {length}")
-    if num_samples is None or num_samples <= 0:
-        raise CharRNNError(f"--num-samples must be a positive integer, got {num_samples}")
 
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -69,11 +56,6 @@ def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: to
     cdf = probs.cumsum(-1)
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-
-
-def check_beam_width(beam_width) -> None:
-    if beam_width is None or isinstance(beam_width, bool) or int(beam_width) != beam_width or beam_width < 1:
-        raise CharRNNError(f"--beam-width must be a positive integer, got {beam_width}")
 
 
 WEIGHT_FORMATS = ("fp32", "int8")
@@ -174,10 +156,7 @@ class Sampler:
 
         An empty prompt starts from a newline when the vocabulary has one.
         """
-        if prompt == "":
-            if "\n" not in self.vocab.chars:
-                raise CharRNNError("the prompt is empty and this vocabulary has no newline to start from; give --prompt")
-            prompt = "\n"
+        prompt = start_text(prompt, self.vocab.chars)
         ids = torch.from_numpy(self.vocab.encode(prompt).astype("int64"))
         return ids, self.vocab.unknown_chars(prompt)
 
