@@ -10,7 +10,6 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import CharRNNError
-from .models.charlm import ModelConfig
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -65,7 +64,10 @@ class TrainConfig:
     precision: str = "auto"
 
     def validate(self) -> "TrainConfig":
-        # The model's own options are checked by the model layer (vocab_size is not known yet).
+        # The model's own options are checked by the model layer (vocab_size is not known yet);
+        # imported here so that the command line's parser (which reads PRESETS) needs no torch.
+        from .models.charlm import ModelConfig
+
         ModelConfig(1, self.arch, self.embed, self.hidden, self.layers, self.dropout).validate()
         for name in ("seq_len", "batch_size", "eval_streams", "log_every", "sample_length"):
             value = getattr(self, name)

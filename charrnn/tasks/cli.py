@@ -6,6 +6,11 @@ import json
 import sys
 
 
+# charrnn.models.seq2seq.KINDS, spelled out so that building the parser needs no torch
+# (tests/test_export.py checks that the two agree).
+DATE_MODELS = ("basic", "teacher-forcing", "attention")
+
+
 def _train_common(p, defaults: dict) -> None:
     p.add_argument("--out", required=True, help="run directory to write (never overwritten without --force)")
     p.add_argument("--force", action="store_true", help="replace an existing run in --out")
@@ -25,9 +30,8 @@ def _train_common(p, defaults: dict) -> None:
 
 
 def add_task_parser(sub) -> None:
-    """Register ``task`` on the main parser's sub-parsers."""
-    from . import dates, reber
-
+    """Register ``task`` on the main parser's sub-parsers (without importing torch: the task
+    modules are imported by the commands that use them)."""
     task = sub.add_parser("task", help="sequence tasks: embedded Reber grammar classifier, date conversion")
     tasks = task.add_subparsers(dest="task", required=True, parser_class=type(task))
 
@@ -53,7 +57,7 @@ def add_task_parser(sub) -> None:
     d = tasks.add_parser("dates", help='convert dates like "September 20, 7075" to "7075-09-20" (encoder-decoder)')
     ds = d.add_subparsers(dest="action", required=True, parser_class=type(task))
     p = ds.add_parser("train", help="train an encoder-decoder on random dates")
-    p.add_argument("--model", choices=dates.KINDS, default="attention",
+    p.add_argument("--model", choices=DATE_MODELS, default="attention",
                    help="basic: encoder state repeated at every output step; teacher-forcing: decoder fed the "
                         "previous output character; attention: teacher forcing + Luong attention (default)")
     _train_common(p, dict(train_size=20_000, val_size=1_000, epochs=20, batch_size=64, lr=0.003, embed=32,
