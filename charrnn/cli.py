@@ -124,22 +124,25 @@ def cmd_train(args) -> int:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a trained run")
-    p.add_argument("run", help="run directory written by `charrnn train`")
+    p = sub.add_parser("generate", help="generate text from a trained run or an exported .onnx file")
+    p.add_argument("run", help="run directory written by `charrnn train`, or an .onnx file written by "
+                               "`charrnn export` (generated with onnxruntime, without torch)")
     p.add_argument("--prompt", default="", help="text to continue (default: start after a newline)")
     p.add_argument("--length", type=int, default=1000, help="characters to generate per sample (default 1000)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy; lower is safer, higher wilder")
+    p.add_argument("--temperature", type=float, help="0 is greedy; lower is safer, higher wilder (default 1, or "
+                                                     "the default stored in an .onnx file)")
     p.add_argument("--top-k", type=int, help="sample only among the K most likely characters")
     p.add_argument("--top-p", type=float, help="sample only among the most likely characters holding mass P")
     p.add_argument("--num-samples", type=int, default=1, help="samples, generated together in one batch")
     p.add_argument("--seed", type=int, help="random seed: same seed, same text")
-    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default cpu")
-    p.add_argument("--int8", action="store_true",
+    p.add_argument("--json", action="store_true", help='print {"samples": [...]}')
+    g = p.add_argument_group("run directories only (not .onnx files)")
+    g.add_argument("--weights", choices=["best", "latest"], help="default best")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default cpu")
+    g.add_argument("--int8", action="store_true",
                    help="run each sampling step with int8 weights (CPU): about 1.8x faster at batch 1, "
                         "validation bits/char within 0.001 of fp32 on Tiny Shakespeare")
-    p.add_argument("--json", action="store_true", help='print {"samples": [...]}')
-    p.add_argument("--beam-width", type=int, help="print the K most likely continuations (beam search) with their "
+    g.add_argument("--beam-width", type=int, help="print the K most likely continuations (beam search) with their "
                                                   "total log-probabilities instead of sampling")
     p.set_defaults(func=cmd_generate)
 
@@ -152,16 +155,35 @@ def _warn_unknown(lm, text: str) -> None:
               file=sys.stderr)
 
 
+def _is_exported(path: str) -> bool:
+    return path.lower().endswith(".onnx")
+
+
 def cmd_generate(args) -> int:
-    from .api import load
-    from .sampling import check_sampling_options
+    from .options import check_beam_width, check_sampling_options
 
-    check_sampling_options(args.temperature, args.top_k, args.top_p, args.length, args.num_samples)
-    if args.beam_width is not None:
-        from .sampling import check_beam_width
+    if _is_exported(args.run):
+        # An exported file: onnxruntime and NumPy only (this path never imports torch).
+        from .runtime import load as load_exported
 
-        check_beam_width(args.beam_width)
-    lm = load(args.run, weights=args.weights, device=args.device, int8=args.int8)
+        given = [flag for flag, value in (("--weights", args.weights), ("--device", args.device),
+                                          ("--int8", args.int8), ("--beam-width", args.beam_width)) if value]
+        if given:
+            raise CharRNNError(f"{', '.join(given)} work only with a run directory, not with an exported .onnx file "
+                               f"(export with `charrnn export RUN --int8` for int8 weights); drop "
+                               f"{'it' if len(given) == 1 else 'them'} or give the run directory")
+        lm = load_exported(args.run)
+        temperature, top_k, top_p = lm.sampling_options(args.temperature, args.top_k, args.top_p)
+    else:
+        temperature, top_k, top_p = 1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p
+        lm = None
+    check_sampling_options(temperature, top_k, top_p, args.length, args.num_samples)
+    if lm is None:
+        from .api import load
+
+        if args.beam_width is not None:
+            check_beam_width(args.beam_width)
+        lm = load(args.run, weights=args.weights or "best", device=args.device or "cpu", int8=args.int8)
     _warn_unknown(lm, args.prompt)
     if args.beam_width is not None:
         beams = lm.sampler.beam(args.prompt, args.length, args.beam_width)
@@ -170,7 +192,7 @@ def cmd_generate(args) -> int:
         else:
             print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
         return 0
-    options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed)
     if args.json:
         samples = lm.generate(args.prompt, args.length, num_samples=args.num_samples, **options)
         print(json.dumps({"samples": samples}, ensure_ascii=False))
@@ -185,6 +207,31 @@ def cmd_generate(args) -> int:
     else:
         samples = lm.generate(args.prompt, args.length, num_samples=args.num_samples, **options)
         print(f"\n\n{RULE}\n\n".join(samples))
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a run's one-step generator to a file that generates without torch",
+                       description="Write the run's one-step model (character ids and recurrent state in, logits and "
+                                   "the new state out) as ONNX, with the vocabulary and sampling defaults as "
+                                   "metadata. `charrnn generate FILE.onnx` (or charrnn.runtime) generates from it "
+                                   "with onnxruntime and NumPy alone.")
+    p.add_argument("run", help="run directory written by `charrnn train`")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default onnx, the only one)")
+    p.add_argument("--out", required=True, help="file to write, ending in .onnx (never overwritten without --force)")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
+    p.add_argument("--int8", action="store_true", help="store the matrix weights as int8 (onnxruntime dynamic "
+                                                       "quantisation): 4x smaller file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    r = export_onnx(args.run, args.out, weights=args.weights, int8=args.int8, force=args.force)
+    print(f"exported {args.run} ({r.weights_file}, {r.weights}) to {r.path} ({r.bytes / 1e6:.1f} MB) in "
+          f"{r.seconds:.1f} s; generate with: charrnn generate {r.path} --prompt TEXT", file=sys.stderr)
     return 0
 
 
@@ -305,12 +352,13 @@ def cmd_serve(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="charrnn", description="Character-level recurrent language models: train, generate, "
-                                                 "evaluate.")
+                                                 "evaluate, export.")
     parser.add_argument("--version", action="version", version=f"charrnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(sub)
     _add_generate(sub)
     _add_eval(sub)
+    _add_export(sub)
     _add_corpora(sub)
     _add_plot(sub)
     _add_report(sub)

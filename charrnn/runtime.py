@@ -1,0 +1,219 @@
+"""Generate text from an exported ``.onnx`` file with onnxruntime and NumPy alone (no torch).
+
+>>> from charrnn import runtime
+>>> lm = runtime.load("shk.onnx")                                              # doctest: +SKIP
+>>> print(lm.generate("ROMEO:", 200, temperature=0.8, seed=1)[0])            # doctest: +SKIP
+
+:class:`ExportedModel` has the same ``generate`` / ``stream`` / ``unknown_chars`` interface as
+:class:`charrnn.api.LanguageModel`, with the same sampling semantics as :mod:`charrnn.sampling`:
+temperature 0 is greedy, ``[UNK]`` is never produced, top-k then top-p filtering, all samples
+of a call in one batched step, and a seed makes the text reproducible (NumPy's generator: the
+same seed gives the same text here every time, not the same text as the PyTorch sampler).
+
+The prompt is read one character at a time through the exported one-step graph (the PyTorch
+sampler reads it with the fused recurrent kernel: same numbers within float rounding).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CharRNNError
+from .options import check_sampling_options, start_text
+from .vocab import UNK_ID, Vocab
+
+FORMAT_VERSION = 1  # the export format this runtime reads (charrnn.export.FORMAT_VERSION)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def process_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None) -> np.ndarray:
+    """Scaled, filtered logits ``(batch, vocab)`` (float64; filtered-out entries are ``-inf``).
+
+    :func:`charrnn.sampling.process_logits` in NumPy: ``[UNK]`` always removed, ``top_k`` keeps
+    the k largest, ``top_p`` the smallest set of most likely characters whose mass reaches p.
+    """
+    logits = logits.astype(np.float64) / temperature
+    logits[:, UNK_ID] = -np.inf
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, [-top_k]]
+        logits[logits < kth] = -np.inf
+    if top_p is not None and top_p < 1.0:
+        order = np.argsort(-logits, axis=-1, kind="stable")
+        probs = _softmax(np.take_along_axis(logits, order, axis=-1))
+        # Drop a character when the mass of the ones strictly more likely already reaches p.
+        drop_sorted = (np.cumsum(probs, axis=-1) - probs) >= top_p
+        drop = np.empty_like(drop_sorted)
+        np.put_along_axis(drop, order, drop_sorted, axis=-1)
+        logits[drop] = -np.inf
+    return logits
+
+
+def choose(logits: np.ndarray, temperature: float, top_k, top_p, rng: np.random.Generator) -> np.ndarray:
+    """Next ids ``(batch,)`` int64 from logits ``(batch, vocab)``: greedy at temperature 0, else sampled."""
+    if temperature == 0:
+        masked = logits.astype(np.float32, copy=True)
+        masked[:, UNK_ID] = -np.inf
+        return masked.argmax(axis=-1)
+    cdf = np.cumsum(_softmax(process_logits(logits, temperature, top_k, top_p)), axis=-1)
+    u = rng.random((cdf.shape[0], 1)) * cdf[:, -1:]
+    # searchsorted(cdf, u, right=True) row by row: the first id whose cumulative mass exceeds u.
+    return np.minimum((cdf <= u).sum(axis=-1), cdf.shape[1] - 1).astype(np.int64)
+
+
+def session_options(threads: int | None = None):
+    """onnxruntime options for the batch-1 loop: all graph optimisations, one op at a time,
+    ``threads`` intra-op threads (default: onnxruntime's, one per physical core)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3  # errors only
+    return so
+
+
+class ExportedModel:
+    """An exported charrnn model loaded in onnxruntime, ready to generate."""
+
+    def __init__(self, path, threads: int | None = None):
+        path = Path(path)
+        if not path.exists():
+            raise CharRNNError(f"{path} does not exist; export a run with `charrnn export RUN --format onnx "
+                               f"--out {path}`")
+        if not path.is_file():
+            raise CharRNNError(f"{path} is not a file; give an .onnx file written by `charrnn export`")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise CharRNNError("generating from an .onnx file needs onnxruntime; install the extra: "
+                               "pip install -e \".[onnx]\"") from None
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CharRNNError(f"{path} cannot be loaded by onnxruntime ({first}); give an .onnx file written by "
+                               "`charrnn export`") from None
+        self.path = path
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        version = self.metadata.get("charrnn.format_version")
+        if version is None:
+            raise CharRNNError(f"{path} is an ONNX model but not a charrnn export (no charrnn metadata); export one "
+                               "with `charrnn export RUN --format onnx --out FILE`")
+        if version != str(FORMAT_VERSION):
+            raise CharRNNError(f"{path} has export format version {version}, but this charrnn reads version "
+                               f"{FORMAT_VERSION}; export the run again with this charrnn version")
+        try:
+            self.vocab = Vocab.from_json(json.loads(self.metadata["charrnn.vocab"]))
+            self.config = json.loads(self.metadata["charrnn.model"])
+            self.sampling_defaults = json.loads(self.metadata["charrnn.sampling"])
+            self.arch, self.layers, self.hidden = self.config["arch"], self.config["layers"], self.config["hidden"]
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CharRNNError(f"{path} has damaged charrnn metadata ({e}); export the run again") from None
+        self.weights = self.metadata.get("charrnn.weights", "fp32")
+        self.state_names = ["h", "c"] if self.arch == "lstm" else ["h"]
+        self.input_names = ["ids", *self.state_names]
+
+    # -- the one-step model --------------------------------------------------------------
+    def zero_state(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros((self.layers, batch, self.hidden), dtype=np.float32) for _ in self.state_names]
+
+    def step(self, ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``ids (batch,)`` and the state -> ``logits (batch, vocab)`` and the new state."""
+        logits, *state = self.session.run(None, dict(zip(self.input_names, [ids, *state])))
+        return logits, state
+
+    def logits(self, text: str) -> np.ndarray:
+        """The logits after every character of ``text`` (``(len(text), vocab)``), from the zero state."""
+        state = self.zero_state(1)
+        out = []
+        for i in self.vocab.encode(text).astype(np.int64):
+            logits, state = self.step(np.array([i], dtype=np.int64), state)
+            out.append(logits[0])
+        return np.stack(out) if out else np.zeros((0, len(self.vocab)), dtype=np.float32)
+
+    def prime(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Read every prompt (each distinct prompt once); the last logits ``(batch, vocab)`` and the state."""
+        by_prompt: dict[str, tuple] = {}
+        for p in prompts:
+            if p not in by_prompt:
+                state = self.zero_state(1)
+                for i in self.vocab.encode(start_text(p, self.vocab.chars)).astype(np.int64):
+                    logits, state = self.step(np.array([i], dtype=np.int64), state)
+                by_prompt[p] = (logits, state)
+        parts = [by_prompt[p] for p in prompts]
+        state = [np.concatenate([s[k] for _, s in parts], axis=1) for k in range(len(self.state_names))]
+        return np.concatenate([lg for lg, _ in parts], axis=0), state
+
+    # -- generation (the interface of charrnn.api.LanguageModel) -------------------------
+    def unknown_chars(self, text: str) -> list[str]:
+        """Characters of ``text`` the model does not know (they are read as ``[UNK]``)."""
+        return self.vocab.unknown_chars(text)
+
+    def sampling_options(self, temperature: float | None = None, top_k: int | None = None,
+                         top_p: float | None = None) -> tuple:
+        """``(temperature, top_k, top_p)`` with each ``None`` replaced by the file's default."""
+        d = self.sampling_defaults
+        return (d.get("temperature", 1.0) if temperature is None else temperature,
+                d.get("top_k") if top_k is None else top_k, d.get("top_p") if top_p is None else top_p)
+
+    def stream_ids(self, prompts: Sequence[str], length: int, temperature: float | None = None,
+                   top_k: int | None = None, top_p: float | None = None,
+                   seed: int | None = None) -> Iterator[np.ndarray]:
+        """Yield the next ids ``(batch,)`` ``length`` times, one batched step each.
+
+        Options left ``None`` take the defaults stored in the file (temperature 1, no top-k / top-p).
+        """
+        temperature, top_k, top_p = self.sampling_options(temperature, top_k, top_p)
+        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1)
+        rng = np.random.default_rng(seed)
+        if length == 0:
+            return
+        logits, state = self.prime(prompts)
+        for i in range(length):
+            ids = choose(logits, temperature, top_k, top_p, rng)
+            yield ids
+            if i + 1 < length:
+                logits, state = self.step(ids, state)
+
+    def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
+               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None) -> Iterator[list[str]]:
+        """Yield the next character of every sample, ``length`` times (the prompt is not repeated)."""
+        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
+        chars = self.vocab.chars
+        for ids in self.stream_ids(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
+            yield [chars[i - 1] for i in ids.tolist()]
+
+    def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None) -> list[str]:
+        """``num_samples`` texts (prompt + ``length`` new characters), sampled in one batch.
+
+        ``prompt`` may also be a list of prompts (one sample each).  ``temperature=0`` is greedy;
+        options left ``None`` take the file's defaults.
+        """
+        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
+        check_sampling_options(*self.sampling_options(temperature, top_k, top_p), length, len(prompts))
+        pieces: list[list[str]] = [[p] for p in prompts]
+        for step in self.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
+            for piece, ch in zip(pieces, step):
+                piece.append(ch)
+        return ["".join(p) for p in pieces]
+
+
+def load(path, *, threads: int | None = None) -> ExportedModel:
+    """Load an ``.onnx`` file written by ``charrnn export`` (``threads``: onnxruntime intra-op threads)."""
+    return ExportedModel(path, threads=threads)
