@@ -377,6 +377,13 @@ def main(argv=None) -> int:
     except CharRNNError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:
+        if e.name not in ("torch", "safetensors"):
+            raise
+        # A runtime-only install (numpy + onnxruntime, see README "Export") asked for a PyTorch command.
+        print(f"error: this command needs {e.name}, which is not installed; install it (pip install torch==2.13.0 "
+              "safetensors), or give an exported .onnx file to `charrnn generate`", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

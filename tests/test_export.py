@@ -176,7 +176,7 @@ TORCH_BLOCKED = "import sys; sys.modules['torch'] = None\n"  # any `import torch
 
 
 def test_runtime_and_generate_from_onnx_never_import_torch(trained):
-    _, onnx_file = trained
+    run, onnx_file = trained
     code = TORCH_BLOCKED + (
         "import charrnn, charrnn.runtime as rt\n"
         f"lm = rt.load({str(onnx_file)!r})\n"
@@ -193,10 +193,12 @@ def test_runtime_and_generate_from_onnx_never_import_torch(trained):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout == runtime.load(onnx_file).generate("a ", 30, seed=1)[0] + "\n"
-    # And the check is real: the same guard stops the PyTorch path.
-    code = TORCH_BLOCKED + "import charrnn\ncharrnn.load('x')\n"
+    # And the guard is real: the PyTorch path stops, with one line saying what to install.
+    code = TORCH_BLOCKED + (
+        "from charrnn.cli import main\n"
+        f"sys.exit(main(['generate', {str(run)!r}, '--length', '5']))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "torch" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: this command needs torch") and r.stdout == ""
 
 
 def test_cli_export_then_generate_end_to_end(capsys, trained, tmp_path):
