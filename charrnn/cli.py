@@ -169,9 +169,10 @@ def cmd_generate(args) -> int:
         given = [flag for flag, value in (("--weights", args.weights), ("--device", args.device),
                                           ("--int8", args.int8), ("--beam-width", args.beam_width)) if value]
         if given:
-            raise CharRNNError(f"{', '.join(given)} work only with a run directory, not with an exported .onnx file "
-                               f"(export with `charrnn export RUN --int8` for int8 weights); drop "
-                               f"{'it' if len(given) == 1 else 'them'} or give the run directory")
+            one = len(given) == 1
+            raise CharRNNError(f"{', '.join(given)} {'applies' if one else 'apply'} only to run directories, not to an "
+                               "exported .onnx file (for int8 weights, export with `charrnn export RUN --int8`); "
+                               f"drop {'it' if one else 'them'} or give the run directory")
         lm = load_exported(args.run)
         temperature, top_k, top_p = lm.sampling_options(args.temperature, args.top_k, args.top_p)
     else:
