@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine, peak_rss_mb  # noqa: E402
@@ -109,7 +108,8 @@ def main(argv=None):
     if not args.no_torch:
         for weights in ("fp32", "int8"):
             sampler = Sampler(model, vocab, weights=weights)
-            configs[f"torch-{weights}"] = lambda b, seed, s=sampler: s.stream_ids(["ROMEO:"] * b, args.length, seed=seed)
+            configs[f"torch-{weights}"] = lambda b, seed, s=sampler: s.stream_ids(["ROMEO:"] * b, args.length,
+                                                                                  seed=seed)
     for weights, path in files.items():
         for threads in args.threads:
             lm = runtime.load(path, threads=threads or None)

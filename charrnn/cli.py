@@ -221,8 +221,9 @@ def _add_export(sub) -> None:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default onnx, the only one)")
     p.add_argument("--out", required=True, help="file to write, ending in .onnx (never overwritten without --force)")
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
-    p.add_argument("--int8", action="store_true", help="store the matrix weights as int8 (onnxruntime dynamic "
-                                                       "quantisation): 4x smaller file")
+    p.add_argument("--int8", action="store_true",
+                   help="store the matrix weights as int8 (onnxruntime dynamic quantisation): 3.4x smaller file, "
+                        "validation bits/char unchanged")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export)
 

@@ -270,7 +270,8 @@ def test_parser_needs_no_torch_and_lazy_package_attributes():
 
     assert DATE_MODELS == KINDS
     assert charrnn.load is charrnn.api.load and charrnn.LanguageModel is charrnn.api.LanguageModel
-    code = TORCH_BLOCKED + "from charrnn.cli import build_parser\nbuild_parser().parse_args(['train', 'x', '--out', 'y'])\n"
+    code = TORCH_BLOCKED + ("from charrnn.cli import build_parser\n"
+                            "build_parser().parse_args(['train', 'x', '--out', 'y'])\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
