@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import build_config
 from .corpus import load_corpus
 from .data import split_train_val
@@ -33,21 +34,39 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
     ``resume=True`` the run continues from its last checkpoint with its saved options; options
     given here override the saved ones (to extend ``max_steps``, say).  ``progress`` shows a
     progress bar; ``log(message)`` receives the summary and evaluation lines (default: stderr).
+
+    Started by ``torchrun`` with several processes, every process calls this with the same
+    arguments and they train one model data-parallel (see :mod:`charrnn.distributed`); only
+    rank 0 reads and writes ``out`` and prints.
     """
     out = Path(out)
-    if resume:
-        saved = ckpt.read_config(out)
-        values = dict(saved.get("training", {}))
-        values.update({k: v for k, v in options.items() if v is not None})
-        cfg = build_config(None, **values)
-    else:
-        cfg = build_config(preset, **options)
-    data = load_corpus(corpus, lowercase=cfg.lowercase, newlines_to_spaces=cfg.newlines_to_spaces,
-                       progress=progress)
-    if not resume:
-        ckpt.prepare_new_run_dir(out, force=force)
-    trainer = Trainer(data, cfg, out, resume=resume, progress=progress, log=log)
-    return trainer.fit()
+    with distributed.session() as d:
+        loaded = []
+
+        def prepare():
+            # Rank 0 alone reads the saved options and prepares the run directory; the others get
+            # the resulting configuration, so they never touch (or need) the run directory.
+            if resume:
+                saved = ckpt.read_config(out)
+                values = dict(saved.get("training", {}))
+                values.update({k: v for k, v in options.items() if v is not None})
+                cfg = build_config(None, **values)
+            else:
+                cfg = build_config(preset, **options)
+            d.check_batch(cfg.batch_size)
+            loaded.append(load_corpus(corpus, lowercase=cfg.lowercase, newlines_to_spaces=cfg.newlines_to_spaces,
+                                      progress=progress))
+            if not resume:
+                ckpt.prepare_new_run_dir(out, force=force)
+            return cfg
+
+        cfg = d.on_rank0(prepare)
+        # The other ranks load the corpus after rank 0 has encoded it: on its machine they find it cached.
+        data = loaded[0] if loaded else load_corpus(corpus, lowercase=cfg.lowercase,
+                                                    newlines_to_spaces=cfg.newlines_to_spaces, progress=False)
+        trainer = Trainer(data, cfg, out, resume=resume, progress=progress and d.main,
+                          log=log if d.main else (lambda msg: None), dist=d)
+        return trainer.fit()
 
 
 class LanguageModel:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -113,11 +114,14 @@ def cmd_train(args) -> int:
     options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
     result = train(args.corpus, args.out, preset=args.preset, resume=args.resume, force=args.force,
                    progress=not args.quiet, **options)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 130 if result.stop_reason == "interrupted" else 0
     best = f"{result.best_val_loss:.4f} nats/char" if result.best_val_loss is not None else "n/a"
     print(f"stopped ({result.stop_reason}) at step {result.step}, epoch {result.epoch}, after "
           f"{result.train_time:.0f} s; best val loss {best}; run in {result.run_dir}", file=sys.stderr)
     if result.stop_reason == "interrupted":
-        print(f"checkpoint saved; continue with: charrnn train {args.corpus} --out {args.out} --resume",
+        launcher = "torchrun ... -m charrnn" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "charrnn"
+        print(f"checkpoint saved; continue with: {launcher} train {args.corpus} --out {args.out} --resume",
               file=sys.stderr)
         return 130
     return 0
@@ -377,7 +381,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except CharRNNError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "from_rank0", False):  # under torchrun, rank 0's errors are printed by rank 0
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if e.name not in ("torch", "safetensors"):

@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .corpus import EncodedCorpus
 from .data import StreamBatches, WindowBatches, eval_streams, split_train_val
+from .distributed import SINGLE, Dist
 from .errors import CharRNNError
 from .fileio import atomic_write_text
 from .models.charlm import CharLM, ModelConfig, State
@@ -78,12 +79,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int = 16,
-             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None) -> dict:
+             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+             dist: Dist = SINGLE) -> dict:
     """Mean loss over every character of ``ids`` (but the first), each predicted once.
 
     The text is cut into ``n_streams`` contiguous streams that run side by side; each
     is read in chunks of ``seq_len`` with the recurrent state carried between chunks,
     as char-rnn evaluates.  Returns ``{"loss", "bpc", "perplexity", "chars"}``.
+
+    Under data parallelism (``dist`` active; every rank calls this) each rank reads its own
+    share of the streams and the loss sums are added up over the ranks, so every rank gets
+    the figure one process would compute.
     """
     device = torch.device(device)
     was_training = model.training
@@ -91,9 +97,11 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     x, y = eval_streams(ids, n_streams)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = int((y >= 0).sum())
+    mine = dist.share(x.shape[0])
+    x, y = x[mine], y[mine]
     state = None
     try:
-        for t in range(0, x.shape[1], seq_len):
+        for t in range(0, x.shape[1] if len(x) else 0, seq_len):
             xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
             yb = y[:, t : t + seq_len].to(device=device, dtype=torch.int64)
             with autocast(device, amp_dtype):
@@ -102,6 +110,7 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
                                      ignore_index=-100, reduction="sum").double()
     finally:
         model.train(was_training)
+    dist.sum_(total)
     loss = float(total) / count
     return {"loss": loss, "bpc": loss / LN2, "perplexity": math.exp(min(loss, 700)), "chars": count}
 
@@ -199,6 +208,11 @@ class StopFlag:
 # --------------------------------------------------------------------------- trainer
 
 
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of a rank > 0 that has no saved random state (fresh run, or more ranks than saved)."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 1) % 2**63
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -215,15 +229,25 @@ class Trainer:
     """Train a :class:`CharLM` on an encoded corpus into a run directory."""
 
     def __init__(self, corpus: EncodedCorpus, cfg: TrainConfig, run_dir, resume: bool = False,
-                 progress: bool = True, log=None):
+                 progress: bool = True, log=None, dist: Dist = SINGLE):
         self.corpus = corpus
         self.cfg = cfg.validate()
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # Data parallelism (see charrnn.distributed): --batch-size is the global batch, each rank
+        # takes a contiguous block of its rows; only rank 0 writes files.
+        self.dist = dist
+        dist.check_batch(cfg.batch_size)
+        self.rows = dist.share(cfg.batch_size)
         self.device = resolve_device(cfg.device)
+        if dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by the session
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.vocab = corpus.vocab
+        if len(set(dist.all_objects(corpus.sha256))) > 1:
+            raise CharRNNError("the processes read different corpora (their sha256 differ); give every machine "
+                               "the same corpus file")
         train_ids, self.val_ids = split_train_val(corpus.ids, cfg.val_fraction)
         if cfg.val_fraction > 0 and len(self.val_ids) < 2:
             raise CharRNNError(f"the validation split ({len(self.val_ids)} characters) is too short; "
@@ -234,8 +258,12 @@ class Trainer:
         else:
             self.batches = WindowBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step)
         self.model_cfg = ModelConfig(len(self.vocab), cfg.arch, cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = CharLM(self.model_cfg).to(self.device)
+        if dist.rank:
+            # Dropout masks must differ between ranks (they see different rows); rank 0 keeps the
+            # single-process stream, so one process is the plain run.
+            torch.manual_seed(_rank_seed(cfg.seed, dist.rank, 0))
         self.optimizer = make_optimizer(cfg, self.model)
         self.step = 0
         self.epoch = 0
@@ -244,12 +272,12 @@ class Trainer:
         self.last_val: float | None = None
         self.train_time = 0.0
         self.chars_seen = 0
-        self.stream_state: State | None = None  # stateful training: the state the next batch starts from
+        self.stream_state: State | None = None  # stateful training: this rank's rows of the carried state
         self.epoch_loss = [0.0, 0]  # sum and count of this epoch's training losses
         if resume:
             self._resume()
         else:
-            self._start()
+            dist.on_rank0(self._start)
 
     # ----------------------------------------------------------------- set-up
 
@@ -266,6 +294,38 @@ class Trainer:
         (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
 
     def _resume(self) -> None:
+        # Rank 0 reads and checks the run directory and hands the trainer state to the other ranks,
+        # which never need the directory: a run resumes with any number of processes.
+        state = self.dist.on_rank0(self._load_checkpoint)
+        d = self.dist
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        # Every rank's random state was saved; a rank that has none (the run had fewer processes) starts afresh.
+        rng = state.get("rng_cpu_ranks") or [state["rng_cpu"]]
+        if d.rank < len(rng):
+            torch.set_rng_state(rng[d.rank])
+        else:
+            torch.manual_seed(_rank_seed(self.cfg.seed, d.rank, self.step))
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            rng = state.get("rng_cuda_ranks") or [state["rng_cuda"]]
+            if d.rank < len(rng):
+                torch.cuda.set_rng_state(rng[d.rank])
+        self.best_val = state.get("best_val")
+        self.last_val = state.get("last_val")
+        self.train_time = state.get("train_time", 0.0)
+        self.chars_seen = state.get("chars_seen", 0)
+        self.epoch_loss = [state.get("epoch_loss_sum", 0.0), state.get("epoch_loss_count", 0)]
+        saved_stream = state.get("stream_state")
+        if saved_stream is not None:
+            # The checkpoint holds the whole global batch's state; this rank carries its own rows.
+            held = tuple(t[:, self.rows].to(self.device) for t in saved_stream)
+            self.stream_state = held if self.model_cfg.arch == "lstm" else held[0]
+        self.log(f"resuming {self.run_dir} at step {self.step} (epoch {self.epoch + 1}, "
+                 f"step {self.step_in_epoch} of it)" + (f" with {d.world} processes" if d.active else ""))
+
+    def _load_checkpoint(self) -> dict:
+        """Check that the run directory can be resumed with this corpus and these options; its trainer state."""
         saved = ckpt.read_config(self.run_dir)
         saved_vocab = ckpt.Vocab.load(self.run_dir / ckpt.VOCAB)
         if saved_vocab.chars != self.vocab.chars:
@@ -281,30 +341,18 @@ class Trainer:
         for stale in self.run_dir.glob(".*.tmp"):  # left by a kill in the middle of a write
             stale.unlink(missing_ok=True)
         state = ckpt.load_trainer_state(self.run_dir)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.best_val = state.get("best_val")
-        self.last_val = state.get("last_val")
-        self.train_time = state.get("train_time", 0.0)
-        self.chars_seen = state.get("chars_seen", 0)
-        self.epoch_loss = [state.get("epoch_loss_sum", 0.0), state.get("epoch_loss_count", 0)]
         saved_stream = state.get("stream_state")
-        if saved_stream is not None:
-            held = tuple(t.to(self.device) for t in saved_stream)
-            self.stream_state = held if self.model_cfg.arch == "lstm" else held[0]
+        if saved_stream is not None and saved_stream[0].shape[1] != self.cfg.batch_size:
+            raise CharRNNError(f"the run carries the state of {saved_stream[0].shape[1]} streams (--stateful); "
+                               f"resume with --batch-size {saved_stream[0].shape[1]}")
         if saved.get("corpus", {}).get("sha256") != self.corpus.sha256:
             self.log(f"warning: the corpus differs from the one {self.run_dir} was trained on "
                      "(same characters); continuing")
         ckpt.write_config(self.run_dir, self._config_json())
-        self._truncate_metrics()
-        self.log(f"resuming {self.run_dir} at step {self.step} (epoch {self.epoch + 1}, "
-                 f"step {self.step_in_epoch} of it)")
+        self._truncate_metrics(state["step"])
+        return state
 
-    def _truncate_metrics(self) -> None:
+    def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
         path = self.run_dir / ckpt.METRICS
         if not path.exists():
@@ -312,7 +360,7 @@ class Trainer:
         kept = []
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= self.step:
+                if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
@@ -330,43 +378,63 @@ class Trainer:
         return min(candidates) if candidates else None
 
     def _metric(self, record: dict) -> None:
+        if not self.dist.main:
+            return
         with open(self.run_dir / ckpt.METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def checkpoint(self) -> None:
-        state = {
-            "format_version": ckpt.FORMAT_VERSION,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "best_val": self.best_val,
-            "last_val": self.last_val,
-            "train_time": self.train_time,
-            "chars_seen": self.chars_seen,
-            "epoch_loss_sum": self.epoch_loss[0],
-            "epoch_loss_count": self.epoch_loss[1],
-        }
+        """Write the trainer state and the latest weights.  Every rank calls this: the ranks' random
+        states and their rows of a carried stateful state are gathered, rank 0 writes, and nobody
+        goes on before the files are there."""
+        d = self.dist
+        stream = None
         if self.stream_state is not None:
             held = self.stream_state if isinstance(self.stream_state, tuple) else (self.stream_state,)
-            state["stream_state"] = [t.detach().cpu() for t in held]
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        ckpt.save_trainer_state(self.run_dir / ckpt.STATE, state)
-        ckpt.save_weights(self.run_dir / ckpt.LATEST, self.model, self.step)
+            stream = [d.cat_rows(t.detach(), dim=1).cpu() for t in held]  # the whole global batch
+        rng = d.all_objects(torch.get_rng_state())
+        rng_cuda = d.all_objects(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None
+        if d.main:
+            state = {
+                "format_version": ckpt.FORMAT_VERSION,
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),
+                "rng_cpu": rng[0],
+                "step": self.step,
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "best_val": self.best_val,
+                "last_val": self.last_val,
+                "train_time": self.train_time,
+                "chars_seen": self.chars_seen,
+                "epoch_loss_sum": self.epoch_loss[0],
+                "epoch_loss_count": self.epoch_loss[1],
+            }
+            if d.active:
+                state["rng_cpu_ranks"] = rng
+            if stream is not None:
+                state["stream_state"] = stream
+            if rng_cuda is not None:
+                state["rng_cuda"] = rng_cuda[0]
+                if d.active:
+                    state["rng_cuda_ranks"] = rng_cuda
+            ckpt.save_trainer_state(self.run_dir / ckpt.STATE, state)
+            ckpt.save_weights(self.run_dir / ckpt.LATEST, self.model, self.step)
+        d.barrier()
 
     def validate(self) -> float | None:
+        """Validation loss (every rank calls this; they share the streams); rank 0 keeps the best weights."""
         if self.cfg.val_fraction == 0:
             return None
         result = evaluate(self.model, self.val_ids, seq_len=max(self.cfg.seq_len, 256),
-                          n_streams=self.cfg.eval_streams, device=self.device, amp_dtype=self.amp_dtype)
+                          n_streams=self.cfg.eval_streams, device=self.device, amp_dtype=self.amp_dtype,
+                          dist=self.dist)
         self.last_val = result["loss"]
         improved = self.best_val is None or result["loss"] < self.best_val
         if improved:
             self.best_val = result["loss"]
-            ckpt.save_weights(self.run_dir / ckpt.BEST, self.model, self.step)
+            if self.dist.main:
+                ckpt.save_weights(self.run_dir / ckpt.BEST, self.model, self.step)
         self._metric({"step": self.step, "epoch": self.epoch, "time": round(self.train_time, 3),
                       "val_loss": result["loss"], "val_bpc": result["bpc"]})
         return result["loss"]
@@ -378,8 +446,11 @@ class Trainer:
         return self.vocab.decode(np.asarray(source[:40]))
 
     def sample(self, write) -> None:
-        """Samples at each of ``--sample-temperatures``: printed, and saved in ``samples/``."""
+        """Samples at each of ``--sample-temperatures``: printed, and saved in ``samples/`` (rank 0 only)."""
         from .sampling import Sampler
+
+        if not self.dist.main:
+            return
 
         cfg = self.cfg
         prompt = self.sample_prompt()
@@ -408,7 +479,9 @@ class Trainer:
             f"model {self.model_cfg.arch.upper()}, {self.model.num_parameters():,} parameters:",
             self.model.summary(),
             f"device {self.device}, {precision}; batch {self.cfg.batch_size} x {self.cfg.seq_len}, "
-            f"{self.cfg.optimizer} lr {self.cfg.lr}, {self.batches.nominal_steps_per_epoch()} steps per epoch",
+            f"{self.cfg.optimizer} lr {self.cfg.lr}, {self.batches.nominal_steps_per_epoch()} steps per epoch"
+            + (f"; data-parallel over {self.dist.world} processes, {self.cfg.batch_size // self.dist.world} "
+               "sequences each" if self.dist.active else ""),
         ])
 
     def fit(self) -> TrainResult:
@@ -416,10 +489,20 @@ class Trainer:
 
         self.log(self.summary())
 
-        cfg = self.cfg
+        cfg, d = self.cfg, self.dist
         model, opt = self.model, self.optimizer
         total_steps = self.total_steps()
         params = [p for p in model.parameters()]
+        # Under data parallelism the step runs through DistributedDataParallel, which averages the
+        # ranks' gradients during backward (its hooks fire on the parameters' gradient accumulation,
+        # the fast CPU path's custom autograd functions included): the mean over the global batch.
+        # Clipping then sees the same, global, gradient norm on every rank.
+        step_model = model
+        if d.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         chars_per_step = cfg.batch_size * cfg.seq_len
         stop = StopFlag()
         stop_reason = None
@@ -432,7 +515,7 @@ class Trainer:
         epoch_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # flushed into self.epoch_loss
 
         def flush_epoch_loss() -> None:
-            self.epoch_loss[0] += float(epoch_sum)
+            self.epoch_loss[0] += float(d.sum_(epoch_sum)) / d.world  # the global batch's losses
             epoch_sum.zero_()
 
         def checkpoint() -> None:
@@ -451,27 +534,36 @@ class Trainer:
                 write(f"step {self.step} ({why}): val loss {loss:.4f} nats/char, {loss / LN2:.4f} bits/char"
                       + (" (best)" if loss == self.best_val else ""))
 
+        def agree() -> tuple[bool, float]:
+            """(stop signal, training time) of the whole job: the ranks stop on the same step and
+            use the same time-based learning rate whichever of them was signalled or is slowest."""
+            interrupted, now = stop.reason is not None, elapsed()
+            if d.active:
+                flags = d.max_(torch.tensor([float(interrupted), now], dtype=torch.float64, device=d.device))
+                interrupted, now = bool(flags[0] > 0), float(flags[1])
+            return interrupted, now
+
         with stop.installed():
             while True:
                 # Stopping rules, checked between steps (a checkpoint is always taken at a stop).
-                if stop.reason:
-                    stop_reason = stop.reason
+                interrupted, now = agree()
+                if interrupted:
+                    stop_reason = "interrupted"
                 elif cfg.max_steps is not None and self.step >= cfg.max_steps:
                     stop_reason = "max_steps"
                 elif cfg.epochs is not None and self.epoch >= cfg.epochs:
                     stop_reason = "epochs"
-                elif cfg.time_limit is not None and elapsed() >= cfg.time_limit:
+                elif cfg.time_limit is not None and now >= cfg.time_limit:
                     stop_reason = "time_limit"
                 if stop_reason:
                     break
 
-                x, y = self.batches.batch(self.epoch, self.step_in_epoch)
+                x, y = self.batches.batch(self.epoch, self.step_in_epoch, rows=self.rows)
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                lr = learning_rate(cfg, self.step, total_steps,
-                                   elapsed() / cfg.time_limit if cfg.time_limit else None)
+                lr = learning_rate(cfg, self.step, total_steps, now / cfg.time_limit if cfg.time_limit else None)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss, state = train_step(model, opt, x, y, cfg.clip, self.device, self.amp_dtype, params,
+                loss, state = train_step(step_model, opt, x, y, cfg.clip, self.device, self.amp_dtype, params,
                                          state=self.stream_state, last_only=cfg.loss_on == "last")
                 if cfg.stateful:
                     self.stream_state = state
@@ -486,7 +578,7 @@ class Trainer:
                 self.epoch_loss[1] += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == 1:
-                    mean = float(running) / running_n
+                    mean = float(d.sum_(running)) / d.world / running_n  # the global batch's mean loss
                     if not math.isfinite(mean):
                         raise CharRNNError(f"the training loss became {mean} at step {self.step}; lower --lr or "
                                            "set --clip (the last good checkpoint is kept)")
@@ -530,6 +622,11 @@ class Trainer:
                 elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     checkpoint()
 
+            if stop_reason == "interrupted":
+                # Save first: a launcher (torchrun) kills its workers some seconds after passing on
+                # the signal, and the final evaluation can take longer than that.
+                self.train_time = elapsed()
+                checkpoint()
             if last_eval_step != self.step and self.step > 0:
                 report_val(self.validate(), "final")
             if cfg.sample_every != 0 and last_sample_step != self.step and self.step > 0:
