@@ -42,10 +42,21 @@ def _flat(state):
     return [t for s in state for t in (s if isinstance(s, tuple) else (s,))]
 
 
+@pytest.fixture(params=["avx2", "portable"])
+def kernels(compiled, request):
+    """The AVX2 kernels (where the CPU has them) and the portable loops other CPUs run."""
+    if request.param == "avx2" and not compiled.has_avx2():
+        pytest.skip("no AVX2 here")
+    compiled.set_portable(request.param == "portable")
+    yield compiled
+    compiled.set_portable(False)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 6, 7, 64])
 @pytest.mark.parametrize("k,n", [(5, 3), (37, 70), (256, 96), (1100, 40)])
-def test_int8_products_are_exact(compiled, batch, k, n):
+def test_int8_products_are_exact(kernels, batch, k, n):
     """Kernel (batch 1: row-major sign trick; batches: blocked) = PyTorch emulation = int64 reference."""
+    compiled = kernels
     torch.manual_seed(k + n + batch)
     lin = _Linear(torch.randn(n, k) / k ** 0.5, torch.randn(n), int8=True)
     x = torch.randn(batch, k)
@@ -65,7 +76,7 @@ def test_int8_products_are_exact(compiled, batch, k, n):
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
 @pytest.mark.parametrize("layers,embed,hidden", [(1, 8, 24), (2, 0, 37), (3, 8, 16)])
 @pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_compiled_step_is_bit_identical_to_python(compiled, arch, layers, embed, hidden, weights):
+def test_compiled_step_is_bit_identical_to_python(kernels, arch, layers, embed, hidden, weights):
     model = _model(arch, layers, embed, hidden)
     fast = Stepper(model, weights, backend="native")
     slow = Stepper(model, weights, backend="python")
