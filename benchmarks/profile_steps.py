@@ -1,9 +1,12 @@
 """Where the time goes: torch.profiler tables for a training step and for batch-1 sampling.
 
     python benchmarks/profile_steps.py [--what train sample] [--rows 12]
+                                       [--weights fp32|int8] [--backend auto|native|python]
 
 Uses the default model (GRU 1024, embedding 256, vocabulary 66; batch 64 x 100 for training,
-200 characters at batch 1 for sampling).  Prints the profiler's tables (self CPU time).
+200 characters at batch 1 for sampling).  Prints the profiler's tables (self CPU time); the
+compiled sampling step shows as charrnn::step, charrnn::int8_matvec / int8_matmul and
+charrnn::sample, with the ATen calls it makes (sigmoid_, tanh_, softmax, ...) under them.
 """
 
 import argparse
@@ -25,6 +28,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", nargs="+", default=["train", "sample"], choices=["train", "sample"])
     p.add_argument("--weights", default="fp32", choices=["fp32", "int8"])
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "python"],
+                   help="sampling step: compiled (native), pure PyTorch (python), or whichever is available")
     p.add_argument("--rows", type=int, default=12)
     args = p.parse_args(argv)
     model, vocab = default_model()
@@ -39,11 +44,11 @@ def main(argv=None):
         print("== training step (batch 64 x 100)")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if "sample" in args.what:
-        sampler = Sampler(model.eval(), vocab, weights=args.weights)
+        sampler = Sampler(model.eval(), vocab, weights=args.weights, backend=args.backend)
         sampler.generate("ROMEO:", 50, seed=0)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             sampler.generate("ROMEO:", 200, seed=0)
-        print(f"== sampling, batch 1, 200 characters, {args.weights} weights")
+        print(f"== sampling, batch 1, 200 characters, {args.weights} weights, {sampler.stepper.backend} step")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

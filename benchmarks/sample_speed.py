@@ -1,10 +1,13 @@
 """Generation speed: 1000 characters per sample from the prompt "ROMEO:", sampling included.
 
     python benchmarks/sample_speed.py [--batch-size 1 5 64] [--length 1000] [--run DIR] [--repeats 3]
+                                      [--weights fp32 int8] [--backend auto|native|python]
 
 Uses the default model (GRU 1024, embedding 256, vocabulary 66) with random weights unless
---run names a trained run.  Prints one JSON object with, per batch size, aggregate
-chars_per_s (median of the repeats), first_char_ms and peak_rss_mb.
+--run names a trained run.  Prints one JSON object with, per weight format and batch size,
+aggregate chars_per_s (median of the repeats), first_char_ms, the step's backend (the
+compiled one, charrnn.native, or pure PyTorch) and peak_rss_mb.  With --run, also the
+validation bits/char computed through the sampling step (the quality cost of int8).
 """
 
 import argparse
@@ -78,6 +81,8 @@ def main(argv=None):
     p.add_argument("--run", help="a trained run directory (default: the default model, random weights)")
     p.add_argument("--weights", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"],
                    help="weight formats of the sampling step to measure")
+    p.add_argument("--backend", default="auto", choices=["auto", "native", "python"],
+                   help="the compiled step (native), pure PyTorch (python), or whichever is available (auto)")
     args = p.parse_args(argv)
     if args.run:
         from charrnn.checkpoint import load_run
@@ -88,10 +93,11 @@ def main(argv=None):
         model, vocab = default_model()
     results = []
     for weights in args.weights:
-        sampler = Sampler(model, vocab, weights=weights)
+        sampler = Sampler(model, vocab, weights=weights, backend=args.backend)
         measure(sampler, 1, 50, repeats=1)  # warm-up
         for b in args.batch_size:
-            results.append({"weights": weights, **measure(sampler, b, args.length, repeats=args.repeats)})
+            results.append({"weights": weights, "backend": sampler.stepper.backend,
+                            **measure(sampler, b, args.length, repeats=args.repeats)})
         if args.run:  # the quality cost of the weight format, through the sampling step itself
             results[-1]["val_bpc_stepwise"] = round(stepwise_val_bpc(sampler, loaded), 4)
     emit({"benchmark": "sample_speed", "length": args.length, "parameters": model.num_parameters(),

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .errors import CharRNNError
 from .models.charlm import CharLM, State
 from .options import check_beam_width, check_sampling_options, start_text  # noqa: F401 (re-exported)
@@ -45,8 +46,18 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
     return logits
 
 
-def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: torch.Generator | None) -> torch.Tensor:
-    """Next ids ``(batch,)`` from logits ``(batch, vocab)``: greedy at temperature 0, else sampled."""
+def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: torch.Generator | None, *,
+           compiled: bool = True) -> torch.Tensor:
+    """Next ids ``(batch,)`` from logits ``(batch, vocab)``: greedy at temperature 0, else sampled.
+
+    Plain temperature sampling of CPU fp32 logits runs as one call into the compiled module
+    (:mod:`charrnn.native`) when a :class:`Stepper` has loaded it and ``compiled`` is true: the
+    same operations, the same random draws, the same ids.
+    """
+    fused = native.loaded() if compiled else None
+    if (fused is not None and temperature > 0 and (top_k is None or top_k >= logits.shape[-1])
+            and (top_p is None or top_p >= 1.0) and logits.dtype == torch.float32 and logits.device.type == "cpu"):
+        return fused.sample(logits, generator, float(temperature))
     if temperature == 0:
         masked = logits.float().clone()
         masked[:, UNK_ID] = float("-inf")
@@ -59,46 +70,112 @@ def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: to
 
 
 WEIGHT_FORMATS = ("fp32", "int8")
+BACKENDS = ("auto", "native", "python")
+
+# int8 products are summed exactly in fp32 while every partial sum stays below 2**24.
+_EXACT_FP32_COLUMNS = (1 << 24) // (127 * 127)
 
 
-def _fp32_linear(weight: torch.Tensor, bias: torch.Tensor):
-    weight, bias = weight.detach(), bias.detach()
-    return lambda x: F.linear(x, weight, bias)
+class _Linear:
+    """``x -> x @ W.T + b``, in fp32 or with int8 weights.
 
+    int8: one scale per output row (``max |W_row| / 127``); each input row (sample) is quantised
+    on the fly with its own scale (``max |x_row| / 127``, round half to even), the products are
+    summed exactly, then ``acc * (scale_x * scale_w) + b`` in fp32.  The pure-PyTorch version
+    here sums the integer-valued products in fp32 (exact up to 1040 columns, fp64 beyond); the
+    compiled one (:mod:`charrnn.native`) in int32: the same numbers.
+    """
 
-def _int8_linear(weight: torch.Tensor, bias: torch.Tensor):
-    """``x -> x @ W.T + b`` with W quantised to int8 per output row (CPU only)."""
-    w = weight.detach().float().cpu()
-    scales = (w.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
-    q = torch.quantize_per_channel(w, scales, torch.zeros(len(w), dtype=torch.long), 0, torch.qint8)
-    packed = torch.ops.quantized.linear_prepack(q, bias.detach().float().cpu())
-    return lambda x: torch.ops.quantized.linear_dynamic(x, packed)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, int8: bool):
+        self.int8 = int8
+        self.b = bias.detach().float().contiguous()
+        w = weight.detach().float()
+        if not int8:
+            self.w = w.contiguous()
+            return
+        self.sw = w.abs().amax(1) / 127
+        self.q = torch.round(w / self.sw.clamp_min(1e-30)[:, None]).clamp_(-127, 127).to(torch.int8)
+        exact = torch.float32 if w.shape[1] <= _EXACT_FP32_COLUMNS else torch.float64
+        self._qf = None
+        self._acc_dtype = exact
+
+    def native_parts(self) -> list:
+        if not self.int8:
+            return [self.w, self.b]
+        n, k = self.q.shape
+        nb, kp = -(-n // 16) * 2, -(-k // 2)   # 8-row blocks, an even number (the kernel's width)
+        w = torch.zeros(nb * 8, kp * 2, dtype=torch.int8)
+        w[:n, :k] = self.q.cpu()
+        packed = w.view(nb, 8, kp, 2).permute(0, 2, 1, 3).contiguous().view(nb, kp, 16)  # 8 rows x 2 columns
+        rows = torch.zeros(-(-n // 8) * 8, -(-k // 32) * 32, dtype=torch.int8)       # batch 1: row-major
+        rows[:n, :k] = self.q.cpu()
+        return [packed, rows, self.sw.cpu().contiguous(), self.b.cpu()]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.int8:
+            return torch.addmm(self.b, x, self.w.t())
+        if self._qf is None:
+            self._qf = self.q.to(self._acc_dtype)
+        m = x.abs().amax(1, keepdim=True)
+        c127 = torch.tensor(127.0, device=x.device)
+        inv = torch.where(m > 0, c127 / m, torch.zeros((), device=x.device))
+        xq = torch.round(x * inv)
+        acc = torch.mm(xq.to(self._acc_dtype), self._qf.t()).float()
+        return acc.mul_((m / c127) * self.sw).add_(self.b)
 
 
 class Stepper:
-    """One character at a time from a :class:`CharLM`'s weights (no copy of the recurrent weights).
+    """One character at a time from a :class:`CharLM`'s weights.
 
     ``step(ids (batch,), state) -> (logits (batch, vocab), state)`` with ``state`` a list of
-    per-layer ``(batch, hidden)`` tensors (pairs ``(h, c)`` for LSTM).
+    per-layer ``(batch, hidden)`` tensors (pairs ``(h, c)`` for LSTM); every call returns new
+    tensors (callers may keep old states).
+
+    The first layer's input projection is folded into a ``(vocab, gates * hidden)`` table, so
+    a step is a row lookup, one matrix product per layer and the output layer.  On the CPU
+    the whole step runs as one call into a small compiled extension (:mod:`charrnn.native`)
+    when it can be built; otherwise the same arithmetic runs as PyTorch operations, with
+    bit-identical results.  ``backend`` forces one (``"native"`` raises when it is unavailable).
     """
 
-    def __init__(self, model: CharLM, weights: str = "fp32"):
-        """``weights="int8"`` runs the matrix products with int8 weights (per-row scales, dynamic
-        activation quantisation, fbgemm): 4x less memory to stream per character."""
+    def __init__(self, model: CharLM, weights: str = "fp32", backend: str = "auto"):
+        """``weights="int8"`` runs the matrix products with int8 weights (per-row scales,
+        activations quantised per sample): 4x less memory to stream per character."""
         if weights not in WEIGHT_FORMATS:
             raise CharRNNError(f"sampling weights must be one of {', '.join(WEIGHT_FORMATS)}, got '{weights}'")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         c = model.config
-        self.arch, self.layers, self.hidden = c.arch, c.layers, c.hidden
+        self.arch, self.layers, self.hidden, self.weights = c.arch, c.layers, c.hidden, weights
         rnn = model.rnn
+        int8 = weights == "int8"
         with torch.no_grad():
             w0, b0 = rnn.weight_ih_l0, rnn.bias_ih_l0
             inputs = model.embedding.weight if model.embedding is not None else torch.eye(c.vocab_size, device=w0.device)
-            self.table = torch.addmm(b0, inputs, w0.t()).contiguous()  # (vocab, gates*hidden)
-        linear = _int8_linear if weights == "int8" else _fp32_linear
-        self.lin_ih = [None] + [linear(getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"))
-                                for i in range(1, c.layers)]
-        self.lin_hh = [linear(getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}")) for i in range(c.layers)]
-        self.head = linear(model.head.weight, model.head.bias)
+            self.table = torch.addmm(b0, inputs, w0.t()).float().contiguous()  # (vocab, gates*hidden)
+            self.lin_ih = [None] + [_Linear(getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), int8)
+                                    for i in range(1, c.layers)]
+            self.lin_hh = [_Linear(getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), int8)
+                           for i in range(c.layers)]
+            self.head = _Linear(model.head.weight, model.head.bias, int8)
+        self._native = None
+        if backend != "python":
+            self._native = self._build_native()
+            if self._native is None and backend == "native":
+                raise CharRNNError("the compiled sampling step is unavailable: "
+                                   + (native.error() or "it needs a CPU model and CHARRNN_NATIVE not 0"))
+        self.backend = "native" if self._native is not None else "python"
+
+    def _build_native(self):
+        if self.table.device.type != "cpu":
+            return None
+        module = native.load()
+        if module is None:
+            return None
+        arch = {"gru": 0, "lstm": 1, "rnn": 2}[self.arch]
+        ih = [[]] + [lin.native_parts() for lin in self.lin_ih[1:]]
+        hh = [lin.native_parts() for lin in self.lin_hh]
+        return module.Step(arch, self.hidden, self.table, ih, hh, self.head.native_parts(), self.table.shape[0])
 
     def from_module_state(self, state: State) -> list:
         if self.arch == "lstm":
@@ -112,28 +189,39 @@ class Stepper:
         return torch.stack(state)
 
     def step(self, ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        if self._native is not None:
+            if self.arch == "lstm":
+                logits, flat = self._native.step(ids, [t for hc in state for t in hc])
+                return logits, list(zip(flat[::2], flat[1::2]))
+            logits, new_state = self._native.step(ids, list(state))
+            return logits, new_state
+        return self._python_step(ids, state)
+
+    def _python_step(self, ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """The step in PyTorch operations; charrnn/native.py does exactly these, in this order."""
         H = self.hidden
         new_state = []
         x = None
         for i in range(self.layers):
             gi = F.embedding(ids, self.table) if i == 0 else self.lin_ih[i](x)
             if self.arch == "gru":
-                h = state[i]
+                h = state[i].contiguous()
                 gh = self.lin_hh[i](h)
-                rz = torch.sigmoid(gi[:, : 2 * H] + gh[:, : 2 * H])
-                r, z = rz[:, :H], rz[:, H:]
-                n = torch.tanh(gi[:, 2 * H :] + r * gh[:, 2 * H :])
-                h = torch.lerp(n, h, z)  # (1 - z) * n + z * h
+                rz = torch.add(gi[:, :2 * H], gh[:, :2 * H]).sigmoid_()
+                n = torch.mul(rz[:, :H], gh[:, 2 * H:]).add_(gi[:, 2 * H:]).tanh_()
+                h = torch.sub(h, n).mul_(rz[:, H:]).add_(n)          # (1 - z) * n + z * h
                 new_state.append(h)
             elif self.arch == "lstm":
-                h, c = state[i]
-                gates = gi + self.lin_hh[i](h)
-                ig, fg, gg, og = gates.chunk(4, dim=1)
-                c = torch.sigmoid(fg) * c + torch.sigmoid(ig) * torch.tanh(gg)
-                h = torch.sigmoid(og) * torch.tanh(c)
+                h, c = (t.contiguous() for t in state[i])
+                g = torch.add(gi, self.lin_hh[i](h))
+                g[:, :2 * H].sigmoid_()
+                g[:, 2 * H:3 * H].tanh_()
+                g[:, 3 * H:].sigmoid_()
+                c = torch.mul(g[:, H:2 * H], c).add_(torch.mul(g[:, :H], g[:, 2 * H:3 * H]))
+                h = torch.mul(g[:, 3 * H:], torch.tanh(c))
                 new_state.append((h, c))
             else:
-                h = torch.tanh(gi + self.lin_hh[i](state[i]))
+                h = torch.add(gi, self.lin_hh[i](state[i].contiguous())).tanh_()
                 new_state.append(h)
             x = h
         return self.head(x), new_state
@@ -142,14 +230,15 @@ class Stepper:
 class Sampler:
     """Batched, streaming text generation from a :class:`CharLM` and its vocabulary."""
 
-    def __init__(self, model: CharLM, vocab: Vocab, weights: str = "fp32"):
+    def __init__(self, model: CharLM, vocab: Vocab, weights: str = "fp32", backend: str = "auto"):
+        """``weights`` and ``backend``: see :class:`Stepper`."""
         if model.config.vocab_size != len(vocab):
             raise CharRNNError(f"model has {model.config.vocab_size} ids but the vocabulary {len(vocab)}; "
                                "the run directory is inconsistent, retrain it")
         self.model = model.eval()
         self.vocab = vocab
         self.device = model.head.weight.device
-        self.stepper = Stepper(model, weights)
+        self.stepper = Stepper(model, weights, backend)
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
         """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).
@@ -189,8 +278,9 @@ class Sampler:
         if length == 0:
             return
         logits, state = self.prime(prompts)
+        compiled = self.stepper.backend == "native"
         for i in range(length):
-            ids = choose(logits, temperature, top_k, top_p, generator)
+            ids = choose(logits, temperature, top_k, top_p, generator, compiled=compiled)
             yield ids
             if i + 1 < length:
                 logits, state = self.stepper.step(ids, state)

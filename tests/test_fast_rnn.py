@@ -203,7 +203,7 @@ def test_charlm_dropout_fast_path_is_deterministic(monkeypatch):
     a = _charlm_loss_and_grads(model, ids, targets)
     torch.manual_seed(5)
     b = _charlm_loss_and_grads(model, ids, targets)
-    assert len(calls) == 2 and all("gi0" in c for c in calls)  # fast path with the table lookup
+    assert len(calls) == 2 and all("table" in c for c in calls)  # fast path with the table lookup
     torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
     for name in a[3]:
         torch.testing.assert_close(a[3][name], b[3][name], atol=0, rtol=0)
@@ -214,3 +214,67 @@ def test_charlm_dropout_fast_path_is_deterministic(monkeypatch):
     torch.testing.assert_close(fast[0], stock[0], atol=1e-5, rtol=0)
     for name in fast[3]:
         torch.testing.assert_close(fast[3][name], stock[3][name], atol=1e-4, rtol=0, msg=name)
+
+
+def _layer_case(mode, dtype=torch.float32, b=3, t=5, h=6, vocab=7):
+    torch.manual_seed(3)
+    g = {"gru": 3, "lstm": 4}.get(mode, 1)
+    table = torch.randn(vocab, g * h, dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, vocab, (b, t))
+    h0 = torch.randn(b, h, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(b, h, dtype=dtype, requires_grad=True) if mode == "lstm" else None
+    w = (torch.randn(g * h, h, dtype=dtype) * 0.5).requires_grad_()
+    bias = torch.randn(g * h, dtype=dtype, requires_grad=True)
+    leaves = [table, h0, w, bias] + ([c0] if c0 is not None else [])
+    return table, ids, h0, c0, w, bias, leaves
+
+
+def _weighted(out):
+    ys = out[0]
+    weights = torch.linspace(-1, 1, ys.numel(), dtype=ys.dtype).view_as(ys)
+    return (ys * weights).sum() + sum((s ** 2).sum() for s in out[1:])
+
+
+@pytest.mark.parametrize("mode", ["gru", "lstm", "rnn_tanh", "rnn_relu"])
+def test_table_lookup_matches_the_materialised_projection(mode):
+    """ids + table (rows looked up per step, the table's gradient by index-add) = F.embedding first."""
+    table, ids, h0, c0, w, bias, leaves = _layer_case(mode)
+    looked_up = fast_rnn.layer_forward(mode, table, h0, c0, w, bias, ids=ids)
+    materialised = fast_rnn.layer_forward(mode, F.embedding(ids.t(), table), h0, c0, w, bias)
+    for a, b in zip(looked_up, materialised):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(torch.autograd.grad(_weighted(looked_up), leaves),
+                    torch.autograd.grad(_weighted(materialised), leaves)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["gru", "lstm", "rnn_tanh"])
+def test_gradients_written_over_saved_buffers_only_when_the_graph_is_freed(mode, monkeypatch):
+    """A backward that keeps the graph leaves the saved activations intact (so a second one gives
+    the same gradients); the last one, which frees the graph, reuses them for the gradients."""
+    seen = []
+    real = fast_rnn._keep_graph
+    monkeypatch.setattr(fast_rnn, "_keep_graph", lambda: seen.append(real()) or seen[-1])
+    table, ids, h0, c0, w, bias, leaves = _layer_case(mode)
+    loss = _weighted(fast_rnn.layer_forward(mode, table, h0, c0, w, bias, ids=ids))
+    kept1 = torch.autograd.grad(loss, leaves, retain_graph=True)
+    kept2 = torch.autograd.grad(loss, leaves, retain_graph=True)
+    freed = torch.autograd.grad(loss, leaves)
+    for a, b, c in zip(kept1, kept2, freed):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
+    if mode != "rnn_tanh":                      # the Elman cell keeps a separate gradient buffer
+        assert seen == [True, True, False]
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("mode", ["gru", "lstm", "rnn_tanh"])
+def test_gradcheck_table_lookup_float64(mode):
+    table, ids, h0, c0, w, bias, leaves = _layer_case(mode, torch.float64, b=2, t=3, h=3, vocab=4)
+    if mode == "lstm":
+        fn = lambda table, h0, w, bias, c0: fast_rnn.layer_forward(mode, table, h0, c0, w, bias, ids=ids)
+    else:
+        fn = lambda table, h0, w, bias: fast_rnn.layer_forward(mode, table, h0, None, w, bias, ids=ids)
+    assert torch.autograd.gradcheck(fn, tuple(leaves))

@@ -74,7 +74,7 @@ class CharLM(nn.Module):
         # CPU training goes through charrnn.models.fast_rnn (same parameters, same results,
         # batched weight gradients); GPU (cuDNN), no_grad inference and autocast keep self.rnn.
         if self._fast_lookup(ids):
-            y, state = fast_rnn.rnn_forward(self.rnn, None, state, gi0=self._input_projection(ids))
+            y, state = fast_rnn.rnn_forward(self.rnn, None, state, table=self._input_table(), ids=ids)
         else:
             x = self.embed_ids(ids)
             if fast_rnn.usable(self.rnn, x):
@@ -88,9 +88,10 @@ class CharLM(nn.Module):
         return (ids.dim() == 2
                 and fast_rnn.supported(self.rnn, ids.device, self.rnn.weight_ih_l0.dtype))
 
-    def _input_projection(self, ids: torch.Tensor) -> torch.Tensor:
+    def _input_table(self) -> torch.Tensor:
+        """The first layer's input projection of every id, (vocab, gates * hidden)."""
         w = self.embedding.weight if self.embedding is not None else None
-        return fast_rnn.embedded_projection(ids, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0, w)
+        return fast_rnn.input_table(self.rnn.weight_ih_l0, self.rnn.bias_ih_l0, w)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

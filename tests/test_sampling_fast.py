@@ -1,0 +1,178 @@
+"""The compiled sampling step (charrnn.native) against the pure-PyTorch one: the same numbers, bit for bit.
+
+The first test to need the extension compiles it (about a minute, once per machine; later runs
+load the cached build).  Without a C++ compiler or ninja those tests are skipped; with them, a
+build that fails is a test failure.
+"""
+
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from charrnn import native
+from charrnn.errors import CharRNNError
+from charrnn.models import CharLM, ModelConfig
+from charrnn.sampling import Sampler, Stepper, _Linear, choose
+from charrnn.vocab import Vocab
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if not native.ENABLED:
+        pytest.skip("CHARRNN_NATIVE=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = native.load()
+    if module is None:
+        if shutil.which(os.environ.get("CXX", "c++")) and shutil.which("ninja"):
+            pytest.fail(f"a compiler and ninja are here, but the extension did not build: {native.error()}")
+        pytest.skip(f"no C++ toolchain: {native.error()}")
+    return module
+
+
+def _model(arch="gru", layers=1, embed=8, hidden=24, vocab=20, seed=1):
+    torch.manual_seed(seed)
+    return CharLM(ModelConfig(vocab_size=vocab, arch=arch, embed=embed, hidden=hidden, layers=layers)).eval()
+
+
+def _flat(state):
+    return [t for s in state for t in (s if isinstance(s, tuple) else (s,))]
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def kernels(compiled, request):
+    """The AVX2 kernels (where the CPU has them) and the portable loops other CPUs run."""
+    if request.param == "avx2" and not compiled.has_avx2():
+        pytest.skip("no AVX2 here")
+    compiled.set_portable(request.param == "portable")
+    yield compiled
+    compiled.set_portable(False)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 6, 7, 64])
+@pytest.mark.parametrize("k,n", [(5, 3), (37, 70), (256, 96), (1100, 40)])
+def test_int8_products_are_exact(kernels, batch, k, n):
+    """Kernel (batch 1: row-major sign trick; batches: blocked) = PyTorch emulation = int64 reference."""
+    compiled = kernels
+    torch.manual_seed(k + n + batch)
+    lin = _Linear(torch.randn(n, k) / k ** 0.5, torch.randn(n), int8=True)
+    x = torch.randn(batch, k)
+    x[0, :3] = 0.0                                   # zeros stay zeros
+    if batch > 2:
+        x[2] = 0.0                                   # an all-zero row: scale 0, output = bias
+    out = compiled.int8_linear(x, lin.native_parts(), n)
+    assert torch.equal(out, lin(x))
+    # The integer sums, computed independently in int64.
+    m = x.abs().amax(1, keepdim=True)
+    xq = torch.round(x * torch.where(m > 0, 127 / m, torch.zeros(()))).long()
+    acc = (xq @ lin.q.long().t()).float()
+    assert torch.equal(out, acc * ((m / 127) * lin.sw) + lin.b)
+    assert xq.abs().max() <= 127 and lin.q.abs().max() <= 127
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("layers,embed,hidden", [(1, 8, 24), (2, 0, 37), (3, 8, 16)])
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_compiled_step_is_bit_identical_to_python(kernels, arch, layers, embed, hidden, weights):
+    model = _model(arch, layers, embed, hidden)
+    fast = Stepper(model, weights, backend="native")
+    slow = Stepper(model, weights, backend="python")
+    assert fast.backend == "native" and slow.backend == "python"
+    for batch in (1, 3, 7):
+        ids = torch.randint(0, 20, (batch, 10))
+        sa = fast.from_module_state(model.zero_state(batch))
+        sb = slow.from_module_state(model.zero_state(batch))
+        with torch.inference_mode():
+            for t in range(10):
+                la, sa = fast.step(ids[:, t], sa)
+                lb, sb = slow.step(ids[:, t], sb)
+                assert torch.equal(la, lb), (batch, t)
+                assert all(torch.equal(a, b) for a, b in zip(_flat(sa), _flat(sb)))
+
+
+def test_compiled_step_matches_the_fused_forward(compiled):
+    model = _model("gru", 2, 8, 32)
+    ids = torch.randint(0, 20, (4, 12))
+    stepper = Stepper(model, backend="native")
+    state = stepper.from_module_state(model.zero_state(4))
+    with torch.no_grad():
+        want, _ = model(ids)
+        got = []
+        for t in range(12):
+            logits, state = stepper.step(ids[:, t], state)
+            got.append(logits)
+    torch.testing.assert_close(torch.stack(got, 1), want, atol=1e-5, rtol=1e-4)
+
+
+def test_int8_rows_do_not_depend_on_the_rest_of_the_batch(compiled):
+    """Activations are quantised per sample: a sample's logits are the same alone or batched."""
+    model = _model("gru", 2, 8, 40)
+    stepper = Stepper(model, "int8")
+    ids = torch.tensor([3, 7, 11])
+    state = [torch.randn(3, 40).tanh() * s for s in (1.0, 0.1)]
+    with torch.inference_mode():
+        together, _ = stepper.step(ids, state)
+        for i in range(3):
+            alone, _ = stepper.step(ids[i:i + 1], [s[i:i + 1] for s in state])
+            assert torch.equal(alone[0], together[i])
+
+
+def test_compiled_sampling_draws_the_same_ids(compiled):
+    torch.manual_seed(0)
+    for trial in range(60):
+        batch, vocab = (1, 3, 64)[trial % 3], (2, 11, 66)[trial % 3]
+        logits = torch.randn(batch, vocab) * (trial % 5 + 0.5)
+        temperature = (1.0, 0.7, 1 / 3, 2.5)[trial % 4]
+        g1, g2 = torch.Generator().manual_seed(trial), torch.Generator().manual_seed(trial)
+        fast = compiled.sample(logits, g1, temperature)
+        slow = choose(logits, temperature, None, None, g2, compiled=False)
+        assert torch.equal(fast, slow)
+        assert (fast != 0).all()                               # never [UNK]
+        assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))  # same draws consumed
+
+
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+@pytest.mark.parametrize("arch", ["gru", "lstm"])
+def test_same_seed_same_text_with_or_without_the_compiler(compiled, weights, arch):
+    vocab = Vocab(list("\n abcdefgh"))
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=len(vocab), arch=arch, embed=8, hidden=32, layers=2))
+    fast = Sampler(model, vocab, weights, backend="native")
+    slow = Sampler(model, vocab, weights, backend="python")
+    for kw in (dict(num_samples=1), dict(num_samples=5), dict(num_samples=3, top_k=4, top_p=0.9)):
+        a = fast.generate("abc", 80, seed=3, temperature=0.8, **kw)
+        b = slow.generate("abc", 80, seed=3, temperature=0.8, **kw)
+        assert a == b
+
+
+def test_falls_back_to_python_when_the_build_fails(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(native, "ENABLED", True)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_error", None)
+    monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
+    model = _model()
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch"):
+        stepper = Stepper(model, "int8")
+    assert stepper.backend == "python" and "command not found" in native.error()
+    with pytest.raises(CharRNNError, match="command not found"):
+        Stepper(model, backend="native")
+    ids = torch.tensor([1, 2])
+    logits, state = stepper.step(ids, stepper.from_module_state(model.zero_state(2)))
+    assert logits.shape == (2, 20) and state[0].shape == (2, 24)
+
+
+def test_can_be_turned_off(monkeypatch):
+    monkeypatch.setattr(native, "ENABLED", False)
+    assert native.load() is None
+    assert Stepper(_model()).backend == "python"
+    with pytest.raises(ValueError):
+        Stepper(_model(), backend="fast")
