@@ -1,29 +1,30 @@
-"""The sampling step in C++: an int8 matrix kernel and the whole per-character step in one call.
+"""The sampling step in C++: int8 matrix kernels and the whole per-character step in one call.
 
 :class:`charrnn.sampling.Stepper` runs one character at a time.  In Python that is some thirty
 small ATen calls per character, each costing microseconds of dispatch, which is as much as
 the arithmetic at batch 1; and PyTorch's own int8 kernels (fbgemm, deprecated) quantise
 the activations per batch.  This module compiles, on first use, a small C++ extension
 (``torch.utils.cpp_extension.load_inline``; it needs a C++ compiler and ninja) that does a
-whole step in one call:
+whole step, and the sampling draw, in one call each:
 
-* int8 weights, one scale per output row, packed in blocks of 8 rows x 2 columns, times
-  int8 activations with one scale per sample (so a sample's result never depends on the
-  others in its batch), accumulated exactly in int32 (AVX2 ``vpmaddwd`` where the CPU has
-  it, portable C++ elsewhere), then ``acc * (scale_x * scale_w) + bias`` in fp32;
+* int8 matrix products: 7-bit weights (one scale per output row) times 8-bit activations
+  (one scale per sample, so a sample's result never depends on the others in its batch),
+  summed exactly in int32 (AVX2 ``vpmaddubsw`` / ``vpmaddwd`` where the CPU has them,
+  portable loops elsewhere), then ``acc * (scale_x * scale_w) + bias`` in fp32;
 * fp32 matrix products through the same ``at::addmm`` Python would call;
 * the gate arithmetic in plain loops, with ``at::sigmoid_`` / ``at::tanh_`` applied to
-  buffers of exactly the shapes the Python path uses.
+  buffers of exactly the shapes the Python path uses;
+* sampling: the same ATen softmax / cumsum / rand calls as :func:`charrnn.sampling.choose`.
 
 Every operation is either exact (integer sums), a single correctly rounded IEEE operation
-in the same order as the Python path (the file is compiled with ``-ffp-contract=off``), or
-the same ATen kernel on the same shapes, so the compiled step and the pure-PyTorch step
-in :mod:`charrnn.sampling` give bit-identical results (the tests check it): a seed gives
-the same text with or without a compiler.
+in the same order as the Python path (no fused multiply-adds: ``-ffp-contract=off`` and no
+FMA target), or the same ATen kernel on the same shapes, so the compiled step and the
+pure-PyTorch step in :mod:`charrnn.sampling` give bit-identical results (the tests check
+it): a seed gives the same text with or without a compiler.
 
 The build is cached in PyTorch's extension folder (``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) under a name that hashes this source, the torch version and
-the machine, and is reused by every later process.  ``CHARRNN_NATIVE=0`` turns it off;
+``~/.cache/torch_extensions``) under a name that hashes this source, the flags, torch, Python
+and the machine, and is reused by every later process.  ``CHARRNN_NATIVE=0`` turns it off;
 without a compiler :func:`load` answers None (with one warning) and the Python path runs.
 """
 
@@ -68,7 +69,15 @@ bool has_avx2() {
   static const bool yes = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
   return yes && !g_portable;
 }
+#else
+bool has_avx2() { return false; }
+#endif
 
+// ---------------------------------------------------------------- int8 activations
+// One sample x (K) fp32 -> xu (Kq) uint8 and its scale s:
+//   m = max|x|, s = m / 127, xq = round_half_even(x * (127 / m)) in [-127, 127] (0 when m = 0),
+//   xu = xq + 127 in [0, 254]; the padding columns K..Kq hold 127 (xq = 0).
+#ifdef CHARRNN_X86
 CHARRNN_AVX2 float absmax_avx2(const float* x, int64_t K) {
   const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 m = _mm256_setzero_ps();
@@ -82,94 +91,90 @@ CHARRNN_AVX2 float absmax_avx2(const float* x, int64_t K) {
   return r;
 }
 
-// q[k] = round_half_even(x[k] * inv): vcvtps2dq rounds to nearest even, like std::nearbyint.
-CHARRNN_AVX2 int64_t round_avx2(const float* x, int64_t K, float inv, int16_t* q) {
+// vcvtps2dq rounds to nearest even, like std::nearbyint.
+CHARRNN_AVX2 int64_t offset_round_avx2(const float* x, int64_t K, float inv, uint8_t* xu) {
   const __m256 s = _mm256_set1_ps(inv);
+  const __m256i off = _mm256_set1_epi32(127);
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    const __m256i i = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), s));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
-                     _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1)));
+    const __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), s)), off);
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(xu + k), _mm_packus_epi16(w, w));
   }
   return k;
 }
-#else
-bool has_avx2() { return false; }
 #endif
 
-// ---------------------------------------------------------------- int8 activations
-// x (B, K) fp32 with row stride ldx -> q (B, Kq) int16 (zero padded to Kq), s (B):
-// s = max|x| / 127, q = round_half_even(x * (127 / max|x|)), all zeros for an all-zero row.
-void quantize_rows(const float* x, int64_t B, int64_t K, int64_t ldx, int16_t* q, int64_t Kq, float* s) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xb = x + b * ldx;
-    float m = 0.f;
-    int64_t k = 0;
+void quantize_row(const float* x, int64_t K, uint8_t* xu, int64_t Kq, float* s) {
+  float m = 0.f;
 #ifdef CHARRNN_X86
-    if (has_avx2()) {
-      m = absmax_avx2(xb, K);
-    } else
+  if (has_avx2())
+    m = absmax_avx2(x, K);
+  else
 #endif
-      for (int64_t j = 0; j < K; ++j) m = std::max(m, std::fabs(xb[j]));
-    const float inv = m > 0.f ? 127.f / m : 0.f;
-    s[b] = m / 127.f;
-    int16_t* qb = q + b * Kq;
+    for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+  const float inv = m > 0.f ? 127.f / m : 0.f;
+  *s = m / 127.f;
+  int64_t k = 0;
 #ifdef CHARRNN_X86
-    if (has_avx2()) k = round_avx2(xb, K, inv, qb);
+  if (has_avx2()) k = offset_round_avx2(x, K, inv, xu);
 #endif
-    for (; k < K; ++k) qb[k] = static_cast<int16_t>(std::nearbyint(xb[k] * inv));
-    for (k = K; k < Kq; ++k) qb[k] = 0;
-  }
+  for (; k < K; ++k) xu[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(x[k] * inv)) + 127);
+  for (k = K; k < Kq; ++k) xu[k] = 127;
 }
 
 // ---------------------------------------------------------------- int8 matrix product
-// Packed weights wp: [blocks of 8 rows, an even number][Kp column pairs][8 rows][2] int8, zero padded.
-// acc[s][j] (NS samples x NW*8 rows) = sum_k q[s][k] * w[row j][k], exactly, in int32.
+// Weights: 7-bit, w in [-63, 63], one fp32 scale per row, packed as
+//   [blocks of 8 rows (a multiple of 4)][K/4 column quads][8 rows][4 columns] int8, zero padded.
+// vpmaddubsw(xu, w) multiplies unsigned by signed bytes and adds neighbours into int16: with
+// xu <= 254 and |w| <= 63 a pair is at most 32,004, so it never saturates; vpmaddwd with ones
+// adds those pairs into int32.  Three vector operations per 32 products, no widening of the
+// weights, no horizontal sums.  acc = sum_k xu[k] w[k] = sum_k xq[k] w[k] + 127 * sum_k w[k];
+// comp[n] = 127 * sum_k w[n][k] comes with the weights and is subtracted exactly in int32.
 
-void block_generic(int NS, int NW, const int16_t* q, int64_t Kq, const int8_t* wp, int64_t Kp, int32_t* acc) {
-  for (int s = 0; s < NS; ++s)
-    for (int j = 0; j < NW * 8; ++j) {
-      const int8_t* w = wp + (j / 8) * Kp * 16 + (j % 8) * 2;
-      const int16_t* x = q + s * Kq;
+void block_portable(int ns, int nw, const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, int32_t* acc) {
+  for (int s = 0; s < ns; ++s)
+    for (int j = 0; j < nw * 8; ++j) {
+      const int8_t* w = wp + (j / 8) * quads * 32 + (j % 8) * 4;
+      const uint8_t* x = xu + s * Kq;
       int32_t sum = 0;
-      for (int64_t kp = 0; kp < Kp; ++kp)
-        sum += int32_t(w[kp * 16]) * x[2 * kp] + int32_t(w[kp * 16 + 1]) * x[2 * kp + 1];
-      acc[s * NW * 8 + j] = sum;
+      for (int64_t c = 0; c < quads; ++c)
+        for (int i = 0; i < 4; ++i) sum += int32_t(x[4 * c + i]) * w[c * 32 + i];
+      acc[s * nw * 8 + j] = sum;
     }
 }
 
 #ifdef CHARRNN_X86
-CHARRNN_AVX2 inline __m256i wide_rows(const int8_t* p) {   // 8 rows x 2 columns, widened to int16 pairs
-  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+CHARRNN_AVX2 inline __m256i quad_of(const uint8_t* x) {   // a sample's 4 columns, in every lane
+  int32_t v;
+  std::memcpy(&v, x, sizeof v);
+  return _mm256_set1_epi32(v);
 }
-CHARRNN_AVX2 inline __m256i pair_of(const int16_t* x) {     // a sample's 2 columns, in every lane
-  int32_t pair;
-  std::memcpy(&pair, x, sizeof pair);
-  return _mm256_set1_epi32(pair);
+CHARRNN_AVX2 inline __m256i rows8(const int8_t* p) {       // 8 rows x 4 columns
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
-CHARRNN_AVX2 inline __m256i madd(__m256i acc, __m256i w, __m256i x) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+CHARRNN_AVX2 inline __m256i dot(__m256i acc, __m256i x, __m256i w, __m256i ones) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), ones));
 }
 CHARRNN_AVX2 inline void put(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
-// Every accumulator a named variable (unused ones vanish), so that all stay in registers:
-// NS samples (1..6) x 16 rows.
+// NS samples (1..6) x 16 rows; every accumulator a named variable (unused ones vanish), so
+// that all of them stay in registers.
 template <int NS>
-CHARRNN_AVX2 void block_nx2(const int16_t* q, int64_t Kq, const int8_t* wp, int64_t Kp, int32_t* acc) {
-  const __m256i z = _mm256_setzero_si256();
+CHARRNN_AVX2 void block_nx2(const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, int32_t* acc) {
+  const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256();
   __m256i a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z, a40 = z, a41 = z, a50 = z, a51 = z;
-  const int8_t* w1 = wp + Kp * 16;
-#pragma GCC unroll 2
-  for (int64_t kp = 0; kp < Kp; ++kp) {
-    const __m256i v0 = wide_rows(wp + kp * 16), v1 = wide_rows(w1 + kp * 16);
-    const int16_t* x = q + 2 * kp;
-    __m256i b = pair_of(x);
-    a00 = madd(a00, v0, b); a01 = madd(a01, v1, b);
-    if constexpr (NS > 1) { b = pair_of(x + Kq); a10 = madd(a10, v0, b); a11 = madd(a11, v1, b); }
-    if constexpr (NS > 2) { b = pair_of(x + 2 * Kq); a20 = madd(a20, v0, b); a21 = madd(a21, v1, b); }
-    if constexpr (NS > 3) { b = pair_of(x + 3 * Kq); a30 = madd(a30, v0, b); a31 = madd(a31, v1, b); }
-    if constexpr (NS > 4) { b = pair_of(x + 4 * Kq); a40 = madd(a40, v0, b); a41 = madd(a41, v1, b); }
-    if constexpr (NS > 5) { b = pair_of(x + 5 * Kq); a50 = madd(a50, v0, b); a51 = madd(a51, v1, b); }
+  const int8_t* w1 = wp + quads * 32;
+  for (int64_t c = 0; c < quads; ++c) {
+    const __m256i v0 = rows8(wp + c * 32), v1 = rows8(w1 + c * 32);
+    const uint8_t* x = xu + 4 * c;
+    __m256i b = quad_of(x);
+    a00 = dot(a00, b, v0, ones); a01 = dot(a01, b, v1, ones);
+    if constexpr (NS > 1) { b = quad_of(x + Kq); a10 = dot(a10, b, v0, ones); a11 = dot(a11, b, v1, ones); }
+    if constexpr (NS > 2) { b = quad_of(x + 2 * Kq); a20 = dot(a20, b, v0, ones); a21 = dot(a21, b, v1, ones); }
+    if constexpr (NS > 3) { b = quad_of(x + 3 * Kq); a30 = dot(a30, b, v0, ones); a31 = dot(a31, b, v1, ones); }
+    if constexpr (NS > 4) { b = quad_of(x + 4 * Kq); a40 = dot(a40, b, v0, ones); a41 = dot(a41, b, v1, ones); }
+    if constexpr (NS > 5) { b = quad_of(x + 5 * Kq); a50 = dot(a50, b, v0, ones); a51 = dot(a51, b, v1, ones); }
   }
   put(acc, a00); put(acc + 8, a01);
   if constexpr (NS > 1) { put(acc + 16, a10); put(acc + 24, a11); }
@@ -179,135 +184,90 @@ CHARRNN_AVX2 void block_nx2(const int16_t* q, int64_t Kq, const int8_t* wp, int6
   if constexpr (NS > 5) { put(acc + 80, a50); put(acc + 88, a51); }
 }
 
-// y[j] = float(acc[j]) * (xs * sw[j]) + bias[j] for n values: the scalar epilogue's operations,
+// Batch 1: one sample x 32 rows (four weight streams at once).
+CHARRNN_AVX2 void block_1x4(const uint8_t* xu, const int8_t* wp, int64_t quads, int32_t* acc) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  const int8_t *w0 = wp, *w1 = wp + quads * 32, *w2 = wp + 2 * quads * 32, *w3 = wp + 3 * quads * 32;
+  for (int64_t c = 0; c < quads; ++c) {
+    const __m256i b = quad_of(xu + 4 * c);
+    a0 = dot(a0, b, rows8(w0 + c * 32), ones);
+    a1 = dot(a1, b, rows8(w1 + c * 32), ones);
+    a2 = dot(a2, b, rows8(w2 + c * 32), ones);
+    a3 = dot(a3, b, rows8(w3 + c * 32), ones);
+  }
+  put(acc, a0); put(acc + 8, a1); put(acc + 16, a2); put(acc + 24, a3);
+}
+
+// y[j] = float(acc[j] - comp[j]) * (xs * sw[j]) + bias[j]: the scalar epilogue's operations,
 // 8 at a time (separate multiplies and adds: no fused multiply-add anywhere in this file).
-CHARRNN_AVX2 int64_t dequantize_avx2(const int32_t* acc, float xs, const float* sw, const float* bias, float* y,
-                                     int64_t n) {
+CHARRNN_AVX2 int64_t dequantize_avx2(const int32_t* acc, const int32_t* comp, float xs, const float* sw,
+                                     const float* bias, float* y, int64_t n) {
   const __m256 x = _mm256_set1_ps(xs);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 scale = _mm256_mul_ps(x, _mm256_loadu_ps(sw + j));
-    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j))),
-                                   scale);
+    const __m256i d = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j)),
+                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(comp + j)));
+    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), scale);
     _mm256_storeu_ps(y + j, _mm256_add_ps(v, _mm256_loadu_ps(bias + j)));
   }
   return j;
 }
-
-// Batch 1: row-major weights (rows padded to 8, columns to 32), the activation split into |x| (u8)
-// and sign(x) (s8).  vpmaddubsw(|x|, sign(x) * w) sums pairs of products exactly in int16
-// (|x|, |w| <= 127: at most 32,258), vpmaddwd with ones widens them to int32: four vector
-// operations per 32 products of one byte of weight each, and no horizontal sums until the end.
-CHARRNN_AVX2 inline __m128i hsum4(__m256i a, __m256i b, __m256i c, __m256i d) {
-  const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
-  return _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-}
-
-CHARRNN_AVX2 void rows_x8(const uint8_t* xa, const int8_t* xs, const int8_t* w, int64_t Kr, int32_t* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t k = 0; k < Kr; k += 32) {
-    const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa + k));
-    const __m256i sg = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + k));
-#define CHARRNN_ROW(acc, r)                                                                             \
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(m, _mm256_sign_epi8(            \
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (r) * Kr + k)), sg)), ones));
-    CHARRNN_ROW(a0, 0) CHARRNN_ROW(a1, 1) CHARRNN_ROW(a2, 2) CHARRNN_ROW(a3, 3)
-    CHARRNN_ROW(a4, 4) CHARRNN_ROW(a5, 5) CHARRNN_ROW(a6, 6) CHARRNN_ROW(a7, 7)
-#undef CHARRNN_ROW
-  }
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), hsum4(a0, a1, a2, a3));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 4), hsum4(a4, a5, a6, a7));
-}
 #endif
 
-void rows_x8_generic(const uint8_t* xa, const int8_t* xs, const int8_t* w, int64_t Kr, int32_t* out) {
-  for (int r = 0; r < 8; ++r) {
-    int32_t sum = 0;
-    for (int64_t k = 0; k < Kr; ++k) sum += int32_t(xa[k]) * (xs[k] < 0 ? -w[r * Kr + k] : xs[k] > 0 ? w[r * Kr + k] : 0);
-    out[r] = sum;
-  }
-}
-
-void dequantize(const int32_t* acc, float xs, const float* sw, const float* bias, float* y, int64_t n) {
+void dequantize(const int32_t* acc, const int32_t* comp, float xs, const float* sw, const float* bias, float* y,
+                int64_t n) {
   int64_t j = 0;
 #ifdef CHARRNN_X86
-  if (has_avx2()) j = dequantize_avx2(acc, xs, sw, bias, y, n);
+  if (has_avx2()) j = dequantize_avx2(acc, comp, xs, sw, bias, y, n);
 #endif
   for (; j < n; ++j) {
     const float scale = xs * sw[j];
-    const float v = static_cast<float>(acc[j]) * scale;
+    const float v = static_cast<float>(acc[j] - comp[j]) * scale;
     y[j] = v + bias[j];
   }
 }
 
-// acc (ns samples x 16 rows) for the two 8-row blocks starting at wp.
-void block(int ns, const int16_t* q, int64_t Kq, const int8_t* wp, int64_t Kp, int32_t* acc) {
+// acc for ns samples x nw blocks of 8 rows starting at wp (ns = 1 with nw = 4, or ns <= 6 with nw = 2).
+void block(int ns, int nw, const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, int32_t* acc) {
 #ifdef CHARRNN_X86
   if (has_avx2()) {
+    if (nw == 4) return block_1x4(xu, wp, quads, acc);
     switch (ns) {
-      case 1: return block_nx2<1>(q, Kq, wp, Kp, acc);
-      case 2: return block_nx2<2>(q, Kq, wp, Kp, acc);
-      case 3: return block_nx2<3>(q, Kq, wp, Kp, acc);
-      case 4: return block_nx2<4>(q, Kq, wp, Kp, acc);
-      case 5: return block_nx2<5>(q, Kq, wp, Kp, acc);
-      default: return block_nx2<6>(q, Kq, wp, Kp, acc);
+      case 1: return block_nx2<1>(xu, Kq, wp, quads, acc);
+      case 2: return block_nx2<2>(xu, Kq, wp, quads, acc);
+      case 3: return block_nx2<3>(xu, Kq, wp, quads, acc);
+      case 4: return block_nx2<4>(xu, Kq, wp, quads, acc);
+      case 5: return block_nx2<5>(xu, Kq, wp, quads, acc);
+      default: return block_nx2<6>(xu, Kq, wp, quads, acc);
     }
   }
 #endif
-  block_generic(ns, 2, q, Kq, wp, Kp, acc);
+  block_portable(ns, nw, xu, Kq, wp, quads, acc);
 }
 
-// y (B, N) = float(q @ w.T) * (sx * sw) + bias, for packed w of nblocks 8-row blocks (an even number).
-void int8_gemm(const int16_t* q, int64_t B, int64_t Kq, const float* sx, const int8_t* wp, int64_t nblocks,
-               int64_t N, int64_t Kp, const float* sw, const float* bias, float* y) {
-  const int G = 2;                              // 8-row blocks per work item
-  const int64_t items = nblocks / G;
-  const int64_t work = G * 8 * Kp * 2 * B;      // multiply-adds per item
+// y (B, N) = float(xq @ w.T) * (sx * sw) + bias.  Work items of 32 rows at batch 1, 16 rows
+// (times every sample, 6 at a time) otherwise, shared between the threads.
+void int8_gemm(const uint8_t* xu, int64_t B, int64_t Kq, const float* sx, const int8_t* wp, int64_t nblocks,
+               int64_t quads, const int32_t* comp, const float* sw, const float* bias, float* y, int64_t N) {
+  const int nw = B == 1 ? 4 : 2;
+  const int64_t items = nblocks / nw;
+  const int64_t work = nw * 8 * Kq * B;                   // multiply-adds per item
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(work, 1));
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
     alignas(32) int32_t acc[6 * 16];
     for (int64_t it = i0; it < i1; ++it) {
-      const int64_t nb = it * G;
-      const int8_t* wblk = wp + nb * Kp * 16;
+      const int64_t n0 = it * nw * 8;
+      if (n0 >= N) break;
+      const int8_t* wblk = wp + it * nw * quads * 32;
       for (int64_t b0 = 0; b0 < B; b0 += 6) {
         const int ns = static_cast<int>(std::min<int64_t>(6, B - b0));
-        block(ns, q + b0 * Kq, Kq, wblk, Kp, acc);
-        const int width = G * 8;
-        const int64_t n0 = nb * 8;
+        block(ns, nw, xu + b0 * Kq, Kq, wblk, quads, acc);
+        const int64_t width = std::min<int64_t>(nw * 8, N - n0);
         for (int s = 0; s < ns; ++s)
-          dequantize(acc + s * width, sx[b0 + s], sw + n0, bias + n0, y + (b0 + s) * N + n0,
-                     std::min<int64_t>(width, N - n0));
+          dequantize(acc + s * nw * 8, comp + n0, sx[b0 + s], sw + n0, bias + n0, y + (b0 + s) * N + n0, width);
       }
-    }
-  });
-}
-
-// x (K) fp32 -> y (N) = float(q(x) . w_row) * (sx * sw) + bias, with row-major wr (rows padded to 8).
-void int8_gemv(const float* x, int64_t K, const int8_t* wr, int64_t rows, int64_t Kr, int64_t N, const float* sw,
-               const float* bias, float* y) {
-  std::vector<int16_t> q(Kr);
-  float sx;
-  quantize_rows(x, 1, K, K, q.data(), Kr, &sx);
-  std::vector<uint8_t> xa(Kr);
-  std::vector<int8_t> xs(Kr);
-  for (int64_t k = 0; k < Kr; ++k) {
-    xa[k] = static_cast<uint8_t>(q[k] < 0 ? -q[k] : q[k]);
-    xs[k] = static_cast<int8_t>(q[k] < 0 ? -1 : q[k] > 0 ? 1 : 0);
-  }
-  const int64_t groups = rows / 8;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (8 * Kr));
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    alignas(32) int32_t acc[8];
-    for (int64_t g = g0; g < g1; ++g) {
-#ifdef CHARRNN_X86
-      if (has_avx2())
-        rows_x8(xa.data(), xs.data(), wr + g * 8 * Kr, Kr, acc);
-      else
-#endif
-        rows_x8_generic(xa.data(), xs.data(), wr + g * 8 * Kr, Kr, acc);
-      const int64_t n0 = g * 8;
-      dequantize(acc, sx, sw + n0, bias + n0, y + n0, std::min<int64_t>(8, N - n0));
     }
   });
 }
@@ -315,28 +275,24 @@ void int8_gemv(const float* x, int64_t K, const int8_t* wr, int64_t rows, int64_
 // ---------------------------------------------------------------- layers
 struct Linear {
   bool int8 = false;
-  Tensor w, b;          // fp32: w (N, K); int8: w packed, b (N)
-  Tensor wr;            // int8: row-major copy (rows padded to 8, columns to 32), for batch 1
-  Tensor sw;            // int8: per-row scales (N)
-  int64_t N = 0, K = 0, Kp = 0;
+  Tensor w, b;          // fp32: w (N, K); int8: w packed (blocks, quads, 32), b (N)
+  Tensor comp, sw;      // int8: 127 * row sums (int32, padded rows), per-row scales (N)
+  int64_t N = 0, K = 0;
 
   // x (B, K) fp32, rows contiguous -> (B, N)
   Tensor operator()(const Tensor& x) const {
     if (!int8) return at::addmm(b, x, w.t());
-    const int64_t B = x.size(0);
+    const int64_t B = x.size(0), quads = w.size(1), Kq = 4 * quads;
     RECORD_FUNCTION(B == 1 ? "charrnn::int8_matvec" : "charrnn::int8_matmul", std::vector<c10::IValue>());
-    if (B == 1) {
-      Tensor y = at::empty({1, N}, x.options());
-      int8_gemv(x.data_ptr<float>(), K, wr.data_ptr<int8_t>(), wr.size(0), wr.size(1), N, sw.data_ptr<float>(),
-                b.data_ptr<float>(), y.data_ptr<float>());
-      return y;
-    }
-    Tensor q = at::empty({B, 2 * Kp}, x.options().dtype(at::kShort));
+    Tensor xu = at::empty({B, Kq}, x.options().dtype(at::kByte));
     Tensor sx = at::empty({B}, x.options());
-    quantize_rows(x.data_ptr<float>(), B, K, x.stride(0), q.data_ptr<int16_t>(), 2 * Kp, sx.data_ptr<float>());
+    const float* px = x.data_ptr<float>();
+    uint8_t* pxu = xu.data_ptr<uint8_t>();
+    float* psx = sx.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) quantize_row(px + b * x.stride(0), K, pxu + b * Kq, Kq, psx + b);
     Tensor y = at::empty({B, N}, x.options());
-    int8_gemm(q.data_ptr<int16_t>(), B, 2 * Kp, sx.data_ptr<float>(), w.data_ptr<int8_t>(), w.size(0), N, Kp,
-              sw.data_ptr<float>(), b.data_ptr<float>(), y.data_ptr<float>());
+    int8_gemm(pxu, B, Kq, psx, w.data_ptr<int8_t>(), w.size(0), quads, comp.data_ptr<int32_t>(),
+              sw.data_ptr<float>(), b.data_ptr<float>(), y.data_ptr<float>(), N);
     return y;
   }
 };
@@ -350,16 +306,15 @@ Linear make_linear(const std::vector<Tensor>& parts, int64_t N, int64_t K) {
     l.b = parts[1].contiguous();
   } else {
     TORCH_CHECK(parts.size() == 4 && parts[0].scalar_type() == at::kChar && parts[0].dim() == 3 &&
-                parts[0].size(0) % 2 == 0 && parts[0].size(0) * 8 >= N && parts[0].size(2) == 16 &&
-                parts[1].scalar_type() == at::kChar && parts[1].size(0) % 8 == 0 && parts[1].size(0) >= N &&
-                parts[1].size(1) % 32 == 0 && parts[1].size(1) >= K,
-                "int8 layer: (packed (blocks, column pairs, 16), row-major, scales, bias)");
+                parts[0].size(0) % 4 == 0 && parts[0].size(0) * 8 >= N && parts[0].size(1) * 4 >= K &&
+                parts[0].size(2) == 32 && parts[1].scalar_type() == at::kInt && parts[1].numel() >= N &&
+                parts[2].numel() >= N && parts[3].numel() >= N,
+                "int8 layer: (packed (blocks, quads, 32), 127 * row sums, scales, bias)");
     l.int8 = true;
     l.w = parts[0].contiguous();
-    l.wr = parts[1].contiguous();
+    l.comp = parts[1].contiguous();
     l.sw = parts[2].contiguous();
     l.b = parts[3].contiguous();
-    l.Kp = l.w.size(1);
   }
   return l;
 }

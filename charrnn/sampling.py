@@ -73,17 +73,18 @@ WEIGHT_FORMATS = ("fp32", "int8")
 BACKENDS = ("auto", "native", "python")
 
 # int8 products are summed exactly in fp32 while every partial sum stays below 2**24.
-_EXACT_FP32_COLUMNS = (1 << 24) // (127 * 127)
+_WEIGHT_LEVELS = 63           # weights in [-63, 63]: see charrnn/native.py (no int16 saturation)
+_EXACT_FP32_COLUMNS = (1 << 24) // (127 * _WEIGHT_LEVELS)
 
 
 class _Linear:
     """``x -> x @ W.T + b``, in fp32 or with int8 weights.
 
-    int8: one scale per output row (``max |W_row| / 127``); each input row (sample) is quantised
-    on the fly with its own scale (``max |x_row| / 127``, round half to even), the products are
-    summed exactly, then ``acc * (scale_x * scale_w) + b`` in fp32.  The pure-PyTorch version
-    here sums the integer-valued products in fp32 (exact up to 1040 columns, fp64 beyond); the
-    compiled one (:mod:`charrnn.native`) in int32: the same numbers.
+    int8: 7-bit weights, one scale per output row (``max |W_row| / 63``); each input row
+    (sample) is quantised on the fly with its own scale (``max |x_row| / 127``, round half to
+    even), the products are summed exactly, then ``acc * (scale_x * scale_w) + b`` in fp32.
+    The pure-PyTorch version here sums the integer-valued products in fp32 (exact up to 2096
+    columns, fp64 beyond); the compiled one (:mod:`charrnn.native`) in int32: the same numbers.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, int8: bool):
@@ -93,23 +94,24 @@ class _Linear:
         if not int8:
             self.w = w.contiguous()
             return
-        self.sw = w.abs().amax(1) / 127
-        self.q = torch.round(w / self.sw.clamp_min(1e-30)[:, None]).clamp_(-127, 127).to(torch.int8)
-        exact = torch.float32 if w.shape[1] <= _EXACT_FP32_COLUMNS else torch.float64
+        self.sw = w.abs().amax(1) / _WEIGHT_LEVELS
+        self.q = torch.round(w / self.sw.clamp_min(1e-30)[:, None]).clamp_(-_WEIGHT_LEVELS, _WEIGHT_LEVELS)
+        self.q = self.q.to(torch.int8)
+        self._acc_dtype = torch.float32 if w.shape[1] <= _EXACT_FP32_COLUMNS else torch.float64
         self._qf = None
-        self._acc_dtype = exact
 
     def native_parts(self) -> list:
+        """The weights as charrnn/native.py takes them: fp32 ``[w, b]``, or int8 ``[packed (blocks of 8
+        rows, a multiple of 4; column quads; 8 x 4 bytes), 127 * row sums (int32), scales, bias]``."""
         if not self.int8:
             return [self.w, self.b]
         n, k = self.q.shape
-        nb, kp = -(-n // 16) * 2, -(-k // 2)   # 8-row blocks, an even number (the kernel's width)
-        w = torch.zeros(nb * 8, kp * 2, dtype=torch.int8)
+        nb, quads = -(-n // 32) * 4, -(-k // 4)
+        w = torch.zeros(nb * 8, quads * 4, dtype=torch.int8)
         w[:n, :k] = self.q.cpu()
-        packed = w.view(nb, 8, kp, 2).permute(0, 2, 1, 3).contiguous().view(nb, kp, 16)  # 8 rows x 2 columns
-        rows = torch.zeros(-(-n // 8) * 8, -(-k // 32) * 32, dtype=torch.int8)       # batch 1: row-major
-        rows[:n, :k] = self.q.cpu()
-        return [packed, rows, self.sw.cpu().contiguous(), self.b.cpu()]
+        packed = w.view(nb, 8, quads, 4).permute(0, 2, 1, 3).contiguous().view(nb, quads, 32)
+        comp = 127 * w.sum(1, dtype=torch.int32)
+        return [packed, comp, self.sw.cpu().contiguous(), self.b.cpu()]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.int8:

@@ -55,7 +55,7 @@ def kernels(compiled, request):
 @pytest.mark.parametrize("batch", [1, 2, 6, 7, 64])
 @pytest.mark.parametrize("k,n", [(5, 3), (37, 70), (256, 96), (1100, 40)])
 def test_int8_products_are_exact(kernels, batch, k, n):
-    """Kernel (batch 1: row-major sign trick; batches: blocked) = PyTorch emulation = int64 reference."""
+    """Kernels (batch 1: 32 rows at a time; batches: 16 rows x 6 samples) = PyTorch emulation = int64 sums."""
     compiled = kernels
     torch.manual_seed(k + n + batch)
     lin = _Linear(torch.randn(n, k) / k ** 0.5, torch.randn(n), int8=True)
@@ -70,7 +70,7 @@ def test_int8_products_are_exact(kernels, batch, k, n):
     xq = torch.round(x * torch.where(m > 0, 127 / m, torch.zeros(()))).long()
     acc = (xq @ lin.q.long().t()).float()
     assert torch.equal(out, acc * ((m / 127) * lin.sw) + lin.b)
-    assert xq.abs().max() <= 127 and lin.q.abs().max() <= 127
+    assert xq.abs().max() <= 127 and lin.q.abs().max() <= 63
 
 
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
