@@ -74,9 +74,13 @@ bool has_avx2() { return false; }
 #endif
 
 // ---------------------------------------------------------------- int8 activations
+// Weights and activations both use 63 levels either side of zero (7 bits), the range in which
+// the AVX2 byte products below can neither saturate nor overflow (see the matrix product).
+constexpr int kLevels = 63;
+
 // One sample x (K) fp32 -> xu (Kq) uint8 and its scale s:
-//   m = max|x|, s = m / 127, xq = round_half_even(x * (127 / m)) in [-127, 127] (0 when m = 0),
-//   xu = xq + 127 in [0, 254]; the padding columns K..Kq hold 127 (xq = 0).
+//   m = max|x|, s = m / 63, xq = round_half_even(x * (63 / m)) in [-63, 63] (0 when m = 0),
+//   xu = xq + 63 in [0, 126]; the padding columns K..Kq hold 63 (xq = 0).
 #ifdef CHARRNN_X86
 CHARRNN_AVX2 float absmax_avx2(const float* x, int64_t K) {
   const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -94,7 +98,7 @@ CHARRNN_AVX2 float absmax_avx2(const float* x, int64_t K) {
 // vcvtps2dq rounds to nearest even, like std::nearbyint.
 CHARRNN_AVX2 int64_t offset_round_avx2(const float* x, int64_t K, float inv, uint8_t* xu) {
   const __m256 s = _mm256_set1_ps(inv);
-  const __m256i off = _mm256_set1_epi32(127);
+  const __m256i off = _mm256_set1_epi32(kLevels);
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     const __m256i i = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), s)), off);
@@ -113,24 +117,26 @@ void quantize_row(const float* x, int64_t K, uint8_t* xu, int64_t Kq, float* s) 
   else
 #endif
     for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
-  const float inv = m > 0.f ? 127.f / m : 0.f;
-  *s = m / 127.f;
+  const float levels = static_cast<float>(kLevels);
+  const float inv = m > 0.f ? levels / m : 0.f;
+  *s = m / levels;
   int64_t k = 0;
 #ifdef CHARRNN_X86
   if (has_avx2()) k = offset_round_avx2(x, K, inv, xu);
 #endif
-  for (; k < K; ++k) xu[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(x[k] * inv)) + 127);
-  for (k = K; k < Kq; ++k) xu[k] = 127;
+  for (; k < K; ++k) xu[k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(x[k] * inv)) + kLevels);
+  for (k = K; k < Kq; ++k) xu[k] = kLevels;
 }
 
 // ---------------------------------------------------------------- int8 matrix product
-// Weights: 7-bit, w in [-63, 63], one fp32 scale per row, packed as
-//   [blocks of 8 rows (a multiple of 4)][K/4 column quads][8 rows][4 columns] int8, zero padded.
-// vpmaddubsw(xu, w) multiplies unsigned by signed bytes and adds neighbours into int16: with
-// xu <= 254 and |w| <= 63 a pair is at most 32,004, so it never saturates; vpmaddwd with ones
-// adds those pairs into int32.  Three vector operations per 32 products, no widening of the
-// weights, no horizontal sums.  acc = sum_k xu[k] w[k] = sum_k xq[k] w[k] + 127 * sum_k w[k];
-// comp[n] = 127 * sum_k w[n][k] comes with the weights and is subtracted exactly in int32.
+// Weights w in [-63, 63], one fp32 scale per row, packed as
+//   [blocks of 8 rows (a multiple of 4)][K/4 column quads (an even number)][8 rows][4 columns]
+// int8, zero padded.  vpmaddubsw(xu, w) multiplies unsigned by signed bytes and adds
+// neighbours into int16: with xu <= 126 and |w| <= 63 a pair is at most 15,876 in size, so two
+// quads' pairs add up in int16 (at most 31,752) before vpmaddwd with ones widens them to int32:
+// five vector operations per 64 products, no widening of the weights, no horizontal sums.
+// acc = sum_k xu[k] w[k] = sum_k xq[k] w[k] + 63 * sum_k w[k]; comp[n] = 63 * sum_k w[n][k]
+// comes with the weights and is subtracted exactly in int32.
 
 void block_portable(int ns, int nw, const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, int32_t* acc) {
   for (int s = 0; s < ns; ++s)
@@ -153,35 +159,43 @@ CHARRNN_AVX2 inline __m256i quad_of(const uint8_t* x) {   // a sample's 4 column
 CHARRNN_AVX2 inline __m256i rows8(const int8_t* p) {       // 8 rows x 4 columns
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
-CHARRNN_AVX2 inline __m256i dot(__m256i acc, __m256i x, __m256i w, __m256i ones) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), ones));
+// acc += the 8 rows' products with two quads of columns (x0 with w0, x1 with w1).
+CHARRNN_AVX2 inline __m256i dot2(__m256i acc, __m256i x0, __m256i w0, __m256i x1, __m256i w1, __m256i ones) {
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(x0, w0), _mm256_maddubs_epi16(x1, w1));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones));
 }
 CHARRNN_AVX2 inline void put(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
-// NS samples (1..6) x 16 rows; every accumulator a named variable (unused ones vanish), so
+// NS samples (1..4) x 16 rows; every accumulator a named variable (unused ones vanish), so
 // that all of them stay in registers.
 template <int NS>
 CHARRNN_AVX2 void block_nx2(const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, int32_t* acc) {
   const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256();
-  __m256i a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z, a40 = z, a41 = z, a50 = z, a51 = z;
+  __m256i a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z;
   const int8_t* w1 = wp + quads * 32;
-  for (int64_t c = 0; c < quads; ++c) {
-    const __m256i v0 = rows8(wp + c * 32), v1 = rows8(w1 + c * 32);
+  for (int64_t c = 0; c < quads; c += 2) {
+    const __m256i v0 = rows8(wp + c * 32), u0 = rows8(wp + c * 32 + 32);
+    const __m256i v1 = rows8(w1 + c * 32), u1 = rows8(w1 + c * 32 + 32);
     const uint8_t* x = xu + 4 * c;
-    __m256i b = quad_of(x);
-    a00 = dot(a00, b, v0, ones); a01 = dot(a01, b, v1, ones);
-    if constexpr (NS > 1) { b = quad_of(x + Kq); a10 = dot(a10, b, v0, ones); a11 = dot(a11, b, v1, ones); }
-    if constexpr (NS > 2) { b = quad_of(x + 2 * Kq); a20 = dot(a20, b, v0, ones); a21 = dot(a21, b, v1, ones); }
-    if constexpr (NS > 3) { b = quad_of(x + 3 * Kq); a30 = dot(a30, b, v0, ones); a31 = dot(a31, b, v1, ones); }
-    if constexpr (NS > 4) { b = quad_of(x + 4 * Kq); a40 = dot(a40, b, v0, ones); a41 = dot(a41, b, v1, ones); }
-    if constexpr (NS > 5) { b = quad_of(x + 5 * Kq); a50 = dot(a50, b, v0, ones); a51 = dot(a51, b, v1, ones); }
+    __m256i b = quad_of(x), d = quad_of(x + 4);
+    a00 = dot2(a00, b, v0, d, u0, ones); a01 = dot2(a01, b, v1, d, u1, ones);
+    if constexpr (NS > 1) {
+      b = quad_of(x + Kq); d = quad_of(x + Kq + 4);
+      a10 = dot2(a10, b, v0, d, u0, ones); a11 = dot2(a11, b, v1, d, u1, ones);
+    }
+    if constexpr (NS > 2) {
+      b = quad_of(x + 2 * Kq); d = quad_of(x + 2 * Kq + 4);
+      a20 = dot2(a20, b, v0, d, u0, ones); a21 = dot2(a21, b, v1, d, u1, ones);
+    }
+    if constexpr (NS > 3) {
+      b = quad_of(x + 3 * Kq); d = quad_of(x + 3 * Kq + 4);
+      a30 = dot2(a30, b, v0, d, u0, ones); a31 = dot2(a31, b, v1, d, u1, ones);
+    }
   }
   put(acc, a00); put(acc + 8, a01);
   if constexpr (NS > 1) { put(acc + 16, a10); put(acc + 24, a11); }
   if constexpr (NS > 2) { put(acc + 32, a20); put(acc + 40, a21); }
   if constexpr (NS > 3) { put(acc + 48, a30); put(acc + 56, a31); }
-  if constexpr (NS > 4) { put(acc + 64, a40); put(acc + 72, a41); }
-  if constexpr (NS > 5) { put(acc + 80, a50); put(acc + 88, a51); }
 }
 
 // Batch 1: one sample x 32 rows (four weight streams at once).
@@ -189,12 +203,12 @@ CHARRNN_AVX2 void block_1x4(const uint8_t* xu, const int8_t* wp, int64_t quads, 
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
   const int8_t *w0 = wp, *w1 = wp + quads * 32, *w2 = wp + 2 * quads * 32, *w3 = wp + 3 * quads * 32;
-  for (int64_t c = 0; c < quads; ++c) {
-    const __m256i b = quad_of(xu + 4 * c);
-    a0 = dot(a0, b, rows8(w0 + c * 32), ones);
-    a1 = dot(a1, b, rows8(w1 + c * 32), ones);
-    a2 = dot(a2, b, rows8(w2 + c * 32), ones);
-    a3 = dot(a3, b, rows8(w3 + c * 32), ones);
+  for (int64_t c = 0; c < quads; c += 2) {
+    const __m256i b = quad_of(xu + 4 * c), d = quad_of(xu + 4 * c + 4);
+    a0 = dot2(a0, b, rows8(w0 + c * 32), d, rows8(w0 + c * 32 + 32), ones);
+    a1 = dot2(a1, b, rows8(w1 + c * 32), d, rows8(w1 + c * 32 + 32), ones);
+    a2 = dot2(a2, b, rows8(w2 + c * 32), d, rows8(w2 + c * 32 + 32), ones);
+    a3 = dot2(a3, b, rows8(w3 + c * 32), d, rows8(w3 + c * 32 + 32), ones);
   }
   put(acc, a0); put(acc + 8, a1); put(acc + 16, a2); put(acc + 24, a3);
 }
@@ -229,7 +243,9 @@ void dequantize(const int32_t* acc, const int32_t* comp, float xs, const float* 
   }
 }
 
-// acc for ns samples x nw blocks of 8 rows starting at wp (ns = 1 with nw = 4, or ns <= 6 with nw = 2).
+constexpr int kSamples = 4;   // samples per block at batches > 1
+
+// acc for ns samples x nw blocks of 8 rows starting at wp (ns = 1 with nw = 4, or ns <= 4 with nw = 2).
 void block(int ns, int nw, const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, int32_t* acc) {
 #ifdef CHARRNN_X86
   if (has_avx2()) {
@@ -238,9 +254,7 @@ void block(int ns, int nw, const uint8_t* xu, int64_t Kq, const int8_t* wp, int6
       case 1: return block_nx2<1>(xu, Kq, wp, quads, acc);
       case 2: return block_nx2<2>(xu, Kq, wp, quads, acc);
       case 3: return block_nx2<3>(xu, Kq, wp, quads, acc);
-      case 4: return block_nx2<4>(xu, Kq, wp, quads, acc);
-      case 5: return block_nx2<5>(xu, Kq, wp, quads, acc);
-      default: return block_nx2<6>(xu, Kq, wp, quads, acc);
+      default: return block_nx2<4>(xu, Kq, wp, quads, acc);
     }
   }
 #endif
@@ -248,7 +262,7 @@ void block(int ns, int nw, const uint8_t* xu, int64_t Kq, const int8_t* wp, int6
 }
 
 // y (B, N) = float(xq @ w.T) * (sx * sw) + bias.  Work items of 32 rows at batch 1, 16 rows
-// (times every sample, 6 at a time) otherwise, shared between the threads.
+// (times every sample, 4 at a time) otherwise, shared between the threads.
 void int8_gemm(const uint8_t* xu, int64_t B, int64_t Kq, const float* sx, const int8_t* wp, int64_t nblocks,
                int64_t quads, const int32_t* comp, const float* sw, const float* bias, float* y, int64_t N) {
   const int nw = B == 1 ? 4 : 2;
@@ -256,13 +270,13 @@ void int8_gemm(const uint8_t* xu, int64_t B, int64_t Kq, const float* sx, const 
   const int64_t work = nw * 8 * Kq * B;                   // multiply-adds per item
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(work, 1));
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-    alignas(32) int32_t acc[6 * 16];
+    alignas(32) int32_t acc[kSamples * 16 > 32 ? kSamples * 16 : 32];
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n0 = it * nw * 8;
       if (n0 >= N) break;
       const int8_t* wblk = wp + it * nw * quads * 32;
-      for (int64_t b0 = 0; b0 < B; b0 += 6) {
-        const int ns = static_cast<int>(std::min<int64_t>(6, B - b0));
+      for (int64_t b0 = 0; b0 < B; b0 += kSamples) {
+        const int ns = static_cast<int>(std::min<int64_t>(kSamples, B - b0));
         block(ns, nw, xu + b0 * Kq, Kq, wblk, quads, acc);
         const int64_t width = std::min<int64_t>(nw * 8, N - n0);
         for (int s = 0; s < ns; ++s)
@@ -276,7 +290,7 @@ void int8_gemm(const uint8_t* xu, int64_t B, int64_t Kq, const float* sx, const 
 struct Linear {
   bool int8 = false;
   Tensor w, b;          // fp32: w (N, K); int8: w packed (blocks, quads, 32), b (N)
-  Tensor comp, sw;      // int8: 127 * row sums (int32, padded rows), per-row scales (N)
+  Tensor comp, sw;      // int8: 63 * row sums (int32, padded rows), per-row scales (N)
   int64_t N = 0, K = 0;
 
   // x (B, K) fp32, rows contiguous -> (B, N)
@@ -307,9 +321,9 @@ Linear make_linear(const std::vector<Tensor>& parts, int64_t N, int64_t K) {
   } else {
     TORCH_CHECK(parts.size() == 4 && parts[0].scalar_type() == at::kChar && parts[0].dim() == 3 &&
                 parts[0].size(0) % 4 == 0 && parts[0].size(0) * 8 >= N && parts[0].size(1) * 4 >= K &&
-                parts[0].size(2) == 32 && parts[1].scalar_type() == at::kInt && parts[1].numel() >= N &&
+                parts[0].size(1) % 2 == 0 && parts[0].size(2) == 32 && parts[1].scalar_type() == at::kInt && parts[1].numel() >= N &&
                 parts[2].numel() >= N && parts[3].numel() >= N,
-                "int8 layer: (packed (blocks, quads, 32), 127 * row sums, scales, bias)");
+                "int8 layer: (packed (blocks, quads, 32), 63 * row sums, scales, bias)");
     l.int8 = true;
     l.w = parts[0].contiguous();
     l.comp = parts[1].contiguous();
@@ -387,7 +401,8 @@ class Step {
 
  private:
   // The same operations, in the same order, as Stepper's Python cells (see charrnn/sampling.py);
-  // plain loops over rows (in parallel for large batches), ATen for sigmoid and tanh.
+  // plain loops over rows (in parallel for large batches), ATen for the sigmoids.  tanh(a) is
+  // computed as 2 * sigmoid(2a) - 1 (doubling is exact): ATen's sigmoid costs a quarter of its tanh.
   template <typename F>
   static void each_row(int64_t B, int64_t H, const F& f) {
     at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1)), [&](int64_t b0, int64_t b1) {
@@ -410,26 +425,29 @@ class Step {
       for (int64_t j = 0; j < 2 * H; ++j) o[j] = x[j] + y[j];
     });
     at::sigmoid_(rz);
-    each_row(B, H, [&](int64_t b) {   // n = r * gh_n + gi_n
+    each_row(B, H, [&](int64_t b) {   // 2 * (r * gh_n + gi_n)
       const float* __restrict r = prz + b * 2 * H;
       const float* __restrict y = pgh + b * 3 * H + 2 * H;
       const float* __restrict x = gi[b] + 2 * H;
       float* __restrict o = pn + b * H;
       for (int64_t j = 0; j < H; ++j) {
         const float t = r[j] * y[j];
-        o[j] = t + x[j];
+        const float u = t + x[j];
+        o[j] = u * 2.f;
       }
     });
-    at::tanh_(n);
-    each_row(B, H, [&](int64_t b) {   // h' = (h - n) * z + n
+    at::sigmoid_(n);
+    each_row(B, H, [&](int64_t b) {   // n = 2 * sigmoid - 1;  h' = (h - n) * z + n
       const float* __restrict hp = ph + b * H;
-      const float* __restrict np = pn + b * H;
+      const float* __restrict sp = pn + b * H;
       const float* __restrict z = prz + b * 2 * H + H;
       float* __restrict o = phn + b * H;
       for (int64_t j = 0; j < H; ++j) {
-        const float d = hp[j] - np[j];
+        const float t = sp[j] * 2.f;
+        const float nv = t - 1.f;
+        const float d = hp[j] - nv;
         const float e = d * z[j];
-        o[j] = e + np[j];
+        o[j] = e + nv;
       }
     });
     return hn;
@@ -437,38 +455,45 @@ class Step {
 
   static std::pair<Tensor, Tensor> lstm(const Rows& gi, const Tensor& c, const Tensor& gh, int64_t B, int64_t H) {
     Tensor g = at::empty({B, 4 * H}, gh.options()), cn = at::empty({B, H}, gh.options());
-    Tensor hn = at::empty({B, H}, gh.options());
+    Tensor tc = at::empty({B, H}, gh.options()), hn = at::empty({B, H}, gh.options());
     float* const pg = g.data_ptr<float>();
     float* const pc = cn.data_ptr<float>();
+    float* const ptc = tc.data_ptr<float>();
     float* const phn = hn.data_ptr<float>();
     const float* const pgh = gh.data_ptr<float>();
     const float* const pc0 = c.data_ptr<float>();
-    each_row(B, H, [&](int64_t b) {   // g = gi + gh
+    each_row(B, H, [&](int64_t b) {   // [i, f, 2 g, o] = gi + gh, the g part doubled
       const float* __restrict x = gi[b];
       const float* __restrict y = pgh + b * 4 * H;
       float* __restrict o = pg + b * 4 * H;
       for (int64_t j = 0; j < 4 * H; ++j) o[j] = x[j] + y[j];
+      for (int64_t j = 2 * H; j < 3 * H; ++j) o[j] = o[j] * 2.f;
     });
-    g.narrow(1, 0, 2 * H).sigmoid_();
-    g.narrow(1, 2 * H, H).tanh_();
-    g.narrow(1, 3 * H, H).sigmoid_();
-    each_row(B, H, [&](int64_t b) {   // c' = f * c + i * g
+    at::sigmoid_(g);
+    each_row(B, H, [&](int64_t b) {   // g = 2 * sigmoid - 1;  c' = f * c + i * g;  2 c'
       const float* __restrict r = pg + b * 4 * H;
       const float* __restrict cp = pc0 + b * H;
       float* __restrict o = pc + b * H;
+      float* __restrict t2 = ptc + b * H;
       for (int64_t j = 0; j < H; ++j) {
+        const float t = r[2 * H + j] * 2.f;
+        const float gv = t - 1.f;
         const float fc = r[H + j] * cp[j];
-        const float ig = r[j] * r[2 * H + j];
+        const float ig = r[j] * gv;
         o[j] = fc + ig;
+        t2[j] = o[j] * 2.f;
       }
     });
-    Tensor tc = at::tanh(cn);
-    const float* const ptc = tc.data_ptr<float>();
-    each_row(B, H, [&](int64_t b) {   // h' = o * tanh(c')
+    at::sigmoid_(tc);
+    each_row(B, H, [&](int64_t b) {   // h' = o * (2 * sigmoid(2 c') - 1)
       const float* __restrict o4 = pg + b * 4 * H + 3 * H;
-      const float* __restrict t = ptc + b * H;
+      const float* __restrict sp = ptc + b * H;
       float* __restrict o = phn + b * H;
-      for (int64_t j = 0; j < H; ++j) o[j] = o4[j] * t[j];
+      for (int64_t j = 0; j < H; ++j) {
+        const float t = sp[j] * 2.f;
+        const float tv = t - 1.f;
+        o[j] = o4[j] * tv;
+      }
     });
     return {hn, cn};
   }
@@ -477,13 +502,23 @@ class Step {
     Tensor hn = at::empty({B, H}, gh.options());
     float* const p = hn.data_ptr<float>();
     const float* const pgh = gh.data_ptr<float>();
-    each_row(B, H, [&](int64_t b) {   // h' = tanh(gi + gh)
+    each_row(B, H, [&](int64_t b) {   // 2 (gi + gh)
       const float* __restrict x = gi[b];
       const float* __restrict y = pgh + b * H;
       float* __restrict o = p + b * H;
-      for (int64_t j = 0; j < H; ++j) o[j] = x[j] + y[j];
+      for (int64_t j = 0; j < H; ++j) {
+        const float u = x[j] + y[j];
+        o[j] = u * 2.f;
+      }
     });
-    at::tanh_(hn);
+    at::sigmoid_(hn);
+    each_row(B, H, [&](int64_t b) {   // h' = 2 * sigmoid - 1
+      float* __restrict o = p + b * H;
+      for (int64_t j = 0; j < H; ++j) {
+        const float t = o[j] * 2.f;
+        o[j] = t - 1.f;
+      }
+    });
     return hn;
   }
 

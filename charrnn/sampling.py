@@ -72,19 +72,22 @@ def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: to
 WEIGHT_FORMATS = ("fp32", "int8")
 BACKENDS = ("auto", "native", "python")
 
-# int8 products are summed exactly in fp32 while every partial sum stays below 2**24.
-_WEIGHT_LEVELS = 63           # weights in [-63, 63]: see charrnn/native.py (no int16 saturation)
-_EXACT_FP32_COLUMNS = (1 << 24) // (127 * _WEIGHT_LEVELS)
+# int8 weights and activations use 63 levels either side of zero (7 bits): the range in which the
+# AVX2 kernels of charrnn/native.py can neither saturate nor overflow.  Their products are summed
+# exactly in fp32 while every partial sum stays below 2**24.
+_LEVELS = 63
+_EXACT_FP32_COLUMNS = (1 << 24) // (_LEVELS * _LEVELS)
 
 
 class _Linear:
     """``x -> x @ W.T + b``, in fp32 or with int8 weights.
 
-    int8: 7-bit weights, one scale per output row (``max |W_row| / 63``); each input row
-    (sample) is quantised on the fly with its own scale (``max |x_row| / 127``, round half to
-    even), the products are summed exactly, then ``acc * (scale_x * scale_w) + b`` in fp32.
-    The pure-PyTorch version here sums the integer-valued products in fp32 (exact up to 2096
-    columns, fp64 beyond); the compiled one (:mod:`charrnn.native`) in int32: the same numbers.
+    int8: weights in [-63, 63] with one scale per output row (``max |W_row| / 63``); each input
+    row (sample) is quantised on the fly to [-63, 63] with its own scale (``max |x_row| / 63``,
+    round half to even); the products are summed exactly, then ``acc * (scale_x * scale_w) + b``
+    in fp32.  The pure-PyTorch version here sums the integer-valued products in fp32 (exact up
+    to 4227 columns, fp64 beyond); the compiled one (:mod:`charrnn.native`) in integers: the
+    same numbers.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, int8: bool):
@@ -94,23 +97,23 @@ class _Linear:
         if not int8:
             self.w = w.contiguous()
             return
-        self.sw = w.abs().amax(1) / _WEIGHT_LEVELS
-        self.q = torch.round(w / self.sw.clamp_min(1e-30)[:, None]).clamp_(-_WEIGHT_LEVELS, _WEIGHT_LEVELS)
-        self.q = self.q.to(torch.int8)
+        self.sw = w.abs().amax(1) / _LEVELS
+        self.q = torch.round(w / self.sw.clamp_min(1e-30)[:, None]).clamp_(-_LEVELS, _LEVELS).to(torch.int8)
         self._acc_dtype = torch.float32 if w.shape[1] <= _EXACT_FP32_COLUMNS else torch.float64
         self._qf = None
 
     def native_parts(self) -> list:
         """The weights as charrnn/native.py takes them: fp32 ``[w, b]``, or int8 ``[packed (blocks of 8
-        rows, a multiple of 4; column quads; 8 x 4 bytes), 127 * row sums (int32), scales, bias]``."""
+        rows, a multiple of 4; column quads, an even number; 8 x 4 bytes), 63 * row sums (int32),
+        scales, bias]``."""
         if not self.int8:
             return [self.w, self.b]
         n, k = self.q.shape
-        nb, quads = -(-n // 32) * 4, -(-k // 4)
+        nb, quads = -(-n // 32) * 4, -(-k // 8) * 2
         w = torch.zeros(nb * 8, quads * 4, dtype=torch.int8)
         w[:n, :k] = self.q.cpu()
         packed = w.view(nb, 8, quads, 4).permute(0, 2, 1, 3).contiguous().view(nb, quads, 32)
-        comp = 127 * w.sum(1, dtype=torch.int32)
+        comp = _LEVELS * w.sum(1, dtype=torch.int32)
         return [packed, comp, self.sw.cpu().contiguous(), self.b.cpu()]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,11 +122,11 @@ class _Linear:
         if self._qf is None:
             self._qf = self.q.to(self._acc_dtype)
         m = x.abs().amax(1, keepdim=True)
-        c127 = torch.tensor(127.0, device=x.device)
-        inv = torch.where(m > 0, c127 / m, torch.zeros((), device=x.device))
+        levels = torch.tensor(float(_LEVELS), device=x.device)
+        inv = torch.where(m > 0, levels / m, torch.zeros((), device=x.device))
         xq = torch.round(x * inv)
         acc = torch.mm(xq.to(self._acc_dtype), self._qf.t()).float()
-        return acc.mul_((m / c127) * self.sw).add_(self.b)
+        return acc.mul_((m / levels) * self.sw).add_(self.b)
 
 
 class Stepper:
@@ -200,7 +203,10 @@ class Stepper:
         return self._python_step(ids, state)
 
     def _python_step(self, ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
-        """The step in PyTorch operations; charrnn/native.py does exactly these, in this order."""
+        """The step in PyTorch operations; charrnn/native.py does exactly these, in this order.
+
+        ``tanh(a)`` is ``2 * sigmoid(2a) - 1`` (doubling is exact), the form the compiled step
+        uses because ATen's sigmoid costs a quarter of its tanh."""
         H = self.hidden
         new_state = []
         x = None
@@ -210,23 +216,28 @@ class Stepper:
                 h = state[i].contiguous()
                 gh = self.lin_hh[i](h)
                 rz = torch.add(gi[:, :2 * H], gh[:, :2 * H]).sigmoid_()
-                n = torch.mul(rz[:, :H], gh[:, 2 * H:]).add_(gi[:, 2 * H:]).tanh_()
+                n = _tanh_(torch.mul(rz[:, :H], gh[:, 2 * H:]).add_(gi[:, 2 * H:]))
                 h = torch.sub(h, n).mul_(rz[:, H:]).add_(n)          # (1 - z) * n + z * h
                 new_state.append(h)
             elif self.arch == "lstm":
                 h, c = (t.contiguous() for t in state[i])
-                g = torch.add(gi, self.lin_hh[i](h))
-                g[:, :2 * H].sigmoid_()
-                g[:, 2 * H:3 * H].tanh_()
-                g[:, 3 * H:].sigmoid_()
+                g = torch.add(gi, self.lin_hh[i](h))                 # [i, f, g, o]
+                g[:, 2 * H:3 * H].mul_(2)
+                g.sigmoid_()
+                g[:, 2 * H:3 * H].mul_(2).sub_(1)
                 c = torch.mul(g[:, H:2 * H], c).add_(torch.mul(g[:, :H], g[:, 2 * H:3 * H]))
-                h = torch.mul(g[:, 3 * H:], torch.tanh(c))
+                h = torch.mul(g[:, 3 * H:], _tanh_(c.clone()))
                 new_state.append((h, c))
             else:
-                h = torch.add(gi, self.lin_hh[i](state[i].contiguous())).tanh_()
+                h = _tanh_(torch.add(gi, self.lin_hh[i](state[i].contiguous())))
                 new_state.append(h)
             x = h
         return self.head(x), new_state
+
+
+def _tanh_(a: torch.Tensor) -> torch.Tensor:
+    """``tanh(a)`` in place, as ``2 * sigmoid(2a) - 1``."""
+    return a.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
 class Sampler:

@@ -52,10 +52,10 @@ def kernels(compiled, request):
     compiled.set_portable(False)
 
 
-@pytest.mark.parametrize("batch", [1, 2, 6, 7, 64])
-@pytest.mark.parametrize("k,n", [(5, 3), (37, 70), (256, 96), (1100, 40)])
+@pytest.mark.parametrize("batch", [1, 2, 4, 7, 64])
+@pytest.mark.parametrize("k,n", [(5, 3), (37, 70), (256, 96), (4300, 40)])
 def test_int8_products_are_exact(kernels, batch, k, n):
-    """Kernels (batch 1: 32 rows at a time; batches: 16 rows x 6 samples) = PyTorch emulation = int64 sums."""
+    """Kernels (batch 1: 32 rows at a time; batches: 16 rows x 4 samples) = PyTorch emulation = int64 sums."""
     compiled = kernels
     torch.manual_seed(k + n + batch)
     lin = _Linear(torch.randn(n, k) / k ** 0.5, torch.randn(n), int8=True)
@@ -67,10 +67,10 @@ def test_int8_products_are_exact(kernels, batch, k, n):
     assert torch.equal(out, lin(x))
     # The integer sums, computed independently in int64.
     m = x.abs().amax(1, keepdim=True)
-    xq = torch.round(x * torch.where(m > 0, 127 / m, torch.zeros(()))).long()
+    xq = torch.round(x * torch.where(m > 0, 63 / m, torch.zeros(()))).long()
     acc = (xq @ lin.q.long().t()).float()
-    assert torch.equal(out, acc * ((m / 127) * lin.sw) + lin.b)
-    assert xq.abs().max() <= 127 and lin.q.abs().max() <= 63
+    assert torch.equal(out, acc * ((m / 63) * lin.sw) + lin.b)
+    assert xq.abs().max() <= 63 and lin.q.abs().max() <= 63
 
 
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
