@@ -303,7 +303,9 @@ struct Linear {
     const float* px = x.data_ptr<float>();
     uint8_t* pxu = xu.data_ptr<uint8_t>();
     float* psx = sx.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) quantize_row(px + b * x.stride(0), K, pxu + b * Kq, Kq, psx + b);
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) quantize_row(px + b * x.stride(0), K, pxu + b * Kq, Kq, psx + b);
+    });
     Tensor y = at::empty({B, N}, x.options());
     int8_gemm(pxu, B, Kq, psx, w.data_ptr<int8_t>(), w.size(0), quads, comp.data_ptr<int32_t>(),
               sw.data_ptr<float>(), b.data_ptr<float>(), y.data_ptr<float>(), N);
