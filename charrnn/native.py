@@ -303,7 +303,9 @@ struct Linear {
     const float* px = x.data_ptr<float>();
     uint8_t* pxu = xu.data_ptr<uint8_t>();
     float* psx = sx.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) quantize_row(px + b * x.stride(0), K, pxu + b * Kq, Kq, psx + b);
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) quantize_row(px + b * x.stride(0), K, pxu + b * Kq, Kq, psx + b);
+    });
     Tensor y = at::empty({B, N}, x.options());
     int8_gemm(pxu, B, Kq, psx, w.data_ptr<int8_t>(), w.size(0), quads, comp.data_ptr<int32_t>(),
               sw.data_ptr<float>(), b.data_ptr<float>(), y.data_ptr<float>(), N);
@@ -574,6 +576,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]
+# at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread.  A compiler without
+# OpenMP still gets the extension, single-threaded.
+_VARIANTS = (["-fopenmp"], [])
 
 _lock = threading.Lock()
 _module = None
@@ -581,12 +586,30 @@ _tried = False
 _error: str | None = None
 
 
-def build_name() -> str:
+def build_name(variant: list[str] | None = None) -> str:
     """The extension's name: a hash of the source, the flags, torch and the machine, so a changed
     source or another torch never picks up a stale build."""
-    key = "\n".join([_SOURCE, " ".join(_FLAGS), torch.__version__, platform.machine(), sys.version,
+    flags = _FLAGS + (_VARIANTS[0] if variant is None else variant)
+    key = "\n".join([_SOURCE, " ".join(flags), torch.__version__, platform.machine(), sys.version,
                      torch.backends.cpu.get_cpu_capability()])
     return "charrnn_step_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _build(variant: list[str]):
+    from torch.utils import cpp_extension
+
+    name = build_name(variant)
+    build_dir = cpp_extension._get_build_directory(name, False)
+    if not any(f.endswith((".so", ".pyd")) for f in os.listdir(build_dir)):
+        print("charrnn: compiling the sampling kernels (once, about a minute)...", file=sys.stderr, flush=True)
+    return cpp_extension.load_inline(name, cpp_sources=[_SOURCE], extra_cflags=_FLAGS + variant,
+                                     extra_ldflags=variant, build_directory=build_dir, verbose=False)
+
+
+def _reason(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and "subcommand failed" not in ln]
+    return f"{type(e).__name__}: {(errors or lines or [''])[0][:300]}"
 
 
 def load():
@@ -599,20 +622,16 @@ def load():
         if _tried:
             return _module
         _tried = True
-        try:
-            from torch.utils import cpp_extension
-
-            name = build_name()
-            build_dir = cpp_extension._get_build_directory(name, False)
-            if not any(f.endswith((".so", ".pyd")) for f in os.listdir(build_dir)):
-                print("charrnn: compiling the sampling kernels (once, about a minute)...", file=sys.stderr, flush=True)
-            _module = cpp_extension.load_inline(name, cpp_sources=[_SOURCE], extra_cflags=_FLAGS,
-                                                build_directory=build_dir, verbose=False)
-        except Exception as e:  # no compiler, no ninja, a failed build: the Python path does the same
-            _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        for variant in _VARIANTS:
+            try:
+                _module = _build(variant)
+                _error = None
+                break
+            except Exception as e:  # no compiler, no ninja, a failed build: the Python path does the same
+                _error = _reason(e)
+        if _module is None:
             warnings.warn(f"charrnn: the compiled sampling step is unavailable ({_error}); "
                           "using the pure-PyTorch step (same results, slower)", RuntimeWarning, stacklevel=2)
-            _module = None
         return _module
 
 

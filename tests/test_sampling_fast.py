@@ -75,8 +75,19 @@ def test_int8_products_are_exact(kernels, batch, k, n):
 
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
 @pytest.mark.parametrize("layers,embed,hidden", [(1, 8, 24), (2, 0, 37), (3, 8, 16)])
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_compiled_step_is_bit_identical_to_python(kernels, arch, layers, embed, hidden, weights):
+@pytest.mark.parametrize("weights,portable", [("fp32", False), ("int8", False), ("int8", True)])
+def test_compiled_step_is_bit_identical_to_python(compiled, arch, layers, embed, hidden, weights, portable):
+    """fp32 and int8 steps, the int8 ones with the AVX2 kernels and with the portable loops."""
+    if not portable and not compiled.has_avx2():
+        pytest.skip("no AVX2 here")
+    compiled.set_portable(portable)
+    try:
+        _check_step_identity(arch, layers, embed, hidden, weights)
+    finally:
+        compiled.set_portable(False)
+
+
+def _check_step_identity(arch, layers, embed, hidden, weights):
     model = _model(arch, layers, embed, hidden)
     fast = Stepper(model, weights, backend="native")
     slow = Stepper(model, weights, backend="python")
