@@ -278,3 +278,76 @@ def test_gradcheck_table_lookup_float64(mode):
     else:
         fn = lambda table, h0, w, bias: fast_rnn.layer_forward(mode, table, h0, None, w, bias, ids=ids)
     assert torch.autograd.gradcheck(fn, tuple(leaves))
+
+
+# ------------------------------------------------------------------ the compiled LSTM loops
+
+def _kernels():
+    from charrnn import native
+    module = native.load()
+    if module is None:
+        pytest.skip(f"the compiled kernels are unavailable here ({native.error()})")
+    return module
+
+
+def _lstm_both_ways(monkeypatch, run):
+    """``run()``'s results with the compiled LSTM loops and with the ATen loops."""
+    monkeypatch.setattr(fast_rnn, "NATIVE", True)
+    compiled = run()
+    monkeypatch.setattr(fast_rnn, "NATIVE", False)
+    return compiled, run()
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("h", [16, 13, 29])          # whole 8-column blocks and leftovers
+@pytest.mark.parametrize("lookup", [True, False])
+def test_compiled_lstm_matches_the_aten_loops(monkeypatch, portable, h, lookup):
+    kernels = _kernels()
+    if not portable and not kernels.has_avx2():
+        pytest.skip("no AVX2 here")
+    kernels.set_portable(portable)
+    try:
+        table, ids, h0, c0, w, bias, leaves = _layer_case("lstm", b=5, t=9, h=h, vocab=11)
+        def run():
+            gi = table if lookup else F.embedding(ids.t(), table)
+            out = fast_rnn.layer_forward("lstm", gi, h0, c0, w, bias, ids=ids if lookup else None)
+            return [o.detach() for o in out], torch.autograd.grad(_weighted(out), leaves)
+
+        (out_c, grads_c), (out_a, grads_a) = _lstm_both_ways(monkeypatch, run)
+    finally:
+        kernels.set_portable(False)
+    for a, b in zip(out_c, out_a):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+    for a, b in zip(grads_c, grads_a):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use", ["last h", "outputs", "last c"])
+def test_compiled_lstm_with_unused_outputs(monkeypatch, use):
+    """Outputs the loss does not touch reach the compiled backward as None (nothing materialised)."""
+    _kernels()
+    table, ids, h0, c0, w, bias, leaves = _layer_case("lstm", b=4, t=6, h=24, vocab=9)
+
+    def run():
+        ys, h_n, c_n = fast_rnn.layer_forward("lstm", table, h0, c0, w, bias, ids=ids)
+        loss = {"last h": (h_n * h_n).sum(), "outputs": ys[2:].sum(), "last c": c_n.sum()}[use]
+        return torch.autograd.grad(loss, leaves)
+
+    for a, b in zip(*_lstm_both_ways(monkeypatch, run)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "gru"])
+def test_last_only_logits_and_gradients(arch):
+    """CharLM(last_only=True) gives the last position's logits and the gradients of a loss on them."""
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=11, arch=arch, embed=0, hidden=20, layers=2, dropout=0.0))
+    ids = torch.randint(0, 11, (6, 8))
+    full, _ = model(ids)
+    last, _ = model(ids, last_only=True)
+    assert last.shape == (6, 1, 11)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+    g_full = torch.autograd.grad(full[:, -1].logsumexp(-1).sum(), list(model.parameters()))
+    g_last = torch.autograd.grad(last.logsumexp(-1).sum(), list(model.parameters()))
+    for a, b in zip(g_last, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

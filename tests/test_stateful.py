@@ -91,8 +91,8 @@ class Recorder:
         self.calls = []
         original = CharLM.forward
 
-        def forward(model, ids, state=None):
-            logits, new = original(model, ids, state)
+        def forward(model, ids, state=None, **kw):
+            logits, new = original(model, ids, state, **kw)
             if torch.is_grad_enabled():  # training, not evaluation or sampling
                 self.calls.append((clone(state), clone(new)))
             return logits, new

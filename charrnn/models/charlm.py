@@ -70,7 +70,10 @@ class CharLM(nn.Module):
             return F.one_hot(ids, self.config.vocab_size).to(self.head.weight.dtype)
         return self.embedding(ids)
 
-    def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, ids: torch.Tensor, state: State | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, State]:
+        """Logits (batch, time, vocab), or (batch, 1, vocab) for the last position only with
+        ``last_only`` (the output layer then runs on that position alone), and the final state."""
         # CPU training goes through charrnn.models.fast_rnn (same parameters, same results,
         # batched weight gradients); GPU (cuDNN), no_grad inference and autocast keep self.rnn.
         if self._fast_lookup(ids):
@@ -81,6 +84,11 @@ class CharLM(nn.Module):
                 y, state = fast_rnn.rnn_forward(self.rnn, x, state)
             else:
                 y, state = self.rnn(x, state)
+        if last_only:
+            # The last layer's final h is the output at the last position; taking it from the state
+            # leaves the output sequence unused, so its gradient is never materialised.
+            h_n = state[0] if isinstance(state, tuple) else state
+            y = h_n[-1].unsqueeze(1)
         return self.head(self.drop(y)), state
 
     def _fast_lookup(self, ids: torch.Tensor) -> bool:

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ENABLED: bool = os.environ.get("CHARRNN_FAST_RNN", "1").strip().lower() not in ("0", "false", "no", "off")
+# The LSTM's loops in C++ (charrnn.native) when it is built; False: always the ATen loops here.
+NATIVE: bool = True
 
 _sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input   # (grad, output, *, grad_input)
 _tanh_backward = torch.ops.aten.tanh_backward.grad_input         # (grad, output, *, grad_input)
@@ -209,9 +211,26 @@ class _GRUFunction(torch.autograd.Function):
         return d_in, None, dh, gw, gb
 
 
+def _compiled(t: torch.Tensor):
+    """The compiled LSTM loops (:mod:`charrnn.native`) for float32 CPU tensors, or None (not built,
+    turned off with ``CHARRNN_NATIVE=0``, or another dtype): then the ATen loops below run."""
+    if not NATIVE or t.dtype != torch.float32:
+        return None
+    from charrnn import native
+    return native.load()
+
+
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gi, ids, h0, c0, w_hh, b_hh):
+        ctx.table_shape = gi.shape
+        kernels = _compiled(h0)
+        ctx.set_materialize_grads(kernels is None)   # the compiled backward takes None for unused outputs
+        if kernels is not None:
+            x = gi if gi.stride(-1) == 1 else gi.contiguous()    # the one-hot table is w_ih.t() + b_ih
+            gates, cs, tcs, ys = kernels.lstm_forward(x, ids, h0, c0, w_hh, b_hh)
+            ctx.save_for_backward(ids, h0, c0, w_hh, gates, cs, tcs, ys)
+            return ys, ys[:, -1].clone(), cs[:, -1].clone()
         inputs = _Inputs(gi, ids)
         T, B = inputs.T, inputs.B
         H = w_hh.shape[1]
@@ -235,17 +254,21 @@ class _LSTMFunction(torch.autograd.Function):
             torch.tanh(cn, out=tc)
             torch.mul(g[:, 3 * H:], tc, out=hn)
             h, c = hn, cn
-        ctx.table_shape = gi.shape
         ctx.save_for_backward(ids, h0, c0, w_hh, gates, cs, tcs, ys)
         return ys, ys[:, T - 1].clone(), cs[:, T - 1].clone()
 
     @staticmethod
     def backward(ctx, dys, dhT, dcT):
         ids, h0, c0, w_hh, gates, cs, tcs, ys = ctx.saved_tensors
-        B, T, _ = gates.shape
-        H = h0.shape[1]
         # grad of the pre-activations (= of gi and of W_hh h + b_hh), over the activations
         # (each step's slot read first) unless the graph is kept.
+        kernels = _compiled(h0)
+        if kernels is not None:
+            dg, dh, dc = kernels.lstm_backward(dys, dhT, dcT, gates, cs, tcs, c0, h0, w_hh, not _keep_graph())
+            gw, gb = _weight_grads(dg, ys, h0)
+            return _input_grad(dg, ids, ctx.table_shape), None, dh, dc, gw, gb
+        B, T, _ = gates.shape
+        H = h0.shape[1]
         dg = gates if not _keep_graph() else torch.empty_like(gates)
         dh = dhT.contiguous().clone()
         dc = dcT.contiguous().clone()
