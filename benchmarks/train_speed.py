@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine, median_ms, peak_rss_mb  # noqa: E402
 
 from charrnn.models import CharLM, ModelConfig  # noqa: E402
-from charrnn.training import make_optimizer, resolve_device, resolve_precision, train_step  # noqa: E402
+from charrnn.training import keep_cpu_memory, make_optimizer, resolve_device, resolve_precision, train_step  # noqa: E402
 from charrnn.config import TrainConfig  # noqa: E402
 
 
@@ -32,6 +32,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=100)
     p.add_argument("--optimizer", default="adam")
+    p.add_argument("--loss-on", choices=["all", "last"], default="all",
+                   help="'last': the Keras recipe's loss on each window's last character")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], default="fp32")
@@ -40,6 +42,8 @@ def main(argv=None):
 
     device = resolve_device(args.device)
     amp = resolve_precision(args.dtype, device)
+    if device.type == "cpu":
+        keep_cpu_memory()   # as charrnn train does
     torch.manual_seed(0)
     model = CharLM(ModelConfig(args.vocab, args.arch, args.embed, args.hidden, args.layers, args.dropout)).to(device)
     opt = make_optimizer(TrainConfig(optimizer=args.optimizer), model)
@@ -51,7 +55,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        loss, _ = train_step(model, opt, x, y, 5.0, device, amp, params)
+        loss, _ = train_step(model, opt, x, y, 5.0, device, amp, params, last_only=args.loss_on == "last")
         float(loss)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
@@ -59,6 +63,7 @@ def main(argv=None):
     emit({
         "benchmark": "train_speed", "arch": args.arch, "hidden": args.hidden, "embed": args.embed,
         "layers": args.layers, "batch_size": args.batch_size, "seq_len": args.seq_len,
+        "loss_on": args.loss_on, "optimizer": args.optimizer,
         "dtype": "bf16" if amp is not None else "fp32", "device": str(device),
         "parameters": model.num_parameters(), "steps": args.steps,
         "ms_per_step_median": round(ms, 1), "ms_per_step_min": round(min(times) * 1000, 1),

@@ -828,7 +828,7 @@ def _build(variant: list[str]):
     name = build_name(variant)
     build_dir = cpp_extension._get_build_directory(name, False)
     if not any(f.endswith((".so", ".pyd")) for f in os.listdir(build_dir)):
-        print("charrnn: compiling the sampling kernels (once, about a minute)...", file=sys.stderr, flush=True)
+        print("charrnn: compiling its C++ kernels (once, about a minute)...", file=sys.stderr, flush=True)
     return cpp_extension.load_inline(name, cpp_sources=[_SOURCE], extra_cflags=_FLAGS + variant,
                                      extra_ldflags=variant, build_directory=build_dir, verbose=False)
 

@@ -145,7 +145,7 @@ def keep_cpu_memory() -> None:
     A training step allocates and frees the same large buffers every time (the recurrent layers
     save their activations: 150 MB a step for the Keras recipe's batch of 1024).  By default
     glibc returns them to the system on free and every step pays for fresh, zeroed pages: page
-    faults were a fifth of a Keras-recipe step on a 2-core CPU.  This asks PyTorch for huge pages
+    faults were about 15% of a Keras-recipe step on a 2-core CPU.  This asks PyTorch for huge pages
     on large tensors (``THP_MEM_ALLOC_ENABLE``, unless already set) and glibc to keep freed memory
     and serve tensors up to 32 MB from its heap.  Process-wide, harmless elsewhere, no-op off glibc."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
