@@ -337,6 +337,14 @@ Linear make_linear(const std::vector<Tensor>& parts, int64_t N, int64_t K) {
   return l;
 }
 
+// f(b) for b < B, rows shared between the threads in chunks of about 32k elements of width each.
+template <typename F>
+void for_rows(int64_t B, int64_t width, const F& f) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) f(b);
+  });
+}
+
 // Row b of the input projection: a row of the table, or of a (B, G*H) tensor.
 struct Rows {
   const float* base;
@@ -407,12 +415,6 @@ class Step {
   // The same operations, in the same order, as Stepper's Python cells (see charrnn/sampling.py);
   // plain loops over rows (in parallel for large batches), ATen for the sigmoids.  tanh(a) is
   // computed as 2 * sigmoid(2a) - 1 (doubling is exact): ATen's sigmoid costs a quarter of its tanh.
-  template <typename F>
-  static void each_row(int64_t B, int64_t H, const F& f) {
-    at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(H, 1)), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) f(b);
-    });
-  }
 
   static Tensor gru(const Rows& gi, const Tensor& h, const Tensor& gh, int64_t B, int64_t H) {
     Tensor rz = at::empty({B, 2 * H}, gh.options()), n = at::empty({B, H}, gh.options());
@@ -422,14 +424,14 @@ class Step {
     float* const phn = hn.data_ptr<float>();
     const float* const pgh = gh.data_ptr<float>();
     const float* const ph = h.data_ptr<float>();
-    each_row(B, H, [&](int64_t b) {   // rz = gi[:2H] + gh[:2H]
+    for_rows(B, H, [&](int64_t b) {   // rz = gi[:2H] + gh[:2H]
       const float* __restrict x = gi[b];
       const float* __restrict y = pgh + b * 3 * H;
       float* __restrict o = prz + b * 2 * H;
       for (int64_t j = 0; j < 2 * H; ++j) o[j] = x[j] + y[j];
     });
     at::sigmoid_(rz);
-    each_row(B, H, [&](int64_t b) {   // 2 * (r * gh_n + gi_n)
+    for_rows(B, H, [&](int64_t b) {   // 2 * (r * gh_n + gi_n)
       const float* __restrict r = prz + b * 2 * H;
       const float* __restrict y = pgh + b * 3 * H + 2 * H;
       const float* __restrict x = gi[b] + 2 * H;
@@ -441,7 +443,7 @@ class Step {
       }
     });
     at::sigmoid_(n);
-    each_row(B, H, [&](int64_t b) {   // n = 2 * sigmoid - 1;  h' = (h - n) * z + n
+    for_rows(B, H, [&](int64_t b) {   // n = 2 * sigmoid - 1;  h' = (h - n) * z + n
       const float* __restrict hp = ph + b * H;
       const float* __restrict sp = pn + b * H;
       const float* __restrict z = prz + b * 2 * H + H;
@@ -466,7 +468,7 @@ class Step {
     float* const phn = hn.data_ptr<float>();
     const float* const pgh = gh.data_ptr<float>();
     const float* const pc0 = c.data_ptr<float>();
-    each_row(B, H, [&](int64_t b) {   // [i, f, 2 g, o] = gi + gh, the g part doubled
+    for_rows(B, H, [&](int64_t b) {   // [i, f, 2 g, o] = gi + gh, the g part doubled
       const float* __restrict x = gi[b];
       const float* __restrict y = pgh + b * 4 * H;
       float* __restrict o = pg + b * 4 * H;
@@ -474,7 +476,7 @@ class Step {
       for (int64_t j = 2 * H; j < 3 * H; ++j) o[j] = o[j] * 2.f;
     });
     at::sigmoid_(g);
-    each_row(B, H, [&](int64_t b) {   // g = 2 * sigmoid - 1;  c' = f * c + i * g;  2 c'
+    for_rows(B, H, [&](int64_t b) {   // g = 2 * sigmoid - 1;  c' = f * c + i * g;  2 c'
       const float* __restrict r = pg + b * 4 * H;
       const float* __restrict cp = pc0 + b * H;
       float* __restrict o = pc + b * H;
@@ -489,7 +491,7 @@ class Step {
       }
     });
     at::sigmoid_(tc);
-    each_row(B, H, [&](int64_t b) {   // h' = o * (2 * sigmoid(2 c') - 1)
+    for_rows(B, H, [&](int64_t b) {   // h' = o * (2 * sigmoid(2 c') - 1)
       const float* __restrict o4 = pg + b * 4 * H + 3 * H;
       const float* __restrict sp = ptc + b * H;
       float* __restrict o = phn + b * H;
@@ -506,7 +508,7 @@ class Step {
     Tensor hn = at::empty({B, H}, gh.options());
     float* const p = hn.data_ptr<float>();
     const float* const pgh = gh.data_ptr<float>();
-    each_row(B, H, [&](int64_t b) {   // 2 (gi + gh)
+    for_rows(B, H, [&](int64_t b) {   // 2 (gi + gh)
       const float* __restrict x = gi[b];
       const float* __restrict y = pgh + b * H;
       float* __restrict o = p + b * H;
@@ -516,7 +518,7 @@ class Step {
       }
     });
     at::sigmoid_(hn);
-    each_row(B, H, [&](int64_t b) {   // h' = 2 * sigmoid - 1
+    for_rows(B, H, [&](int64_t b) {   // h' = 2 * sigmoid - 1
       float* __restrict o = p + b * H;
       for (int64_t j = 0; j < H; ++j) {
         const float t = o[j] * 2.f;
@@ -564,13 +566,6 @@ Tensor sample(const Tensor& logits_in, c10::optional<at::Generator> gen, double 
 // were half of a training step.  sigmoid(a) = 1 / (1 + exp(-a)) with a Cephes-style exp (AVX2,
 // within a few ulp), tanh(a) = 2 sigmoid(2a) - 1.  Not bit-identical to the ATen loops (the tests
 // compare within float32 rounding); the gradients are exact for the activations computed.
-template <typename F>
-void for_rows(int64_t B, int64_t width, const F& f) {
-  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) f(b);
-  });
-}
-
 inline float sigmoid1(float a) { return 1.0f / (1.0f + std::exp(-a)); }
 
 // One row of a forward step: a = W_hh h + b_hh, x = the input projection (4H each); cp = the
