@@ -3,8 +3,10 @@
     python benchmarks/keras_recipe.py [--epochs 3] [any `charrnn train` option]
 
 Prints {"epoch_loss": [...], "epoch_seconds": [...], "val_loss": [...], "peak_rss_mb", ...}.
-The reference measured with Keras 3 on this machine: training loss 2.48 / 1.96 / 1.75 after
-epochs 1-3, 35-43 s per epoch, peak RSS 2.5 GB.
+The issue's reference (Keras 3 on a Zen 4 machine): training loss 2.48 / 1.96 / 1.75 after
+epochs 1-3, 35-43 s per epoch, peak RSS 2.5 GB.  For a same-machine comparison run the example
+itself: `benchmarks/peers/run_keras_lstm.sh --epochs 3` (on the 2-core Zen 3 CI machine: 84-86 s
+per epoch, 2.28 GB).
 """
 
 import argparse
