@@ -57,6 +57,18 @@ TINY = ["--hidden", "48", "--embed", "16", "--seq-len", "32", "--batch-size", "1
 TINY_KW = dict(hidden=48, embed=16, seq_len=32, batch_size=16)
 
 
+def cli(capsys, *args):
+    """Run the CLI in-process: (exit status, stdout, stderr)."""
+    from charrnn.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_cli(*args, env=None, timeout=300, input=None):
     """Run the real `charrnn` entry point in a subprocess."""
     full_env = dict(os.environ)

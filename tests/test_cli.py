@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from charrnn.cli import RULE, main
+from charrnn.cli import RULE
 
-from .conftest import TINY, make_text, run_cli
+from .conftest import TINY, cli, make_text, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +24,6 @@ def trained_run(tmp_path_factory):
     assert "total parameters" in r.stderr and "stopped (max_steps) at step 150" in r.stderr
     os.environ.setdefault("CHARRNN_TEST_DUMMY", "1")
     return tmp / "run", corpus
-
-
-def cli(capsys, *args):
-    """Run the CLI in-process: (exit status, stdout, stderr)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_streams_one_sample_with_the_prompt(trained_run):

@@ -14,14 +14,13 @@ import torch
 import charrnn
 from charrnn import checkpoint as ckpt
 from charrnn import runtime
-from charrnn.cli import main
 from charrnn.errors import CharRNNError
 from charrnn.export import export_onnx
 from charrnn.models import CharLM, ModelConfig
 from charrnn.sampling import Sampler, process_logits
 from charrnn.vocab import UNK_ID, Vocab
 
-from .conftest import TINY_KW, make_text
+from .conftest import TINY_KW, cli, make_text
 
 VOCAB = Vocab.from_text(make_text(5_000))
 PROMPT_200 = make_text(200, seed=7)
@@ -49,15 +48,6 @@ def trained(tmp_path_factory):
     onnx_file = tmp / "model.onnx"
     export_onnx(tmp / "run", onnx_file)
     return tmp / "run", onnx_file
-
-
-def cli(capsys, *args):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
