@@ -568,11 +568,12 @@ Tensor sample(const Tensor& logits_in, c10::optional<at::Generator> gen, double 
 // compare within float32 rounding); the gradients are exact for the activations computed.
 inline float sigmoid1(float a) { return 1.0f / (1.0f + std::exp(-a)); }
 
-// One row of a forward step: a = W_hh h + b_hh, x = the input projection (4H each); cp = the
-// previous cell.  Writes the activations [i, f, tanh g, o] to g, the cell, its tanh and h'.
+// Columns j0..H-1 of one row of a forward step: a = W_hh h + b_hh, x = the input projection (4H
+// each); cp = the previous cell.  Writes the activations [i, f, tanh g, o] to g, the cell, its tanh
+// and h'.
 void lstm_row_portable(const float* a, const float* x, const float* cp, float* g, float* c, float* tc,
-                       float* y, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
+                       float* y, int64_t H, int64_t j0 = 0) {
+  for (int64_t j = j0; j < H; ++j) {
     const float i = sigmoid1(a[j] + x[j]), f = sigmoid1(a[H + j] + x[H + j]);
     const float gg = 2.0f * sigmoid1(2.0f * (a[2 * H + j] + x[2 * H + j])) - 1.0f;
     const float o = sigmoid1(a[3 * H + j] + x[3 * H + j]);
@@ -647,24 +648,7 @@ CHARRNN_AVX2 void lstm_row_avx2(const float* a, const float* x, const float* cp,
     _mm256_storeu_ps(tc + j, t);
     _mm256_storeu_ps(y + j, _mm256_mul_ps(o, t));
   }
-  if (j < H) {   // the last H % 8 columns: the same arithmetic on a zero-padded block
-    alignas(32) float buf[7][8] = {};
-    const int64_t n = H - j;
-    for (int k = 0; k < 4; ++k)
-      for (int64_t m = 0; m < n; ++m) buf[k][m] = a[k * H + j + m] + x[k * H + j + m];
-    for (int64_t m = 0; m < n; ++m) buf[4][m] = cp[j + m];
-    const __m256 i = sigmoid8(_mm256_load_ps(buf[0])), f = sigmoid8(_mm256_load_ps(buf[1]));
-    const __m256 gg = tanh8(_mm256_load_ps(buf[2])), o = sigmoid8(_mm256_load_ps(buf[3]));
-    const __m256 cn = _mm256_add_ps(_mm256_mul_ps(f, _mm256_load_ps(buf[4])), _mm256_mul_ps(i, gg));
-    const __m256 t = tanh8(cn);
-    _mm256_store_ps(buf[0], i); _mm256_store_ps(buf[1], f); _mm256_store_ps(buf[2], gg);
-    _mm256_store_ps(buf[3], o); _mm256_store_ps(buf[4], cn); _mm256_store_ps(buf[5], t);
-    _mm256_store_ps(buf[6], _mm256_mul_ps(o, t));
-    for (int64_t m = 0; m < n; ++m) {
-      for (int k = 0; k < 4; ++k) g[k * H + j + m] = buf[k][m];
-      c[j + m] = buf[4][m]; tc[j + m] = buf[5][m]; y[j + m] = buf[6][m];
-    }
-  }
+  lstm_row_portable(a, x, cp, g, c, tc, y, H, j);   // the last H % 8 columns
 }
 
 CHARRNN_AVX2 void lstm_back_row_avx2(const float* g, float* d, const float* tc, const float* cp, const float* dy,
@@ -743,18 +727,17 @@ std::vector<Tensor> lstm_forward(const Tensor& gi, const c10::optional<Tensor>& 
 // Gradients that autograd did not materialise (outputs that were not used) come as None.
 std::vector<Tensor> lstm_backward(const c10::optional<Tensor>& dys_opt, const c10::optional<Tensor>& dhT,
                                   const c10::optional<Tensor>& dcT, const Tensor& gates, const Tensor& cs,
-                                  const Tensor& tcs, const Tensor& c0, const Tensor& h0, const Tensor& w_hh,
-                                  bool reuse) {
+                                  const Tensor& tcs, const Tensor& c0, const Tensor& w_hh, bool reuse) {
   RECORD_FUNCTION("charrnn::lstm_backward", std::vector<c10::IValue>());
   const int64_t B = gates.size(0), T = gates.size(1), G = gates.size(2), H = G / 4;
   TORCH_CHECK(gates.is_contiguous() && cs.is_contiguous() && tcs.is_contiguous(), "lstm_backward: saved buffers");
   const bool has_dys = dys_opt.has_value() && dys_opt->defined();
-  const Tensor dys = has_dys ? dys_opt->contiguous() : at::zeros({B, H}, h0.options());
+  const Tensor dys = has_dys ? dys_opt->contiguous() : at::zeros({B, H}, gates.options());
   const int64_t dys_row = has_dys ? T * H : H, dys_t = has_dys ? H : 0;
   const Tensor c0c = c0.contiguous();
   Tensor dg = reuse ? gates : at::empty_like(gates);
-  Tensor dh = dhT.has_value() && dhT->defined() ? dhT->contiguous().clone() : at::zeros({B, H}, h0.options());
-  Tensor dc = dcT.has_value() && dcT->defined() ? dcT->contiguous().clone() : at::zeros({B, H}, h0.options());
+  Tensor dh = dhT.has_value() && dhT->defined() ? dhT->contiguous().clone() : at::zeros({B, H}, gates.options());
+  Tensor dc = dcT.has_value() && dcT->defined() ? dcT->contiguous().clone() : at::zeros({B, H}, gates.options());
   const float* const pg = gates.data_ptr<float>();
   float* const pd = dg.data_ptr<float>();
   const float* const pc = cs.data_ptr<float>();

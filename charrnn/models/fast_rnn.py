@@ -264,7 +264,7 @@ class _LSTMFunction(torch.autograd.Function):
         # (each step's slot read first) unless the graph is kept.
         kernels = _compiled(h0)
         if kernels is not None:
-            dg, dh, dc = kernels.lstm_backward(dys, dhT, dcT, gates, cs, tcs, c0, h0, w_hh, not _keep_graph())
+            dg, dh, dc = kernels.lstm_backward(dys, dhT, dcT, gates, cs, tcs, c0, w_hh, not _keep_graph())
             gw, gb = _weight_grads(dg, ys, h0)
             return _input_grad(dg, ids, ctx.table_shape), None, dh, dc, gw, gb
         B, T, _ = gates.shape
