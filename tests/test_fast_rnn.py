@@ -351,3 +351,44 @@ def test_last_only_logits_and_gradients(arch):
     g_last = torch.autograd.grad(last.logsumexp(-1).sum(), list(model.parameters()))
     for a, b in zip(g_last, g_full):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_step_product(packed, monkeypatch):
+    """x @ w.t() (+ bias) (+ other), into out or not, through oneDNN's packed weight or addmm."""
+    monkeypatch.setattr(fast_rnn, "PACKED", packed)
+    torch.manual_seed(0)
+    w, x, bias, other = torch.randn(12, 9), torch.randn(4, 9), torch.randn(12), torch.randn(4, 12)
+    product = fast_rnn._Product(w.t().contiguous().t(), rows=4)    # any strides for w
+    if packed and not fast_rnn._packed_ok(w):
+        pytest.skip("this torch has no oneDNN packed matmul")
+    assert (product.packed is not None) == packed
+    for b in (None, bias):
+        for o in (None, other):
+            want = x @ w.t() + (0 if b is None else b) + (0 if o is None else o)
+            torch.testing.assert_close(product(x, b, other=o), want, atol=1e-5, rtol=0)
+            out = torch.full((4, 12), float("nan"))
+            assert product(x, b, other=o, out=out) is out
+            torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_loops_with_and_without_packed_products(arch, packed, monkeypatch):
+    """The time loops (the LSTM's ATen ones) agree with the stock module either way, and the
+    packed products are the ones used when asked for and available."""
+    monkeypatch.setattr(fast_rnn, "PACKED", packed)
+    monkeypatch.setattr(fast_rnn, "NATIVE", False)
+    made = []
+    real_init = fast_rnn._Product.__init__
+    monkeypatch.setattr(fast_rnn._Product, "__init__",
+                        lambda self, *a, **kw: real_init(self, *a, **kw) or made.append(self.packed is not None))
+    rnn = _make(arch, 2)
+    torch.manual_seed(0)
+    x = torch.randn(B, T, I, requires_grad=True)
+    state = _state(arch, 2)
+    ref_out, ref_grads = _run(lambda r, x, s: r(x, s), rnn, x, state)
+    out, grads = _run(fast_rnn.rnn_forward, rnn, x, state)
+    for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert made == [packed and fast_rnn._packed_ok(x)] * 4   # forward and backward of 2 layers
