@@ -9,6 +9,7 @@ steps, in the same order, with the same dropout masks, as if it had never stoppe
 from __future__ import annotations
 
 import ctypes
+import inspect
 import json
 import math
 import os
@@ -140,21 +141,21 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None, progress
 
 
 def keep_cpu_memory() -> None:
-    """Let the process keep and reuse the memory of the large per-step tensors.
+    """Make the large per-step tensors cheap to allocate without keeping freed memory around.
 
     A training step allocates and frees the same large buffers every time (the recurrent layers
-    save their activations: 150 MB a step for the Keras recipe's batch of 1024).  By default
-    glibc returns them to the system on free and every step pays for fresh, zeroed pages: page
-    faults were about 15% of a Keras-recipe step on a 2-core CPU.  This asks PyTorch for huge pages
-    on large tensors (``THP_MEM_ALLOC_ENABLE``, unless already set) and glibc to keep freed memory
-    and serve tensors up to 32 MB from its heap.  Process-wide, harmless elsewhere, no-op off glibc."""
+    save their activations: 150 MB a step for the Keras recipe's batch of 1024), and every fresh
+    4 kB page costs a page fault: about 15% of a Keras-recipe step on a 2-core CPU.  This asks
+    PyTorch for huge pages on large tensors (``THP_MEM_ALLOC_ENABLE``, unless already set: 512x
+    fewer faults) and glibc to map every block over 1 MB on its own, so that it goes back to the
+    system when freed.  Left alone, glibc's threshold climbs to 32 MB after the first large free
+    and such blocks stay in its heap, where huge pages hold on to them: 60-140 MB more peak memory
+    for the default model.  Process-wide, harmless elsewhere, no-op off glibc."""
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if not sys.platform.startswith("linux"):
         return
     try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-1, 1 << 30)   # M_TRIM_THRESHOLD
-        libc.mallopt(-3, 1 << 25)   # M_MMAP_THRESHOLD (glibc's maximum)
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -162,13 +163,37 @@ def keep_cpu_memory() -> None:
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return _eager(torch.optim.Adam)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return _eager(torch.optim.AdamW)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "rmsprop":
         # Keras's RMSprop: rho 0.9, eps 1e-7 (PyTorch's defaults are 0.99 / 1e-8).
-        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, eps=1e-7, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return _eager(torch.optim.RMSprop)(params, lr=cfg.lr, alpha=0.9, eps=1e-7, weight_decay=cfg.weight_decay)
+    return _eager(torch.optim.SGD)(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+_EAGER: dict = {}
+
+
+def _eager(cls: type) -> type:
+    """A subclass of the optimizer ``cls`` whose add_param_group / zero_grad / state_dict /
+    load_state_dict / step are the functions torch's decorators wrap.  Those decorators serve
+    torch.compile and import torch._dynamo on their first call (the constructor calls
+    add_param_group): about 70 MB of resident memory, a quarter of an idle torch process, that
+    eager training never uses.  What step's wrapper also does, turning grad mode off, is kept.
+    Same algorithm, same state_dict: checkpoints load either way."""
+    if cls not in _EAGER:
+        attrs = {name: inspect.unwrap(getattr(cls, name))
+                 for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict")}
+        step = inspect.unwrap(cls.step)
+
+        def eager_step(self, closure=None):
+            with torch.no_grad():
+                return step(self, closure)
+
+        attrs["step"] = eager_step
+        _EAGER[cls] = type(cls.__name__, (cls,), attrs)
+    return _EAGER[cls]
 
 
 def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, clip: float | None,

@@ -159,3 +159,21 @@ def test_a_kill_between_checkpoints_resumes_from_the_last_one(small_corpus, tmp_
     r = charrnn.train(str(small_corpus), run, resume=True, max_steps=saved + 3, progress=False)
     assert r.step == saved + 3
     charrnn.load(run).generate("the", 10, seed=0)
+
+
+def test_training_and_resume_never_import_torch_dynamo(small_corpus, tmp_path):
+    """The optimizers' step / zero_grad / state_dict / load_state_dict are called without torch's
+    torch.compile decorators, whose first call imports torch._dynamo (~70 MB of resident memory)."""
+    code = f"""
+import sys, charrnn
+for opt in ("adam", "adamw", "rmsprop", "sgd"):
+    run = {str(tmp_path)!r} + "/" + opt
+    charrnn.train({str(small_corpus)!r}, run, progress=False, max_steps=4, eval_every=2, optimizer=opt,
+                  hidden=16, embed=8, seq_len=16, batch_size=8)
+    r = charrnn.train({str(small_corpus)!r}, run, resume=True, max_steps=6, progress=False)
+    assert r.step == 6
+print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
