@@ -1,10 +1,10 @@
 """Where the time goes: torch.profiler tables for a training step and for batch-1 sampling.
 
-    python benchmarks/profile_steps.py [--what train sample] [--rows 12]
+    python benchmarks/profile_steps.py [--what train sample] [--rows 12] [--sample-batch 1]
                                        [--weights fp32|int8] [--backend auto|native|python]
 
 Uses the default model (GRU 1024, embedding 256, vocabulary 66; batch 64 x 100 for training,
-200 characters at batch 1 for sampling).  Prints the profiler's tables (self CPU time); the
+200 characters at batch 1, or --sample-batch, for sampling).  Prints the profiler's tables (self CPU time); the
 compiled sampling step shows as charrnn::step, charrnn::int8_matvec / int8_matmul and
 charrnn::sample, with the ATen calls it makes (sigmoid_, tanh_, softmax, ...) under them.
 """
@@ -31,6 +31,7 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", choices=["auto", "native", "python"],
                    help="sampling step: compiled (native), pure PyTorch (python), or whichever is available")
     p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--sample-batch", type=int, default=1, help="samples generated side by side")
     args = p.parse_args(argv)
     model, vocab = default_model()
     device = torch.device("cpu")
@@ -45,10 +46,11 @@ def main(argv=None):
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if "sample" in args.what:
         sampler = Sampler(model.eval(), vocab, weights=args.weights, backend=args.backend)
-        sampler.generate("ROMEO:", 50, seed=0)
+        n = args.sample_batch
+        sampler.generate("ROMEO:", 50, num_samples=n, seed=0)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            sampler.generate("ROMEO:", 200, seed=0)
-        print(f"== sampling, batch 1, 200 characters, {args.weights} weights, {sampler.stepper.backend} step")
+            sampler.generate("ROMEO:", 200, num_samples=n, seed=0)
+        print(f"== sampling, batch {n}, 200 characters, {args.weights} weights, {sampler.stepper.backend} step")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

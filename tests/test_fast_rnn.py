@@ -291,7 +291,7 @@ def _kernels():
 
 
 def _lstm_both_ways(monkeypatch, run):
-    """``run()``'s results with the compiled LSTM loops and with the ATen loops."""
+    """``run()``'s results with the compiled loops (LSTM) / steps (GRU) and with the ATen loops."""
     monkeypatch.setattr(fast_rnn, "NATIVE", True)
     compiled = run()
     monkeypatch.setattr(fast_rnn, "NATIVE", False)
@@ -301,16 +301,19 @@ def _lstm_both_ways(monkeypatch, run):
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("h", [16, 13, 29])          # whole 8-column blocks and leftovers
 @pytest.mark.parametrize("lookup", [True, False])
-def test_compiled_lstm_matches_the_aten_loops(monkeypatch, portable, h, lookup):
+@pytest.mark.parametrize("mode", ["lstm", "gru"])
+def test_compiled_loops_match_the_aten_loops(monkeypatch, portable, h, lookup, mode):
+    """The LSTM's compiled loops and the GRU's compiled steps against the ATen loops, forward and
+    backward, AVX2 and portable, table lookup and a materialised input projection."""
     kernels = _kernels()
     if not portable and not kernels.has_avx2():
         pytest.skip("no AVX2 here")
     kernels.set_portable(portable)
     try:
-        table, ids, h0, c0, w, bias, leaves = _layer_case("lstm", b=5, t=9, h=h, vocab=11)
+        table, ids, h0, c0, w, bias, leaves = _layer_case(mode, b=5, t=9, h=h, vocab=11)
         def run():
             gi = table if lookup else F.embedding(ids.t(), table)
-            out = fast_rnn.layer_forward("lstm", gi, h0, c0, w, bias, ids=ids if lookup else None)
+            out = fast_rnn.layer_forward(mode, gi, h0, c0, w, bias, ids=ids if lookup else None)
             return [o.detach() for o in out], torch.autograd.grad(_weighted(out), leaves)
 
         (out_c, grads_c), (out_a, grads_a) = _lstm_both_ways(monkeypatch, run)

@@ -166,14 +166,16 @@ class _Inputs:
     """The input projection of step t: a slice of gi (T, B, G*H), or the rows of a (vocab, G*H)
     table for ids (B, T), gathered into one reused (B, G*H) buffer."""
 
-    def __init__(self, gi, ids):
-        self.gi, self.ids = gi, ids
+    def __init__(self, gi, ids, lookup=True):
+        self.gi = gi
+        self.ids = None if ids is None else ids.to(torch.int64).contiguous()
         if ids is None:
             self.T, self.B = gi.shape[:2]
         else:
             self.B, self.T = ids.shape
-            self.ids_tm = ids.t().contiguous()  # one contiguous index row per step
-            self.buf = gi.new_empty(self.B, gi.shape[1])
+            if lookup:                               # for at(t)
+                self.ids_tm = ids.t().contiguous()   # one contiguous index row per step
+                self.buf = gi.new_empty(self.B, gi.shape[1])
 
     def at(self, t):
         if self.ids is None:
@@ -206,7 +208,8 @@ def _weight_grads(dg: torch.Tensor, ys: torch.Tensor, h0: torch.Tensor):
 class _GRUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gi, ids, h0, w_hh, b_hh):
-        inputs = _Inputs(gi, ids)
+        kernels = _compiled(h0)
+        inputs = _Inputs(gi, ids, lookup=kernels is None)
         T, B = inputs.T, inputs.B
         H = w_hh.shape[1]
         h0 = h0.contiguous()
@@ -215,15 +218,21 @@ class _GRUFunction(torch.autograd.Function):
         ys = h0.new_empty(B, T, H)
         product = _Product(w_hh, B)
         h = h0
-        for t in range(T):
-            g, gi_t, n, hn = gates[:, t], inputs.at(t), ns[:, t], ys[:, t]
-            product(h, b_hh, out=g)
-            g[:, :2 * H].add_(gi_t[:, :2 * H]).sigmoid_()
-            torch.mul(g[:, :H], g[:, 2 * H:], out=n)
-            n.add_(gi_t[:, 2 * H:]).tanh_()
-            torch.sub(h, n, out=hn)                       # h' = (h - n) * z + n
-            hn.mul_(g[:, H:2 * H]).add_(n)
-            h = hn
+        if kernels is not None:                  # the gate arithmetic in one compiled pass per row
+            x = gi if gi.stride(-1) == 1 else gi.contiguous()
+            for t in range(T):
+                kernels.gru_forward_step(product(h, b_hh), x, inputs.ids, h, gates, ns, ys, t)
+                h = ys[:, t]
+        else:
+            for t in range(T):
+                g, gi_t, n, hn = gates[:, t], inputs.at(t), ns[:, t], ys[:, t]
+                product(h, b_hh, out=g)
+                g[:, :2 * H].add_(gi_t[:, :2 * H]).sigmoid_()
+                torch.mul(g[:, :H], g[:, 2 * H:], out=n)
+                n.add_(gi_t[:, 2 * H:]).tanh_()
+                torch.sub(h, n, out=hn)                       # h' = (h - n) * z + n
+                hn.mul_(g[:, H:2 * H]).add_(n)
+                h = hn
         ctx.table_shape = gi.shape
         ctx.save_for_backward(ids, h0, w_hh, gates, ns, ys)
         return ys, ys[:, T - 1].clone()
@@ -240,23 +249,30 @@ class _GRUFunction(torch.autograd.Function):
         dan = ns if reuse else torch.empty_like(ns)        # grad of the n pre-activation
         dh = dhT.contiguous().clone()
         zdh = torch.empty_like(dh)
-        tmp = torch.empty_like(dh)
         product = _Product(w_hh.t(), B)                    # dh_prev = d_gates @ w_hh (+ z dh)
-        for t in range(T - 1, -1, -1):
-            dh.add_(dys[:, t])
-            g, d, n, dan_t = gates[:, t], dg[:, t], ns[:, t], dan[:, t]
-            r, z, ghn = g[:, :H], g[:, H:2 * H], g[:, 2 * H:]
-            h_prev = ys[:, t - 1] if t > 0 else h0
-            torch.mul(z, dh, out=zdh)                      # dh through z * h
-            torch.sub(h_prev, n, out=tmp)                  # dz = dh * (h - n)
-            tmp.mul_(dh)
-            dh.sub_(zdh)                                   # dn = dh * (1 - z)
-            _tanh_backward(dh, n, grad_input=dan_t)
-            _sigmoid_backward(tmp, z, grad_input=d[:, H:2 * H])
-            torch.mul(dan_t, ghn, out=tmp)                 # dr = dan * ghn
-            torch.mul(dan_t, r, out=d[:, 2 * H:])
-            _sigmoid_backward(tmp, r, grad_input=d[:, :H])
-            product(d, other=zdh, out=dh)
+        kernels = _compiled(h0)
+        if kernels is not None:
+            dys = dys if dys.stride(-1) == 1 else dys.contiguous()
+            for t in range(T - 1, -1, -1):
+                kernels.gru_backward_step(dh, dys, gates, dg, ns, dan, ys[:, t - 1] if t > 0 else h0, zdh, t)
+                product(dg[:, t], other=zdh, out=dh)
+        else:
+            tmp = torch.empty_like(dh)
+            for t in range(T - 1, -1, -1):
+                dh.add_(dys[:, t])
+                g, d, n, dan_t = gates[:, t], dg[:, t], ns[:, t], dan[:, t]
+                r, z, ghn = g[:, :H], g[:, H:2 * H], g[:, 2 * H:]
+                h_prev = ys[:, t - 1] if t > 0 else h0
+                torch.mul(z, dh, out=zdh)                      # dh through z * h
+                torch.sub(h_prev, n, out=tmp)                  # dz = dh * (h - n)
+                tmp.mul_(dh)
+                dh.sub_(zdh)                                   # dn = dh * (1 - z)
+                _tanh_backward(dh, n, grad_input=dan_t)
+                _sigmoid_backward(tmp, z, grad_input=d[:, H:2 * H])
+                torch.mul(dan_t, ghn, out=tmp)                 # dr = dan * ghn
+                torch.mul(dan_t, r, out=d[:, 2 * H:])
+                _sigmoid_backward(tmp, r, grad_input=d[:, :H])
+                product(d, other=zdh, out=dh)
         gw, gb = _weight_grads(dg, ys, h0)
         dg[:, :, 2 * H:].copy_(dan)                        # now the grad of gi: [dr, dz, dan]
         d_in = _input_grad(dg, ids, ctx.table_shape)
@@ -264,7 +280,7 @@ class _GRUFunction(torch.autograd.Function):
 
 
 def _compiled(t: torch.Tensor):
-    """The compiled LSTM loops (:mod:`charrnn.native`) for float32 CPU tensors, or None (not built,
+    """The compiled LSTM loops and GRU steps (:mod:`charrnn.native`) for float32 CPU tensors, or None (not built,
     turned off with ``CHARRNN_NATIVE=0``, or another dtype): then the ATen loops below run."""
     if not NATIVE or t.dtype != torch.float32:
         return None
