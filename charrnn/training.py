@@ -9,6 +9,7 @@ steps, in the same order, with the same dropout masks, as if it had never stoppe
 from __future__ import annotations
 
 import ctypes
+import functools
 import inspect
 import json
 import math
@@ -172,9 +173,7 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     return _eager(torch.optim.SGD)(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
-_EAGER: dict = {}
-
-
+@functools.cache
 def _eager(cls: type) -> type:
     """A subclass of the optimizer ``cls`` whose add_param_group / zero_grad / state_dict /
     load_state_dict / step are the functions torch's decorators wrap.  Those decorators serve
@@ -182,18 +181,16 @@ def _eager(cls: type) -> type:
     add_param_group): about 70 MB of resident memory, a quarter of an idle torch process, that
     eager training never uses.  What step's wrapper also does, turning grad mode off, is kept.
     Same algorithm, same state_dict: checkpoints load either way."""
-    if cls not in _EAGER:
-        attrs = {name: inspect.unwrap(getattr(cls, name))
-                 for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict")}
-        step = inspect.unwrap(cls.step)
+    attrs = {name: inspect.unwrap(getattr(cls, name))
+             for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict")}
+    step = inspect.unwrap(cls.step)
 
-        def eager_step(self, closure=None):
-            with torch.no_grad():
-                return step(self, closure)
+    def eager_step(self, closure=None):
+        with torch.no_grad():
+            return step(self, closure)
 
-        attrs["step"] = eager_step
-        _EAGER[cls] = type(cls.__name__, (cls,), attrs)
-    return _EAGER[cls]
+    attrs["step"] = eager_step
+    return type(cls.__name__, (cls,), attrs)
 
 
 def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, clip: float | None,

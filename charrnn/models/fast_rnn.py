@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ENABLED: bool = os.environ.get("CHARRNN_FAST_RNN", "1").strip().lower() not in ("0", "false", "no", "off")
-# The LSTM's loops in C++ (charrnn.native) when it is built; False: always the ATen loops here.
+# The LSTM's loops and the GRU's gate steps in C++ (charrnn.native) when it is built; False: the ATen loops.
 NATIVE: bool = True
 # The per-step recurrent products through oneDNN's packed matmul when torch has it (see _Product).
 PACKED: bool = os.environ.get("CHARRNN_PACKED", "1").strip().lower() not in ("0", "false", "no", "off")
