@@ -119,22 +119,22 @@ def _keep_graph() -> bool:
 # weight packed once per forward / backward (the op behind torch.compile's CPU linear) ~110.
 # --------------------------------------------------------------------------------------
 
-_PACKED: bool | None = None   # whether torch has the oneDNN ops; decided on first use
+_HAS_ONEDNN: bool | None = None   # whether this torch has the oneDNN ops; probed on first use
 
 
 def _packed_ok(w: torch.Tensor) -> bool:
-    global _PACKED
+    global _HAS_ONEDNN
     if w.dtype != torch.float32 or w.device.type != "cpu":
         return False
-    if _PACKED is None:
+    if _HAS_ONEDNN is None:
         try:
             probe = torch.ones(2, 3)
             y = torch.ops.mkldnn._linear_pointwise(probe, torch.ops.mkldnn._reorder_linear_weight(probe, 2),
                                                    None, "none", [], "")
-            _PACKED = bool(torch.backends.mkldnn.is_available() and torch.equal(y, probe @ probe.t()))
+            _HAS_ONEDNN = bool(torch.backends.mkldnn.is_available() and torch.equal(y, probe @ probe.t()))
         except (AttributeError, RuntimeError):
-            _PACKED = False
-    return _PACKED
+            _HAS_ONEDNN = False
+    return _HAS_ONEDNN
 
 
 class _Product:
