@@ -141,6 +141,20 @@ void quantize_row(const float* x, int64_t K, uint8_t* xu, int64_t Kq, float* s) 
 // acc = sum_k xu[k] w[k] = sum_k xq[k] w[k] + 63 * sum_k w[k]; comp[n] = 63 * sum_k w[n][k]
 // comes with the weights and is subtracted exactly in int32.
 
+// Where a block's sums go: y[s][j] = float(acc[s][j] - comp[j]) * (xs[s] * sw[j]) + bias[j] (rows j of
+// the block, samples s), the epilogue's operations 8 at a time, straight from the registers; or, for
+// a block whose rows run past N, the raw sums into acc (then dequantize() below, row by row).
+struct Sink {
+  const int32_t* comp;
+  const float* sw;
+  const float* bias;
+  const float* xs;
+  float* y;
+  int64_t ldy;
+  int32_t* acc;   // null: every row of the block is a real output row
+  int width;      // rows per block (acc's row stride)
+};
+
 void block_portable(int ns, int nw, const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, int32_t* acc) {
   for (int s = 0; s < ns; ++s)
     for (int j = 0; j < nw * 8; ++j) {
@@ -169,10 +183,18 @@ CHARRNN_AVX2 inline __m256i dot2(__m256i acc, __m256i x0, __m256i w0, __m256i x1
 }
 CHARRNN_AVX2 inline void put(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
+CHARRNN_AVX2 inline void emit(const Sink& o, int s, int r, __m256i v) {
+  if (o.acc) return put(o.acc + s * o.width + 8 * r, v);
+  const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(o.xs[s]), _mm256_loadu_ps(o.sw + 8 * r));
+  const __m256i d = _mm256_sub_epi32(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o.comp + 8 * r)));
+  const __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(d), scale);
+  _mm256_storeu_ps(o.y + s * o.ldy + 8 * r, _mm256_add_ps(y, _mm256_loadu_ps(o.bias + 8 * r)));
+}
+
 // NS samples (1..4) x 16 rows; every accumulator a named variable (unused ones vanish), so
 // that all of them stay in registers.
 template <int NS>
-CHARRNN_AVX2 void block_nx2(const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, int32_t* acc) {
+CHARRNN_AVX2 void block_nx2(const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, const Sink& o) {
   const __m256i ones = _mm256_set1_epi16(1), z = _mm256_setzero_si256();
   __m256i a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z;
   const int8_t* w1 = wp + quads * 32;
@@ -195,14 +217,14 @@ CHARRNN_AVX2 void block_nx2(const uint8_t* xu, int64_t Kq, const int8_t* wp, int
       a30 = dot2(a30, b, v0, d, u0, ones); a31 = dot2(a31, b, v1, d, u1, ones);
     }
   }
-  put(acc, a00); put(acc + 8, a01);
-  if constexpr (NS > 1) { put(acc + 16, a10); put(acc + 24, a11); }
-  if constexpr (NS > 2) { put(acc + 32, a20); put(acc + 40, a21); }
-  if constexpr (NS > 3) { put(acc + 48, a30); put(acc + 56, a31); }
+  emit(o, 0, 0, a00); emit(o, 0, 1, a01);
+  if constexpr (NS > 1) { emit(o, 1, 0, a10); emit(o, 1, 1, a11); }
+  if constexpr (NS > 2) { emit(o, 2, 0, a20); emit(o, 2, 1, a21); }
+  if constexpr (NS > 3) { emit(o, 3, 0, a30); emit(o, 3, 1, a31); }
 }
 
 // Batch 1: one sample x 32 rows (four weight streams at once).
-CHARRNN_AVX2 void block_1x4(const uint8_t* xu, const int8_t* wp, int64_t quads, int32_t* acc) {
+CHARRNN_AVX2 void block_1x4(const uint8_t* xu, const int8_t* wp, int64_t quads, const Sink& o) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
   const int8_t *w0 = wp, *w1 = wp + quads * 32, *w2 = wp + 2 * quads * 32, *w3 = wp + 3 * quads * 32;
@@ -213,7 +235,7 @@ CHARRNN_AVX2 void block_1x4(const uint8_t* xu, const int8_t* wp, int64_t quads, 
     a2 = dot2(a2, b, rows8(w2 + c * 32), d, rows8(w2 + c * 32 + 32), ones);
     a3 = dot2(a3, b, rows8(w3 + c * 32), d, rows8(w3 + c * 32 + 32), ones);
   }
-  put(acc, a0); put(acc + 8, a1); put(acc + 16, a2); put(acc + 24, a3);
+  emit(o, 0, 0, a0); emit(o, 0, 1, a1); emit(o, 0, 2, a2); emit(o, 0, 3, a3);
 }
 
 // y[j] = float(acc[j] - comp[j]) * (xs * sw[j]) + bias[j]: the scalar epilogue's operations,
@@ -248,20 +270,20 @@ void dequantize(const int32_t* acc, const int32_t* comp, float xs, const float* 
 
 constexpr int kSamples = 4;   // samples per block at batches > 1
 
-// acc for ns samples x nw blocks of 8 rows starting at wp (ns = 1 with nw = 4, or ns <= 4 with nw = 2).
-void block(int ns, int nw, const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, int32_t* acc) {
+// ns samples x nw blocks of 8 rows starting at wp (ns = 1 with nw = 4, or ns <= 4 with nw = 2) into o.
+void block(int ns, int nw, const uint8_t* xu, int64_t Kq, const int8_t* wp, int64_t quads, const Sink& o) {
 #ifdef CHARRNN_X86
   if (has_avx2()) {
-    if (nw == 4) return block_1x4(xu, wp, quads, acc);
+    if (nw == 4) return block_1x4(xu, wp, quads, o);
     switch (ns) {
-      case 1: return block_nx2<1>(xu, Kq, wp, quads, acc);
-      case 2: return block_nx2<2>(xu, Kq, wp, quads, acc);
-      case 3: return block_nx2<3>(xu, Kq, wp, quads, acc);
-      default: return block_nx2<4>(xu, Kq, wp, quads, acc);
+      case 1: return block_nx2<1>(xu, Kq, wp, quads, o);
+      case 2: return block_nx2<2>(xu, Kq, wp, quads, o);
+      case 3: return block_nx2<3>(xu, Kq, wp, quads, o);
+      default: return block_nx2<4>(xu, Kq, wp, quads, o);
     }
   }
 #endif
-  block_portable(ns, nw, xu, Kq, wp, quads, acc);
+  block_portable(ns, nw, xu, Kq, wp, quads, o.acc);
 }
 
 // y (B, N) = float(xq @ w.T) * (sx * sw) + bias.  Work items of 32 rows at batch 1, 16 rows
@@ -272,18 +294,22 @@ void int8_gemm(const uint8_t* xu, int64_t B, int64_t Kq, const float* sx, const 
   const int64_t items = nblocks / nw;
   const int64_t work = nw * 8 * Kq * B;                   // multiply-adds per item
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / std::max<int64_t>(work, 1));
+  const bool fused = has_avx2();
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
     alignas(32) int32_t acc[kSamples * 16 > 32 ? kSamples * 16 : 32];
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t n0 = it * nw * 8;
       if (n0 >= N) break;
       const int8_t* wblk = wp + it * nw * quads * 32;
+      const int64_t width = std::min<int64_t>(nw * 8, N - n0);
+      const bool whole = fused && width == nw * 8;
       for (int64_t b0 = 0; b0 < B; b0 += kSamples) {
         const int ns = static_cast<int>(std::min<int64_t>(kSamples, B - b0));
-        block(ns, nw, xu + b0 * Kq, Kq, wblk, quads, acc);
-        const int64_t width = std::min<int64_t>(nw * 8, N - n0);
-        for (int s = 0; s < ns; ++s)
-          dequantize(acc + s * nw * 8, comp + n0, sx[b0 + s], sw + n0, bias + n0, y + (b0 + s) * N + n0, width);
+        const Sink o{comp + n0, sw + n0, bias + n0, sx + b0, y + b0 * N + n0, N, whole ? nullptr : acc, nw * 8};
+        block(ns, nw, xu + b0 * Kq, Kq, wblk, quads, o);
+        if (!whole)
+          for (int s = 0; s < ns; ++s)
+            dequantize(acc + s * nw * 8, comp + n0, sx[b0 + s], sw + n0, bias + n0, y + (b0 + s) * N + n0, width);
       }
     }
   });
