@@ -395,3 +395,59 @@ def test_loops_with_and_without_packed_products(arch, packed, monkeypatch):
     for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert made == [packed and fast_rnn._packed_ok(x)] * 4   # forward and backward of 2 layers
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_compiled_dropout_mask(p):
+    """The compiled dropout: a fraction p of zeros, the rest scaled by 1/(1-p), masks that differ
+    from call to call and from one element to the next, a seed that reproduces them, and the
+    same mask in the backward pass."""
+    _kernels()
+    n = 1 << 20
+    x = torch.ones(n, requires_grad=True)
+    torch.manual_seed(3)
+    y = fast_rnn.dropout(x, p)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - p) < 0.004          # 4 sd of a binomial at n = 2^20
+    assert torch.equal(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    # Neighbouring elements and elements 1024 apart (the next row of a (.., 1024) output) are independent.
+    k = kept.float() - kept.float().mean()
+    for lag in (1, 1024):
+        assert abs((k[:-lag] * k[lag:]).mean().item() / k.var().item()) < 0.01
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, 2 * y.detach())                       # the same mask, recomputed
+    torch.manual_seed(3)
+    assert torch.equal(fast_rnn.dropout(x.detach(), p), y.detach())  # same seed, same mask
+    again = fast_rnn.dropout(x.detach(), p) != 0
+    assert 0.5 < (again == kept).float().mean().item() < 1            # the next call: another mask
+
+
+def test_compiled_dropout_same_mask_portable_and_any_threads():
+    """The mask is a function of the seed and the element's index alone: the AVX2 loop, the
+    portable loop and any number of threads give the same result; NaNs propagate as in F.dropout."""
+    kernels = _kernels()
+    x = torch.randn(3, 100_003)
+    x[0, 5] = float("nan")
+    ref = kernels.dropout(x, 0.3, 12345)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.allclose(kernels.dropout(x, 0.3, 12345), ref, rtol=0, atol=0, equal_nan=True)
+        kernels.set_portable(True)
+        assert torch.allclose(kernels.dropout(x, 0.3, 12345), ref, rtol=0, atol=0, equal_nan=True)
+    finally:
+        kernels.set_portable(False)
+        torch.set_num_threads(threads)
+    assert torch.isnan(ref[0, 5])
+    assert not torch.equal(kernels.dropout(x, 0.3, 12346)[1:] != 0, ref[1:] != 0)
+
+
+def test_dropout_falls_back_to_torch(monkeypatch):
+    """Without the compiled kernels (or off the CPU, or in eval mode) dropout is F.dropout's."""
+    x = torch.randn(4, 1000)
+    assert fast_rnn.dropout(x, 0.5, training=False) is x
+    monkeypatch.setattr(fast_rnn, "NATIVE", False)
+    torch.manual_seed(9)
+    a = fast_rnn.dropout(x, 0.5)
+    torch.manual_seed(9)
+    torch.testing.assert_close(a, F.dropout(x, 0.5, training=True), rtol=0, atol=0)

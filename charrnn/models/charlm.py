@@ -62,7 +62,7 @@ class CharLM(nn.Module):
         rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[c.arch]
         self.rnn = rnn_cls(in_size, c.hidden, num_layers=c.layers, batch_first=True,
                            dropout=c.dropout if c.layers > 1 else 0.0)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = fast_rnn.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
