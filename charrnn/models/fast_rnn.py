@@ -288,12 +288,11 @@ def _compiled(t: torch.Tensor):
     return native.load()
 
 
-
 class _DropoutFunction(torch.autograd.Function):
     """Dropout whose mask the compiled kernel derives from a seed and each element's index: the
     backward pass recomputes it instead of keeping a float mask, and generating it costs a
-    fraction of ``bernoulli_`` (for the default model's output, 64 x 100 x 1024, about 2 ms
-    instead of 60 ms a step)."""
+    fraction of ``bernoulli_`` (for the default model's output, 64 x 100 x 1024, about 7 ms a
+    step instead of F.dropout's 85)."""
 
     @staticmethod
     def forward(ctx, x, p, seed, kernels):
@@ -313,7 +312,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if not training or p == 0:
         return x
     kernels = _compiled(x) if x.device.type == "cpu" and not _autocast_on("cpu") else None
-    if kernels is None or not hasattr(kernels, "dropout"):
+    if kernels is None:
         return F.dropout(x, p, training=True)
     seed = int(torch.empty((), dtype=torch.int64).random_())
     return _DropoutFunction.apply(x.contiguous(), p, seed, kernels)
@@ -324,6 +323,7 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout(x, self.p, self.training)
+
 
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
