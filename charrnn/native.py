@@ -183,12 +183,18 @@ CHARRNN_AVX2 inline __m256i dot2(__m256i acc, __m256i x0, __m256i w0, __m256i x1
 }
 CHARRNN_AVX2 inline void put(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
+// y[0..8) = float(acc - comp) * (xs * sw) + bias: the scalar epilogue's operations, 8 at a time
+// (separate multiplies and adds: no fused multiply-add anywhere in this file).
+CHARRNN_AVX2 inline void epilogue8(__m256i acc, const int32_t* comp, __m256 xs, const float* sw, const float* bias,
+                                   float* y) {
+  const __m256 scale = _mm256_mul_ps(xs, _mm256_loadu_ps(sw));
+  const __m256i d = _mm256_sub_epi32(acc, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(comp)));
+  _mm256_storeu_ps(y, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), scale), _mm256_loadu_ps(bias)));
+}
+
 CHARRNN_AVX2 inline void emit(const Sink& o, int s, int r, __m256i v) {
   if (o.acc) return put(o.acc + s * o.width + 8 * r, v);
-  const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(o.xs[s]), _mm256_loadu_ps(o.sw + 8 * r));
-  const __m256i d = _mm256_sub_epi32(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o.comp + 8 * r)));
-  const __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(d), scale);
-  _mm256_storeu_ps(o.y + s * o.ldy + 8 * r, _mm256_add_ps(y, _mm256_loadu_ps(o.bias + 8 * r)));
+  epilogue8(v, o.comp + 8 * r, _mm256_set1_ps(o.xs[s]), o.sw + 8 * r, o.bias + 8 * r, o.y + s * o.ldy + 8 * r);
 }
 
 // NS samples (1..4) x 16 rows; every accumulator a named variable (unused ones vanish), so
@@ -238,19 +244,13 @@ CHARRNN_AVX2 void block_1x4(const uint8_t* xu, const int8_t* wp, int64_t quads, 
   emit(o, 0, 0, a0); emit(o, 0, 1, a1); emit(o, 0, 2, a2); emit(o, 0, 3, a3);
 }
 
-// y[j] = float(acc[j] - comp[j]) * (xs * sw[j]) + bias[j]: the scalar epilogue's operations,
-// 8 at a time (separate multiplies and adds: no fused multiply-add anywhere in this file).
+// y[j] = float(acc[j] - comp[j]) * (xs * sw[j]) + bias[j] for whole groups of 8; returns how many.
 CHARRNN_AVX2 int64_t dequantize_avx2(const int32_t* acc, const int32_t* comp, float xs, const float* sw,
                                      const float* bias, float* y, int64_t n) {
   const __m256 x = _mm256_set1_ps(xs);
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 scale = _mm256_mul_ps(x, _mm256_loadu_ps(sw + j));
-    const __m256i d = _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j)),
-                                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(comp + j)));
-    const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(d), scale);
-    _mm256_storeu_ps(y + j, _mm256_add_ps(v, _mm256_loadu_ps(bias + j)));
-  }
+  for (; j + 8 <= n; j += 8)
+    epilogue8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + j)), comp + j, x, sw + j, bias + j, y + j);
   return j;
 }
 #endif
