@@ -48,6 +48,8 @@ def _add_train(sub) -> None:
     g.add_argument("--hidden", type=int, help="units per recurrent layer (default 1024)")
     g.add_argument("--embed", type=int, help="embedding size, 0 for one-hot inputs (default 256)")
     g.add_argument("--dropout", type=float, help="dropout between recurrent layers and on the output (default 0)")
+    g.add_argument("--weight-drop", type=float,
+                   help="DropConnect on the recurrent weights while training, one mask per batch (default 0)")
     g = p.add_argument_group("training")
     g.add_argument("--seq-len", type=int, help="characters per training sequence (default 100)")
     g.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
@@ -100,9 +102,9 @@ def _temperatures(text: str) -> list[float]:
 
 
 TRAIN_OPTIONS = (
-    "lowercase", "newlines_to_spaces", "arch", "layers", "hidden", "embed", "dropout", "seq_len", "batch_size",
-    "stateful", "window_step", "loss_on", "sample_every", "sample_temperatures", "sample_length", "sample_prompt",
-    "lr", "optimizer", "weight_decay", "clip", "lr_schedule", "warmup_steps", "min_lr_ratio", "epochs",
+    "lowercase", "newlines_to_spaces", "arch", "layers", "hidden", "embed", "dropout", "weight_drop", "seq_len",
+    "batch_size", "stateful", "window_step", "loss_on", "sample_every", "sample_temperatures", "sample_length",
+    "sample_prompt", "lr", "optimizer", "weight_decay", "clip", "lr_schedule", "warmup_steps", "min_lr_ratio", "epochs",
     "max_steps", "time_limit", "val_fraction", "eval_every", "eval_streams", "log_every", "checkpoint_every",
     "seed", "device", "precision",
 )

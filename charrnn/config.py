@@ -29,6 +29,7 @@ class TrainConfig:
     hidden: int = 1024
     layers: int = 1
     dropout: float = 0.0
+    weight_drop: float = 0.0
     # data: shuffled windows (stateless, every `window_step` characters) or contiguous streams (stateful)
     seq_len: int = 100
     batch_size: int = 64
@@ -68,7 +69,7 @@ class TrainConfig:
         # imported here so that the command line's parser (which reads PRESETS) needs no torch.
         from .models.charlm import ModelConfig
 
-        ModelConfig(1, self.arch, self.embed, self.hidden, self.layers, self.dropout).validate()
+        ModelConfig(1, self.arch, self.embed, self.hidden, self.layers, self.dropout, self.weight_drop).validate()
         for name in ("seq_len", "batch_size", "eval_streams", "log_every", "sample_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -303,7 +303,8 @@ class Trainer:
             self.batches = StreamBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed)
         else:
             self.batches = WindowBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step)
-        self.model_cfg = ModelConfig(len(self.vocab), cfg.arch, cfg.embed, cfg.hidden, cfg.layers, cfg.dropout)
+        self.model_cfg = ModelConfig(len(self.vocab), cfg.arch, cfg.embed, cfg.hidden, cfg.layers, cfg.dropout,
+                                     cfg.weight_drop)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = CharLM(self.model_cfg).to(self.device)
         if dist.rank:
@@ -381,9 +382,11 @@ class Trainer:
                 f"the corpus's vocabulary does not match the checkpoint's in {self.run_dir} (new characters "
                 f"{''.join(extra)!r}, missing {''.join(missing)!r}); resume with the corpus the run was trained on"
             )
-        if saved.get("model") != self.model_cfg.to_dict():
+        # Filled in with the defaults, so runs saved before an option existed still match.
+        saved_model = {**ModelConfig(1).to_dict(), **saved.get("model", {})}
+        if saved_model != self.model_cfg.to_dict():
             raise CharRNNError(f"the model options differ from the run's ({saved.get('model')}); resume without "
-                               "changing --arch/--hidden/--embed/--layers/--dropout")
+                               "changing --arch/--hidden/--embed/--layers/--dropout/--weight-drop")
         for stale in self.run_dir.glob(".*.tmp"):  # left by a kill in the middle of a write
             stale.unlink(missing_ok=True)
         state = ckpt.load_trainer_state(self.run_dir)

@@ -83,7 +83,8 @@ def _bad(tmp_path):
 
 @pytest.mark.parametrize("case", [
     "missing-path", "empty", "too-short", "not-utf8", "unknown-name", "zero-hidden", "negative-layers",
-    "zero-seq-len", "negative-lr", "zero-batch", "bad-dropout", "bad-val-fraction", "no-such-preset",
+    "zero-seq-len", "negative-lr", "zero-batch", "bad-dropout", "bad-weight-drop", "bad-val-fraction",
+    "no-such-preset",
 ])
 def test_bad_training_input(capsys, tmp_path, small_corpus, case):
     out = tmp_path / "out"
@@ -99,6 +100,7 @@ def test_bad_training_input(capsys, tmp_path, small_corpus, case):
         "negative-lr": [small_corpus, "--lr", "-0.1"],
         "zero-batch": [small_corpus, "--batch-size", "0"],
         "bad-dropout": [small_corpus, "--dropout", "1.5"],
+        "bad-weight-drop": [small_corpus, "--weight-drop", "-0.1"],
         "bad-val-fraction": [small_corpus, "--val-fraction", "1"],
         "no-such-preset": [small_corpus, "--preset", "gpt5"],
     }[case]
@@ -113,7 +115,8 @@ def test_bad_training_input(capsys, tmp_path, small_corpus, case):
     expected = {"missing-path": "does not exist", "empty": "empty", "too-short": "shorter than",
                 "not-utf8": "byte offset 3", "unknown-name": "nietzsche, shakespeare", "zero-hidden": "--hidden",
                 "negative-layers": "--layers", "zero-seq-len": "--seq-len", "negative-lr": "--lr",
-                "zero-batch": "--batch-size", "bad-dropout": "--dropout", "bad-val-fraction": "--val-fraction",
+                "zero-batch": "--batch-size", "bad-dropout": "--dropout", "bad-weight-drop": "--weight-drop",
+                "bad-val-fraction": "--val-fraction",
                 "no-such-preset": "--preset"}[case]
     assert expected in lines[0]
     assert not (out / "model.safetensors").exists()

@@ -451,3 +451,60 @@ def test_dropout_falls_back_to_torch(monkeypatch):
     a = fast_rnn.dropout(x, 0.5)
     torch.manual_seed(9)
     torch.testing.assert_close(a, F.dropout(x, 0.5, training=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
+def test_weight_drop_is_dropconnect_on_the_recurrent_weights(arch):
+    """rnn_forward(weight_drop=p): each layer's weight_hh through dropout once per forward (one
+    mask for every step and sequence), outputs and gradients those of the stock module run on
+    the dropped weights; dropped entries get no gradient."""
+    rnn = _make(arch, 2)
+    x = torch.randn(B, T, I, requires_grad=True)
+    p = 0.4
+
+    def stock_on_dropped(r, x, s):
+        torch.manual_seed(7)
+        dropped = {f"weight_hh_l{k}": fast_rnn.dropout(getattr(r, f"weight_hh_l{k}"), p) for k in range(2)}
+        return torch.func.functional_call(r, dropped, (x, s))
+
+    def fast(r, x, s):
+        torch.manual_seed(7)
+        return fast_rnn.rnn_forward(r, x, s, weight_drop=p)
+
+    out, grads = _run(fast, rnn, x, None)
+    ref_out, ref_grads = _run(stock_on_dropped, rnn, x, None)
+    for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    plain, _ = _run(fast_rnn.rnn_forward, rnn, x, None)
+    assert (out[0] - plain[0]).abs().max() > 1e-2                     # the drop changed the outputs
+    names = [name for name, _ in rnn.named_parameters()]
+    for k in range(2):
+        g = grads[1 + names.index(f"weight_hh_l{k}")]
+        assert abs((g == 0).float().mean().item() - p) < 0.1        # a fraction p of entries dropped
+
+
+def test_charlm_weight_drop_in_training_only(monkeypatch):
+    """CharLM(weight_drop): masks in training on the fast path and on the stock module's path (the
+    GPU one, through functional_call with F.dropout), none in eval; the parameters are untouched."""
+    model = CharLM(ModelConfig(vocab_size=11, arch="lstm", embed=8, hidden=H, layers=2, weight_drop=0.5))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, targets = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T))
+    model.eval()
+    reference = _charlm_loss_and_grads(model, ids, targets)
+    for enabled in (True, False):
+        monkeypatch.setattr(fast_rnn, "ENABLED", enabled)
+        model.train()
+        torch.manual_seed(2)
+        a = _charlm_loss_and_grads(model, ids, targets)
+        torch.manual_seed(2)
+        b = _charlm_loss_and_grads(model, ids, targets)
+        torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)          # same seed, same masks
+        assert abs(a[0] - reference[0]) > 1e-4
+        for k in range(2):
+            assert 0.35 < (a[3][f"rnn.weight_hh_l{k}"] == 0).float().mean().item() < 0.65
+            assert (a[3][f"rnn.weight_ih_l{k}"] == 0).float().mean().item() < 0.05
+        model.eval()
+        again = _charlm_loss_and_grads(model, ids, targets)
+        torch.testing.assert_close(again[0], reference[0], atol=1e-5, rtol=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

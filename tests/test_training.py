@@ -50,7 +50,7 @@ def test_a_small_model_learns_well_below_the_unigram_entropy(small_corpus, tmp_p
 
 
 def test_interrupted_at_a_checkpoint_and_resumed_equals_uninterrupted(small_corpus, tmp_path):
-    opts = dict(progress=False, dropout=0.2, layers=2, eval_every=4, **TINY_KW)
+    opts = dict(progress=False, dropout=0.2, weight_drop=0.3, layers=2, eval_every=4, **TINY_KW)
     charrnn.train(str(small_corpus), tmp_path / "straight", max_steps=14, **opts)
     charrnn.train(str(small_corpus), tmp_path / "split", max_steps=6, **opts)
     r = charrnn.train(str(small_corpus), tmp_path / "split", resume=True, max_steps=14, progress=False)
@@ -60,6 +60,17 @@ def test_interrupted_at_a_checkpoint_and_resumed_equals_uninterrupted(small_corp
     steps = [json.loads(x)["step"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
              if "val_loss" in x]
     assert steps == sorted(set(steps))
+
+
+def test_runs_saved_before_an_option_existed_resume(small_corpus, tmp_path):
+    """A run whose config.json predates --weight-drop (no such key) resumes with the default."""
+    charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=4, **TINY_KW)
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["model"].pop("weight_drop") == 0.0 and config["training"].pop("weight_drop") == 0.0
+    (tmp_path / "r" / "config.json").write_text(json.dumps(config))
+    assert charrnn.train(str(small_corpus), tmp_path / "r", resume=True, max_steps=6, progress=False).step == 6
+    with pytest.raises(CharRNNError, match="--weight-drop"):
+        charrnn.train(str(small_corpus), tmp_path / "r", resume=True, max_steps=8, progress=False, weight_drop=0.2)
 
 
 def test_resume_across_an_epoch_boundary(small_corpus, tmp_path):

@@ -26,6 +26,7 @@ class ModelConfig:
     hidden: int = 1024
     layers: int = 1
     dropout: float = 0.0
+    weight_drop: float = 0.0   # DropConnect on the recurrent weights while training (AWD-LSTM)
 
     def validate(self) -> "ModelConfig":
         if self.arch not in ARCHS:
@@ -37,6 +38,8 @@ class ModelConfig:
             raise CharRNNError(f"--embed must be positive (or 0 for one-hot inputs), got {self.embed}")
         if not 0 <= self.dropout < 1:
             raise CharRNNError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.weight_drop < 1:
+            raise CharRNNError(f"--weight-drop must be in [0, 1), got {self.weight_drop}")
         return self
 
     def to_dict(self) -> dict:
@@ -50,7 +53,10 @@ class CharLM(nn.Module):
     GPU).  ``state`` is ``(layers, batch, hidden)``, or a pair of those for LSTM; ``None``
     means zeros.  Dropout (if any) is applied between recurrent layers and to the output of
     the last one, not to the embedding (which keeps the first layer's input projection a
-    table lookup on the CPU training path).
+    table lookup on the CPU training path).  ``weight_drop`` drops entries of the recurrent
+    weights (``weight_hh``), one mask per forward shared by every step and sequence
+    (DropConnect, as in AWD-LSTM): it regularises the recurrence itself, which output dropout
+    does not reach.
     """
 
     def __init__(self, config: ModelConfig):
@@ -76,12 +82,18 @@ class CharLM(nn.Module):
         ``last_only`` (the output layer then runs on that position alone), and the final state."""
         # CPU training goes through charrnn.models.fast_rnn (same parameters, same results,
         # batched weight gradients); GPU (cuDNN), no_grad inference and autocast keep self.rnn.
+        wd = self.config.weight_drop if self.training else 0.0
         if self._fast_lookup(ids):
-            y, state = fast_rnn.rnn_forward(self.rnn, None, state, table=self._input_table(), ids=ids)
+            y, state = fast_rnn.rnn_forward(self.rnn, None, state, table=self._input_table(), ids=ids,
+                                            weight_drop=wd)
         else:
             x = self.embed_ids(ids)
             if fast_rnn.usable(self.rnn, x):
-                y, state = fast_rnn.rnn_forward(self.rnn, x, state)
+                y, state = fast_rnn.rnn_forward(self.rnn, x, state, weight_drop=wd)
+            elif wd:
+                dropped = {name: F.dropout(w, wd) for name, w in self.rnn.named_parameters()
+                           if name.startswith("weight_hh")}
+                y, state = torch.func.functional_call(self.rnn, dropped, (x, state))
             else:
                 y, state = self.rnn(x, state)
         if last_only:
@@ -117,7 +129,8 @@ class CharLM(nn.Module):
             rows.append((f"embedding {c.vocab_size} x {c.embed}", self.embedding.weight.numel()))
         else:
             rows.append((f"one-hot inputs ({c.vocab_size})", 0))
-        rows.append((f"{c.arch.upper()} {c.layers} x {c.hidden}" + (f", dropout {c.dropout}" if c.dropout else ""),
+        rows.append((f"{c.arch.upper()} {c.layers} x {c.hidden}" + (f", dropout {c.dropout}" if c.dropout else "")
+                     + (f", weight drop {c.weight_drop}" if c.weight_drop else ""),
                      sum(p.numel() for p in self.rnn.parameters())))
         rows.append((f"linear {c.hidden} -> {c.vocab_size}", sum(p.numel() for p in self.head.parameters())))
         width = max(len(r[0]) for r in rows)

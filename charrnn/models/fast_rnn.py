@@ -462,13 +462,15 @@ def _layer(mode, gi, ids, h0, c0, w_hh, b_hh):
 
 
 def rnn_forward(rnn: nn.RNNBase, x: torch.Tensor | None, state=None, *, gi0: torch.Tensor | None = None,
-                table: torch.Tensor | None = None, ids: torch.Tensor | None = None):
+                table: torch.Tensor | None = None, ids: torch.Tensor | None = None, weight_drop: float = 0.0):
     """``rnn(x, state)`` for a unidirectional ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` with biases,
     3-D input, computed with the functions above.  Same return value as the module.
 
     The first layer's input projection may be given instead of ``x`` (which is then ignored):
     ``gi0``, time-major (T, B, G*H) (see :func:`embedded_projection`), or ``table`` (vocab, G*H)
-    and ``ids`` (B, T), looked up one step at a time (never materialised for all steps)."""
+    and ``ids`` (B, T), looked up one step at a time (never materialised for all steps).
+    ``weight_drop`` > 0 runs each layer with :func:`dropout` applied to its ``weight_hh``
+    (DropConnect: one mask for the whole forward)."""
     mode = _mode(rnn)
     if mode is None:
         raise TypeError(f"fast_rnn does not handle {type(rnn).__name__}")
@@ -495,7 +497,7 @@ def rnn_forward(rnn: nn.RNNBase, x: torch.Tensor | None, state=None, *, gi0: tor
     hs, cs = [], []
     inp = None                                              # the previous layer's output, (B, T, H)
     for layer in range(L):
-        w_hh = getattr(rnn, f"weight_hh_l{layer}")
+        w_hh = dropout(getattr(rnn, f"weight_hh_l{layer}"), weight_drop)
         b_hh = getattr(rnn, f"bias_hh_l{layer}")
         lookup = None
         if layer == 0 and table is not None:
