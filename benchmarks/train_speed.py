@@ -28,6 +28,7 @@ def main(argv=None):
     p.add_argument("--embed", type=int, default=256)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--weight-drop", type=float, default=0.0)
     p.add_argument("--vocab", type=int, default=66)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=100)
@@ -45,7 +46,8 @@ def main(argv=None):
     if device.type == "cpu":
         keep_cpu_memory()   # as charrnn train does
     torch.manual_seed(0)
-    model = CharLM(ModelConfig(args.vocab, args.arch, args.embed, args.hidden, args.layers, args.dropout)).to(device)
+    model = CharLM(ModelConfig(args.vocab, args.arch, args.embed, args.hidden, args.layers, args.dropout,
+                               args.weight_drop)).to(device)
     opt = make_optimizer(TrainConfig(optimizer=args.optimizer), model)
     params = list(model.parameters())
     x = torch.randint(1, args.vocab, (args.batch_size, args.seq_len), device=device)
