@@ -485,7 +485,7 @@ def test_weight_drop_is_dropconnect_on_the_recurrent_weights(arch):
 
 def test_charlm_weight_drop_in_training_only(monkeypatch):
     """CharLM(weight_drop): masks in training on the fast path and on the stock module's path (the
-    GPU one, through functional_call with F.dropout), none in eval; the parameters are untouched."""
+    GPU one, through functional_call), none in eval; the parameters are untouched."""
     model = CharLM(ModelConfig(vocab_size=11, arch="lstm", embed=8, hidden=H, layers=2, weight_drop=0.5))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids, targets = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T))

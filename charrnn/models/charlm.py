@@ -91,7 +91,7 @@ class CharLM(nn.Module):
             if fast_rnn.usable(self.rnn, x):
                 y, state = fast_rnn.rnn_forward(self.rnn, x, state, weight_drop=wd)
             elif wd:
-                dropped = {name: F.dropout(w, wd) for name, w in self.rnn.named_parameters()
+                dropped = {name: fast_rnn.dropout(w, wd) for name, w in self.rnn.named_parameters()
                            if name.startswith("weight_hh")}
                 y, state = torch.func.functional_call(self.rnn, dropped, (x, state))
             else:
