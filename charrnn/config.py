@@ -64,12 +64,17 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
 
-    def validate(self) -> "TrainConfig":
-        # The model's own options are checked by the model layer (vocab_size is not known yet);
-        # imported here so that the command line's parser (which reads PRESETS) needs no torch.
+    def model_config(self, vocab_size: int):
+        """The model's options, a :class:`charrnn.models.charlm.ModelConfig`."""
+        # Imported here so that the command line's parser (which reads PRESETS) needs no torch.
         from .models.charlm import ModelConfig
 
-        ModelConfig(1, self.arch, self.embed, self.hidden, self.layers, self.dropout, self.weight_drop).validate()
+        return ModelConfig(vocab_size, self.arch, self.embed, self.hidden, self.layers, self.dropout,
+                           self.weight_drop)
+
+    def validate(self) -> "TrainConfig":
+        # The model's own options are checked by the model layer (vocab_size is not known yet).
+        self.model_config(1).validate()
         for name in ("seq_len", "batch_size", "eval_streams", "log_every", "sample_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

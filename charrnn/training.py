@@ -303,8 +303,7 @@ class Trainer:
             self.batches = StreamBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed)
         else:
             self.batches = WindowBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step)
-        self.model_cfg = ModelConfig(len(self.vocab), cfg.arch, cfg.embed, cfg.hidden, cfg.layers, cfg.dropout,
-                                     cfg.weight_drop)
+        self.model_cfg = cfg.model_config(len(self.vocab))
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = CharLM(self.model_cfg).to(self.device)
         if dist.rank:
