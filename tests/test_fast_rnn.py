@@ -356,16 +356,25 @@ def test_last_only_logits_and_gradients(arch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_step_product(packed, monkeypatch):
-    """x @ w.t() (+ bias) (+ other), into out or not, through oneDNN's packed weight or addmm."""
-    monkeypatch.setattr(fast_rnn, "PACKED", packed)
+def _product_kind(kind, monkeypatch):
+    """Make fast_rnn._Product choose ``kind`` ("panels", "onednn" or "addmm"), or skip when this machine
+    cannot."""
+    monkeypatch.setattr(fast_rnn, "PACKED", kind != "addmm")
+    monkeypatch.setattr(fast_rnn, "NATIVE", kind == "panels")
+    if kind == "panels" and not _kernels().has_fma():
+        pytest.skip("no AVX2 + FMA here")
+    if kind == "onednn" and not fast_rnn._packed_ok(torch.ones(1)):
+        pytest.skip("this torch has no oneDNN packed matmul")
+
+
+@pytest.mark.parametrize("kind", ["panels", "onednn", "addmm"])
+def test_step_product(kind, monkeypatch):
+    """x @ w.t() (+ bias) (+ other), into out or not, through each of the three products."""
+    _product_kind(kind, monkeypatch)
     torch.manual_seed(0)
     w, x, bias, other = torch.randn(12, 9), torch.randn(4, 9), torch.randn(12), torch.randn(4, 12)
     product = fast_rnn._Product(w.t().contiguous().t(), rows=4)    # any strides for w
-    if packed and not fast_rnn._packed_ok(w):
-        pytest.skip("this torch has no oneDNN packed matmul")
-    assert (product.packed is not None) == packed
+    assert product.kind == kind
     for b in (None, bias):
         for o in (None, other):
             want = x @ w.t() + (0 if b is None else b) + (0 if o is None else o)
@@ -375,17 +384,39 @@ def test_step_product(packed, monkeypatch):
             torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rows,n,k", [(1, 24, 3), (4, 48, 512), (7, 25, 600), (32, 71, 1100), (13, 5, 1)])
+def test_panel_product_shapes(rows, n, k, monkeypatch):
+    """The packed panels against addmm in float64 for every remainder: rows not a multiple of the
+    4-row tile, columns not a multiple of the 24-column panel, K across several 512-column chunks;
+    x, other and out as rows of wider buffers; out written over other."""
+    _product_kind("panels", monkeypatch)
+    torch.manual_seed(rows + n + k)
+    w, bias = torch.randn(n, k), torch.randn(n)
+    x = torch.randn(rows, 3, k)[:, 1]                 # row stride 3k
+    other = torch.randn(rows, 2, n)[:, 0]
+    want = (x.double() @ w.double().t() + bias.double() + other.double()).float()
+    product = fast_rnn._Product(w, rows)
+    assert product.kind == "panels"
+    buf = torch.full((rows, 2, n), float("nan"))
+    out = product(x, bias, other=other, out=buf[:, 1])
+    torch.testing.assert_close(out, want, atol=1e-4 * k ** 0.5, rtol=1e-5)
+    assert torch.isnan(buf[:, 0]).all()               # nothing written outside out's rows
+    torch.testing.assert_close(product(x, None), (x.double() @ w.double().t()).float(), atol=1e-4 * k ** 0.5,
+                               rtol=1e-5)
+    product(x, bias, other=other, out=other)          # out may be other
+    torch.testing.assert_close(other, want, atol=1e-4 * k ** 0.5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
-@pytest.mark.parametrize("packed", [True, False])
-def test_loops_with_and_without_packed_products(arch, packed, monkeypatch):
-    """The time loops (the LSTM's ATen ones) agree with the stock module either way, and the
-    packed products are the ones used when asked for and available."""
-    monkeypatch.setattr(fast_rnn, "PACKED", packed)
-    monkeypatch.setattr(fast_rnn, "NATIVE", False)
+@pytest.mark.parametrize("kind", ["panels", "onednn", "addmm"])
+def test_loops_with_each_product(arch, kind, monkeypatch):
+    """The time loops agree with the stock module whichever product they use, and use the one asked for
+    (with NATIVE off, the LSTM's ATen loops; with it on, its compiled loops take the panels themselves)."""
+    _product_kind(kind, monkeypatch)
     made = []
     real_init = fast_rnn._Product.__init__
     monkeypatch.setattr(fast_rnn._Product, "__init__",
-                        lambda self, *a, **kw: real_init(self, *a, **kw) or made.append(self.packed is not None))
+                        lambda self, *a, **kw: real_init(self, *a, **kw) or made.append(self.kind))
     rnn = _make(arch, 2)
     torch.manual_seed(0)
     x = torch.randn(B, T, I, requires_grad=True)
@@ -394,7 +425,7 @@ def test_loops_with_and_without_packed_products(arch, packed, monkeypatch):
     out, grads = _run(fast_rnn.rnn_forward, rnn, x, state)
     for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-    assert made == [packed and fast_rnn._packed_ok(x)] * 4   # forward and backward of 2 layers
+    assert made == ([] if arch == "lstm" and kind == "panels" else [kind] * 4)   # forward, backward, 2 layers
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

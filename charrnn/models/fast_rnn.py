@@ -114,9 +114,10 @@ def _keep_graph() -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# The per-step product with the recurrent weight.  At the default model's shapes (64 rows x
-# 1024 x 3072) MKL's addmm reaches ~70 GFLOP/s on a 2-core AVX2 machine; oneDNN's matmul on a
-# weight packed once per forward / backward (the op behind torch.compile's CPU linear) ~110.
+# The per-step product with the recurrent weight.  At the preset's shapes (32 rows x 1024 x 3072)
+# MKL's addmm reaches ~70 GFLOP/s on a 2-core AVX2 machine, oneDNN's matmul on a weight packed
+# once per forward / backward (the op behind torch.compile's CPU linear) ~90, and charrnn.native's
+# packed_matmul (AVX2 + FMA register tiles on a weight packed into panels) ~145 of the 166 peak.
 # --------------------------------------------------------------------------------------
 
 _HAS_ONEDNN: bool | None = None   # whether this torch has the oneDNN ops; probed on first use
@@ -137,19 +138,36 @@ def _packed_ok(w: torch.Tensor) -> bool:
     return _HAS_ONEDNN
 
 
+def _panel_kernels(w: torch.Tensor):
+    """charrnn.native when its packed_matmul applies to ``w`` (float32 CPU, a CPU with AVX2 + FMA), else None."""
+    kernels = _compiled(w) if w.device.type == "cpu" else None
+    return kernels if kernels is not None and kernels.has_fma() else None
+
+
 class _Product:
     """``x @ w.t() (+ bias) (+ other)`` for one fixed ``w`` (out, in) and many ``x`` (rows, in):
-    oneDNN on ``w`` packed once when PyTorch has it, else ``addmm``."""
+    charrnn.native's packed_matmul on ``w`` packed once when built, else oneDNN on ``w`` packed once
+    when PyTorch has it, else ``addmm``.  ``kind`` says which: "panels", "onednn" or "addmm"."""
 
     def __init__(self, w: torch.Tensor, rows: int):
         self.w = w
-        self.packed = None
-        if PACKED and rows <= 256 and _packed_ok(w):     # from 512 rows on, MKL is as fast or faster
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+        self.kind = "addmm"
+        if PACKED and rows <= 256:     # from 512 rows on, MKL is as fast or faster
+            kernels = _panel_kernels(w)
+            if kernels is not None:
+                self.kind, self.kernels, self.packed = "panels", kernels, kernels.pack_panels(w)
+            elif _packed_ok(w):
+                self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
 
     def __call__(self, x, bias=None, other=None, out=None):
-        """The product, written to ``out`` when given (else a new tensor); ``other`` is added."""
-        if self.packed is None:
+        """The product, written to ``out`` when given (else a new tensor); ``other`` is added.
+        ``out`` may be ``other`` but must not overlap ``x``."""
+        if self.kind == "panels":
+            if out is None:
+                out = x.new_empty(x.shape[0], self.w.shape[0])
+            self.kernels.packed_matmul(x, self.packed, bias, other, out)
+            return out
+        if self.kind == "addmm":
             if other is None:
                 return torch.addmm(bias, x, self.w.t(), out=out) if bias is not None else \
                     torch.mm(x, self.w.t(), out=out)
