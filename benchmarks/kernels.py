@@ -4,8 +4,9 @@
 
 Times, for the default model's recurrent matrix (3072 x 1024), the matrix products one
 generated character needs: fp32 (torch.addmm, MKL) and int8 (charrnn.native's kernels) at
-batch 1 and 64; the fp32 GEMM of a training step (6400 x 1024 x 3072) for the machine's
-fp32 rate; and read bandwidth from a cache-sized (3 MB, 12 MB) and a memory-sized (256 MB)
+batch 1 and 64; the per-step recurrent product of training at 32 and 64 rows through each of
+fast_rnn's three products (MKL addmm, oneDNN's packed matmul, charrnn.native's panels); the fp32
+GEMM of a training step (6400 x 1024 x 3072) for the machine's fp32 rate; and read bandwidth from a cache-sized (3 MB, 12 MB) and a memory-sized (256 MB)
 array.  Prints one JSON object; ``ceiling_chars_per_s`` is the rate if a step cost nothing
 but that one product (the output layer, the gates and sampling come on top).
 """
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine  # noqa: E402
 
 from charrnn import native  # noqa: E402
+from charrnn.models import fast_rnn  # noqa: E402
 from charrnn.sampling import _Linear  # noqa: E402
 
 
@@ -60,6 +62,17 @@ def main(argv=None):
             out[f"int8_b{batch}"] = {"us": round(t * 1e6, 1), "gop_per_s": round(2 * batch * G * H / t / 1e9, 1),
                                      "weight_gb_per_s": round(G * H / t / 1e9, 1),
                                      "ceiling_chars_per_s": round(batch / t)}
+    for rows in (32, 64):
+        x, o = torch.randn(rows, H).tanh(), torch.empty(rows, G)
+        rates = {}
+        for kind, packed, panels in (("addmm", False, False), ("onednn", True, False), ("panels", True, True)):
+            fast_rnn.PACKED, fast_rnn.NATIVE = packed, panels
+            product = fast_rnn._Product(w, rows)
+            if product.kind == kind:
+                t = median_s(lambda: product(x, b, out=o), args.repeats, 50)
+                rates[kind] = round(2 * rows * G * H / t / 1e9, 1)
+        fast_rnn.PACKED, fast_rnn.NATIVE = True, True
+        out[f"recurrent_product_b{rows}_gflop_per_s"] = rates
     xb, ob = torch.randn(6400, H), torch.empty(6400, G)
     t = median_s(lambda: torch.mm(xb, w.t(), out=ob), max(3, args.repeats // 2), 2)
     out["fp32_training_gemm_gflop_per_s"] = round(2 * 6400 * G * H / t / 1e9, 1)
