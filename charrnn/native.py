@@ -597,8 +597,8 @@ void check_rows(const Tensor& t, int64_t B, int64_t W, const char* what) {
 // column, (ceil(N / 24), K, 24) zero padded, and each 4 x 24 tile of out is summed in 12 AVX2
 // registers with fused multiply-adds over chunks of 512 columns of K (the panel's 48 KB chunk is
 // reused from cache for every 4 rows of x).  The threads share the panels.  At 32 x 1024 x 3072 on a
-// 2-core Zen 3 that is about 145 GFLOP/s of the 166 peak, where oneDNN's packed matmul reaches ~90
-// and MKL's addmm ~70.  Not bit-identical to addmm (another summation order, fused multiply-adds).
+// 2-core Zen 3 that is 120-163 GFLOP/s of the 166 peak, where oneDNN's packed matmul reaches 85-111
+// and MKL's addmm ~75 (benchmarks/kernels.py).  Not bit-identical to addmm (another summation order, fused multiply-adds).
 // Without AVX2 + FMA, has_fma() says no and callers keep the ATen products.
 constexpr int64_t kPanel = 24, kChunk = 512;
 

@@ -117,7 +117,8 @@ def _keep_graph() -> bool:
 # The per-step product with the recurrent weight.  At the preset's shapes (32 rows x 1024 x 3072)
 # MKL's addmm reaches ~70 GFLOP/s on a 2-core AVX2 machine, oneDNN's matmul on a weight packed
 # once per forward / backward (the op behind torch.compile's CPU linear) ~90, and charrnn.native's
-# packed_matmul (AVX2 + FMA register tiles on a weight packed into panels) ~145 of the 166 peak.
+# packed_matmul (AVX2 + FMA register tiles on a weight packed into panels) 120-163 of the 166 peak
+# (benchmarks/kernels.py times all three).
 # --------------------------------------------------------------------------------------
 
 _HAS_ONEDNN: bool | None = None   # whether this torch has the oneDNN ops; probed on first use
