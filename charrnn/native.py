@@ -657,6 +657,7 @@ bool has_fma() { return false; }
 
 // w (N, K) float -> its panels (ceil(N / 24), K, 24), zero padded.
 Tensor pack_panels(const Tensor& w_in) {
+  RECORD_FUNCTION("charrnn::pack_panels", std::vector<c10::IValue>());
   TORCH_CHECK(w_in.scalar_type() == at::kFloat && w_in.dim() == 2, "pack_panels: a float matrix");
   const Tensor w = w_in.contiguous();
   const int64_t N = w.size(0), K = w.size(1), np = (N + kPanel - 1) / kPanel;
@@ -678,6 +679,7 @@ Tensor pack_panels(const Tensor& w_in) {
 // last stride (any row stride); out may be other, but no element of out may be one of x's.
 void packed_matmul(const Tensor& x, const Tensor& P, const c10::optional<Tensor>& bias_opt,
                    const c10::optional<Tensor>& other_opt, const Tensor& out) {
+  RECORD_FUNCTION("charrnn::packed_matmul", std::vector<c10::IValue>());
   TORCH_CHECK(has_fma(), "packed_matmul: needs a CPU with AVX2 and FMA (see has_fma)");
   const int64_t B = x.size(0), K = x.size(1), np = P.size(0), N = out.size(1);
   check_rows(x, B, K, "packed_matmul: x");
@@ -1001,6 +1003,7 @@ void gru_back_row(const float* g, float* d, const float* n, float* dan, const fl
 // (B, T) int64 a (V, 3H) table; hp = h_{t-1} (B, H); gates (B, T, 3H), ns and ys (B, T, H) contiguous.
 void gru_forward_step(const Tensor& a, const Tensor& gi, const c10::optional<Tensor>& ids_opt, const Tensor& hp,
                       const Tensor& gates, const Tensor& ns, const Tensor& ys, int64_t t) {
+  RECORD_FUNCTION("charrnn::gru_forward_step", std::vector<c10::IValue>());
   const int64_t B = gates.size(0), T = gates.size(1), G = gates.size(2), H = G / 3;
   TORCH_CHECK(gates.is_contiguous() && ns.is_contiguous() && ys.is_contiguous() && gates.scalar_type() == at::kFloat
               && ns.scalar_type() == at::kFloat && ys.scalar_type() == at::kFloat && t >= 0 && t < T,
@@ -1040,6 +1043,7 @@ void gru_forward_step(const Tensor& a, const Tensor& gi, const c10::optional<Ten
 // and zdh (B, H).  Then Python adds dg[:, t] @ W_hh to zdh for h_{t-1}'s gradient.
 void gru_backward_step(const Tensor& dh, const Tensor& dys, const Tensor& gates, const Tensor& dg,
                        const Tensor& ns, const Tensor& dan, const Tensor& hp, const Tensor& zdh, int64_t t) {
+  RECORD_FUNCTION("charrnn::gru_backward_step", std::vector<c10::IValue>());
   const int64_t B = gates.size(0), T = gates.size(1), G = gates.size(2), H = G / 3;
   TORCH_CHECK(gates.is_contiguous() && dg.is_contiguous() && ns.is_contiguous() && dan.is_contiguous()
               && dg.sizes() == gates.sizes() && dan.sizes() == ns.sizes() && gates.scalar_type() == at::kFloat
