@@ -153,11 +153,11 @@ class _Product:
     def __init__(self, w: torch.Tensor, rows: int):
         self.w = w
         self.kind = "addmm"
-        if PACKED and rows <= 256:     # from 512 rows on, MKL is as fast or faster
+        if PACKED:
             kernels = _panel_kernels(w)
-            if kernels is not None:
+            if kernels is not None and kernels.use_panels(rows):
                 self.kind, self.kernels, self.packed = "panels", kernels, kernels.pack_panels(w)
-            elif _packed_ok(w):
+            elif rows <= 256 and _packed_ok(w):     # from 512 rows on, MKL is as fast or faster
                 self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
 
     def __call__(self, x, bias=None, other=None, out=None):
