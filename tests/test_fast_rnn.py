@@ -117,6 +117,9 @@ def test_usable_conditions(monkeypatch):
     assert fast_rnn.usable(rnn, x)
     with torch.no_grad():
         assert not fast_rnn.usable(rnn, x)
+        with fast_rnn.evaluation():
+            assert fast_rnn.usable(rnn, x)
+        assert not fast_rnn.usable(rnn, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fast_rnn.usable(rnn, x)
     assert not fast_rnn.usable(rnn, x[0])                       # unbatched input
@@ -172,6 +175,28 @@ def test_charlm_inference_uses_stock_module(monkeypatch):
     with torch.no_grad():
         logits, state = model(torch.randint(0, 11, (B, T)))
     assert logits.shape == (B, T, 11) and state.shape == (1, B, H)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
+def test_evaluation_takes_the_fast_path_with_the_stock_loss(arch, monkeypatch):
+    """training.evaluate (validation) runs the fast path, state carried over chunks, dropout off."""
+    import numpy as np
+
+    from charrnn.training import evaluate
+
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=11, arch=arch, embed=8, hidden=H, layers=2, dropout=0.3))
+    ids = np.random.default_rng(0).integers(0, 11, 500).astype(np.int32)
+    calls = []
+    real = fast_rnn.rnn_forward
+    monkeypatch.setattr(fast_rnn, "rnn_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fast = evaluate(model, ids, seq_len=9, n_streams=4)
+    assert len(calls) == 14                                   # ceil(500 / 4 / 9) chunks
+    monkeypatch.setattr(fast_rnn, "ENABLED", False)
+    stock = evaluate(model, ids, seq_len=9, n_streams=4)
+    assert len(calls) == 14 and model.training
+    assert fast["chars"] == stock["chars"] == 499
+    assert fast["loss"] == pytest.approx(stock["loss"], abs=1e-6)
 
 
 def test_embedded_projection_matches_linear():
