@@ -40,5 +40,13 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
+def add_model_options(p) -> None:
+    """--arch --hidden --embed --layers, defaulting to the default model (GRU 1024, embedding 256)."""
+    p.add_argument("--arch", default="gru")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--embed", type=int, default=256)
+    p.add_argument("--layers", type=int, default=1)
+
+
 def emit(obj: dict) -> None:
     print(json.dumps(obj))

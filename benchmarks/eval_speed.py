@@ -19,7 +19,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, machine, peak_rss_mb  # noqa: E402
+from common import add_model_options, emit, machine, peak_rss_mb  # noqa: E402
 
 
 def child(args):
@@ -43,10 +43,7 @@ def child(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="gru")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--embed", type=int, default=256)
-    p.add_argument("--layers", type=int, default=1)
+    add_model_options(p)
     p.add_argument("--chars", type=int, default=111_540)
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256)
@@ -63,11 +60,11 @@ def main(argv=None):
             runs[path].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
     out = {"benchmark": "eval_speed", "arch": args.arch, "hidden": args.hidden, "layers": args.layers,
            "chars": args.chars, "streams": args.streams, "seq_len": args.seq_len}
+    median = {path: statistics.median(r["s"] for r in rs) for path, rs in runs.items()}
     for path, rs in runs.items():
-        s = statistics.median(r["s"] for r in rs)
-        out[path] = {"s_median": round(s, 2), "chars_per_s": round(args.chars / s),
+        out[path] = {"s_median": round(median[path], 3), "chars_per_s": round(args.chars / median[path]),
                      "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1), "loss": rs[0]["loss"]}
-    out["speedup"] = round(out["stock"]["s_median"] / out["fast"]["s_median"], 2)
+    out["speedup"] = round(median["stock"] / median["fast"], 2)
     emit({**out, **machine()})
 
 

@@ -14,7 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, machine, median_ms, peak_rss_mb  # noqa: E402
+from common import add_model_options, emit, machine, median_ms, peak_rss_mb  # noqa: E402
 
 from charrnn.models import CharLM, ModelConfig  # noqa: E402
 from charrnn.training import keep_cpu_memory, make_optimizer, resolve_device, resolve_precision, train_step  # noqa: E402
@@ -23,10 +23,7 @@ from charrnn.config import TrainConfig  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="gru")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--embed", type=int, default=256)
-    p.add_argument("--layers", type=int, default=1)
+    add_model_options(p)
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--weight-drop", type=float, default=0.0)
     p.add_argument("--vocab", type=int, default=66)
