@@ -386,6 +386,7 @@ def _product_kind(kind, monkeypatch):
     cannot."""
     monkeypatch.setattr(fast_rnn, "PACKED", kind != "addmm")
     monkeypatch.setattr(fast_rnn, "NATIVE", kind == "panels")
+    monkeypatch.setattr(fast_rnn, "_avx512", lambda: kind == "onednn")   # oneDNN before the panels or not
     if kind == "panels" and not _kernels().has_fma():
         pytest.skip("no AVX2 + FMA here")
     if kind == "onednn" and not fast_rnn._packed_ok(torch.ones(1)):
@@ -407,6 +408,18 @@ def test_step_product(kind, monkeypatch):
             out = torch.full((4, 12), float("nan"))
             assert product(x, b, other=o, out=out) is out
             torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+def test_product_choice(avx512, monkeypatch):
+    """With everything available, the panels on AVX2 CPUs and oneDNN on AVX-512 ones; MKL's addmm
+    from 512 rows on."""
+    if not _kernels().has_fma() or not fast_rnn._packed_ok(torch.ones(1)):
+        pytest.skip("needs both the panels and oneDNN")
+    monkeypatch.setattr(fast_rnn, "_avx512", lambda: avx512)
+    w = torch.randn(48, 32)
+    assert fast_rnn._Product(w, 64).kind == ("onednn" if avx512 else "panels")
+    assert fast_rnn._Product(w, 512).kind == "addmm"
 
 
 @pytest.mark.parametrize("rows,n,k", [(1, 24, 3), (4, 48, 512), (7, 25, 600), (32, 71, 1100), (13, 5, 1)])
