@@ -121,12 +121,61 @@ def test_usable_conditions(monkeypatch):
             assert fast_rnn.usable(rnn, x)
         assert not fast_rnn.usable(rnn, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast_rnn.usable(rnn, x)                          # bf16 recurrent products
+        assert not fast_rnn.usable(rnn.double(), x.double())
+        rnn.float()
+    with torch.autocast("cpu", dtype=torch.float16):
         assert not fast_rnn.usable(rnn, x)
     assert not fast_rnn.usable(rnn, x[0])                       # unbatched input
     assert not fast_rnn.usable(nn.GRU(I, H, bidirectional=True), x)
     assert not fast_rnn.usable(nn.LSTM(I, H, proj_size=4), x)
     monkeypatch.setattr(fast_rnn, "ENABLED", False)
     assert not fast_rnn.usable(rnn, x)
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
+def test_bf16_autocast(arch, monkeypatch):
+    """Under bf16 autocast the loops multiply in bf16 (every product is built for it) and agree with
+    the stock float32 module to bf16's precision, outputs and gradients in float32; the returned
+    state too.  The backward runs outside autocast, as train_step's does."""
+    lows = []
+    real_init = fast_rnn._Product.__init__
+    monkeypatch.setattr(fast_rnn._Product, "__init__",
+                        lambda self, w, rows, low=None: real_init(self, w, rows, low) or lows.append(low))
+    rnn = _make(arch, 2)
+    torch.manual_seed(0)
+    x = torch.randn(B, T, I, requires_grad=True)
+    state = _state(arch, 2)
+    ref_out, ref_grads = _run(lambda r, x, s: r(x, s), rnn, x, state)
+
+    def forward(r, x, s):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fast_rnn.rnn_forward(r, x, s)
+
+    out, grads = _run(forward, rnn, x, state)
+    assert lows == [torch.bfloat16] * 4                         # forward and backward, 2 layers
+    for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=0.03 * b.abs().max().item(), rtol=0.03)
+    assert any(not torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(grads, ref_grads))   # not float32
+
+
+def test_bf16_product(monkeypatch):
+    """The bf16 product: x and w rounded to bf16, the product rounded to bf16, bias and other added
+    in float32, through oneDNN and through mm."""
+    torch.manual_seed(0)
+    w, x, bias, other = torch.randn(12, 9), torch.randn(4, 9), torch.randn(12), torch.randn(4, 12)
+    exact = (x.bfloat16().double() @ w.bfloat16().double().t()).float()
+    for packed in (True, False):
+        monkeypatch.setattr(fast_rnn, "PACKED", packed)
+        product = fast_rnn._Product(w, 4, torch.bfloat16)
+        assert product.kind == ("onednn" if packed and fast_rnn._packed_ok(w.bfloat16()) else "addmm")
+        y = product(x)
+        assert y.dtype == torch.float32 and torch.equal(y, y.bfloat16().float())    # rounded to bf16
+        torch.testing.assert_close(y, exact, atol=1e-6, rtol=2 ** -7)                # by at most an ulp
+        out = torch.full((4, 12), float("nan"))
+        assert product(x, bias, other=other, out=out) is out
+        torch.testing.assert_close(out, y + bias + other, atol=1e-6, rtol=0)
 
 
 def _charlm_loss_and_grads(model, ids, targets, state=None):

@@ -81,8 +81,9 @@ class CharLM(nn.Module):
         """Logits (batch, time, vocab), or (batch, 1, vocab) for the last position only with
         ``last_only`` (the output layer then runs on that position alone), and the final state."""
         # CPU training goes through charrnn.models.fast_rnn (same parameters, same results,
-        # batched weight gradients), and so does validation (fast_rnn.evaluation()); GPU (cuDNN), other
-        # no_grad inference (sampling) and autocast keep self.rnn.
+        # batched weight gradients; under bf16 autocast, bf16 recurrent products), and so does
+        # validation (fast_rnn.evaluation()); GPU (cuDNN) and other no_grad inference (sampling)
+        # keep self.rnn.
         wd = self.config.weight_drop if self.training else 0.0
         if self._fast_lookup(ids):
             y, state = fast_rnn.rnn_forward(self.rnn, None, state, table=self._input_table(), ids=ids,

@@ -23,6 +23,11 @@ table lookup never materialises ``gi`` for all steps.  For the default model (ba
 100, GRU 1024) that is 237 MB less at the peak than saving ``gi``, ``d_gates`` and
 ``d_gi`` separately.
 
+Under bf16 autocast (``--precision bf16``, and ``auto`` on CPUs with native bf16) the same
+path runs with the per-step recurrent products, their backward and the recurrent weight
+gradient in bf16 (oneDNN; each product rounded to bf16, as autocast's own ``linear``), and
+everything else (gates, state, saved buffers, the gradients' sums) in float32.
+
 The parameters stay in the ``nn.RNNBase`` module (state_dict names, checkpoints and
 cuDNN on GPU are unchanged); :func:`rnn_forward` is a drop-in for ``rnn(x, state)``.
 Dropout between layers is :func:`dropout` on the outputs of every layer but the last, in
@@ -34,6 +39,7 @@ Set ``ENABLED = False`` (or the environment variable ``CHARRNN_FAST_RNN=0``) to 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -83,12 +89,23 @@ def _mode(rnn: nn.Module) -> str | None:
     return None
 
 
+def _autocast_ok(dtype: torch.dtype) -> bool:
+    """No autocast, or bf16 autocast over float32 parameters (the recurrent products then run in bf16)."""
+    if not _autocast_on("cpu"):
+        return True
+    try:
+        low = torch.get_autocast_dtype("cpu")
+    except AttributeError:  # torch < 2.4
+        low = torch.get_autocast_cpu_dtype()
+    return dtype == torch.float32 and low == torch.bfloat16
+
+
 def supported(rnn: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fast path applies to this module now: enabled, CPU, grad mode on (training;
-    inference keeps the stock module, but inside :func:`evaluation`), fp32/fp64, no autocast,
-    unidirectional, with biases."""
+    inference keeps the stock module, but inside :func:`evaluation`), fp32/fp64, no autocast or
+    bf16 autocast over fp32, unidirectional, with biases."""
     return (ENABLED and (torch.is_grad_enabled() or getattr(_local, "evaluating", False)) and device.type == "cpu"
-            and dtype in (torch.float32, torch.float64) and not _autocast_on("cpu")
+            and dtype in (torch.float32, torch.float64) and _autocast_ok(dtype)
             and _mode(rnn) is not None and rnn.bias and not rnn.bidirectional
             and getattr(rnn, "proj_size", 0) == 0
             and all(p.dtype == dtype and p.device.type == device.type for p in rnn.parameters()))
@@ -139,22 +156,21 @@ def _keep_graph() -> bool:
 # (benchmarks/kernels.py times all three).
 # --------------------------------------------------------------------------------------
 
-_HAS_ONEDNN: bool | None = None   # whether this torch has the oneDNN ops; probed on first use
+_HAS_ONEDNN: dict = {}   # dtype -> whether this torch has the oneDNN ops for it; probed on first use
 
 
 def _packed_ok(w: torch.Tensor) -> bool:
-    global _HAS_ONEDNN
-    if w.dtype != torch.float32 or w.device.type != "cpu":
+    if w.dtype not in (torch.float32, torch.bfloat16) or w.device.type != "cpu":
         return False
-    if _HAS_ONEDNN is None:
+    if w.dtype not in _HAS_ONEDNN:
         try:
-            probe = torch.ones(2, 3)
+            probe = torch.ones(2, 3, dtype=w.dtype)
             y = torch.ops.mkldnn._linear_pointwise(probe, torch.ops.mkldnn._reorder_linear_weight(probe, 2),
                                                    None, "none", [], "")
-            _HAS_ONEDNN = bool(torch.backends.mkldnn.is_available() and torch.equal(y, probe @ probe.t()))
+            _HAS_ONEDNN[w.dtype] = bool(torch.backends.mkldnn.is_available() and torch.equal(y, probe @ probe.t()))
         except (AttributeError, RuntimeError):
-            _HAS_ONEDNN = False
-    return _HAS_ONEDNN
+            _HAS_ONEDNN[w.dtype] = False
+    return _HAS_ONEDNN[w.dtype]
 
 
 def _panel_kernels(w: torch.Tensor):
@@ -174,12 +190,21 @@ class _Product:
     when PyTorch has it, else ``addmm``.  ``kind`` says which: "panels", "onednn" or "addmm".
     On AVX-512 CPUs oneDNN comes first: its AVX-512 kernel outruns the panels' AVX2 tile there
     (Zen 4, 1024 x 3072, 32-64 rows: 255-277 GFLOP/s against 155), while on AVX2 CPUs the panels
-    win (Zen 3: about 160 against 100-130)."""
+    win (Zen 3: about 160 against 100-130).
 
-    def __init__(self, w: torch.Tensor, rows: int):
+    With ``low`` (torch.bfloat16: bf16 autocast), ``x`` and ``w`` are multiplied in that dtype
+    (oneDNN's packed product, else ``mm``) and the product, rounded to it, is added to ``bias`` and
+    ``other`` in float32."""
+
+    def __init__(self, w: torch.Tensor, rows: int, low: torch.dtype | None = None):
         self.w = w
+        self.low = low
         self.kind = "addmm"
-        if PACKED:
+        if low is not None:
+            self.w = w.to(low)
+            if PACKED and rows <= 256 and _packed_ok(self.w):
+                self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(self.w.contiguous(), rows)
+        elif PACKED:
             kernels = _panel_kernels(w)
             panels = kernels is not None and kernels.use_panels(rows)
             onednn = rows <= 256 and _packed_ok(w)     # from 512 rows on, MKL is as fast or faster
@@ -191,6 +216,14 @@ class _Product:
     def __call__(self, x, bias=None, other=None, out=None):
         """The product, written to ``out`` when given (else a new tensor); ``other`` is added.
         ``out`` may be ``other`` but must not overlap ``x``."""
+        if self.low is not None:
+            x = x.to(self.low)
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "") if self.kind == "onednn" \
+                else torch.mm(x, self.w.t())
+            if out is None:
+                out = x.new_empty(y.shape, dtype=torch.float32)
+            out.copy_(y) if other is None else torch.add(other, y, out=out)
+            return out.add_(bias) if bias is not None else out
         if self.kind == "panels":
             if out is None:
                 out = x.new_empty(x.shape[0], self.w.shape[0])
@@ -237,24 +270,43 @@ def _input_grad(dg: torch.Tensor, ids: torch.Tensor | None, table_shape):
     return dg.new_zeros(table_shape).index_add_(0, ids.reshape(-1), dg.reshape(-1, dg.shape[-1]))
 
 
-def _weight_grads(dg: torch.Tensor, ys: torch.Tensor, h0: torch.Tensor):
+_LOW_ROWS = 1024   # rows of dg per bf16 weight-gradient GEMM
+
+
+def _weight_grads(dg: torch.Tensor, ys: torch.Tensor, h0: torch.Tensor, low: torch.dtype | None = None):
     """grad W_hh = sum_{b,t} dg[b,t]^T @ h_{t-1}[b] and grad b_hh, from batch-major dg (B, T, GH)
     and ys (B, T, H): one GEMM of the flattened rows against the rows one before them, minus the
-    B-1 pairs that straddle two sequences, plus the t = 0 terms against h0."""
+    B-1 pairs that straddle two sequences, plus the t = 0 terms against h0.  With ``low``, that
+    big GEMM runs in that dtype (its result rounded to it, as under autocast)."""
     B, T, GH = dg.shape
     d = dg.view(B * T, GH)
     gw = torch.mm(dg[:, 0].t(), h0)
     if T > 1:
         y = ys.view(B * T, ys.shape[-1])
-        gw.addmm_(d[1:].t(), y[:-1])
+        if low is not None:                # in row blocks: a low copy of all of dg would add 39 MB to the peak
+            for i in range(1, B * T, _LOW_ROWS):
+                j = min(i + _LOW_ROWS, B * T)
+                gw.add_(torch.mm(d[i:j].t().to(low), y[i - 1:j - 1].to(low)))
+        else:
+            gw.addmm_(d[1:].t(), y[:-1])
         if B > 1:
             gw.addmm_(dg[1:, 0].t(), ys[:-1, T - 1], alpha=-1)
     return gw, d.sum(0)
 
 
+def _fp32(fn):
+    """Run ``fn`` (a Function's forward or backward, which choose their own dtypes) with autocast off."""
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with torch.autocast("cpu", enabled=False):
+            return fn(*args)
+    return wrapped
+
+
 class _GRUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gi, ids, h0, w_hh, b_hh):
+    @_fp32
+    def forward(ctx, gi, ids, h0, w_hh, b_hh, low):
         kernels = _compiled(h0)
         inputs = _Inputs(gi, ids, lookup=kernels is None)
         T, B = inputs.T, inputs.B
@@ -263,7 +315,7 @@ class _GRUFunction(torch.autograd.Function):
         gates = h0.new_empty(B, T, 3 * H)    # [r, z, W_hn h + b_hn] per step
         ns = h0.new_empty(B, T, H)
         ys = h0.new_empty(B, T, H)
-        product = _Product(w_hh, B)
+        product = _Product(w_hh, B, low)
         h = h0
         if kernels is not None:                  # the gate arithmetic in one compiled pass per row
             x = gi if gi.stride(-1) == 1 else gi.contiguous()
@@ -280,11 +332,12 @@ class _GRUFunction(torch.autograd.Function):
                 torch.sub(h, n, out=hn)                       # h' = (h - n) * z + n
                 hn.mul_(g[:, H:2 * H]).add_(n)
                 h = hn
-        ctx.table_shape = gi.shape
+        ctx.table_shape, ctx.low = gi.shape, low
         ctx.save_for_backward(ids, h0, w_hh, gates, ns, ys)
         return ys, ys[:, T - 1].clone()
 
     @staticmethod
+    @_fp32
     def backward(ctx, dys, dhT):
         ids, h0, w_hh, gates, ns, ys = ctx.saved_tensors
         B, T, _ = gates.shape
@@ -296,7 +349,7 @@ class _GRUFunction(torch.autograd.Function):
         dan = ns if reuse else torch.empty_like(ns)        # grad of the n pre-activation
         dh = dhT.contiguous().clone()
         zdh = torch.empty_like(dh)
-        product = _Product(w_hh.t(), B)                    # dh_prev = d_gates @ w_hh (+ z dh)
+        product = _Product(w_hh.t(), B, ctx.low)           # dh_prev = d_gates @ w_hh (+ z dh)
         kernels = _compiled(h0)
         if kernels is not None:
             dys = dys if dys.stride(-1) == 1 else dys.contiguous()
@@ -320,10 +373,10 @@ class _GRUFunction(torch.autograd.Function):
                 torch.mul(dan_t, r, out=d[:, 2 * H:])
                 _sigmoid_backward(tmp, r, grad_input=d[:, :H])
                 product(d, other=zdh, out=dh)
-        gw, gb = _weight_grads(dg, ys, h0)
+        gw, gb = _weight_grads(dg, ys, h0, ctx.low)
         dg[:, :, 2 * H:].copy_(dan)                        # now the grad of gi: [dr, dz, dan]
         d_in = _input_grad(dg, ids, ctx.table_shape)
-        return d_in, None, dh, gw, gb
+        return d_in, None, dh, gw, gb, None
 
 
 def _compiled(t: torch.Tensor):
@@ -358,7 +411,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     saved random state reproduce the masks."""
     if not training or p == 0:
         return x
-    kernels = _compiled(x) if x.device.type == "cpu" and not _autocast_on("cpu") else None
+    kernels = _compiled(x) if x.device.type == "cpu" else None
     if kernels is None:
         return F.dropout(x, p, training=True)
     seed = int(torch.empty((), dtype=torch.int64).random_())
@@ -374,9 +427,10 @@ class Dropout(nn.Dropout):
 
 class _LSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gi, ids, h0, c0, w_hh, b_hh):
-        ctx.table_shape = gi.shape
-        kernels = _compiled(h0)
+    @_fp32
+    def forward(ctx, gi, ids, h0, c0, w_hh, b_hh, low):
+        ctx.table_shape, ctx.low = gi.shape, low
+        kernels = _compiled(h0) if low is None else None     # the compiled loops multiply in float32
         ctx.set_materialize_grads(kernels is None)   # the compiled backward takes None for unused outputs
         if kernels is not None:
             x = gi if gi.stride(-1) == 1 else gi.contiguous()    # the one-hot table is w_ih.t() + b_ih
@@ -391,7 +445,7 @@ class _LSTMFunction(torch.autograd.Function):
         cs = h0.new_empty(B, T, H)
         tcs = h0.new_empty(B, T, H)
         ys = h0.new_empty(B, T, H)
-        product = _Product(w_hh, B)
+        product = _Product(w_hh, B, low)
         h, c = h0, c0
         for t in range(T):
             g = gates[:, t]
@@ -410,15 +464,16 @@ class _LSTMFunction(torch.autograd.Function):
         return ys, ys[:, T - 1].clone(), cs[:, T - 1].clone()
 
     @staticmethod
+    @_fp32
     def backward(ctx, dys, dhT, dcT):
         ids, h0, c0, w_hh, gates, cs, tcs, ys = ctx.saved_tensors
         # grad of the pre-activations (= of gi and of W_hh h + b_hh), over the activations
         # (each step's slot read first) unless the graph is kept.
-        kernels = _compiled(h0)
+        kernels = _compiled(h0) if ctx.low is None else None
         if kernels is not None:
             dg, dh, dc = kernels.lstm_backward(dys, dhT, dcT, gates, cs, tcs, c0, w_hh, not _keep_graph())
             gw, gb = _weight_grads(dg, ys, h0)
-            return _input_grad(dg, ids, ctx.table_shape), None, dh, dc, gw, gb
+            return _input_grad(dg, ids, ctx.table_shape), None, dh, dc, gw, gb, None
         B, T, _ = gates.shape
         H = h0.shape[1]
         dg = gates if not _keep_graph() else torch.empty_like(gates)
@@ -426,7 +481,7 @@ class _LSTMFunction(torch.autograd.Function):
         dc = dcT.contiguous().clone()
         tmp = torch.empty_like(dh)
         tmp2 = torch.empty_like(dh)
-        product = _Product(w_hh.t(), B)
+        product = _Product(w_hh.t(), B, ctx.low)
         for t in range(T - 1, -1, -1):
             dh.add_(dys[:, t])
             g, tc, d = gates[:, t], tcs[:, t], dg[:, t]
@@ -445,19 +500,20 @@ class _LSTMFunction(torch.autograd.Function):
             dc.mul_(f)
             _sigmoid_backward(tmp, f, grad_input=d[:, H:2 * H])
             product(d, out=dh)
-        gw, gb = _weight_grads(dg, ys, h0)
+        gw, gb = _weight_grads(dg, ys, h0, ctx.low)
         d_in = _input_grad(dg, ids, ctx.table_shape)
-        return d_in, None, dh, dc, gw, gb
+        return d_in, None, dh, dc, gw, gb, None
 
 
 class _ElmanFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gi, ids, h0, w_hh, b_hh, relu: bool):
+    @_fp32
+    def forward(ctx, gi, ids, h0, w_hh, b_hh, relu: bool, low):
         inputs = _Inputs(gi, ids)
         T, B = inputs.T, inputs.B
         h0 = h0.contiguous()
         ys = h0.new_empty(B, T, w_hh.shape[1])
-        product = _Product(w_hh, B)
+        product = _Product(w_hh, B, low)
         h = h0
         for t in range(T):
             hn = ys[:, t]
@@ -465,18 +521,19 @@ class _ElmanFunction(torch.autograd.Function):
             hn.add_(inputs.at(t))
             hn.relu_() if relu else hn.tanh_()
             h = hn
-        ctx.relu = relu
+        ctx.relu, ctx.low = relu, low
         ctx.table_shape = gi.shape
         ctx.save_for_backward(ids, h0, w_hh, ys)
         return ys, ys[:, T - 1].clone()
 
     @staticmethod
+    @_fp32
     def backward(ctx, dys, dhT):
         ids, h0, w_hh, ys = ctx.saved_tensors
         T = ys.shape[1]
         dg = torch.empty_like(ys)          # ys itself is still needed for the weight gradient
         dh = dhT.contiguous().clone()
-        product = _Product(w_hh.t(), ys.shape[0])
+        product = _Product(w_hh.t(), ys.shape[0], ctx.low)
         for t in range(T - 1, -1, -1):
             dh.add_(dys[:, t])
             if ctx.relu:
@@ -484,9 +541,9 @@ class _ElmanFunction(torch.autograd.Function):
             else:
                 _tanh_backward(dh, ys[:, t], grad_input=dg[:, t])
             product(dg[:, t], out=dh)
-        gw, gb = _weight_grads(dg, ys, h0)
+        gw, gb = _weight_grads(dg, ys, h0, ctx.low)
         d_in = _input_grad(dg, ids, ctx.table_shape)
-        return d_in, None, dh, gw, gb, None
+        return d_in, None, dh, gw, gb, None, None
 
 
 def layer_forward(mode: str, gi: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None,
@@ -500,12 +557,13 @@ def layer_forward(mode: str, gi: torch.Tensor, h0: torch.Tensor, c0: torch.Tenso
     return (out[0].transpose(0, 1), *out[1:])
 
 
-def _layer(mode, gi, ids, h0, c0, w_hh, b_hh):
+def _layer(mode, gi, ids, h0, c0, w_hh, b_hh, low=None):
+    gi = gi.to(w_hh.dtype)                 # an input projection made under autocast
     if mode == "gru":
-        return _GRUFunction.apply(gi, ids, h0, w_hh, b_hh)
+        return _GRUFunction.apply(gi, ids, h0, w_hh, b_hh, low)
     if mode == "lstm":
-        return _LSTMFunction.apply(gi, ids, h0, c0, w_hh, b_hh)
-    return _ElmanFunction.apply(gi, ids, h0, w_hh, b_hh, mode == "rnn_relu")
+        return _LSTMFunction.apply(gi, ids, h0, c0, w_hh, b_hh, low)
+    return _ElmanFunction.apply(gi, ids, h0, w_hh, b_hh, mode == "rnn_relu", low)
 
 
 def rnn_forward(rnn: nn.RNNBase, x: torch.Tensor | None, state=None, *, gi0: torch.Tensor | None = None,
@@ -533,14 +591,16 @@ def rnn_forward(rnn: nn.RNNBase, x: torch.Tensor | None, state=None, *, gi0: tor
         ref = x
     if T == 0:
         raise ValueError("fast_rnn: empty sequence")
+    # Under bf16 autocast (see supported), the recurrent products run in bf16 and the rest in float32.
+    low = torch.bfloat16 if _autocast_on("cpu") else None
+    dtype = rnn.weight_hh_l0.dtype
     if mode == "lstm":
         h0, c0 = state if state is not None else (None, None)
     else:
         h0, c0 = state, None
-    if h0 is None:
-        h0 = ref.new_zeros(L, B, H)
-    if mode == "lstm" and c0 is None:
-        c0 = ref.new_zeros(L, B, H)
+    h0 = ref.new_zeros(L, B, H, dtype=dtype) if h0 is None else h0.to(dtype)
+    if mode == "lstm":
+        c0 = ref.new_zeros(L, B, H, dtype=dtype) if c0 is None else c0.to(dtype)
     hs, cs = [], []
     inp = None                                              # the previous layer's output, (B, T, H)
     for layer in range(L):
@@ -559,7 +619,7 @@ def rnn_forward(rnn: nn.RNNBase, x: torch.Tensor | None, state=None, *, gi0: tor
                 gi = F.linear(x, w_ih, b_ih).transpose(0, 1)   # projecting before transposing: no copy of x
             else:
                 gi = F.linear(x, w_ih, b_ih)
-        out = _layer(mode, gi, lookup, h0[layer], c0[layer] if c0 is not None else None, w_hh, b_hh)
+        out = _layer(mode, gi, lookup, h0[layer], c0[layer] if c0 is not None else None, w_hh, b_hh, low)
         inp = out[0]
         hs.append(out[1])
         if mode == "lstm":
