@@ -204,6 +204,7 @@ class _Product:
             self.w = w.to(low)
             if PACKED and rows <= 256 and _packed_ok(self.w):
                 self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(self.w.contiguous(), rows)
+                self.w = None                          # only the packed copy is read
         elif PACKED:
             kernels = _panel_kernels(w)
             panels = kernels is not None and kernels.use_panels(rows)
@@ -373,6 +374,7 @@ class _GRUFunction(torch.autograd.Function):
                 torch.mul(dan_t, r, out=d[:, 2 * H:])
                 _sigmoid_backward(tmp, r, grad_input=d[:, :H])
                 product(d, other=zdh, out=dh)
+        del product                                        # its packed weight, before the peak below
         gw, gb = _weight_grads(dg, ys, h0, ctx.low)
         dg[:, :, 2 * H:].copy_(dan)                        # now the grad of gi: [dr, dz, dan]
         d_in = _input_grad(dg, ids, ctx.table_shape)
@@ -500,6 +502,7 @@ class _LSTMFunction(torch.autograd.Function):
             dc.mul_(f)
             _sigmoid_backward(tmp, f, grad_input=d[:, H:2 * H])
             product(d, out=dh)
+        del product                                        # its packed weight, before the peak below
         gw, gb = _weight_grads(dg, ys, h0, ctx.low)
         d_in = _input_grad(dg, ids, ctx.table_shape)
         return d_in, None, dh, dc, gw, gb, None
@@ -541,6 +544,7 @@ class _ElmanFunction(torch.autograd.Function):
             else:
                 _tanh_backward(dh, ys[:, t], grad_input=dg[:, t])
             product(dg[:, t], out=dh)
+        del product                                        # its packed weight, before the peak below
         gw, gb = _weight_grads(dg, ys, h0, ctx.low)
         d_in = _input_grad(dg, ids, ctx.table_shape)
         return d_in, None, dh, gw, gb, None, None
