@@ -1,6 +1,6 @@
 """Where the time goes: torch.profiler tables for a training step and for batch-1 sampling.
 
-    python benchmarks/profile_steps.py [--what train sample] [--rows 12] [--sample-batch 1]
+    python benchmarks/profile_steps.py [--what train sample] [--rows 12] [--sample-batch 1] [--dtype fp32|bf16]
                                        [--weights fp32|int8] [--backend auto|native|python]
 
 Uses the default model (GRU 1024, embedding 256, vocabulary 66; batch 64 x 100 for training,
@@ -31,18 +31,20 @@ def main(argv=None):
     p.add_argument("--backend", default="auto", choices=["auto", "native", "python"],
                    help="sampling step: compiled (native), pure PyTorch (python), or whichever is available")
     p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="training: fp32 or bf16 autocast")
     p.add_argument("--sample-batch", type=int, default=1, help="samples generated side by side")
     args = p.parse_args(argv)
     model, vocab = default_model()
     device = torch.device("cpu")
     if "train" in args.what:
         opt = make_optimizer(TrainConfig(), model)
+        amp = torch.bfloat16 if args.dtype == "bf16" else None
         x, y = torch.randint(1, 66, (64, 100)), torch.randint(1, 66, (64, 100))
         for _ in range(2):
-            train_step(model, opt, x, y, 5.0, device, None)
+            train_step(model, opt, x, y, 5.0, device, amp)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            train_step(model, opt, x, y, 5.0, device, None)
-        print("== training step (batch 64 x 100)")
+            train_step(model, opt, x, y, 5.0, device, amp)
+        print(f"== training step (batch 64 x 100, {args.dtype})")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
     if "sample" in args.what:
         sampler = Sampler(model.eval(), vocab, weights=args.weights, backend=args.backend)
