@@ -65,13 +65,15 @@ def main(argv=None):
     for rows in (32, 64):
         x, o = torch.randn(rows, H).tanh(), torch.empty(rows, G)
         rates = {}
+        avx512 = fast_rnn._avx512
         for kind, packed, panels in (("addmm", False, False), ("onednn", True, False), ("panels", True, True)):
             fast_rnn.PACKED, fast_rnn.NATIVE = packed, panels
+            fast_rnn._avx512 = lambda: not panels          # else AVX-512 CPUs never get the panels
             product = fast_rnn._Product(w, rows)
             if product.kind == kind:
                 t = median_s(lambda: product(x, b, out=o), args.repeats, 50)
                 rates[kind] = round(2 * rows * G * H / t / 1e9, 1)
-        fast_rnn.PACKED, fast_rnn.NATIVE = True, True
+        fast_rnn.PACKED, fast_rnn.NATIVE, fast_rnn._avx512 = True, True, avx512
         out[f"recurrent_product_b{rows}_gflop_per_s"] = rates
     xb, ob = torch.randn(6400, H), torch.empty(6400, G)
     t = median_s(lambda: torch.mm(xb, w.t(), out=ob), max(3, args.repeats // 2), 2)
