@@ -52,8 +52,9 @@ def small_corpus(tmp_path) -> Path:
     return path
 
 
-# Options for a model that trains in a second or two, in float32 on every CPU (`auto` picks bf16
-# where the CPU has it natively, and many tests compare runs exactly; test_training.py and test_fast_rnn.py cover bf16).
+# Options for a model that trains in a second or two, in float32 on every CPU: `auto` picks bf16
+# where the CPU has it natively, and many tests compare runs exactly (test_training.py and
+# test_fast_rnn.py test bf16 by name).
 TINY = ["--hidden", "48", "--embed", "16", "--seq-len", "32", "--batch-size", "16", "--precision", "fp32", "--quiet"]
 TINY_KW = dict(hidden=48, embed=16, seq_len=32, batch_size=16, precision="fp32")
 

@@ -122,8 +122,7 @@ def test_usable_conditions(monkeypatch):
         assert not fast_rnn.usable(rnn, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast_rnn.usable(rnn, x)                          # bf16 recurrent products
-        assert not fast_rnn.usable(rnn.double(), x.double())
-        rnn.float()
+        assert not fast_rnn.usable(_make("gru", 1, torch.float64), x.double())
     with torch.autocast("cpu", dtype=torch.float16):
         assert not fast_rnn.usable(rnn, x)
     assert not fast_rnn.usable(rnn, x[0])                       # unbatched input
