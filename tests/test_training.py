@@ -68,8 +68,10 @@ def test_bf16_training_learns_as_well_as_fp32(arch, small_corpus, tmp_path, monk
     assert bf16.best_val_loss == pytest.approx(fp32.best_val_loss, rel=0.03)
 
 
-def test_interrupted_at_a_checkpoint_and_resumed_equals_uninterrupted(small_corpus, tmp_path):
-    opts = dict(progress=False, dropout=0.2, weight_drop=0.3, layers=2, eval_every=4, **TINY_KW)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_interrupted_at_a_checkpoint_and_resumed_equals_uninterrupted(precision, small_corpus, tmp_path):
+    opts = dict(progress=False, dropout=0.2, weight_drop=0.3, layers=2, eval_every=4,
+                **{**TINY_KW, "precision": precision})
     charrnn.train(str(small_corpus), tmp_path / "straight", max_steps=14, **opts)
     charrnn.train(str(small_corpus), tmp_path / "split", max_steps=6, **opts)
     r = charrnn.train(str(small_corpus), tmp_path / "split", resume=True, max_steps=14, progress=False)
