@@ -278,7 +278,8 @@ def _weight_grads(dg: torch.Tensor, ys: torch.Tensor, h0: torch.Tensor, low: tor
     """grad W_hh = sum_{b,t} dg[b,t]^T @ h_{t-1}[b] and grad b_hh, from batch-major dg (B, T, GH)
     and ys (B, T, H): one GEMM of the flattened rows against the rows one before them, minus the
     B-1 pairs that straddle two sequences, plus the t = 0 terms against h0.  With ``low``, that
-    big GEMM runs in that dtype (its result rounded to it, as under autocast)."""
+    big GEMM runs in that dtype in blocks of _LOW_ROWS rows (each block's product rounded to it,
+    as under autocast, and summed in float32)."""
     B, T, GH = dg.shape
     d = dg.view(B * T, GH)
     gw = torch.mm(dg[:, 0].t(), h0)
