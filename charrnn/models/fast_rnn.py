@@ -201,9 +201,9 @@ class _Product:
         self.low = low
         self.kind = "addmm"
         if low is not None:
-            self.w = w.to(low)
+            self.w = w.new_empty(w.shape, dtype=low).copy_(w)   # contiguous (w may be w_hh.t()): one copy
             if PACKED and rows <= 256 and _packed_ok(self.w):
-                self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(self.w.contiguous(), rows)
+                self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(self.w, rows)
                 self.w = None                          # only the packed copy is read
         elif PACKED:
             kernels = _panel_kernels(w)
@@ -212,7 +212,13 @@ class _Product:
             if panels and not (onednn and _avx512()):
                 self.kind, self.kernels, self.packed = "panels", kernels, kernels.pack_panels(w)
             elif onednn:
-                self.kind, self.packed = "onednn", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), rows)
+                self.kind, self.out_features = "onednn", w.shape[0]
+                # A transposed w (the backward's w_hh.t()) is packed a half at a time: packing goes through
+                # a contiguous copy, and two half copies at once are 12 MB less at the backward's peak.
+                n = w.shape[0] if w.is_contiguous() or w.shape[0] < 2 else (w.shape[0] + 1) // 2
+                self.packed = [(i, min(i + n, w.shape[0]),
+                                torch.ops.mkldnn._reorder_linear_weight(w[i:i + n].contiguous(), rows))
+                               for i in range(0, w.shape[0], n)]
 
     def __call__(self, x, bias=None, other=None, out=None):
         """The product, written to ``out`` when given (else a new tensor); ``other`` is added.
@@ -236,10 +242,21 @@ class _Product:
                     torch.mm(x, self.w.t(), out=out)
             y = torch.addmm(other, x, self.w.t(), out=out)
             return y.add_(bias) if bias is not None else y
+        if len(self.packed) == 1:
+            return self._onednn(x, self.packed[0][2], bias, other, out)
+        if out is None:
+            out = x.new_empty(x.shape[0], self.out_features)
+        for i, j, packed in self.packed:
+            self._onednn(x, packed, bias[i:j] if bias is not None else None,
+                         other[:, i:j] if other is not None else None, out[:, i:j])
+        return out
+
+    @staticmethod
+    def _onednn(x, packed, bias, other, out):
         if other is None:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         else:
-            y = torch.ops.mkldnn._linear_pointwise.binary(x, other, self.packed, bias, "add")
+            y = torch.ops.mkldnn._linear_pointwise.binary(x, other, packed, bias, "add")
         return out.copy_(y) if out is not None else y
 
 
@@ -335,18 +352,22 @@ class _GRUFunction(torch.autograd.Function):
                 hn.mul_(g[:, H:2 * H]).add_(n)
                 h = hn
         ctx.table_shape, ctx.low = gi.shape, low
-        ctx.save_for_backward(ids, h0, w_hh, gates, ns, ys)
+        ctx.save_for_backward(ids, h0, w_hh, gates, ys)
+        ctx.ns = ns       # on ctx (an intermediate, never seen outside): the backward frees it early
         return ys, ys[:, T - 1].clone()
 
     @staticmethod
     @_fp32
     def backward(ctx, dys, dhT):
-        ids, h0, w_hh, gates, ns, ys = ctx.saved_tensors
+        ids, h0, w_hh, gates, ys = ctx.saved_tensors
+        ns = ctx.ns
         B, T, _ = gates.shape
         H = h0.shape[1]
         # Each step reads its slot of gates / ns before writing the gradients over it, so
         # unless the graph is kept, the saved buffers become the gradient buffers.
         reuse = not _keep_graph()
+        if reuse:
+            del ctx.ns
         dg = gates if reuse else torch.empty_like(gates)   # grad of W_hh h + b_hh: [dr, dz, dan * r]
         dan = ns if reuse else torch.empty_like(ns)        # grad of the n pre-activation
         dh = dhT.contiguous().clone()
@@ -376,9 +397,16 @@ class _GRUFunction(torch.autograd.Function):
                 _sigmoid_backward(tmp, r, grad_input=d[:, :H])
                 product(d, other=zdh, out=dh)
         del product                                        # its packed weight, before the peak below
+        if ids is not None:                                # the table's gradient first, then dan can go
+            d_in = dg.new_zeros(ctx.table_shape)
+            rows = ids.reshape(-1)
+            d_in[:, :2 * H].index_add_(0, rows, dg[:, :, :2 * H].reshape(B * T, 2 * H))
+            d_in[:, 2 * H:].index_add_(0, rows, dan.reshape(B * T, H))
+            del dan, ns
         gw, gb = _weight_grads(dg, ys, h0, ctx.low)
-        dg[:, :, 2 * H:].copy_(dan)                        # now the grad of gi: [dr, dz, dan]
-        d_in = _input_grad(dg, ids, ctx.table_shape)
+        if ids is None:
+            dg[:, :, 2 * H:].copy_(dan)                    # now the grad of gi: [dr, dz, dan]
+            d_in = _input_grad(dg, None, ctx.table_shape)
         return d_in, None, dh, gw, gb, None
 
 
