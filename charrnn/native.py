@@ -34,6 +34,7 @@ without a compiler :func:`load` answers None (with one warning) and the Python p
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import sys
@@ -41,6 +42,7 @@ import threading
 import warnings
 
 import torch
+import torch._appdirs
 
 ENABLED: bool = os.environ.get("CHARRNN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -1182,6 +1184,31 @@ def build_name(variant: list[str] | None = None) -> str:
     return "charrnn_step_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _built_path(name: str) -> str:
+    """Where ``load_inline`` puts the library named ``name`` (its ``_get_build_directory`` for
+    torch's CPU builds; test_native_prebuilt checks the two agree)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        accelerator = "cpu" if torch.version.cuda is None and torch.version.hip is None else "gpu"
+        root = os.path.join(os.path.realpath(torch._appdirs.user_cache_dir(appname="torch_extensions")),
+                            f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+                            f"_{accelerator}")
+    return os.path.join(root, name, name + ".so")
+
+
+def _prebuilt(variant: list[str]):
+    """The library an earlier process built, imported directly, or None: importing
+    torch.utils.cpp_extension (setuptools and all) costs 0.2 s and 4 MB of every process."""
+    name = build_name(variant)
+    path = _built_path(name)
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _build(variant: list[str]):
     from torch.utils import cpp_extension
 
@@ -1211,7 +1238,11 @@ def load():
         _tried = True
         for variant in _VARIANTS:
             try:
-                _module = _build(variant)
+                try:
+                    _module = _prebuilt(variant)
+                except Exception:                  # a partial or foreign file: load_inline decides
+                    _module = None
+                _module = _module or _build(variant)
                 _error = None
                 break
             except Exception as e:  # no compiler, no ninja, a failed build: the Python path does the same
