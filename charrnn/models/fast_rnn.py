@@ -398,10 +398,9 @@ class _GRUFunction(torch.autograd.Function):
                 product(d, other=zdh, out=dh)
         del product                                        # its packed weight, before the peak below
         if ids is not None:                                # the table's gradient first, then dan can go
-            d_in = dg.new_zeros(ctx.table_shape)
-            rows = ids.reshape(-1)
-            d_in[:, :2 * H].index_add_(0, rows, dg[:, :, :2 * H].reshape(B * T, 2 * H))
-            d_in[:, 2 * H:].index_add_(0, rows, dan.reshape(B * T, H))
+            # (index_add_ is fast on contiguous rows only: all of dg, then dan's columns over its third)
+            d_in = _input_grad(dg, ids, ctx.table_shape)
+            d_in[:, 2 * H:] = _input_grad(dan, ids, (ctx.table_shape[0], H))
             del dan, ns
         gw, gb = _weight_grads(dg, ys, h0, ctx.low)
         if ids is None:
