@@ -310,11 +310,9 @@ class Sampler:
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
         opts = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p")}
         check_sampling_options(length=length, num_samples=len(prompts), **opts)
-        pieces: list[list[str]] = [[p] for p in prompts]
-        for step in self.stream(prompts, length, **options):
-            for piece, ch in zip(pieces, step):
-                piece.append(ch)
-        return ["".join(p) for p in pieces]
+        steps = list(self.stream_ids(prompts, length, **options))   # left on the device: on a GPU the
+        rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]   # host waits once, not per character
+        return [p + self.vocab.decode(r) for p, r in zip(prompts, rows)]
 
     @torch.inference_mode()
     def beam(self, prompt: str, length: int, beam_width: int) -> list[tuple[str, float]]:

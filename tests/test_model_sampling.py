@@ -100,6 +100,17 @@ def test_same_seed_same_text_and_samples_differ():
     assert s.generate("abc", 50, num_samples=3, seed=8) != a
 
 
+def test_generate_is_the_prompt_and_the_stream():
+    """generate() reads the ids back once at the end; stream() a character at a time: the same text."""
+    s = _sampler()
+    for prompts, kw in ((["abc"] * 3, dict(temperature=0.9)), (["a", "bcd"], dict(top_k=3)), (["ab"], dict(temperature=0))):
+        pieces = list(prompts)
+        for step in s.stream(prompts, 40, seed=5, **kw):
+            pieces = [p + ch for p, ch in zip(pieces, step)]
+        assert s.generate(prompts, 40, seed=5, **kw) == pieces
+    assert s.generate(["ab", "c"], 0) == ["ab", "c"]
+
+
 def test_samples_are_generated_in_one_batch(monkeypatch):
     s = _sampler()
     calls = []
