@@ -1113,10 +1113,11 @@ CHARRNN_AVX2 void drop_range_avx2(const float* __restrict__ x, float* __restrict
 #endif
 
 // x (any shape, contiguous float) -> x * mask / (1 - p), the mask drawn from `seed`.
-Tensor dropout(const Tensor& x, double p, int64_t seed) {
+// Element i of x is element offset + i of the whole tensor whose mask this is (a slice of it).
+Tensor dropout(const Tensor& x, double p, int64_t seed, int64_t offset) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "dropout: x must be a contiguous float CPU tensor");
-  TORCH_CHECK(p >= 0 && p < 1, "dropout: p must be in [0, 1)");
+  TORCH_CHECK(p >= 0 && p < 1 && offset >= 0, "dropout: p must be in [0, 1) and offset >= 0");
   Tensor y = at::empty_like(x);
   const uint64_t s = static_cast<uint64_t>(seed);
   const double t = std::ldexp(p, 32);
@@ -1125,16 +1126,16 @@ Tensor dropout(const Tensor& x, double p, int64_t seed) {
   const float* px = x.data_ptr<float>();
   float* py = y.data_ptr<float>();
   const bool avx2 = has_avx2();
-  at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(offset, offset + x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end;) {
       // Runs of indices that share their upper 32 bits.
       const int64_t stop = std::min<int64_t>(end, ((i >> 32) + 1) << 32);
       const uint32_t lo = static_cast<uint32_t>(i), n = static_cast<uint32_t>(stop - i);
       const uint32_t hi = static_cast<uint32_t>(i >> 32) * 0x9e3779b9U;
 #ifdef CHARRNN_X86
-      if (avx2) drop_range_avx2(px + i, py + i, lo, n, hi, k); else
+      if (avx2) drop_range_avx2(px + i - offset, py + i - offset, lo, n, hi, k); else
 #endif
-      drop_range_portable(px + i, py + i, lo, n, hi, k);
+      drop_range_portable(px + i - offset, py + i - offset, lo, n, hi, k);
       i = stop;
     }
   });
@@ -1152,7 +1153,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_backward", &lstm_backward, py::call_guard<py::gil_scoped_release>());
   m.def("gru_forward_step", &gru_forward_step, py::call_guard<py::gil_scoped_release>());
   m.def("gru_backward_step", &gru_backward_step, py::call_guard<py::gil_scoped_release>());
-  m.def("dropout", &dropout, py::call_guard<py::gil_scoped_release>());
+  m.def("dropout", &dropout, py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("offset") = 0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("pack_panels", &pack_panels, py::call_guard<py::gil_scoped_release>());
   m.def("packed_matmul", &packed_matmul, py::call_guard<py::gil_scoped_release>());
   m.def("has_fma", &has_fma);

@@ -353,6 +353,81 @@ def test_gradcheck_table_lookup_float64(mode):
     assert torch.autograd.gradcheck(fn, tuple(leaves))
 
 
+# ------------------------------------------------------------------ the output layer folded into the GRU
+
+def _head_case(dtype=torch.float32, b=3, t=5, h=6, vocab=7, out=4):
+    table, ids, h0, _, w, bias, leaves = _layer_case("gru", dtype, b, t, h, vocab)
+    w_out = torch.randn(out, h, dtype=dtype, requires_grad=True)
+    b_out = torch.randn(out, dtype=dtype, requires_grad=True)
+    return table, ids, h0, w, bias, w_out, b_out, leaves + [w_out, b_out]
+
+
+def test_gradcheck_folded_head_float64():
+    table, ids, h0, w, bias, w_out, b_out, leaves = _head_case(torch.float64, b=2, t=3, h=3, vocab=4, out=2)
+    fn = lambda table, h0, w, bias, w_out, b_out: fast_rnn._GRUFunction.apply(  # noqa: E731
+        table, ids, h0, w, bias, None, w_out, b_out, 0.0, 0)
+    assert torch.autograd.gradcheck(fn, tuple(leaves))
+
+
+@pytest.mark.parametrize("p,native,chunk", [(0.0, True, None), (0.0, False, None), (0.3, True, None),
+                                             (0.3, True, 2 * 4 * 16), (0.3, True, 1)])   # dropout: compiled only
+def test_folded_head_matches_the_layer_then_the_head(p, native, chunk, monkeypatch):
+    """logits = dropout(ys) @ w_out.t() + b_out inside the layer: the same logits and gradients as
+    the layer's outputs through an explicit head with the same masks (the seed of step t's mask is
+    seed_at(t)); with the graph kept, twice the same."""
+    kernels = _kernels() if native else None
+    monkeypatch.setattr(fast_rnn, "NATIVE", native)
+    if chunk:                                           # two steps at a time, or one
+        monkeypatch.setattr(fast_rnn, "_HEAD_CHUNK", chunk)
+    table, ids, h0, w, bias, w_out, b_out, leaves = _head_case(b=4, t=6, h=16, vocab=9, out=5)
+    seed = 12345
+    logits, hT = fast_rnn._GRUFunction.apply(table, ids, h0, w, bias, None, w_out, b_out, p, seed)
+    ys, hT_ref = fast_rnn._GRUFunction.apply(table, ids, h0, w, bias, None)
+    # the mask of the outputs in time-major order, as the dropout kernel makes it for a whole tensor
+    masks = kernels.dropout(torch.ones(6, 4, 16), p, seed).transpose(0, 1) if p else torch.ones(1)
+    if p:
+        assert 0 < (masks == 0).float().mean() < 1 and not torch.equal(masks[:, 0], masks[:, 1])
+    ref = F.linear(ys * masks, w_out, b_out)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hT, hT_ref, atol=0, rtol=0)
+    weights = torch.linspace(-1, 1, ref.numel()).view_as(ref)
+    want = torch.autograd.grad((ref * weights).sum() + (hT_ref ** 2).sum(), leaves)
+    loss = (logits * weights).sum() + (hT ** 2).sum()
+    for _ in range(2):
+        got = torch.autograd.grad(loss, leaves, retain_graph=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    got = torch.autograd.grad(loss, leaves)             # the last backward reuses the saved buffers
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_charlm_folds_its_head_into_the_gru(monkeypatch):
+    """CharLM's training forward folds head + output dropout into the GRU (not for last_only, an LSTM or
+    dropout without the compiled kernels), and the model still learns a copy task with it."""
+    calls = []
+    real = fast_rnn.rnn_forward
+    monkeypatch.setattr(fast_rnn, "rnn_forward", lambda *a, **kw: calls.append(kw.get("head")) or real(*a, **kw))
+    ids = torch.randint(1, 11, (B, T))
+    for arch, dropout, folded in (("gru", 0.0, True), ("gru", 0.2, fast_rnn._compiled(torch.ones(1)) is not None), ("lstm", 0.0, False)):
+        model = CharLM(ModelConfig(vocab_size=11, arch=arch, embed=8, hidden=H, dropout=dropout))
+        logits, _ = model(ids)
+        assert logits.shape == (B, T, 11) and (calls.pop() is model.head) == folded
+        model(ids, last_only=True)
+        assert calls.pop() is None
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=11, arch="gru", embed=8, hidden=32, dropout=0.1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    data = torch.randint(1, 11, (16, 12))
+    for _ in range(150):                                # predict the previous character
+        logits, _ = model(data)
+        loss = F.cross_entropy(logits[:, 1:].reshape(-1, 11), data[:, :-1].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert calls[-1] is model.head and loss.item() < 0.2
+
+
 # ------------------------------------------------------------------ the compiled LSTM loops
 
 def _kernels():

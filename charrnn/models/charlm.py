@@ -86,8 +86,14 @@ class CharLM(nn.Module):
         # keep self.rnn.
         wd = self.config.weight_drop if self.training else 0.0
         if self._fast_lookup(ids):
+            # The output layer (and its dropout) goes inside the last layer's backward, unless only
+            # the last position is wanted.
+            p = self.drop.p if self.training else 0.0
+            fold = not last_only and fast_rnn.head_usable(self.rnn, self.head, p)
             y, state = fast_rnn.rnn_forward(self.rnn, None, state, table=self._input_table(), ids=ids,
-                                            weight_drop=wd)
+                                            weight_drop=wd, head=self.head if fold else None, head_dropout=p)
+            if fold:
+                return y, state
         else:
             x = self.embed_ids(ids)
             if fast_rnn.usable(self.rnn, x):

@@ -21,7 +21,10 @@ gradients over the saved gate activations, each step's slot read before it is
 overwritten, and hands the same buffer on as the input projection's gradient; the
 table lookup never materialises ``gi`` for all steps.  For the default model (batch 64 x
 100, GRU 1024) that is 237 MB less at the peak than saving ``gi``, ``d_gates`` and
-``d_gi`` separately.
+``d_gi`` separately.  A :class:`CharLM`'s output layer (and the dropout before it) can run
+inside its last GRU layer (``rnn_forward(head=...)``), whose backward then makes each step's
+output gradient from the logits' gradient when it needs it: another 26 MB (52 with dropout)
+that never exists.
 
 Under bf16 autocast (``--precision bf16``, and ``auto`` on CPUs with native bf16) the same
 path runs with the per-step recurrent products, their backward and the recurrent weight
@@ -328,10 +331,59 @@ def _fp32(fn):
     return wrapped
 
 
+_HEAD_CHUNK = 1 << 20   # elements of the outputs the folded head drops and multiplies at a time
+
+
+class _Head:
+    """The output layer ``logits = dropout(ys) @ w.t() + b`` folded into the last GRU layer, so the
+    backward makes each step's output gradient ``dropout(dlogits[:, t] @ w)`` when the reverse loop
+    needs it: the (B, T, H) gradient of the outputs (26 MB for the default model) never exists, nor
+    does a dropped copy of all the outputs.  The mask is the compiled kernel's (:func:`dropout`) for
+    the outputs in time-major order, so any run of steps is one range of its element indices and
+    the backward recomputes the same mask a step or a chunk of steps at a time; ``p`` > 0 needs
+    those kernels.  The products run in float32 (also under bf16 autocast)."""
+
+    def __init__(self, w, b, p, seed, kernels):
+        self.w, self.b, self.p, self.seed, self.kernels = w, b, p, seed, kernels
+
+    def _chunks(self, ys):
+        """(t0, t1, dropout(ys[:, t0:t1]) time-major (t1 - t0, B, H)) over all steps, about 1M elements each."""
+        B, T, H = ys.shape
+        k = max(1, _HEAD_CHUNK // (B * H))
+        for t0 in range(0, T, k):
+            t1 = min(T, t0 + k)
+            x = ys[:, t0:t1].transpose(0, 1)
+            yield t0, t1, self.kernels.dropout(x.contiguous(), self.p, self.seed, t0 * B * H)
+
+    def logits(self, ys):
+        B, T, H = ys.shape
+        if self.p == 0:
+            return torch.addmm(self.b, ys.view(B * T, H), self.w.t()).view(B, T, -1)
+        out = ys.new_empty(B, T, self.w.shape[0])
+        for t0, t1, x in self._chunks(ys):
+            out[:, t0:t1] = torch.addmm(self.b, x.view(-1, H), self.w.t()).view(t1 - t0, B, -1).transpose(0, 1)
+        return out
+
+    def grads(self, dlogits, ys):
+        """grad w and grad b."""
+        B, T, H = ys.shape
+        if self.p == 0:
+            return dlogits.reshape(B * T, -1).t() @ ys.view(B * T, H), dlogits.sum((0, 1))
+        gw = ys.new_zeros(self.w.shape)
+        for t0, t1, x in self._chunks(ys):
+            gw.addmm_(dlogits[:, t0:t1].transpose(0, 1).reshape(-1, gw.shape[0]).t(), x.view(-1, H))
+        return gw, dlogits.sum((0, 1))
+
+    def output_grad(self, dlogits, t):
+        """The gradient of ys[:, t], (B, H)."""
+        dy = dlogits[:, t] @ self.w
+        return dy if self.p == 0 else self.kernels.dropout(dy, self.p, self.seed, t * dy.numel())
+
+
 class _GRUFunction(torch.autograd.Function):
     @staticmethod
     @_fp32
-    def forward(ctx, gi, ids, h0, w_hh, b_hh, low):
+    def forward(ctx, gi, ids, h0, w_hh, b_hh, low, w_out=None, b_out=None, p=0.0, seed=0):
         kernels = _compiled(h0)
         inputs = _Inputs(gi, ids, lookup=kernels is None)
         T, B = inputs.T, inputs.B
@@ -358,15 +410,21 @@ class _GRUFunction(torch.autograd.Function):
                 hn.mul_(g[:, H:2 * H]).add_(n)
                 h = hn
         ctx.table_shape, ctx.low = gi.shape, low
-        ctx.save_for_backward(ids, h0, w_hh, gates, ys)
+        ctx.save_for_backward(ids, h0, w_hh, gates, ys, w_out, b_out)
         ctx.ns = ns       # on ctx (an intermediate, never seen outside): the backward frees it early
+        ctx.p, ctx.seed = p, seed
+        if w_out is not None:
+            return _Head(w_out, b_out, p, seed, _compiled(h0)).logits(ys), ys[:, T - 1].clone()
         return ys, ys[:, T - 1].clone()
 
     @staticmethod
     @_fp32
     def backward(ctx, dys, dhT):
-        ids, h0, w_hh, gates, ys = ctx.saved_tensors
+        ids, h0, w_hh, gates, ys, w_out, b_out = ctx.saved_tensors
         ns = ctx.ns
+        head = None if w_out is None else _Head(w_out, b_out, ctx.p, ctx.seed, _compiled(h0))
+        # With the head, dys is the logits' gradient: each step's output gradient is made in the loop.
+        dy = None if head is None else (lambda t: head.output_grad(dys, t))
         B, T, _ = gates.shape
         H = h0.shape[1]
         # Each step reads its slot of gates / ns before writing the gradients over it, so
@@ -381,14 +439,17 @@ class _GRUFunction(torch.autograd.Function):
         product = _Product(w_hh.t(), B, ctx.low)           # dh_prev = d_gates @ w_hh (+ z dh)
         kernels = _compiled(h0)
         if kernels is not None:
-            dys = dys if dys.stride(-1) == 1 else dys.contiguous()
+            if dy is None:
+                dys = dys if dys.stride(-1) == 1 else dys.contiguous()
             for t in range(T - 1, -1, -1):
-                kernels.gru_backward_step(dh, dys, gates, dg, ns, dan, ys[:, t - 1] if t > 0 else h0, zdh, t)
+                # the kernel reads row b of step t at dys[b, t]: a step's own gradient as (B, T, H), stride 0 over T
+                dys_t = dys if dy is None else dy(t).unsqueeze(1).expand(B, T, H)
+                kernels.gru_backward_step(dh, dys_t, gates, dg, ns, dan, ys[:, t - 1] if t > 0 else h0, zdh, t)
                 product(dg[:, t], other=zdh, out=dh)
         else:
             tmp = torch.empty_like(dh)
             for t in range(T - 1, -1, -1):
-                dh.add_(dys[:, t])
+                dh.add_(dys[:, t] if dy is None else dy(t))
                 g, d, n, dan_t = gates[:, t], dg[:, t], ns[:, t], dan[:, t]
                 r, z, ghn = g[:, :H], g[:, H:2 * H], g[:, 2 * H:]
                 h_prev = ys[:, t - 1] if t > 0 else h0
@@ -412,7 +473,8 @@ class _GRUFunction(torch.autograd.Function):
         if ids is None:
             dg[:, :, 2 * H:].copy_(dan)                    # now the grad of gi: [dr, dz, dan]
             d_in = _input_grad(dg, None, ctx.table_shape)
-        return d_in, None, dh, gw, gb, None
+        gw_out, gb_out = (None, None) if head is None else head.grads(dys, ys)
+        return d_in, None, dh, gw, gb, None, gw_out, gb_out, None, None
 
 
 def _compiled(t: torch.Tensor):
@@ -595,19 +657,31 @@ def layer_forward(mode: str, gi: torch.Tensor, h0: torch.Tensor, c0: torch.Tenso
     return (out[0].transpose(0, 1), *out[1:])
 
 
-def _layer(mode, gi, ids, h0, c0, w_hh, b_hh, low=None):
+def _layer(mode, gi, ids, h0, c0, w_hh, b_hh, low=None, head=()):
     gi = gi.to(w_hh.dtype)                 # an input projection made under autocast
     if mode == "gru":
-        return _GRUFunction.apply(gi, ids, h0, w_hh, b_hh, low)
+        return _GRUFunction.apply(gi, ids, h0, w_hh, b_hh, low, *head)
     if mode == "lstm":
         return _LSTMFunction.apply(gi, ids, h0, c0, w_hh, b_hh, low)
     return _ElmanFunction.apply(gi, ids, h0, w_hh, b_hh, mode == "rnn_relu", low)
 
 
+def head_usable(rnn: nn.RNNBase, head: nn.Linear, p: float) -> bool:
+    """Whether :func:`rnn_forward` can fold ``head(dropout(output, p))`` into ``rnn``'s last layer
+    (``head=``): a GRU, the same dtype, and for ``p`` > 0 the compiled dropout."""
+    w = rnn.weight_hh_l0
+    return (_mode(rnn) == "gru" and head.bias is not None and head.weight.dtype == w.dtype
+            and (p == 0 or _compiled(w) is not None))
+
+
 def rnn_forward(rnn: nn.RNNBase, x: torch.Tensor | None, state=None, *, gi0: torch.Tensor | None = None,
-                table: torch.Tensor | None = None, ids: torch.Tensor | None = None, weight_drop: float = 0.0):
+                table: torch.Tensor | None = None, ids: torch.Tensor | None = None, weight_drop: float = 0.0,
+                head: nn.Linear | None = None, head_dropout: float = 0.0):
     """``rnn(x, state)`` for a unidirectional ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` with biases,
-    3-D input, computed with the functions above.  Same return value as the module.
+    3-D input, computed with the functions above.  Same return value as the module, except that
+    with ``head`` (see :func:`head_usable`) the output is ``head(dropout(y, head_dropout))``,
+    batch-major (B, T, out), computed inside the last layer (its backward never makes the
+    outputs' gradient for all steps at once; the dropout masks differ from :func:`dropout`'s).
 
     The first layer's input projection may be given instead of ``x`` (which is then ignored):
     ``gi0``, time-major (T, B, G*H) (see :func:`embedded_projection`), or ``table`` (vocab, G*H)
@@ -617,6 +691,8 @@ def rnn_forward(rnn: nn.RNNBase, x: torch.Tensor | None, state=None, *, gi0: tor
     mode = _mode(rnn)
     if mode is None:
         raise TypeError(f"fast_rnn does not handle {type(rnn).__name__}")
+    if head is not None and not head_usable(rnn, head, head_dropout):
+        raise ValueError("fast_rnn: this output layer cannot be folded in (see head_usable)")
     L, H = rnn.num_layers, rnn.hidden_size
     if table is not None:
         B, T = ids.shape
@@ -657,13 +733,17 @@ def rnn_forward(rnn: nn.RNNBase, x: torch.Tensor | None, state=None, *, gi0: tor
                 gi = F.linear(x, w_ih, b_ih).transpose(0, 1)   # projecting before transposing: no copy of x
             else:
                 gi = F.linear(x, w_ih, b_ih)
-        out = _layer(mode, gi, lookup, h0[layer], c0[layer] if c0 is not None else None, w_hh, b_hh, low)
+        fold = ()
+        if head is not None and layer == L - 1:
+            seed = int(torch.empty((), dtype=torch.int64).random_()) if head_dropout > 0 else 0
+            fold = (head.weight, head.bias, float(head_dropout), seed)
+        out = _layer(mode, gi, lookup, h0[layer], c0[layer] if c0 is not None else None, w_hh, b_hh, low, fold)
         inp = out[0]
         hs.append(out[1])
         if mode == "lstm":
             cs.append(out[2])
         if layer < L - 1 and rnn.dropout > 0 and rnn.training:
             inp = dropout(inp, rnn.dropout)
-    y = inp if rnn.batch_first else inp.transpose(0, 1)
+    y = inp if rnn.batch_first or head is not None else inp.transpose(0, 1)
     h_n = torch.stack(hs)
     return (y, (h_n, torch.stack(cs))) if mode == "lstm" else (y, h_n)
