@@ -369,37 +369,43 @@ def test_gradcheck_folded_head_float64():
     assert torch.autograd.gradcheck(fn, tuple(leaves))
 
 
-@pytest.mark.parametrize("p,native,chunk", [(0.0, True, None), (0.0, False, None), (0.3, True, None),
-                                             (0.3, True, 2 * 4 * 16), (0.3, True, 1)])   # dropout: compiled only
-def test_folded_head_matches_the_layer_then_the_head(p, native, chunk, monkeypatch):
+@pytest.mark.parametrize("p,native,chunk,low", [(0.0, True, None, None), (0.0, False, None, None),
+                                                 (0.3, True, None, None), (0.3, True, 2 * 4 * 16, None),
+                                                 (0.3, True, 1, None), (0.0, True, None, torch.bfloat16),
+                                                 (0.3, True, 2 * 4 * 16, torch.bfloat16)])   # dropout: compiled only
+def test_folded_head_matches_the_layer_then_the_head(p, native, chunk, low, monkeypatch):
     """logits = dropout(ys) @ w_out.t() + b_out inside the layer: the same logits and gradients as
-    the layer's outputs through an explicit head with the same masks (the seed of step t's mask is
-    seed_at(t)); with the graph kept, twice the same."""
+    the layer's outputs through an explicit head with the same masks (the kernel's mask of the
+    outputs in time-major order); with the graph kept, twice the same.  Under bf16 (low), the
+    head's products in bf16 too, to bf16's precision."""
     kernels = _kernels() if native else None
     monkeypatch.setattr(fast_rnn, "NATIVE", native)
     if chunk:                                           # two steps at a time, or one
         monkeypatch.setattr(fast_rnn, "_HEAD_CHUNK", chunk)
     table, ids, h0, w, bias, w_out, b_out, leaves = _head_case(b=4, t=6, h=16, vocab=9, out=5)
     seed = 12345
-    logits, hT = fast_rnn._GRUFunction.apply(table, ids, h0, w, bias, None, w_out, b_out, p, seed)
-    ys, hT_ref = fast_rnn._GRUFunction.apply(table, ids, h0, w, bias, None)
-    # the mask of the outputs in time-major order, as the dropout kernel makes it for a whole tensor
+    logits, hT = fast_rnn._GRUFunction.apply(table, ids, h0, w, bias, low, w_out, b_out, p, seed)
+    ys, hT_ref = fast_rnn._GRUFunction.apply(table, ids, h0, w, bias, low)
     masks = kernels.dropout(torch.ones(6, 4, 16), p, seed).transpose(0, 1) if p else torch.ones(1)
     if p:
         assert 0 < (masks == 0).float().mean() < 1 and not torch.equal(masks[:, 0], masks[:, 1])
     ref = F.linear(ys * masks, w_out, b_out)
-    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(hT, hT_ref, atol=0, rtol=0)
     weights = torch.linspace(-1, 1, ref.numel()).view_as(ref)
     want = torch.autograd.grad((ref * weights).sum() + (hT_ref ** 2).sum(), leaves)
+    torch.testing.assert_close(hT, hT_ref, atol=0, rtol=0)
+    if low is None:
+        tol = dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    else:
+        tol = dict(atol=0.03 * max(g.abs().max().item() for g in want), rtol=0.03)
+        assert logits.dtype == torch.float32 and torch.equal(logits, logits.bfloat16().float())
+        torch.testing.assert_close(logits, ref, atol=0.03 * ref.abs().max().item(), rtol=0.03)
     loss = (logits * weights).sum() + (hT ** 2).sum()
     for _ in range(2):
-        got = torch.autograd.grad(loss, leaves, retain_graph=True)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    got = torch.autograd.grad(loss, leaves)             # the last backward reuses the saved buffers
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        for a, b in zip(torch.autograd.grad(loss, leaves, retain_graph=True), want):
+            torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(torch.autograd.grad(loss, leaves), want):    # the last backward reuses the saved buffers
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_charlm_folds_its_head_into_the_gru(monkeypatch):

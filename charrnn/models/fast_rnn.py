@@ -341,42 +341,52 @@ class _Head:
     does a dropped copy of all the outputs.  The mask is the compiled kernel's (:func:`dropout`) for
     the outputs in time-major order, so any run of steps is one range of its element indices and
     the backward recomputes the same mask a step or a chunk of steps at a time; ``p`` > 0 needs
-    those kernels.  The products run in float32 (also under bf16 autocast)."""
+    those kernels.  With ``low`` (bf16 autocast) the products run in that dtype, as autocast's own
+    ``linear`` would, on a chunk of steps at a time; the logits and gradients are float32."""
 
-    def __init__(self, w, b, p, seed, kernels):
-        self.w, self.b, self.p, self.seed, self.kernels = w, b, p, seed, kernels
+    def __init__(self, w, b, p, seed, kernels, low=None):
+        self.w, self.b, self.p, self.seed, self.kernels, self.low = w, b, p, seed, kernels, low
+        self.w_ = w if low is None else w.to(low)            # the weight and bias the products use
+        self.b_ = b if low is None else b.to(low)
+
+    def _whole(self) -> bool:
+        return self.p == 0 and self.low is None              # then one GEMM over all steps
 
     def _chunks(self, ys):
-        """(t0, t1, dropout(ys[:, t0:t1]) time-major (t1 - t0, B, H)) over all steps, about 1M elements each."""
+        """(t0, t1, dropout(ys[:, t0:t1]) time-major as ((t1 - t0) * B, H) in the products' dtype)
+        over all steps, about _HEAD_CHUNK elements each."""
         B, T, H = ys.shape
         k = max(1, _HEAD_CHUNK // (B * H))
         for t0 in range(0, T, k):
             t1 = min(T, t0 + k)
             x = ys[:, t0:t1].transpose(0, 1)
-            yield t0, t1, self.kernels.dropout(x.contiguous(), self.p, self.seed, t0 * B * H)
+            if self.p:
+                x = self.kernels.dropout(x.contiguous(), self.p, self.seed, t0 * B * H)
+            yield t0, t1, x.to(self.w_.dtype, memory_format=torch.contiguous_format).view(-1, H)
 
     def logits(self, ys):
         B, T, H = ys.shape
-        if self.p == 0:
+        if self._whole():
             return torch.addmm(self.b, ys.view(B * T, H), self.w.t()).view(B, T, -1)
         out = ys.new_empty(B, T, self.w.shape[0])
         for t0, t1, x in self._chunks(ys):
-            out[:, t0:t1] = torch.addmm(self.b, x.view(-1, H), self.w.t()).view(t1 - t0, B, -1).transpose(0, 1)
+            out[:, t0:t1] = torch.addmm(self.b_, x, self.w_.t()).view(t1 - t0, B, -1).transpose(0, 1)
         return out
 
     def grads(self, dlogits, ys):
         """grad w and grad b."""
         B, T, H = ys.shape
-        if self.p == 0:
+        if self._whole():
             return dlogits.reshape(B * T, -1).t() @ ys.view(B * T, H), dlogits.sum((0, 1))
         gw = ys.new_zeros(self.w.shape)
         for t0, t1, x in self._chunks(ys):
-            gw.addmm_(dlogits[:, t0:t1].transpose(0, 1).reshape(-1, gw.shape[0]).t(), x.view(-1, H))
+            d = dlogits[:, t0:t1].transpose(0, 1).reshape(-1, gw.shape[0]).t()
+            gw.add_(torch.mm(d.to(x.dtype), x))
         return gw, dlogits.sum((0, 1))
 
     def output_grad(self, dlogits, t):
-        """The gradient of ys[:, t], (B, H)."""
-        dy = dlogits[:, t] @ self.w
+        """The gradient of ys[:, t], (B, H), float32."""
+        dy = torch.mm(dlogits[:, t].to(self.w_.dtype), self.w_).float()
         return dy if self.p == 0 else self.kernels.dropout(dy, self.p, self.seed, t * dy.numel())
 
 
@@ -409,12 +419,13 @@ class _GRUFunction(torch.autograd.Function):
                 torch.sub(h, n, out=hn)                       # h' = (h - n) * z + n
                 hn.mul_(g[:, H:2 * H]).add_(n)
                 h = hn
+        del product                  # its packed weight, before the forward's peak: all of ys written, the head
         ctx.table_shape, ctx.low = gi.shape, low
         ctx.save_for_backward(ids, h0, w_hh, gates, ys, w_out, b_out)
         ctx.ns = ns       # on ctx (an intermediate, never seen outside): the backward frees it early
         ctx.p, ctx.seed = p, seed
         if w_out is not None:
-            return _Head(w_out, b_out, p, seed, _compiled(h0)).logits(ys), ys[:, T - 1].clone()
+            return _Head(w_out, b_out, p, seed, _compiled(h0), low).logits(ys), ys[:, T - 1].clone()
         return ys, ys[:, T - 1].clone()
 
     @staticmethod
@@ -422,7 +433,7 @@ class _GRUFunction(torch.autograd.Function):
     def backward(ctx, dys, dhT):
         ids, h0, w_hh, gates, ys, w_out, b_out = ctx.saved_tensors
         ns = ctx.ns
-        head = None if w_out is None else _Head(w_out, b_out, ctx.p, ctx.seed, _compiled(h0))
+        head = None if w_out is None else _Head(w_out, b_out, ctx.p, ctx.seed, _compiled(h0), ctx.low)
         # With the head, dys is the logits' gradient: each step's output gradient is made in the loop.
         dy = None if head is None else (lambda t: head.output_grad(dys, t))
         B, T, _ = gates.shape
