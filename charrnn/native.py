@@ -1114,11 +1114,14 @@ CHARRNN_AVX2 void drop_range_avx2(const float* __restrict__ x, float* __restrict
 
 // x (any shape, contiguous float) -> x * mask / (1 - p), the mask drawn from `seed`.
 // Element i of x is element offset + i of the whole tensor whose mask this is (a slice of it).
-Tensor dropout(const Tensor& x, double p, int64_t seed, int64_t offset) {
+// The result goes to out when given (which may be x itself).
+Tensor dropout(const Tensor& x, double p, int64_t seed, int64_t offset, const c10::optional<Tensor>& out) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "dropout: x must be a contiguous float CPU tensor");
   TORCH_CHECK(p >= 0 && p < 1 && offset >= 0, "dropout: p must be in [0, 1) and offset >= 0");
-  Tensor y = at::empty_like(x);
+  Tensor y = out.has_value() ? *out : at::empty_like(x);
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == x.numel(),
+              "dropout: out must be a contiguous float tensor of x's size");
   const uint64_t s = static_cast<uint64_t>(seed);
   const double t = std::ldexp(p, 32);
   const DropKey k{static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32),
@@ -1154,7 +1157,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gru_forward_step", &gru_forward_step, py::call_guard<py::gil_scoped_release>());
   m.def("gru_backward_step", &gru_backward_step, py::call_guard<py::gil_scoped_release>());
   m.def("dropout", &dropout, py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("offset") = 0,
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("out") = py::none(), py::call_guard<py::gil_scoped_release>());
   m.def("pack_panels", &pack_panels, py::call_guard<py::gil_scoped_release>());
   m.def("packed_matmul", &packed_matmul, py::call_guard<py::gil_scoped_release>());
   m.def("has_fma", &has_fma);

@@ -371,8 +371,9 @@ def test_gradcheck_folded_head_float64():
 
 @pytest.mark.parametrize("p,native,chunk,low", [(0.0, True, None, None), (0.0, False, None, None),
                                                  (0.3, True, None, None), (0.3, True, 2 * 4 * 16, None),
-                                                 (0.3, True, 1, None), (0.0, True, None, torch.bfloat16),
-                                                 (0.3, True, 2 * 4 * 16, torch.bfloat16)])   # dropout: compiled only
+                                                 (0.3, True, 1, None), (0.0, False, 16 * 4 * 16, None),
+                                                 (0.0, True, None, torch.bfloat16),
+                                                 (0.3, True, 16 * 4 * 16, torch.bfloat16)])   # dropout: compiled only
 def test_folded_head_matches_the_layer_then_the_head(p, native, chunk, low, monkeypatch):
     """logits = dropout(ys) @ w_out.t() + b_out inside the layer: the same logits and gradients as
     the layer's outputs through an explicit head with the same masks (the kernel's mask of the
@@ -380,7 +381,7 @@ def test_folded_head_matches_the_layer_then_the_head(p, native, chunk, low, monk
     head's products in bf16 too, to bf16's precision."""
     kernels = _kernels() if native else None
     monkeypatch.setattr(fast_rnn, "NATIVE", native)
-    if chunk:                                           # two steps at a time, or one
+    if chunk:              # the outputs 2 steps at a time (their gradients 1), 1 (1), 16 (4: 2 + 4 of T = 6)
         monkeypatch.setattr(fast_rnn, "_HEAD_CHUNK", chunk)
     table, ids, h0, w, bias, w_out, b_out, leaves = _head_case(b=4, t=6, h=16, vocab=9, out=5)
     seed = 12345

@@ -354,15 +354,21 @@ class _Head:
 
     def _chunks(self, ys):
         """(t0, t1, dropout(ys[:, t0:t1]) time-major as ((t1 - t0) * B, H) in the products' dtype)
-        over all steps, about _HEAD_CHUNK elements each."""
+        over all steps, about _HEAD_CHUNK elements each, in buffers made once (fresh pages for
+        every chunk would cost more than the copies)."""
         B, T, H = ys.shape
-        k = max(1, _HEAD_CHUNK // (B * H))
+        k = max(1, min(T, _HEAD_CHUNK // (B * H)))
+        drop = ys.new_empty(k, B, H) if self.p else None
+        cast = ys.new_empty(k, B, H, dtype=self.w_.dtype) if self.low is not None or not self.p else None
         for t0 in range(0, T, k):
             t1 = min(T, t0 + k)
             x = ys[:, t0:t1].transpose(0, 1)
-            if self.p:
-                x = self.kernels.dropout(x.contiguous(), self.p, self.seed, t0 * B * H)
-            yield t0, t1, x.to(self.w_.dtype, memory_format=torch.contiguous_format).view(-1, H)
+            if drop is not None:
+                x = drop[:t1 - t0].copy_(x)
+                self.kernels.dropout(x, self.p, self.seed, t0 * B * H, out=x)
+            if cast is not None:
+                x = cast[:t1 - t0].copy_(x)
+            yield t0, t1, x.view(-1, H)
 
     def logits(self, ys):
         B, T, H = ys.shape
@@ -384,10 +390,26 @@ class _Head:
             gw.add_(torch.mm(d.to(x.dtype), x))
         return gw, dlogits.sum((0, 1))
 
-    def output_grad(self, dlogits, t):
-        """The gradient of ys[:, t], (B, H), float32."""
-        dy = torch.mm(dlogits[:, t].to(self.w_.dtype), self.w_).float()
-        return dy if self.p == 0 else self.kernels.dropout(dy, self.p, self.seed, t * dy.numel())
+    def output_grads(self, dlogits):
+        """The gradients of ys[:, t], (B, H) float32, for t = T - 1 down to 0, made a quarter of a
+        chunk of steps at a time in buffers made once (each valid until the next is taken)."""
+        B, T, V = dlogits.shape
+        H = self.w.shape[1]
+        k = max(1, min(T, _HEAD_CHUNK // 4 // (B * H)))
+        buf = dlogits.new_empty(k, B, H)
+        prod = None if self.low is None else dlogits.new_empty(k * B, H, dtype=self.low)
+        for t1 in range(T, 0, -k):
+            t0 = max(0, t1 - k)
+            d = dlogits[:, t0:t1].transpose(0, 1).reshape(-1, V)
+            y = buf[:t1 - t0]
+            if prod is None:
+                torch.mm(d, self.w, out=y.view(-1, H))
+            else:
+                y.view(-1, H).copy_(torch.mm(d.to(self.low), self.w_, out=prod[:d.shape[0]]))
+            if self.p:
+                self.kernels.dropout(y, self.p, self.seed, t0 * B * H, out=y)
+            for t in range(t1 - 1, t0 - 1, -1):
+                yield y[t - t0]
 
 
 class _GRUFunction(torch.autograd.Function):
@@ -434,8 +456,8 @@ class _GRUFunction(torch.autograd.Function):
         ids, h0, w_hh, gates, ys, w_out, b_out = ctx.saved_tensors
         ns = ctx.ns
         head = None if w_out is None else _Head(w_out, b_out, ctx.p, ctx.seed, _compiled(h0), ctx.low)
-        # With the head, dys is the logits' gradient: each step's output gradient is made in the loop.
-        dy = None if head is None else (lambda t: head.output_grad(dys, t))
+        # With the head, dys is the logits' gradient: the steps' output gradients are made in the loop.
+        dy = None if head is None else head.output_grads(dys)
         B, T, _ = gates.shape
         H = h0.shape[1]
         # Each step reads its slot of gates / ns before writing the gradients over it, so
@@ -454,13 +476,13 @@ class _GRUFunction(torch.autograd.Function):
                 dys = dys if dys.stride(-1) == 1 else dys.contiguous()
             for t in range(T - 1, -1, -1):
                 # the kernel reads row b of step t at dys[b, t]: a step's own gradient as (B, T, H), stride 0 over T
-                dys_t = dys if dy is None else dy(t).unsqueeze(1).expand(B, T, H)
+                dys_t = dys if dy is None else next(dy).unsqueeze(1).expand(B, T, H)
                 kernels.gru_backward_step(dh, dys_t, gates, dg, ns, dan, ys[:, t - 1] if t > 0 else h0, zdh, t)
                 product(dg[:, t], other=zdh, out=dh)
         else:
             tmp = torch.empty_like(dh)
             for t in range(T - 1, -1, -1):
-                dh.add_(dys[:, t] if dy is None else dy(t))
+                dh.add_(dys[:, t] if dy is None else next(dy))
                 g, d, n, dan_t = gates[:, t], dg[:, t], ns[:, t], dan[:, t]
                 r, z, ghn = g[:, :H], g[:, H:2 * H], g[:, 2 * H:]
                 h_prev = ys[:, t - 1] if t > 0 else h0
