@@ -359,7 +359,7 @@ class _Head:
         B, T, H = ys.shape
         k = max(1, min(T, _HEAD_CHUNK // (B * H)))
         drop = ys.new_empty(k, B, H) if self.p else None
-        cast = ys.new_empty(k, B, H, dtype=self.w_.dtype) if self.low is not None or not self.p else None
+        cast = ys.new_empty(k, B, H, dtype=self.low) if self.low is not None else None   # (p or low: see _whole)
         for t0 in range(0, T, k):
             t1 = min(T, t0 + k)
             x = ys[:, t0:t1].transpose(0, 1)
@@ -441,7 +441,7 @@ class _GRUFunction(torch.autograd.Function):
                 torch.sub(h, n, out=hn)                       # h' = (h - n) * z + n
                 hn.mul_(g[:, H:2 * H]).add_(n)
                 h = hn
-        del product                  # its packed weight, before the forward's peak: all of ys written, the head
+        del product                  # its packed weight, before the output layer (the forward's peak) runs
         ctx.table_shape, ctx.low = gi.shape, low
         ctx.save_for_backward(ids, h0, w_hh, gates, ys, w_out, b_out)
         ctx.ns = ns       # on ctx (an intermediate, never seen outside): the backward frees it early
