@@ -1221,8 +1221,9 @@ def _build(variant: list[str]):
     build_dir = cpp_extension._get_build_directory(name, False)
     if not any(f.endswith((".so", ".pyd")) for f in os.listdir(build_dir)):
         print("charrnn: compiling its C++ kernels (once, about a minute)...", file=sys.stderr, flush=True)
-    return cpp_extension.load_inline(name, cpp_sources=[_SOURCE], extra_cflags=_FLAGS + variant,
-                                     extra_ldflags=variant, build_directory=build_dir, verbose=False)
+    # copies: load_inline appends its own libraries to extra_ldflags, which would change build_name()
+    return cpp_extension.load_inline(name, cpp_sources=[_SOURCE], extra_cflags=_FLAGS + list(variant),
+                                     extra_ldflags=list(variant), build_directory=build_dir, verbose=False)
 
 
 def _reason(e: Exception) -> str:
