@@ -14,6 +14,7 @@ trainer calls them unconditionally.
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -181,4 +182,7 @@ def session():
             torch.set_num_threads(threads)
         yield d
     finally:
+        # Anything still holding the process group (a DistributedDataParallel reducer in a reference
+        # cycle) goes first: a gloo group torn down at interpreter exit instead can abort the process.
+        gc.collect()
         dist.destroy_process_group()
