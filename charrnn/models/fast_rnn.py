@@ -535,6 +535,12 @@ class _DropoutFunction(torch.autograd.Function):
         return ctx.kernels.dropout(grad.contiguous(), ctx.p, ctx.seed), None, None, None
 
 
+def _mask_seed() -> int:
+    """A seed for the compiled dropout's mask, drawn from torch's default generator (so
+    ``torch.manual_seed`` and a saved random state reproduce the masks)."""
+    return int(torch.empty((), dtype=torch.int64).random_())
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)``; float32 CPU tensors go through the compiled kernel (same
     distribution, a different mask for the same seed), everything else through ``F.dropout``.
@@ -545,8 +551,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     kernels = _compiled(x) if x.device.type == "cpu" else None
     if kernels is None:
         return F.dropout(x, p, training=True)
-    seed = int(torch.empty((), dtype=torch.int64).random_())
-    return _DropoutFunction.apply(x.contiguous(), p, seed, kernels)
+    return _DropoutFunction.apply(x.contiguous(), p, _mask_seed(), kernels)
 
 
 class Dropout(nn.Dropout):
@@ -768,8 +773,7 @@ def rnn_forward(rnn: nn.RNNBase, x: torch.Tensor | None, state=None, *, gi0: tor
                 gi = F.linear(x, w_ih, b_ih)
         fold = ()
         if head is not None and layer == L - 1:
-            seed = int(torch.empty((), dtype=torch.int64).random_()) if head_dropout > 0 else 0
-            fold = (head.weight, head.bias, float(head_dropout), seed)
+            fold = (head.weight, head.bias, float(head_dropout), _mask_seed() if head_dropout > 0 else 0)
         out = _layer(mode, gi, lookup, h0[layer], c0[layer] if c0 is not None else None, w_hh, b_hh, low, fold)
         inp = out[0]
         hs.append(out[1])
