@@ -43,6 +43,7 @@ from . import checkpoint as ckpt
 from .errors import CharRNNError
 from .fileio import atomic_write_bytes
 from .models.charlm import CharLM
+from .ops.table import input_table
 from .vocab import Vocab
 
 FORMATS = ("onnx",)
@@ -103,8 +104,8 @@ def step_graph(model: CharLM):
     g = _Graph(onnx)
     with torch.no_grad():
         w0, b0 = rnn.weight_ih_l0.float().cpu(), rnn.bias_ih_l0.float().cpu()
-        inputs = model.embedding.weight.float().cpu() if model.embedding is not None else torch.eye(c.vocab_size)
-        table = g.const("input_table", torch.addmm(b0, inputs, w0.t()).numpy())  # same fold as Stepper
+        embedding = model.embedding.weight.float().cpu() if model.embedding is not None else None
+        table = g.const("input_table", input_table(w0, b0, embedding).contiguous().numpy())  # as Stepper's
     gates = {"gru": 3, "lstm": 4, "rnn": 1}[c.arch]
     split = g.const("gate_split", np.full(gates, H, dtype=np.int64))
     index = [g.const(f"layer_{i}", np.array(i, dtype=np.int64)) for i in range(c.layers)]

@@ -16,9 +16,11 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import native, ops
 from .errors import CharRNNError
 from .models.charlm import CharLM, State
+from .ops import gru
+from .ops.table import input_table
 from .options import check_beam_width, check_sampling_options, start_text  # noqa: F401 (re-exported)
 from .vocab import UNK_ID, Vocab
 
@@ -155,9 +157,8 @@ class Stepper:
         rnn = model.rnn
         int8 = weights == "int8"
         with torch.no_grad():
-            w0, b0 = rnn.weight_ih_l0, rnn.bias_ih_l0
-            inputs = model.embedding.weight if model.embedding is not None else torch.eye(c.vocab_size, device=w0.device)
-            self.table = torch.addmm(b0, inputs, w0.t()).float().contiguous()  # (vocab, gates*hidden)
+            embedding = model.embedding.weight if model.embedding is not None else None
+            self.table = input_table(rnn.weight_ih_l0, rnn.bias_ih_l0, embedding).float().contiguous()
             self.lin_ih = [None] + [_Linear(getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), int8)
                                     for i in range(1, c.layers)]
             self.lin_hh = [_Linear(getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), int8)
@@ -174,7 +175,7 @@ class Stepper:
     def _build_native(self):
         if self.table.device.type != "cpu":
             return None
-        module = native.load()
+        module = ops.backend.compiled()
         if module is None:
             return None
         arch = {"gru": 0, "lstm": 1, "rnn": 2}[self.arch]
@@ -214,10 +215,7 @@ class Stepper:
             gi = F.embedding(ids, self.table) if i == 0 else self.lin_ih[i](x)
             if self.arch == "gru":
                 h = state[i].contiguous()
-                gh = self.lin_hh[i](h)
-                rz = torch.add(gi[:, :2 * H], gh[:, :2 * H]).sigmoid_()
-                n = _tanh_(torch.mul(rz[:, :H], gh[:, 2 * H:]).add_(gi[:, 2 * H:]))
-                h = torch.sub(h, n).mul_(rz[:, H:]).add_(n)          # (1 - z) * n + z * h
+                h = gru.cell(gi, self.lin_hh[i](h), h, torch.empty_like(h), torch.empty_like(h), _tanh_)
                 new_state.append(h)
             elif self.arch == "lstm":
                 h, c = (t.contiguous() for t in state[i])
