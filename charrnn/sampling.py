@@ -168,8 +168,10 @@ class Stepper:
         if backend != "python":
             self._native = self._build_native()
             if self._native is None and backend == "native":
+                off = not ops.backend.current().native
                 raise CharRNNError("the compiled sampling step is unavailable: "
-                                   + (native.error() or "it needs a CPU model and CHARRNN_NATIVE not 0"))
+                                   + ("it is turned off (CHARRNN_NATIVE=0 or charrnn.ops.use(native=False))" if off
+                                      else native.error() or "it needs a CPU model"))
         self.backend = "native" if self._native is not None else "python"
 
     def _build_native(self):
@@ -215,7 +217,8 @@ class Stepper:
             gi = F.embedding(ids, self.table) if i == 0 else self.lin_ih[i](x)
             if self.arch == "gru":
                 h = state[i].contiguous()
-                h = gru.cell(gi, self.lin_hh[i](h), h, torch.empty_like(h), torch.empty_like(h), _tanh_)
+                rz, n, h_out = h.new_empty(h.shape[0], 2 * H), torch.empty_like(h), torch.empty_like(h)
+                h = gru.cell(gi, self.lin_hh[i](h), h, n, h_out, rz, _tanh_)
                 new_state.append(h)
             elif self.arch == "lstm":
                 h, c = (t.contiguous() for t in state[i])

@@ -17,16 +17,18 @@ from .matmul import Product, fp32, weight_grads
 from .table import Inputs, input_grad
 
 
-def cell(gi, gh, h, n, h_out, tanh_=torch.Tensor.tanh_):
-    """One GRU step's gate arithmetic, PyTorch's equations: ``gh`` (B, 3H) = W_hh h + b_hh is overwritten
-    with ``[r, z, W_hn h + b_hn]``, ``n`` gets the new gate and ``h_out`` the new state
-    ``(h - n) * z + n``.  ``tanh_`` applies tanh in place (the sampling step passes its own form).
-    Shared by the training loop below and :class:`charrnn.sampling.Stepper`'s PyTorch step."""
+def cell(gi, gh, h, n, h_out, rz=None, tanh_=torch.Tensor.tanh_):
+    """One GRU step's gate arithmetic, PyTorch's equations: ``rz`` (B, 2H; default: ``gh``'s first 2H
+    columns, overwritten) gets ``[r, z]`` from ``gh`` (B, 3H) = W_hh h + b_hh and ``gi``, ``n`` the new
+    gate and ``h_out`` the new state ``(h - n) * z + n``.  ``tanh_`` applies tanh in place (the sampling
+    step passes its own form).  Shared by the training loop below and
+    :class:`charrnn.sampling.Stepper`'s PyTorch step, which passes a contiguous ``rz`` (ATen's sigmoid
+    may round differently on another memory layout, and its compiled twin's results are fixed)."""
     H = h.shape[1]
-    gh[:, :2 * H].add_(gi[:, :2 * H]).sigmoid_()          # r, z
-    torch.mul(gh[:, :H], gh[:, 2 * H:], out=n)
+    rz = torch.add(gh[:, :2 * H], gi[:, :2 * H], out=gh[:, :2 * H] if rz is None else rz).sigmoid_()
+    torch.mul(rz[:, :H], gh[:, 2 * H:], out=n)
     tanh_(n.add_(gi[:, 2 * H:]))
-    return torch.sub(h, n, out=h_out).mul_(gh[:, H:2 * H]).add_(n)
+    return torch.sub(h, n, out=h_out).mul_(rz[:, H:]).add_(n)
 
 
 def _cell_backward(dh, g, n, h_prev, d, dan, zdh, tmp):
