@@ -301,9 +301,8 @@ class Sampler:
 
     def stream(self, prompts: Sequence[str], length: int, **options) -> Iterator[list[str]]:
         """Yield, ``length`` times, the next character of every sample."""
-        chars = self.vocab.chars
         for ids in self.stream_ids(prompts, length, **options):
-            yield [chars[i - 1] for i in ids.tolist()]
+            yield self.vocab.decode_each(ids.tolist())
 
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, num_samples: int = 1,
                  **options) -> list[str]:
