@@ -94,49 +94,58 @@ class _Graph:
         return self.op("Add", self.op("MatMul", x, w), b)
 
 
+def _cell(g: _Graph, arch: str, gi: str, gh: str, h: str, layer: str, split: str) -> tuple[str, str | None]:
+    """One layer's gate arithmetic (PyTorch's equations): the new h, and the new c for LSTM."""
+    if arch == "gru":
+        i_r, i_z, i_n = g.op("Split", gi, split, axis=1, outputs=3)
+        h_r, h_z, h_n = g.op("Split", gh, split, axis=1, outputs=3)
+        r = g.op("Sigmoid", g.op("Add", i_r, h_r))
+        z = g.op("Sigmoid", g.op("Add", i_z, h_z))
+        n = g.op("Tanh", g.op("Add", i_n, g.op("Mul", r, h_n)))
+        return g.op("Add", n, g.op("Mul", z, g.op("Sub", h, n))), None  # (1 - z) * n + z * h, as torch.lerp
+    if arch == "lstm":
+        ig, fg, gg, og = g.op("Split", g.op("Add", gi, gh), split, axis=1, outputs=4)
+        cell = g.op("Gather", "c", layer, axis=0)
+        cell = g.op("Add", g.op("Mul", g.op("Sigmoid", fg), cell), g.op("Mul", g.op("Sigmoid", ig), g.op("Tanh", gg)))
+        return g.op("Mul", g.op("Sigmoid", og), g.op("Tanh", cell)), cell
+    return g.op("Tanh", g.op("Add", gi, gh)), None
+
+
+def _layers(g: _Graph, model: CharLM) -> tuple[str, list[str], list[str]]:
+    """The nodes of every layer: the last layer's output, and the new h (and c) of each layer."""
+    c, rnn = model.config, model.rnn
+    with torch.no_grad():
+        w0, b0 = rnn.weight_ih_l0.float().cpu(), rnn.bias_ih_l0.float().cpu()
+        embedding = model.embedding.weight.float().cpu() if model.embedding is not None else None
+        table = g.const("input_table", input_table(w0, b0, embedding).contiguous().numpy())  # as Stepper's
+    gates = {"gru": 3, "lstm": 4, "rnn": 1}[c.arch]
+    split = g.const("gate_split", np.full(gates, c.hidden, dtype=np.int64))
+    x = None
+    new_h, new_c = [], []
+    for i in range(c.layers):
+        layer = g.const(f"layer_{i}", np.array(i, dtype=np.int64))
+        gi = (g.op("Gather", table, "ids", axis=0) if i == 0
+              else g.linear(x, getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), f"rnn.ih{i}"))
+        h = g.op("Gather", "h", layer, axis=0)  # (batch, hidden)
+        gh = g.linear(h, getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), f"rnn.hh{i}")
+        x, cell = _cell(g, c.arch, gi, gh, h, layer, split)
+        new_h.append(x)
+        if cell is not None:
+            new_c.append(cell)
+    return x, new_h, new_c
+
+
 def step_graph(model: CharLM):
     """The ONNX model of one sampling step of ``model`` (no metadata yet)."""
     onnx = _onnx()
     from onnx import TensorProto, helper
 
     c = model.config
-    H, rnn = c.hidden, model.rnn
     g = _Graph(onnx)
-    with torch.no_grad():
-        w0, b0 = rnn.weight_ih_l0.float().cpu(), rnn.bias_ih_l0.float().cpu()
-        embedding = model.embedding.weight.float().cpu() if model.embedding is not None else None
-        table = g.const("input_table", input_table(w0, b0, embedding).contiguous().numpy())  # as Stepper's
-    gates = {"gru": 3, "lstm": 4, "rnn": 1}[c.arch]
-    split = g.const("gate_split", np.full(gates, H, dtype=np.int64))
-    index = [g.const(f"layer_{i}", np.array(i, dtype=np.int64)) for i in range(c.layers)]
+    x, new_h, new_c = _layers(g, model)
+    logits = g.linear(x, model.head.weight, model.head.bias, "head")
     axis0 = g.const("axis_0", np.array([0], dtype=np.int64))
     state_names = ["h", "c"] if c.arch == "lstm" else ["h"]
-
-    x = None
-    new_h, new_c = [], []
-    for i in range(c.layers):
-        gi = (g.op("Gather", table, "ids", axis=0) if i == 0
-              else g.linear(x, getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), f"rnn.ih{i}"))
-        h = g.op("Gather", "h", index[i], axis=0)  # (batch, hidden)
-        gh = g.linear(h, getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), f"rnn.hh{i}")
-        if c.arch == "gru":
-            i_r, i_z, i_n = g.op("Split", gi, split, axis=1, outputs=3)
-            h_r, h_z, h_n = g.op("Split", gh, split, axis=1, outputs=3)
-            r = g.op("Sigmoid", g.op("Add", i_r, h_r))
-            z = g.op("Sigmoid", g.op("Add", i_z, h_z))
-            n = g.op("Tanh", g.op("Add", i_n, g.op("Mul", r, h_n)))
-            x = g.op("Add", n, g.op("Mul", z, g.op("Sub", h, n)))  # (1 - z) * n + z * h, as torch.lerp
-        elif c.arch == "lstm":
-            ig, fg, gg, og = g.op("Split", g.op("Add", gi, gh), split, axis=1, outputs=4)
-            cell = g.op("Gather", "c", index[i], axis=0)
-            cell = g.op("Add", g.op("Mul", g.op("Sigmoid", fg), cell),
-                        g.op("Mul", g.op("Sigmoid", ig), g.op("Tanh", gg)))
-            x = g.op("Mul", g.op("Sigmoid", og), g.op("Tanh", cell))
-            new_c.append(cell)
-        else:
-            x = g.op("Tanh", g.op("Add", gi, gh))
-        new_h.append(x)
-    logits = g.linear(x, model.head.weight, model.head.bias, "head")
 
     def stacked(parts: list[str], out: str) -> None:
         ups = [g.op("Unsqueeze", p, axis0) for p in parts]
@@ -148,7 +157,7 @@ def step_graph(model: CharLM):
     if c.arch == "lstm":
         stacked(new_c, "c_out")
 
-    state_shape = [c.layers, "batch", H]
+    state_shape = [c.layers, "batch", c.hidden]
     graph = helper.make_graph(
         g.nodes, f"charrnn_{c.arch}_step",
         inputs=[helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])]
