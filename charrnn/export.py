@@ -16,9 +16,9 @@ layer), the gate arithmetic (PyTorch's equations), and the output layer.
 
 The graph is written with ``onnx.helper`` from the weights rather than traced by ``torch.onnx``:
 in torch 2.13 the TorchScript exporter warns that it will be removed, and the ``torch.export``
-one takes 6-10 s for this small graph (its ONNX function registry is rebuilt on every call)
-and needs onnxscript; building the ~20 nodes directly takes milliseconds, needs only the
-``onnx`` package, and tests/test_export.py checks the result against the PyTorch model.
+one is slow for this small graph (its ONNX function registry is rebuilt on every call) and
+needs onnxscript; building the few nodes directly is quick, needs only the ``onnx`` package,
+and tests/test_export.py checks the result against the PyTorch model (docs/design.md).
 
 The vocabulary, model configuration, sampling defaults, the run's corpus options and the
 versions are stored in the model's ``metadata_props`` (strings; JSON where structured), which
@@ -193,7 +193,7 @@ def _quantize_int8(proto):
 
     ``reduce_range``: 7-bit weights.  On x86 CPUs without VNNI (AVX2 only) the u8 x s8 kernel
     adds pairs of products in saturating 16-bit arithmetic; with full-range weights a random
-    GRU's logits were off by 27% of their scale, with 7-bit weights by 1%."""
+    GRU's logits were far off, with 7-bit weights close (docs/design.md)."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:
