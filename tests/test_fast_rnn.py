@@ -2,6 +2,7 @@
 (switched with ops.use(...))."""
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -805,3 +806,38 @@ def test_without_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown private APIs"):
         with torch_compat.without("mallopt"):
             pass
+
+
+# ------------------------------------------------------------------ the backend switch
+
+def test_backend_use_nests_restores_and_stays_in_its_thread():
+    import threading
+
+    before = ops.backend.current()
+    with ops.use(native=False) as b:
+        assert b == ops.backend.current() and not b.native and b.packed == before.packed
+        with ops.use(packed=False):
+            assert ops.backend.current() == ops.Backend(before.fast_rnn, False, False, before.onednn_first)
+        assert ops.backend.current() == b
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(ops.backend.current()))
+        thread.start()
+        thread.join()
+        assert seen == [ops.backend.DEFAULT]            # another thread keeps the defaults
+    assert ops.backend.current() == before
+    with pytest.raises(TypeError):
+        with ops.use(natve=False):
+            pass
+
+
+def test_environment_variables_set_the_defaults():
+    import subprocess
+    import sys
+
+    code = "from charrnn import ops; b = ops.backend.current(); print(b.fast_rnn, b.native, b.packed)"
+    for env, want in (({}, "True True True"),
+                      ({"CHARRNN_FAST_RNN": "0", "CHARRNN_NATIVE": "off", "CHARRNN_PACKED": "false"},
+                       "False False False")):
+        env = {**os.environ, "CHARRNN_FAST_RNN": "1", "CHARRNN_NATIVE": "1", "CHARRNN_PACKED": "1", **env}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == want.split()
