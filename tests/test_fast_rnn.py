@@ -25,6 +25,16 @@ def use_backend():
         yield lambda **changes: stack.enter_context(ops.use(**changes))
 
 
+@pytest.fixture
+def products(monkeypatch):
+    """(kind, low) of every matmul.Product made during the test, in order."""
+    made = []
+    real_init = matmul.Product.__init__
+    monkeypatch.setattr(matmul.Product, "__init__",
+                        lambda self, w, rows, low=None: real_init(self, w, rows, low) or made.append((self.kind, low)))
+    return made
+
+
 def _make(arch, layers, dtype=torch.float32, batch_first=True, **kw):
     torch.manual_seed(1234)
     return CLASSES[arch](I, H, num_layers=layers, batch_first=batch_first, **kw).to(dtype)
@@ -147,14 +157,10 @@ def test_usable_conditions():
 
 
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
-def test_bf16_autocast(arch, monkeypatch):
+def test_bf16_autocast(arch, products):
     """Under bf16 autocast the loops multiply in bf16 (every product is built for it) and agree with
     the stock float32 module to bf16's precision, outputs and gradients in float32; the returned
     state too.  The backward runs outside autocast, as train_step's does."""
-    lows = []
-    real_init = matmul.Product.__init__
-    monkeypatch.setattr(matmul.Product, "__init__",
-                        lambda self, w, rows, low=None: real_init(self, w, rows, low) or lows.append(low))
     rnn = _make(arch, 2)
     torch.manual_seed(0)
     x = torch.randn(B, T, I, requires_grad=True)
@@ -166,7 +172,7 @@ def test_bf16_autocast(arch, monkeypatch):
             return ops.rnn_forward(r, x, s)
 
     out, grads = _run(forward, rnn, x, state)
-    assert lows == [torch.bfloat16] * 4                         # forward and backward, 2 layers
+    assert [low for _, low in products] == [torch.bfloat16] * 4                         # forward and backward, 2 layers
     for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=0.03 * b.abs().max().item(), rtol=0.03)
@@ -592,14 +598,10 @@ def test_panel_product_shapes(rows, n, k, use_backend):
 
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
 @pytest.mark.parametrize("kind", ["panels", "onednn", "addmm"])
-def test_loops_with_each_product(arch, kind, monkeypatch, use_backend):
+def test_loops_with_each_product(arch, kind, products, use_backend):
     """The time loops agree with the stock module whichever product they use, and use the one asked for
     (with native off, the LSTM's ATen loops; with it on, its compiled loops take the panels themselves)."""
     _product_kind(kind, use_backend)
-    made = []
-    real_init = matmul.Product.__init__
-    monkeypatch.setattr(matmul.Product, "__init__",
-                        lambda self, *a, **kw: real_init(self, *a, **kw) or made.append(self.kind))
     rnn = _make(arch, 2)
     torch.manual_seed(0)
     x = torch.randn(B, T, I, requires_grad=True)
@@ -608,7 +610,7 @@ def test_loops_with_each_product(arch, kind, monkeypatch, use_backend):
     out, grads = _run(ops.rnn_forward, rnn, x, state)
     for a, b in zip(out + list(grads), ref_out + list(ref_grads)):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
-    assert made == ([] if arch == "lstm" and kind == "panels" else [kind] * 4)   # forward, backward, 2 layers
+    assert [k for k, _ in products] == ([] if arch == "lstm" and kind == "panels" else [kind] * 4)   # forward, backward, 2 layers
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -772,14 +774,10 @@ def test_without_the_aten_activation_backward_the_results_are_the_same(mode):
 
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
 @pytest.mark.parametrize("low", [None, torch.bfloat16])
-def test_without_onednn_the_products_fall_back_to_addmm(arch, low, monkeypatch):
+def test_without_onednn_the_products_fall_back_to_addmm(arch, low, products):
     """No oneDNN packed linear: every product is addmm (mm for bf16), with the same results."""
     if not matmul.onednn_ok(torch.ones(1)):
         pytest.skip("this torch has no oneDNN packed matmul")
-    made = []
-    real_init = matmul.Product.__init__
-    monkeypatch.setattr(matmul.Product, "__init__",
-                        lambda self, *a, **kw: real_init(self, *a, **kw) or made.append(self.kind))
     rnn = _make(arch, 2)
     torch.manual_seed(0)
     x = torch.randn(B, T, I, requires_grad=True)
@@ -791,12 +789,12 @@ def test_without_onednn_the_products_fall_back_to_addmm(arch, low, monkeypatch):
 
     with ops.use(native=False, packed=True, onednn_first=True):
         probed = _run(forward, rnn, x, state)
-        assert set(made) == {"onednn"}
-        made.clear()
+        assert {k for k, _ in products} == {"onednn"}
+        products.clear()
         with torch_compat.without(torch_compat.ONEDNN_LINEAR):
             assert not matmul.onednn_ok(torch.ones(1))
             fallback = _run(forward, rnn, x, state)
-    assert made and set(made) == {"addmm"}
+    assert products and {k for k, _ in products} == {"addmm"}
     tol = dict(atol=1e-5, rtol=0) if low is None else dict(atol=1e-2, rtol=1e-2)
     for a, b in zip(probed[0] + list(probed[1]), fallback[0] + list(fallback[1])):
         torch.testing.assert_close(a, b, **tol)
