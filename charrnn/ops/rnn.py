@@ -40,7 +40,7 @@ def evaluation():
 
 
 def mode(rnn: nn.Module) -> str | None:
-    """"gru", "lstm", "rnn_tanh" or "rnn_relu" for the stock modules this package runs, else None."""
+    """The loop ``rnn`` runs here: "gru", "lstm", "rnn_tanh" or "rnn_relu"; None for other modules."""
     if type(rnn) in _MODES:
         return _MODES[type(rnn)]
     if type(rnn) is nn.RNN:
