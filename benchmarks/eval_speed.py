@@ -1,5 +1,5 @@
 """Speed of one validation pass (`charrnn.training.evaluate`, as after every epoch) on CPU:
-the fast path (`fast_rnn.evaluation()`) against the stock `nn.GRU` / `nn.LSTM` modules.
+the fast path (`charrnn.ops.evaluation()`) against the stock `nn.GRU` / `nn.LSTM` modules.
 
     python benchmarks/eval_speed.py [--arch gru --hidden 1024 --embed 256 --layers 1
                                      --chars 111540 --streams 64 --seq-len 256 --repeats 3]
@@ -26,18 +26,19 @@ def child(args):
     import numpy as np
     import torch
 
-    from charrnn.models import CharLM, ModelConfig, fast_rnn
+    from charrnn import ops
+    from charrnn.models import CharLM, ModelConfig
     from charrnn.training import evaluate, keep_cpu_memory
 
     keep_cpu_memory()
-    fast_rnn.ENABLED = args.path == "fast"
     torch.manual_seed(0)
     model = CharLM(ModelConfig(vocab_size=65, arch=args.arch, hidden=args.hidden, embed=args.embed,
                                layers=args.layers, dropout=0.1))
     ids = np.random.default_rng(0).integers(0, 65, args.chars).astype(np.int32)
-    evaluate(model, ids[: args.streams * 64], seq_len=args.seq_len, n_streams=args.streams)   # warm-up
-    t = time.perf_counter()
-    r = evaluate(model, ids, seq_len=args.seq_len, n_streams=args.streams)
+    with ops.use(fast_rnn=args.path == "fast"):
+        evaluate(model, ids[: args.streams * 64], seq_len=args.seq_len, n_streams=args.streams)   # warm-up
+        t = time.perf_counter()
+        r = evaluate(model, ids, seq_len=args.seq_len, n_streams=args.streams)
     print(json.dumps({"s": time.perf_counter() - t, "loss": r["loss"], "peak_rss_mb": peak_rss_mb()}))
 
 

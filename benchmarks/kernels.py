@@ -5,7 +5,7 @@
 Times, for the default model's recurrent matrix (3072 x 1024), the matrix products one
 generated character needs: fp32 (torch.addmm, MKL) and int8 (charrnn.native's kernels) at
 batch 1 and 64; the per-step recurrent product of training at 32 and 64 rows through each of
-fast_rnn's three products (MKL addmm, oneDNN's packed matmul, charrnn.native's panels); the fp32
+charrnn.ops.matmul's three products (MKL addmm, oneDNN's packed matmul, charrnn.native's panels); the fp32
 GEMM of a training step (6400 x 1024 x 3072) for the machine's fp32 rate; and read bandwidth from a cache-sized (3 MB, 12 MB) and a memory-sized (256 MB)
 array.  Prints one JSON object; ``ceiling_chars_per_s`` is the rate if a step cost nothing
 but that one product (the output layer, the gates and sampling come on top).
@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine  # noqa: E402
 
 from charrnn import native  # noqa: E402
-from charrnn.models import fast_rnn  # noqa: E402
+from charrnn import ops  # noqa: E402
+from charrnn.ops.matmul import Product  # noqa: E402
 from charrnn.sampling import _Linear  # noqa: E402
 
 
@@ -65,15 +66,13 @@ def main(argv=None):
     for rows in (32, 64):
         x, o = torch.randn(rows, H).tanh(), torch.empty(rows, G)
         rates = {}
-        avx512 = fast_rnn._avx512
         for kind, packed, panels in (("addmm", False, False), ("onednn", True, False), ("panels", True, True)):
-            fast_rnn.PACKED, fast_rnn.NATIVE = packed, panels
-            fast_rnn._avx512 = lambda: not panels          # else AVX-512 CPUs never get the panels
-            product = fast_rnn._Product(w, rows)
+            # onednn_first: else AVX-512 CPUs never get the panels
+            with ops.use(packed=packed, native=panels, onednn_first=not panels):
+                product = Product(w, rows)
             if product.kind == kind:
                 t = median_s(lambda: product(x, b, out=o), args.repeats, 50)
                 rates[kind] = round(2 * rows * G * H / t / 1e9, 1)
-        fast_rnn.PACKED, fast_rnn.NATIVE, fast_rnn._avx512 = True, True, avx512
         out[f"recurrent_product_b{rows}_gflop_per_s"] = rates
     xb, ob = torch.randn(6400, H), torch.empty(6400, G)
     t = median_s(lambda: torch.mm(xb, w.t(), out=ob), max(3, args.repeats // 2), 2)

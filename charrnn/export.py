@@ -16,9 +16,9 @@ layer), the gate arithmetic (PyTorch's equations), and the output layer.
 
 The graph is written with ``onnx.helper`` from the weights rather than traced by ``torch.onnx``:
 in torch 2.13 the TorchScript exporter warns that it will be removed, and the ``torch.export``
-one takes 6-10 s for this small graph (its ONNX function registry is rebuilt on every call)
-and needs onnxscript; building the ~20 nodes directly takes milliseconds, needs only the
-``onnx`` package, and tests/test_export.py checks the result against the PyTorch model.
+one is slow for this small graph (its ONNX function registry is rebuilt on every call) and
+needs onnxscript; building the few nodes directly is quick, needs only the ``onnx`` package,
+and tests/test_export.py checks the result against the PyTorch model (docs/design.md).
 
 The vocabulary, model configuration, sampling defaults, the run's corpus options and the
 versions are stored in the model's ``metadata_props`` (strings; JSON where structured), which
@@ -43,6 +43,7 @@ from . import checkpoint as ckpt
 from .errors import CharRNNError
 from .fileio import atomic_write_bytes
 from .models.charlm import CharLM
+from .ops.table import input_table
 from .vocab import Vocab
 
 FORMATS = ("onnx",)
@@ -93,49 +94,58 @@ class _Graph:
         return self.op("Add", self.op("MatMul", x, w), b)
 
 
+def _cell(g: _Graph, arch: str, gi: str, gh: str, h: str, layer: str, split: str) -> tuple[str, str | None]:
+    """One layer's gate arithmetic (PyTorch's equations): the new h, and the new c for LSTM."""
+    if arch == "gru":
+        i_r, i_z, i_n = g.op("Split", gi, split, axis=1, outputs=3)
+        h_r, h_z, h_n = g.op("Split", gh, split, axis=1, outputs=3)
+        r = g.op("Sigmoid", g.op("Add", i_r, h_r))
+        z = g.op("Sigmoid", g.op("Add", i_z, h_z))
+        n = g.op("Tanh", g.op("Add", i_n, g.op("Mul", r, h_n)))
+        return g.op("Add", n, g.op("Mul", z, g.op("Sub", h, n))), None  # (1 - z) * n + z * h, as torch.lerp
+    if arch == "lstm":
+        ig, fg, gg, og = g.op("Split", g.op("Add", gi, gh), split, axis=1, outputs=4)
+        cell = g.op("Gather", "c", layer, axis=0)
+        cell = g.op("Add", g.op("Mul", g.op("Sigmoid", fg), cell), g.op("Mul", g.op("Sigmoid", ig), g.op("Tanh", gg)))
+        return g.op("Mul", g.op("Sigmoid", og), g.op("Tanh", cell)), cell
+    return g.op("Tanh", g.op("Add", gi, gh)), None
+
+
+def _layers(g: _Graph, model: CharLM) -> tuple[str, list[str], list[str]]:
+    """The nodes of every layer: the last layer's output, and the new h (and c) of each layer."""
+    c, rnn = model.config, model.rnn
+    with torch.no_grad():
+        w0, b0 = rnn.weight_ih_l0.float().cpu(), rnn.bias_ih_l0.float().cpu()
+        embedding = model.embedding.weight.float().cpu() if model.embedding is not None else None
+        table = g.const("input_table", input_table(w0, b0, embedding).contiguous().numpy())  # as Stepper's
+    gates = {"gru": 3, "lstm": 4, "rnn": 1}[c.arch]
+    split = g.const("gate_split", np.full(gates, c.hidden, dtype=np.int64))
+    x = None
+    new_h, new_c = [], []
+    for i in range(c.layers):
+        layer = g.const(f"layer_{i}", np.array(i, dtype=np.int64))
+        gi = (g.op("Gather", table, "ids", axis=0) if i == 0
+              else g.linear(x, getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), f"rnn.ih{i}"))
+        h = g.op("Gather", "h", layer, axis=0)  # (batch, hidden)
+        gh = g.linear(h, getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), f"rnn.hh{i}")
+        x, cell = _cell(g, c.arch, gi, gh, h, layer, split)
+        new_h.append(x)
+        if cell is not None:
+            new_c.append(cell)
+    return x, new_h, new_c
+
+
 def step_graph(model: CharLM):
     """The ONNX model of one sampling step of ``model`` (no metadata yet)."""
     onnx = _onnx()
     from onnx import TensorProto, helper
 
     c = model.config
-    H, rnn = c.hidden, model.rnn
     g = _Graph(onnx)
-    with torch.no_grad():
-        w0, b0 = rnn.weight_ih_l0.float().cpu(), rnn.bias_ih_l0.float().cpu()
-        inputs = model.embedding.weight.float().cpu() if model.embedding is not None else torch.eye(c.vocab_size)
-        table = g.const("input_table", torch.addmm(b0, inputs, w0.t()).numpy())  # same fold as Stepper
-    gates = {"gru": 3, "lstm": 4, "rnn": 1}[c.arch]
-    split = g.const("gate_split", np.full(gates, H, dtype=np.int64))
-    index = [g.const(f"layer_{i}", np.array(i, dtype=np.int64)) for i in range(c.layers)]
+    x, new_h, new_c = _layers(g, model)
+    logits = g.linear(x, model.head.weight, model.head.bias, "head")
     axis0 = g.const("axis_0", np.array([0], dtype=np.int64))
     state_names = ["h", "c"] if c.arch == "lstm" else ["h"]
-
-    x = None
-    new_h, new_c = [], []
-    for i in range(c.layers):
-        gi = (g.op("Gather", table, "ids", axis=0) if i == 0
-              else g.linear(x, getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), f"rnn.ih{i}"))
-        h = g.op("Gather", "h", index[i], axis=0)  # (batch, hidden)
-        gh = g.linear(h, getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), f"rnn.hh{i}")
-        if c.arch == "gru":
-            i_r, i_z, i_n = g.op("Split", gi, split, axis=1, outputs=3)
-            h_r, h_z, h_n = g.op("Split", gh, split, axis=1, outputs=3)
-            r = g.op("Sigmoid", g.op("Add", i_r, h_r))
-            z = g.op("Sigmoid", g.op("Add", i_z, h_z))
-            n = g.op("Tanh", g.op("Add", i_n, g.op("Mul", r, h_n)))
-            x = g.op("Add", n, g.op("Mul", z, g.op("Sub", h, n)))  # (1 - z) * n + z * h, as torch.lerp
-        elif c.arch == "lstm":
-            ig, fg, gg, og = g.op("Split", g.op("Add", gi, gh), split, axis=1, outputs=4)
-            cell = g.op("Gather", "c", index[i], axis=0)
-            cell = g.op("Add", g.op("Mul", g.op("Sigmoid", fg), cell),
-                        g.op("Mul", g.op("Sigmoid", ig), g.op("Tanh", gg)))
-            x = g.op("Mul", g.op("Sigmoid", og), g.op("Tanh", cell))
-            new_c.append(cell)
-        else:
-            x = g.op("Tanh", g.op("Add", gi, gh))
-        new_h.append(x)
-    logits = g.linear(x, model.head.weight, model.head.bias, "head")
 
     def stacked(parts: list[str], out: str) -> None:
         ups = [g.op("Unsqueeze", p, axis0) for p in parts]
@@ -147,7 +157,7 @@ def step_graph(model: CharLM):
     if c.arch == "lstm":
         stacked(new_c, "c_out")
 
-    state_shape = [c.layers, "batch", H]
+    state_shape = [c.layers, "batch", c.hidden]
     graph = helper.make_graph(
         g.nodes, f"charrnn_{c.arch}_step",
         inputs=[helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])]
@@ -183,7 +193,7 @@ def _quantize_int8(proto):
 
     ``reduce_range``: 7-bit weights.  On x86 CPUs without VNNI (AVX2 only) the u8 x s8 kernel
     adds pairs of products in saturating 16-bit arithmetic; with full-range weights a random
-    GRU's logits were off by 27% of their scale, with 7-bit weights by 1%."""
+    GRU's logits were far off, with 7-bit weights close (docs/design.md)."""
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError:

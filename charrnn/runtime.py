@@ -193,9 +193,8 @@ class ExportedModel:
                seed: int | None = None) -> Iterator[list[str]]:
         """Yield the next character of every sample, ``length`` times (the prompt is not repeated)."""
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        chars = self.vocab.chars
         for ids in self.stream_ids(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
-            yield [chars[i - 1] for i in ids.tolist()]
+            yield self.vocab.decode_each(ids.tolist())
 
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,

@@ -16,9 +16,11 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import native, ops
 from .errors import CharRNNError
 from .models.charlm import CharLM, State
+from .ops import gru
+from .ops.table import input_table
 from .options import check_beam_width, check_sampling_options, start_text  # noqa: F401 (re-exported)
 from .vocab import UNK_ID, Vocab
 
@@ -155,9 +157,8 @@ class Stepper:
         rnn = model.rnn
         int8 = weights == "int8"
         with torch.no_grad():
-            w0, b0 = rnn.weight_ih_l0, rnn.bias_ih_l0
-            inputs = model.embedding.weight if model.embedding is not None else torch.eye(c.vocab_size, device=w0.device)
-            self.table = torch.addmm(b0, inputs, w0.t()).float().contiguous()  # (vocab, gates*hidden)
+            embedding = model.embedding.weight if model.embedding is not None else None
+            self.table = input_table(rnn.weight_ih_l0, rnn.bias_ih_l0, embedding).float().contiguous()
             self.lin_ih = [None] + [_Linear(getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), int8)
                                     for i in range(1, c.layers)]
             self.lin_hh = [_Linear(getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), int8)
@@ -167,14 +168,16 @@ class Stepper:
         if backend != "python":
             self._native = self._build_native()
             if self._native is None and backend == "native":
+                off = not ops.backend.current().native
                 raise CharRNNError("the compiled sampling step is unavailable: "
-                                   + (native.error() or "it needs a CPU model and CHARRNN_NATIVE not 0"))
+                                   + ("it is turned off (CHARRNN_NATIVE=0 or charrnn.ops.use(native=False))" if off
+                                      else native.error() or "it needs a CPU model"))
         self.backend = "native" if self._native is not None else "python"
 
     def _build_native(self):
         if self.table.device.type != "cpu":
             return None
-        module = native.load()
+        module = ops.backend.compiled()
         if module is None:
             return None
         arch = {"gru": 0, "lstm": 1, "rnn": 2}[self.arch]
@@ -214,10 +217,8 @@ class Stepper:
             gi = F.embedding(ids, self.table) if i == 0 else self.lin_ih[i](x)
             if self.arch == "gru":
                 h = state[i].contiguous()
-                gh = self.lin_hh[i](h)
-                rz = torch.add(gi[:, :2 * H], gh[:, :2 * H]).sigmoid_()
-                n = _tanh_(torch.mul(rz[:, :H], gh[:, 2 * H:]).add_(gi[:, 2 * H:]))
-                h = torch.sub(h, n).mul_(rz[:, H:]).add_(n)          # (1 - z) * n + z * h
+                rz, n, h_out = h.new_empty(h.shape[0], 2 * H), torch.empty_like(h), torch.empty_like(h)
+                h = gru.cell(gi, self.lin_hh[i](h), h, n, h_out, rz, _tanh_)
                 new_state.append(h)
             elif self.arch == "lstm":
                 h, c = (t.contiguous() for t in state[i])
@@ -300,9 +301,8 @@ class Sampler:
 
     def stream(self, prompts: Sequence[str], length: int, **options) -> Iterator[list[str]]:
         """Yield, ``length`` times, the next character of every sample."""
-        chars = self.vocab.chars
         for ids in self.stream_ids(prompts, length, **options):
-            yield [chars[i - 1] for i in ids.tolist()]
+            yield self.vocab.decode_each(ids.tolist())
 
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, num_samples: int = 1,
                  **options) -> list[str]:

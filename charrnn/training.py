@@ -33,7 +33,7 @@ from .data import StreamBatches, WindowBatches, eval_streams, split_train_val
 from .distributed import SINGLE, Dist
 from .errors import CharRNNError
 from .fileio import atomic_write_text
-from .models import fast_rnn
+from . import ops
 from .models.charlm import CharLM, ModelConfig, State
 
 LN2 = math.log(2)
@@ -109,7 +109,7 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
         for t in range(0, x.shape[1] if len(x) else 0, seq_len):
             xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
             yb = y[:, t : t + seq_len].to(device=device, dtype=torch.int64)
-            with autocast(device, amp_dtype), fast_rnn.evaluation():
+            with autocast(device, amp_dtype), ops.evaluation():
                 logits, state = model(xb, state)
             total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1),
                                      ignore_index=-100, reduction="sum").double()

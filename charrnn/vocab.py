@@ -78,8 +78,14 @@ class Vocab:
         missing = codes[~np.isin(codes, self._codes)]
         return [chr(int(c)) for c in missing]
 
+    def decode_each(self, ids) -> list[str]:
+        """One string per id: its character, ``""`` for ``[UNK]`` (e.g. the next character of each sample)."""
+        chars = self.chars
+        return [chars[i - 1] if i > 0 else "" for i in (int(x) for x in ids)]
+
     def decode(self, ids) -> str:
-        return "".join(self.chars[i - 1] if i > 0 else "" for i in (int(x) for x in ids))
+        """The text of ``ids`` (``[UNK]`` left out)."""
+        return "".join(self.decode_each(ids))
 
     def id_to_char(self, i: int) -> str:
         return self.chars[i - 1] if i > 0 else UNK

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from charrnn import native
+from charrnn import native, ops
 from charrnn.errors import CharRNNError
 from charrnn.models import CharLM, ModelConfig
 from charrnn.sampling import Sampler, Stepper, _Linear, choose
@@ -21,7 +21,7 @@ from charrnn.vocab import Vocab
 
 @pytest.fixture(scope="module")
 def compiled():
-    if not native.ENABLED:
+    if not ops.backend.current().native:
         pytest.skip("CHARRNN_NATIVE=0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -192,9 +192,11 @@ def test_a_later_process_finds_the_build_without_cpp_extension(compiled):
     assert native._prebuilt(["-fopenmp"] if name == native.build_name() else []).__file__ == compiled.__file__
 
 
-def test_can_be_turned_off(monkeypatch):
-    monkeypatch.setattr(native, "ENABLED", False)
-    assert native.load() is None
-    assert Stepper(_model()).backend == "python"
+def test_can_be_turned_off():
+    with ops.use(native=False):                     # what CHARRNN_NATIVE=0 sets
+        assert ops.backend.compiled() is None
+        assert Stepper(_model()).backend == "python"
+        with pytest.raises(CharRNNError, match="CHARRNN_NATIVE"):
+            Stepper(_model(), backend="native")
     with pytest.raises(ValueError):
         Stepper(_model(), backend="fast")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CharRNNError
-from . import fast_rnn
+from .. import ops
 
 ARCHS = ("gru", "lstm", "rnn")
 
@@ -68,7 +68,7 @@ class CharLM(nn.Module):
         rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[c.arch]
         self.rnn = rnn_cls(in_size, c.hidden, num_layers=c.layers, batch_first=True,
                            dropout=c.dropout if c.layers > 1 else 0.0)
-        self.drop = fast_rnn.Dropout(c.dropout)
+        self.drop = ops.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -80,26 +80,26 @@ class CharLM(nn.Module):
                 last_only: bool = False) -> tuple[torch.Tensor, State]:
         """Logits (batch, time, vocab), or (batch, 1, vocab) for the last position only with
         ``last_only`` (the output layer then runs on that position alone), and the final state."""
-        # CPU training goes through charrnn.models.fast_rnn (same parameters, same results,
+        # CPU training goes through charrnn.ops (same parameters, same results,
         # batched weight gradients; under bf16 autocast, bf16 recurrent products), and so does
-        # validation (fast_rnn.evaluation()); GPU (cuDNN) and other no_grad inference (sampling)
+        # validation (ops.evaluation()); GPU (cuDNN) and other no_grad inference (sampling)
         # keep self.rnn.
         wd = self.config.weight_drop if self.training else 0.0
         if self._fast_lookup(ids):
             # The output layer (and its dropout) goes inside the last layer's backward, unless only
             # the last position is wanted.
             p = self.drop.p if self.training else 0.0
-            fold = not last_only and fast_rnn.head_usable(self.rnn, self.head, p)
-            y, state = fast_rnn.rnn_forward(self.rnn, None, state, table=self._input_table(), ids=ids,
-                                            weight_drop=wd, head=self.head if fold else None, head_dropout=p)
+            fold = not last_only and ops.head_usable(self.rnn, self.head, p)
+            y, state = ops.rnn_forward(self.rnn, None, state, table=self._input_table(), ids=ids,
+                                       weight_drop=wd, head=self.head if fold else None, head_dropout=p)
             if fold:
                 return y, state
         else:
             x = self.embed_ids(ids)
-            if fast_rnn.usable(self.rnn, x):
-                y, state = fast_rnn.rnn_forward(self.rnn, x, state, weight_drop=wd)
+            if ops.usable(self.rnn, x):
+                y, state = ops.rnn_forward(self.rnn, x, state, weight_drop=wd)
             elif wd:
-                dropped = {name: fast_rnn.dropout(w, wd) for name, w in self.rnn.named_parameters()
+                dropped = {name: ops.dropout(w, wd) for name, w in self.rnn.named_parameters()
                            if name.startswith("weight_hh")}
                 y, state = torch.func.functional_call(self.rnn, dropped, (x, state))
             else:
@@ -114,12 +114,12 @@ class CharLM(nn.Module):
     def _fast_lookup(self, ids: torch.Tensor) -> bool:
         """Fast path with the first projection as a vocab-table lookup."""
         return (ids.dim() == 2
-                and fast_rnn.supported(self.rnn, ids.device, self.rnn.weight_ih_l0.dtype))
+                and ops.supported(self.rnn, ids.device, self.rnn.weight_ih_l0.dtype))
 
     def _input_table(self) -> torch.Tensor:
         """The first layer's input projection of every id, (vocab, gates * hidden)."""
         w = self.embedding.weight if self.embedding is not None else None
-        return fast_rnn.input_table(self.rnn.weight_ih_l0, self.rnn.bias_ih_l0, w)
+        return ops.input_table(self.rnn.weight_ih_l0, self.rnn.bias_ih_l0, w)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

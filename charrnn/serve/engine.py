@@ -232,12 +232,11 @@ class Engine:
                 self._step(group, [chosen[j][-1] for j in group])
             if time.perf_counter() > deadline:
                 break
-        chars = sampler.vocab.chars
         out = {}
         for job, steps in chosen.items():
             if steps:
                 rows = torch.stack(steps, 1).tolist()  # (samples, steps)
-                out[job] = ["".join(chars[i - 1] for i in row) for row in rows]
+                out[job] = [sampler.vocab.decode(row) for row in rows]
         return out
 
     def _step(self, group: list[Job], ids: list[torch.Tensor]) -> None:
