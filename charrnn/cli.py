@@ -399,7 +399,7 @@ def flags_markdown() -> str:
     """docs/flags.md: every subcommand's options with their help, defaults and choices, from the parser."""
     lines = ["# Command-line flags", "",
              f"Every `charrnn` subcommand and its options, generated from the parser by `{REGENERATE_FLAGS}`",
-             "(tests/test_flags_doc.py fails when this file is out of date). `charrnn COMMAND --help` prints the same.",
+             "(tests/test_options.py fails when this file is out of date). `charrnn COMMAND --help` prints the same.",
              ""]
     for path, help_text, parser in _commands(build_parser()):
         lines += [f"## `charrnn {path}`", "", help_text or "", ""]
