@@ -201,7 +201,7 @@ def _add_export(sub) -> None:
     p.add_argument("run", help="run directory written by `charrnn train`")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default onnx, the only one)")
     p.add_argument("--out", required=True, help="file to write, ending in .onnx (never overwritten without --force)")
-    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
     p.add_argument("--int8", action="store_true",
                    help="store the matrix weights as int8 (onnxruntime dynamic quantisation): 3.4x smaller file, "
                         "validation bits/char unchanged")
@@ -222,8 +222,8 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss, bits/char and perplexity of a run on its validation split or a corpus")
     p.add_argument("run", help="run directory")
     p.add_argument("--corpus", help="evaluate on all of this corpus instead of the run's validation split")
-    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
     p.add_argument("--json", action="store_true", help='print {"loss", "bpc", "perplexity", "chars"}')
     p.set_defaults(func=cmd_eval)
 
@@ -283,7 +283,7 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML page about a run")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", required=True, help="HTML file to write")
-    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_report)
 
@@ -301,19 +301,16 @@ def _add_serve(sub) -> None:
                                    "POST /v1/generate/stream (server-sent events), GET /v1/model, GET /healthz, "
                                    "and a web page at /.")
     p.add_argument("run", help="run directory written by `charrnn train`")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine "
                                                        "only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, metavar="N", help="default 8000; 0 picks a free port")
-    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default cpu")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="default %(default)s; 0 picks a free port")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default %(default)s")
     p.add_argument("--int8", action="store_true", help="generate with int8 weights (CPU); requests are then "
                                                        "stepped one after another instead of batched together")
-    from .serve.limits import LIMIT_HELP
+    from .serve.limits import Limits
 
-    g = p.add_argument_group("limits (a request over one is refused with a JSON error)")
-    for name, (default, text) in LIMIT_HELP.items():
-        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, metavar="N",
-                       help=f"{text} (default {default})")
+    add_options(p, Limits)
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                    help="server log level (info logs every request)")
     p.set_defaults(func=cmd_serve)
@@ -321,9 +318,8 @@ def _add_serve(sub) -> None:
 
 def cmd_serve(args) -> int:
     from .serve import Limits, serve
-    from .serve.limits import LIMIT_HELP
 
-    limits = Limits(**{name: getattr(args, name) for name in LIMIT_HELP})
+    limits = Limits(**{name: getattr(args, name) for name in option_names(Limits) if getattr(args, name) is not None})
     try:
         serve(args.run, host=args.host, port=args.port, weights=args.weights, device=args.device, int8=args.int8,
               limits=limits, log_level=args.log_level)
@@ -433,7 +429,7 @@ def _flag_row(action) -> str:
     else:
         name = action.metavar or action.dest
     choices = ", ".join(map(str, action.choices)) if action.choices else ""
-    cells = [f"`{name}`", choices, (action.help or "").replace("%%", "%")]
+    cells = [f"`{name}`", choices, (action.help or "") % vars(action)]  # as argparse expands %(default)s
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
