@@ -137,35 +137,39 @@ def _is_exported(path: str) -> bool:
     return path.lower().endswith(".onnx")
 
 
-def cmd_generate(args) -> int:
+def _generator(args, o: GenerationOptions):
+    """The model to generate from and the sampling options (an .onnx file brings its own defaults), checked."""
     from .options import check_beam_width, check_sampling_options
 
-    # Options not given take GenerationOptions' defaults, but the temperature that of an .onnx file.
-    o = GenerationOptions(**{name: getattr(args, name) for name in option_names(GenerationOptions)
-                             if getattr(args, name) is not None})
-    if _is_exported(args.run):
-        # An exported file: onnxruntime and NumPy only (this path never imports torch).
-        from .runtime import load as load_exported
-
-        run_only = [name for name, value in (("--weights", args.weights), ("--device", args.device),
-                                             ("--int8", args.int8), ("--beam-width", args.beam_width)) if value]
-        if run_only:
-            one = len(run_only) == 1
-            raise CharRNNError(f"{', '.join(run_only)} {'applies' if one else 'apply'} only to run directories, not "
-                               "to an exported .onnx file (for int8 weights, export with `charrnn export RUN --int8`); "
-                               f"drop {'it' if one else 'them'} or give the run directory")
-        lm = load_exported(args.run)
-        temperature, top_k, top_p = lm.sampling_options(args.temperature, o.top_k, o.top_p)
-    else:
-        temperature, top_k, top_p = o.temperature, o.top_k, o.top_p
-        lm = None
-    check_sampling_options(temperature, top_k, top_p, o.length, o.num_samples)
-    if lm is None:
+    if not _is_exported(args.run):
         from .api import load
 
+        check_sampling_options(o.temperature, o.top_k, o.top_p, o.length, o.num_samples)
         if args.beam_width is not None:
             check_beam_width(args.beam_width)
         lm = load(args.run, weights=args.weights or "best", device=args.device or "cpu", int8=args.int8)
+        return lm, dict(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed)
+    # An exported file: onnxruntime and NumPy only (this path never imports torch).
+    from .runtime import load as load_exported
+
+    run_only = [name for name, value in (("--weights", args.weights), ("--device", args.device),
+                                         ("--int8", args.int8), ("--beam-width", args.beam_width)) if value]
+    if run_only:
+        one = len(run_only) == 1
+        raise CharRNNError(f"{', '.join(run_only)} {'applies' if one else 'apply'} only to run directories, not to an "
+                           "exported .onnx file (for int8 weights, export with `charrnn export RUN --int8`); "
+                           f"drop {'it' if one else 'them'} or give the run directory")
+    lm = load_exported(args.run)
+    temperature, top_k, top_p = lm.sampling_options(args.temperature, o.top_k, o.top_p)
+    check_sampling_options(temperature, top_k, top_p, o.length, o.num_samples)
+    return lm, dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=o.seed)
+
+
+def cmd_generate(args) -> int:
+    # Options left out take GenerationOptions' defaults (the temperature: an .onnx file's, see _generator).
+    o = GenerationOptions(**{name: getattr(args, name) for name in option_names(GenerationOptions)
+                             if getattr(args, name) is not None})
+    lm, options = _generator(args, o)
     _warn_unknown(lm, o.prompt)
     if args.beam_width is not None:
         beams = lm.sampler.beam(o.prompt, o.length, args.beam_width)
@@ -174,7 +178,6 @@ def cmd_generate(args) -> int:
         else:
             print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
         return 0
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=o.seed)
     if args.json:
         samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)
         print(json.dumps({"samples": samples}, ensure_ascii=False))

@@ -150,6 +150,8 @@ def _temperatures(text: str) -> list[float]:
 
 @dataclass
 class TrainConfig:
+    """Everything ``charrnn train`` (and :func:`charrnn.train`) is asked for; ``model`` holds the model's options."""
+
     lowercase: bool = _corpus(False, "lowercase the text")
     newlines_to_spaces: bool = _corpus(False, "replace newlines by spaces")
     model: ModelConfig = option(factory=ModelConfig, group="model")
