@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CharRNNError
+from .errors import OptionError
 
 NEG_INF = float("-inf")
 
@@ -119,7 +119,7 @@ def beam_search(step: StepFn, start_ids: torch.Tensor, state, max_len: int, beam
     :func:`search` also merges the greedy output in (see the module docstring).
     """
     if beam_width is None or int(beam_width) < 1:
-        raise CharRNNError(f"--beam-width must be a positive integer, got {beam_width}")
+        raise OptionError("beam_width", "must be a positive integer, got {value}", value=beam_width)
     K = int(beam_width)
     B = start_ids.shape[0] if first_log_probs is None else first_log_probs.shape[0]
     device = start_ids.device if first_log_probs is None else first_log_probs.device

@@ -11,8 +11,9 @@ import os
 import sys
 
 from . import __version__
-from .config import PRESET_HELP, PRESETS
-from .errors import CharRNNError
+from .config import PRESET_HELP, PRESETS, TrainConfig, default_of, option_fields, option_names, value_type
+from .errors import CharRNNError, OptionError, flag
+from .options import GenerationOptions
 
 RULE = "-" * 72
 
@@ -39,81 +40,59 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--force", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    g = p.add_argument_group("corpus")
-    g.add_argument("--lowercase", action="store_true", default=None, help="lowercase the text")
-    g.add_argument("--newlines-to-spaces", action="store_true", default=None, help="replace newlines by spaces")
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", choices=["gru", "lstm", "rnn"], help="recurrent cell (default gru)")
-    g.add_argument("--layers", type=int, help="stacked recurrent layers (default 1)")
-    g.add_argument("--hidden", type=int, help="units per recurrent layer (default 1024)")
-    g.add_argument("--embed", type=int, help="embedding size, 0 for one-hot inputs (default 256)")
-    g.add_argument("--dropout", type=float, help="dropout between recurrent layers and on the output (default 0)")
-    g.add_argument("--weight-drop", type=float,
-                   help="DropConnect on the recurrent weights while training, one mask per batch (default 0)")
-    g = p.add_argument_group("training")
-    g.add_argument("--seq-len", type=int, help="characters per training sequence (default 100)")
-    g.add_argument("--batch-size", type=int, help="sequences per batch (default 64)")
-    g.add_argument("--stateful", action="store_true", default=None,
-                   help="truncated back-propagation through time: batch-size contiguous streams, each batch "
-                        "continuing the last one with the recurrent state carried over (reset every epoch)")
-    g.add_argument("--window-step", type=int, help="stateless windows start every N characters (default: "
-                                                   "--seq-len, no overlap)")
-    g.add_argument("--loss-on", choices=["all", "last"],
-                   help="predict every next character of a window (default) or only the one after it (Keras)")
-    g.add_argument("--lr", type=float, help="learning rate (default 0.001)")
-    g.add_argument("--optimizer", choices=["adam", "adamw", "rmsprop", "sgd"], help="optimizer (default adam)")
-    g.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
-    g.add_argument("--clip", type=float, help="clip the gradient norm to this; 0 turns it off (default 5)")
-    g.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning-rate schedule (default constant)")
-    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps (default 0)")
-    g.add_argument("--min-lr-ratio", type=float, help="cosine decays to lr x this (default 0.1)")
-    g.add_argument("--epochs", type=int, help="passes over the training text (default 10, unless --max-steps or "
-                                              "--time-limit is given)")
-    g.add_argument("--max-steps", type=int, help="stop after this many steps in all")
-    g.add_argument("--time-limit", type=float, help="stop after this many seconds of training in all "
-                                                     "(checkpoint included)")
-    g.add_argument("--val-fraction", type=float, help="the last fraction of the text held out (default 0.1)")
-    g.add_argument("--eval-every", type=int, help="also evaluate every N steps (default: each epoch)")
-    g.add_argument("--eval-streams", type=int, help="parallel contiguous streams in evaluation (default 16)")
-    g.add_argument("--log-every", type=int, help="log the training loss every N steps (default 10)")
-    g.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps (default: at each "
-                                                        "evaluation)")
-    g = p.add_argument_group("samples during training (printed and saved in RUN/samples/)")
-    g.add_argument("--sample-every", type=int, help="sample every N steps (default: at the end of each epoch "
-                                                    "and of training; 0: never)")
-    g.add_argument("--sample-temperatures", type=_temperatures, metavar="T1,T2,...",
-                   help="one sample per temperature (default 0.2,0.5,1.0,1.2)")
-    g.add_argument("--sample-length", type=int, help="characters per sample (default 200)")
-    g.add_argument("--sample-prompt", help="text the samples continue (default: the first 40 characters of the "
-                                           "validation text)")
-    g = p.add_argument_group("reproducibility and hardware")
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: cuda if available")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
-                   help="bf16 autocast or fp32; auto picks bf16 where the hardware computes it natively")
+    add_options(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
 
-def _temperatures(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, like 0.2,0.5,1.0, got '{text}'")
+def _help(f) -> str:
+    """The field's help with its default: the text written beside it, or the value itself (None and False
+    say nothing)."""
+    text, shown = f.metadata["help"], f.metadata.get("default_text")
+    if shown is not None:
+        return f"{text} (default: {shown})"
+    default = default_of(f)
+    if default is None or default is False:
+        return text
+    if isinstance(default, list):
+        default = ",".join(map(str, default))
+    elif isinstance(default, float):
+        default = f"{default:g}"
+    return f"{text} (default {default})"
 
 
-TRAIN_OPTIONS = (
-    "lowercase", "newlines_to_spaces", "arch", "layers", "hidden", "embed", "dropout", "weight_drop", "seq_len",
-    "batch_size", "stateful", "window_step", "loss_on", "sample_every", "sample_temperatures", "sample_length",
-    "sample_prompt", "lr", "optimizer", "weight_decay", "clip", "lr_schedule", "warmup_steps", "min_lr_ratio", "epochs",
-    "max_steps", "time_limit", "val_fraction", "eval_every", "eval_streams", "log_every", "checkpoint_every",
-    "seed", "device", "precision",
-)
+def _parse(fn):
+    """``fn`` for argparse: its ValueError becomes the one-line usage error."""
+    def parse(text: str):
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def add_options(parser, cls) -> list[str]:
+    """A flag for every option field of the dataclass ``cls`` (nested ones included), in argument groups
+    named by the fields' ``group``; each defaults to None ("not given"). The fields' names."""
+    groups, names = {}, []
+    for owner, f, group in option_fields(cls):
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group) if group else parser
+        kind, _ = value_type(owner, f)
+        meta, kw = f.metadata, {}
+        if kind is bool:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = _parse(meta["parse"]) if "parse" in meta else kind
+            kw.update({k: meta[k] for k in ("choices", "metavar") if k in meta})
+        groups[group].add_argument(flag(f.name), default=None, help=_help(f), **kw)
+        names.append(f.name)
+    return names
 
 
 def cmd_train(args) -> int:
     from .api import train
 
-    options = {name: getattr(args, name) for name in TRAIN_OPTIONS}
+    options = {name: getattr(args, name) for name in option_names(TrainConfig)}
     result = train(args.corpus, args.out, preset=args.preset, resume=args.resume, force=args.force,
                    progress=not args.quiet, **options)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -133,14 +112,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained run or an exported .onnx file")
     p.add_argument("run", help="run directory written by `charrnn train`, or an .onnx file written by "
                                "`charrnn export` (generated with onnxruntime, without torch)")
-    p.add_argument("--prompt", default="", help="text to continue (default: start after a newline)")
-    p.add_argument("--length", type=int, default=1000, help="characters to generate per sample (default 1000)")
-    p.add_argument("--temperature", type=float, help="0 is greedy; lower is safer, higher wilder (default 1, or "
-                                                     "the default stored in an .onnx file)")
-    p.add_argument("--top-k", type=int, help="sample only among the K most likely characters")
-    p.add_argument("--top-p", type=float, help="sample only among the most likely characters holding mass P")
-    p.add_argument("--num-samples", type=int, default=1, help="samples, generated together in one batch")
-    p.add_argument("--seed", type=int, help="random seed: same seed, same text")
+    add_options(p, GenerationOptions)
     p.add_argument("--json", action="store_true", help='print {"samples": [...]}')
     g = p.add_argument_group("run directories only (not .onnx files)")
     g.add_argument("--weights", choices=["best", "latest"], help="default best")
@@ -165,54 +137,60 @@ def _is_exported(path: str) -> bool:
     return path.lower().endswith(".onnx")
 
 
-def cmd_generate(args) -> int:
+def _generator(args, o: GenerationOptions):
+    """The model to generate from and the sampling options (an .onnx file brings its own defaults), checked."""
     from .options import check_beam_width, check_sampling_options
 
-    if _is_exported(args.run):
-        # An exported file: onnxruntime and NumPy only (this path never imports torch).
-        from .runtime import load as load_exported
-
-        given = [flag for flag, value in (("--weights", args.weights), ("--device", args.device),
-                                          ("--int8", args.int8), ("--beam-width", args.beam_width)) if value]
-        if given:
-            one = len(given) == 1
-            raise CharRNNError(f"{', '.join(given)} {'applies' if one else 'apply'} only to run directories, not to an "
-                               "exported .onnx file (for int8 weights, export with `charrnn export RUN --int8`); "
-                               f"drop {'it' if one else 'them'} or give the run directory")
-        lm = load_exported(args.run)
-        temperature, top_k, top_p = lm.sampling_options(args.temperature, args.top_k, args.top_p)
-    else:
-        temperature, top_k, top_p = 1.0 if args.temperature is None else args.temperature, args.top_k, args.top_p
-        lm = None
-    check_sampling_options(temperature, top_k, top_p, args.length, args.num_samples)
-    if lm is None:
+    if not _is_exported(args.run):
         from .api import load
 
+        check_sampling_options(o.temperature, o.top_k, o.top_p, o.length, o.num_samples)
         if args.beam_width is not None:
             check_beam_width(args.beam_width)
         lm = load(args.run, weights=args.weights or "best", device=args.device or "cpu", int8=args.int8)
-    _warn_unknown(lm, args.prompt)
+        return lm, dict(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed)
+    # An exported file: onnxruntime and NumPy only (this path never imports torch).
+    from .runtime import load as load_exported
+
+    run_only = [name for name, value in (("--weights", args.weights), ("--device", args.device),
+                                         ("--int8", args.int8), ("--beam-width", args.beam_width)) if value]
+    if run_only:
+        one = len(run_only) == 1
+        raise CharRNNError(f"{', '.join(run_only)} {'applies' if one else 'apply'} only to run directories, not to an "
+                           "exported .onnx file (for int8 weights, export with `charrnn export RUN --int8`); "
+                           f"drop {'it' if one else 'them'} or give the run directory")
+    lm = load_exported(args.run)
+    temperature, top_k, top_p = lm.sampling_options(args.temperature, o.top_k, o.top_p)
+    check_sampling_options(temperature, top_k, top_p, o.length, o.num_samples)
+    return lm, dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=o.seed)
+
+
+def cmd_generate(args) -> int:
+    # Options left out take GenerationOptions' defaults (the temperature: an .onnx file's, see _generator).
+    o = GenerationOptions(**{name: getattr(args, name) for name in option_names(GenerationOptions)
+                             if getattr(args, name) is not None})
+    lm, options = _generator(args, o)
+    _warn_unknown(lm, o.prompt)
     if args.beam_width is not None:
-        beams = lm.sampler.beam(args.prompt, args.length, args.beam_width)
+        beams = lm.sampler.beam(o.prompt, o.length, args.beam_width)
         if args.json:
             print(json.dumps({"beams": [{"text": t, "log_prob": lp} for t, lp in beams]}, ensure_ascii=False))
         else:
             print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
         return 0
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=args.seed)
     if args.json:
-        samples = lm.generate(args.prompt, args.length, num_samples=args.num_samples, **options)
+        samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)
         print(json.dumps({"samples": samples}, ensure_ascii=False))
-    elif args.num_samples == 1:
+    elif o.num_samples == 1:
         out = sys.stdout
-        out.write(args.prompt)
+        out.write(o.prompt)
         out.flush()
-        for (ch,) in lm.stream(args.prompt, args.length, **options):
+        for (ch,) in lm.stream(o.prompt, o.length, **options):
             out.write(ch)
             out.flush()
         out.write("\n")
     else:
-        samples = lm.generate(args.prompt, args.length, num_samples=args.num_samples, **options)
+        samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)
         print(f"\n\n{RULE}\n\n".join(samples))
     return 0
 
@@ -226,7 +204,7 @@ def _add_export(sub) -> None:
     p.add_argument("run", help="run directory written by `charrnn train`")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default onnx, the only one)")
     p.add_argument("--out", required=True, help="file to write, ending in .onnx (never overwritten without --force)")
-    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
     p.add_argument("--int8", action="store_true",
                    help="store the matrix weights as int8 (onnxruntime dynamic quantisation): 3.4x smaller file, "
                         "validation bits/char unchanged")
@@ -247,8 +225,8 @@ def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss, bits/char and perplexity of a run on its validation split or a corpus")
     p.add_argument("run", help="run directory")
     p.add_argument("--corpus", help="evaluate on all of this corpus instead of the run's validation split")
-    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
     p.add_argument("--json", action="store_true", help='print {"loss", "bpc", "perplexity", "chars"}')
     p.set_defaults(func=cmd_eval)
 
@@ -308,7 +286,7 @@ def _add_report(sub) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML page about a run")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", required=True, help="HTML file to write")
-    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_report)
 
@@ -326,19 +304,16 @@ def _add_serve(sub) -> None:
                                    "POST /v1/generate/stream (server-sent events), GET /v1/model, GET /healthz, "
                                    "and a web page at /.")
     p.add_argument("run", help="run directory written by `charrnn train`")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine "
                                                        "only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, metavar="N", help="default 8000; 0 picks a free port")
-    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default best")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default cpu")
+    p.add_argument("--port", type=int, default=8000, metavar="N", help="default %(default)s; 0 picks a free port")
+    p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default %(default)s")
     p.add_argument("--int8", action="store_true", help="generate with int8 weights (CPU); requests are then "
                                                        "stepped one after another instead of batched together")
-    from .serve.limits import LIMIT_HELP
+    from .serve.limits import Limits
 
-    g = p.add_argument_group("limits (a request over one is refused with a JSON error)")
-    for name, (default, text) in LIMIT_HELP.items():
-        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, metavar="N",
-                       help=f"{text} (default {default})")
+    add_options(p, Limits)
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                    help="server log level (info logs every request)")
     p.set_defaults(func=cmd_serve)
@@ -346,15 +321,30 @@ def _add_serve(sub) -> None:
 
 def cmd_serve(args) -> int:
     from .serve import Limits, serve
-    from .serve.limits import LIMIT_HELP
 
-    limits = Limits(**{name: getattr(args, name) for name in LIMIT_HELP})
+    limits = Limits(**{name: getattr(args, name) for name in option_names(Limits) if getattr(args, name) is not None})
     try:
         serve(args.run, host=args.host, port=args.port, weights=args.weights, device=args.device, int8=args.int8,
               limits=limits, log_level=args.log_level)
     except KeyboardInterrupt:
         pass
     print("server stopped", file=sys.stderr)
+    return 0
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="compile charrnn's C++ kernels now (otherwise the first train/generate does it)",
+                       description="Compile charrnn's C++ kernels into the build cache now, with progress, so that "
+                                   "the first `charrnn train` or `generate` does not wait for it.")
+    p.set_defaults(func=cmd_build)
+
+
+def cmd_build(args) -> int:
+    from . import native
+
+    if native.build(verbose=True) is None:
+        raise CharRNNError(f"the C++ kernels could not be built ({native.error() or 'unknown reason'}); charrnn "
+                           "still works, with the pure-PyTorch kernels")
     return 0
 
 
@@ -371,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_report(sub)
     _add_serve(sub)
+    _add_build(sub)
     from .tasks.cli import add_task_parser
 
     add_task_parser(sub)
@@ -384,7 +375,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except CharRNNError as e:
         if not getattr(e, "from_rank0", False):  # under torchrun, rank 0's errors are printed by rank 0
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e.render(flag) if isinstance(e, OptionError) else e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         if e.name not in ("torch", "safetensors"):
@@ -400,5 +391,53 @@ def main(argv=None) -> int:
         return 0
 
 
+REGENERATE_FLAGS = "python -m charrnn.cli --flags-markdown > docs/flags.md"
+
+
+def flags_markdown() -> str:
+    """docs/flags.md: every subcommand's options with their help, defaults and choices, from the parser."""
+    lines = ["# Command-line flags", "",
+             f"Every `charrnn` subcommand and its options, generated from the parser by `{REGENERATE_FLAGS}`",
+             "(tests/test_options.py fails when this file is out of date). `charrnn COMMAND --help` prints the same.",
+             ""]
+    for path, help_text, parser in _commands(build_parser()):
+        lines += [f"## `charrnn {path}`", "", help_text or "", ""]
+        if parser.description:
+            lines += [parser.description, ""]
+        for group in parser._action_groups:
+            rows = [_flag_row(a) for a in group._group_actions
+                    if a.help != argparse.SUPPRESS and not isinstance(a, (argparse._HelpAction,
+                                                                         argparse._SubParsersAction))]
+            if rows:
+                lines += [f"**{group.title}**", "", "| option | choices | description |", "|---|---|---|", *rows, ""]
+    return "\n".join(lines)
+
+
+def _commands(parser, prefix: str = ""):
+    """``(path, help, parser)`` of every subcommand under ``parser``, depth first."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                path = f"{prefix}{name}"
+                yield path, helps.get(name), sub
+                yield from _commands(sub, path + " ")
+
+
+def _flag_row(action) -> str:
+    if action.option_strings:
+        name = ", ".join(action.option_strings)
+        if action.nargs != 0:
+            name += " " + (action.metavar or action.dest.upper())
+    else:
+        name = action.metavar or action.dest
+    choices = ", ".join(map(str, action.choices)) if action.choices else ""
+    cells = [f"`{name}`", choices, (action.help or "") % vars(action)]  # as argparse expands %(default)s
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--flags-markdown"]:  # docs/flags.md (see REGENERATE_FLAGS)
+        sys.stdout.write(flags_markdown())
+        sys.exit(0)
     sys.exit(main())

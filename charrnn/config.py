@@ -1,131 +1,269 @@
-"""Training options as one dataclass, and presets: named bundles of those same options.
+"""Options as dataclasses whose fields carry their own help, and presets: named bundles of options.
 
-Layering: dataclass defaults (the TensorFlow tutorial's setup) <- preset <- explicit
-options.  A preset is nothing but a dict of option values; there is no second code path.
+Each option is written once, as a field made by :func:`option`: its default, help text, choices,
+metavar and check live there.  :func:`check_fields` validates any such dataclass, and the command
+line (:mod:`charrnn.cli`) builds its flags from the same fields, so ``--help`` and docs/flags.md
+show the defaults written here.  To add a training option, add a field to :class:`TrainConfig`
+(or :class:`ModelConfig` for the model) and use it; ``charrnn train --help`` offers it at once.
+
+The model's options are a dataclass of their own, :class:`ModelConfig`, nested in
+:class:`TrainConfig` as ``model``.  Layering: dataclass defaults (the TensorFlow tutorial's
+setup) <- preset <- explicit options.  A preset is nothing but a dict of option values, with
+the model's options given by their own names (``hidden``, not ``model.hidden``), as on the
+command line; there is no second code path.  No torch here, so that the parser needs none.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from dataclasses import asdict, dataclass, field, fields
+import numbers
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
 
+ARCHS = ("gru", "lstm", "rnn")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LOSS_ON = ("all", "last")
 
+Check = tuple[Callable[[object], bool], str]  # (is the value good?, the rule it breaks: "must be ...")
+
+
+def _integer(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+INTEGER: Check = (_integer, "must be an integer")
+POSITIVE_INT: Check = (lambda v: _integer(v) and v > 0, "must be a positive integer")
+NON_NEGATIVE_INT: Check = (lambda v: _integer(v) and v >= 0, "must be >= 0")
+POSITIVE_NUMBER: Check = (lambda v: _number(v) and v > 0, "must be a positive number")
+NON_NEGATIVE: Check = (lambda v: _number(v) and v >= 0, "must be >= 0")
+DROP_PROBABILITY: Check = (lambda v: _number(v) and 0 <= v < 1, "must be in [0, 1)")
+
+
+def option(default=MISSING, help: str = "", *, factory=MISSING, choices=None, check: Check | None = None,
+           metavar: str | None = None, default_text: str | None = None, group: str | None = None,
+           parse: Callable[[str], object] | None = None):
+    """A dataclass field that is a user option.
+
+    ``help`` (no help: not a command-line option), ``choices``, ``check`` (a :data:`Check`),
+    ``metavar``, ``default_text`` (what ``--help`` says instead of the default value), ``group``
+    (the heading in ``--help``) and ``parse`` (turns the flag's text into the value, when the
+    field's type cannot) are kept in the field's metadata.
+    """
+    meta = dict(help=help, choices=choices, check=check, metavar=metavar, default_text=default_text, group=group,
+                parse=parse)
+    return field(default=default, default_factory=factory, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def value_type(cls, f: dataclasses.Field):
+    """The type of field ``f`` of ``cls`` without ``| None``, and whether ``None`` is allowed."""
+    hint = _hints(cls)[f.name]
+    args = typing.get_args(hint)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return hint, False
+
+
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def check_fields(obj, skip: tuple[str, ...] = ()) -> None:
+    """Check every option field of the dataclass ``obj`` against its choices and check (nested
+    dataclasses are checked by their own ``validate``); raises :class:`OptionError`."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        kind, optional = value_type(type(obj), f)
+        if f.name in skip or dataclasses.is_dataclass(kind) or (value is None and optional):
+            continue
+        choices, check = f.metadata.get("choices"), f.metadata.get("check")
+        if choices is not None and value not in choices:
+            raise OptionError(f.name, "must be one of {choices}, got '{value}'", choices=", ".join(choices),
+                              value=value)
+        if check is not None:
+            try:
+                good = check[0](value)
+            except TypeError:
+                good = False
+            if not good:
+                raise OptionError(f.name, check[1] + ", got {value}", value=value)
+
 
 @dataclass
-class TrainConfig:
-    # corpus normalisation
-    lowercase: bool = False
-    newlines_to_spaces: bool = False
-    # model (see models.ModelConfig)
-    arch: str = "gru"
-    embed: int = 256
-    hidden: int = 1024
-    layers: int = 1
-    dropout: float = 0.0
-    weight_drop: float = 0.0
-    # data: shuffled windows (stateless, every `window_step` characters) or contiguous streams (stateful)
-    seq_len: int = 100
-    batch_size: int = 64
-    window_step: int | None = None  # default seq_len
-    stateful: bool = False
-    loss_on: str = "all"  # "last": only the window's last character is a target (the Keras recipe)
-    # optimisation
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    clip: float | None = 5.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    # how long
-    epochs: int | None = 10
-    max_steps: int | None = None
-    time_limit: float | None = None
-    # validation, logging, checkpoints
-    val_fraction: float = 0.1
-    eval_every: int | None = None
-    eval_streams: int = 16
-    log_every: int = 10
-    checkpoint_every: int | None = None
-    # samples during training: every `sample_every` steps (None: at each epoch end; 0: never)
-    sample_every: int | None = None
-    sample_temperatures: list[float] = field(default_factory=lambda: [0.2, 0.5, 1.0, 1.2])
-    sample_length: int = 200
-    sample_prompt: str | None = None  # default: the start of the validation text
-    # reproducibility and hardware
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
+class ModelConfig:
+    """Hyper-parameters of :class:`charrnn.models.CharLM`; ``embed=0`` feeds one-hot vectors (Keras recipe).
 
-    def model_config(self, vocab_size: int):
-        """The model's options, a :class:`charrnn.models.charlm.ModelConfig`."""
-        # Imported here so that the command line's parser (which reads PRESETS) needs no torch.
-        from .models.charlm import ModelConfig
+    ``vocab_size`` comes from the corpus: it is ``None`` in the training options.
+    """
 
-        return ModelConfig(vocab_size, self.arch, self.embed, self.hidden, self.layers, self.dropout,
-                           self.weight_drop)
+    vocab_size: int | None = option(None, check=POSITIVE_INT)
+    arch: str = option("gru", "recurrent cell", choices=ARCHS)
+    embed: int = option(256, "embedding size, 0 for one-hot inputs",
+                        check=(NON_NEGATIVE_INT[0], "must be positive (or 0 for one-hot inputs)"))
+    hidden: int = option(1024, "units per recurrent layer", check=POSITIVE_INT)
+    layers: int = option(1, "stacked recurrent layers", check=POSITIVE_INT)
+    dropout: float = option(0.0, "dropout between recurrent layers and on the output", check=DROP_PROBABILITY)
+    weight_drop: float = option(0.0, "DropConnect (AWD-LSTM) on the recurrent weights while training, one mask "
+                                     "per batch", check=DROP_PROBABILITY)
 
-    def validate(self) -> "TrainConfig":
-        # The model's own options are checked by the model layer (vocab_size is not known yet).
-        self.model_config(1).validate()
-        for name in ("seq_len", "batch_size", "eval_streams", "log_every", "sample_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every", "window_step"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-        if self.clip is not None and not (self.clip >= 0 and math.isfinite(self.clip)):
-            raise CharRNNError(f"--clip must be >= 0 (0 turns clipping off), got {self.clip}")
-        for name in ("lr", "time_limit"):
-            value = getattr(self, name)
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise CharRNNError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
-        if self.weight_decay < 0:
-            raise CharRNNError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise CharRNNError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise CharRNNError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.val_fraction < 1:
-            raise CharRNNError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES), ("precision", PRECISIONS),
-                              ("device", DEVICES)):
-            if getattr(self, name) not in allowed:
-                raise CharRNNError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                   f"got '{getattr(self, name)}'")
-        if self.loss_on not in LOSS_ON:
-            raise CharRNNError(f"--loss-on must be one of {', '.join(LOSS_ON)}, got '{self.loss_on}'")
-        if self.stateful and (self.window_step not in (None, self.seq_len) or self.loss_on != "all"):
-            raise CharRNNError("--stateful reads contiguous streams: it cannot be combined with --window-step or "
-                               "--loss-on last; drop one of them")
-        if self.sample_every is not None and (not isinstance(self.sample_every, int) or self.sample_every < 0):
-            raise CharRNNError(f"--sample-every must be >= 0 (0 turns samples off), got {self.sample_every}")
-        if not self.sample_temperatures or any(not (t >= 0 and math.isfinite(t)) for t in self.sample_temperatures):
-            raise CharRNNError(f"--sample-temperatures must be numbers >= 0 (0 is greedy), got "
-                               f"{self.sample_temperatures}")
-        if self.epochs is None and self.max_steps is None and self.time_limit is None:
-            raise CharRNNError("give at least one of --epochs, --max-steps and --time-limit")
+    def validate(self) -> "ModelConfig":
+        if self.vocab_size is None:
+            raise OptionError("vocab_size", "must be given: the number of ids the model reads and predicts")
+        check_fields(self)
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+MODEL_OPTIONS = tuple(f.name for f in fields(ModelConfig) if f.metadata.get("help"))
+
+_corpus = functools.partial(option, group="corpus")
+_training = functools.partial(option, group="training")
+_samples = functools.partial(option, group="samples during training (printed and saved in RUN/samples/)")
+_hardware = functools.partial(option, group="reproducibility and hardware")
+
+
+def _temperatures(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected numbers separated by commas, like 0.2,0.5,1.0, got '{text}'") from None
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``charrnn train`` (and :func:`charrnn.train`) is asked for; ``model`` holds the model's options."""
+
+    lowercase: bool = _corpus(False, "lowercase the text")
+    newlines_to_spaces: bool = _corpus(False, "replace newlines by spaces")
+    model: ModelConfig = option(factory=ModelConfig, group="model")
+    # data: shuffled windows (stateless, every `window_step` characters) or contiguous streams (stateful)
+    seq_len: int = _training(100, "characters per training sequence", check=POSITIVE_INT)
+    batch_size: int = _training(64, "sequences per batch", check=POSITIVE_INT)
+    stateful: bool = _training(False, "truncated back-propagation through time: batch-size contiguous streams, each "
+                                      "batch continuing the last one with the recurrent state carried over (reset "
+                                      "every epoch)")
+    window_step: int | None = _training(None, "stateless windows start every N characters", check=POSITIVE_INT,
+                                        default_text="--seq-len, no overlap")
+    loss_on: str = _training("all", "predict every next character of a window (all) or only the one after it "
+                                    "(last, the Keras recipe)", choices=LOSS_ON)
+    # optimisation
+    lr: float = _training(1e-3, "learning rate", check=POSITIVE_NUMBER)
+    optimizer: str = _training("adam", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = _training(0.0, "weight decay", check=NON_NEGATIVE)
+    clip: float | None = _training(5.0, "clip the gradient norm to this; 0 turns it off",
+                                   check=(NON_NEGATIVE[0], "must be >= 0 (0 turns clipping off)"))
+    lr_schedule: str = _training("constant", "learning-rate schedule", choices=SCHEDULES)
+    warmup_steps: int = _training(0, "linear learning-rate warm-up steps", check=NON_NEGATIVE_INT)
+    min_lr_ratio: float = _training(0.1, "cosine decays to lr x this",
+                                    check=(lambda v: _number(v) and 0 <= v <= 1, "must be in [0, 1]"))
+    # how long
+    epochs: int | None = _training(10, "passes over the training text", check=POSITIVE_INT,
+                                   default_text="10, unless --max-steps or --time-limit is given")
+    max_steps: int | None = _training(None, "stop after this many steps in all", check=POSITIVE_INT)
+    time_limit: float | None = _training(None, "stop after this many seconds of training in all (checkpoint "
+                                               "included)", check=POSITIVE_NUMBER)
+    # validation, logging, checkpoints
+    val_fraction: float = _training(0.1, "the last fraction of the text held out for validation",
+                                    check=(lambda v: _number(v) and 0 <= v < 1, "must be in [0, 1)"))
+    eval_every: int | None = _training(None, "also evaluate every N steps", check=POSITIVE_INT,
+                                       default_text="each epoch")
+    eval_streams: int = _training(16, "parallel contiguous streams in evaluation", check=POSITIVE_INT)
+    log_every: int = _training(10, "log the training loss every N steps", check=POSITIVE_INT)
+    checkpoint_every: int | None = _training(None, "also checkpoint every N steps", check=POSITIVE_INT,
+                                             default_text="at each evaluation")
+    # samples during training: every `sample_every` steps (None: at each epoch end; 0: never)
+    sample_every: int | None = _samples(None, "sample every N steps",
+                                        check=(NON_NEGATIVE_INT[0], "must be >= 0 (0 turns samples off)"),
+                                        default_text="at the end of each epoch and of training; 0: never")
+    sample_temperatures: list[float] = _samples(
+        help="one sample per temperature", factory=lambda: [0.2, 0.5, 1.0, 1.2], metavar="T1,T2,...",
+        parse=_temperatures,
+        check=(lambda ts: bool(ts) and all(_number(t) and t >= 0 for t in ts), "must be numbers >= 0 (0 is greedy)"))
+    sample_length: int = _samples(200, "characters per sample", check=POSITIVE_INT)
+    sample_prompt: str | None = _samples(None, "text the samples continue",
+                                         default_text="the first 40 characters of the validation text")
+    # reproducibility and hardware
+    seed: int = _hardware(0, "random seed", check=INTEGER)
+    device: str = _hardware("auto", "where to train", choices=DEVICES, default_text="auto: cuda if available")
+    precision: str = _hardware("auto", "bf16 autocast or fp32; auto picks bf16 where the hardware computes it "
+                                       "natively", choices=PRECISIONS)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The model's options with the corpus's ``vocab_size``."""
+        return dataclasses.replace(self.model, vocab_size=vocab_size)
+
+    def validate(self) -> "TrainConfig":
+        check_fields(self.model, skip=("vocab_size",))  # not known until the corpus is read
+        check_fields(self)
+        if self.stateful and (self.window_step not in (None, self.seq_len) or self.loss_on != "all"):
+            raise OptionError("stateful", "reads contiguous streams: it cannot be combined with {window_step} or "
+                                          "{loss_on} last; drop one of them")
+        if self.epochs is None and self.max_steps is None and self.time_limit is None:
+            raise OptionError("epochs", "give at least one of {epochs}, {max_steps} and {time_limit}")
+        return self
+
+    def to_dict(self) -> dict:
+        """The options as JSON-ready values, the model's nested under ``model`` (without ``vocab_size``)."""
+        d = asdict(self)
+        del d["model"]["vocab_size"]
+        return d
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
+        """From :meth:`to_dict`'s form, or flat (the model's options beside the others, as presets, the command
+        line and the config.json of runs written before the model's options were nested give them)."""
+        values = flatten(d)
+        names = {f.name for f in fields(cls)} - {"model"}
+        unknown = set(values) - names - set(MODEL_OPTIONS)
         if unknown:
             raise CharRNNError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        model = {k: v for k, v in values.items() if k in MODEL_OPTIONS}
+        return cls(model=ModelConfig(**model), **{k: v for k, v in values.items() if k in names})
+
+
+def flatten(options: dict) -> dict:
+    """``options`` with a nested ``model`` (a dict or :class:`ModelConfig`) spread out beside the others;
+    options given flat win over nested ones."""
+    options = dict(options)
+    model = options.pop("model", None) or {}
+    if isinstance(model, ModelConfig):
+        model = model.to_dict()
+    return {**{k: v for k, v in model.items() if k != "vocab_size"}, **options}
+
+
+def option_fields(cls=TrainConfig, group: str | None = None) -> Iterator[tuple[type, dataclasses.Field, str | None]]:
+    """``(dataclass, field, group)`` of every command-line option of ``cls``, nested dataclasses' included
+    (in place, under the nesting field's group)."""
+    for f in fields(cls):
+        kind, _ = value_type(cls, f)
+        if dataclasses.is_dataclass(kind):
+            yield from option_fields(kind, f.metadata.get("group", group))
+        elif f.metadata.get("help"):
+            yield cls, f, f.metadata.get("group", group)
+
+
+def option_names(cls=TrainConfig) -> list[str]:
+    """The names of :func:`option_fields`, which are also their command-line destinations."""
+    return [f.name for _, f, _ in option_fields(cls)]
 
 
 # Named bundles of the options above.  `charrnn train --help` lists them.
@@ -138,8 +276,8 @@ PRESETS: dict[str, dict] = {
         "lr_schedule": "cosine", "warmup_steps": 50, "min_lr_ratio": 0.05, "time_limit": 1200.0,
         "eval_streams": 64,
     },
-    # The same on CPUs with native bf16 (AVX-512 BF16, AMX), where `auto` trains in bf16 at about
-    # twice the fp32 speed: a GRU twice as wide, with more dropout.
+    # The same on CPUs with native bf16 (AVX-512 BF16, AMX), where `auto` trains in bf16:
+    # a GRU twice as wide, with more dropout.
     "shakespeare-20min-bf16": {
         "arch": "gru", "layers": 1, "hidden": 2048, "embed": 256, "dropout": 0.25,
         "seq_len": 200, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.4, "clip": 1.0,
@@ -170,13 +308,18 @@ PRESET_HELP = {
 
 
 def build_config(preset: str | None = None, **options) -> TrainConfig:
-    """Defaults <- preset <- options (``None`` values in ``options`` mean "not given")."""
+    """Defaults <- preset <- options (``None`` values in ``options`` mean "not given").
+
+    ``options`` are :class:`TrainConfig`'s fields and :class:`ModelConfig`'s by their own names
+    (``hidden=512``), or ``model=`` a :class:`ModelConfig` or dict.
+    """
     values: dict = {}
     if preset is not None:
         if preset not in PRESETS:
-            raise CharRNNError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+            raise OptionError("preset", "'{value}' is unknown; choose one of {presets}", value=preset,
+                              presets=", ".join(PRESETS))
         values.update(PRESETS[preset])
-    values.update({k: v for k, v in options.items() if v is not None})
+    values.update(flatten({k: v for k, v in options.items() if v is not None}))
     # --max-steps or --time-limit alone means "train until then", not "until then or 10 epochs".
     if "epochs" not in values and (values.get("max_steps") or values.get("time_limit")):
         values["epochs"] = None

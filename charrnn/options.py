@@ -1,4 +1,4 @@
-"""Checks of the generation options, shared by the PyTorch sampler and the torch-free runtime.
+"""The generation options and their checks, shared by the PyTorch sampler, the server and the torch-free runtime.
 
 Kept free of torch so that :mod:`charrnn.runtime` (onnxruntime + NumPy) gives exactly the
 same messages as ``charrnn generate RUN``.
@@ -6,26 +6,45 @@ same messages as ``charrnn generate RUN``.
 
 from __future__ import annotations
 
-from .errors import CharRNNError
+from dataclasses import dataclass
+
+from .config import INTEGER, NON_NEGATIVE_INT, POSITIVE_INT, check_fields, option
+from .errors import OptionError
+
+
+@dataclass
+class GenerationOptions:
+    """What ``charrnn generate`` (and :meth:`charrnn.api.LanguageModel.generate`) is asked for, each
+    option with its help and check (see :func:`charrnn.config.option`)."""
+
+    prompt: str = option("", "text to continue", default_text="start after a newline")
+    length: int = option(1000, "characters to generate per sample", check=NON_NEGATIVE_INT)
+    temperature: float = option(1.0, "0 is greedy; lower is safer, higher wilder",
+                                check=(lambda v: v >= 0, "must be >= 0 (0 means greedy)"),
+                                default_text="1, or the default stored in an .onnx file")
+    top_k: int | None = option(None, "sample only among the K most likely characters", metavar="K",
+                               check=POSITIVE_INT)
+    top_p: float | None = option(None, "sample only among the most likely characters holding mass P", metavar="P",
+                                 check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    num_samples: int = option(1, "samples, generated together in one batch", check=POSITIVE_INT)
+    seed: int | None = option(None, "random seed: same seed, same text", check=INTEGER)
+
+    def validate(self) -> "GenerationOptions":
+        check_fields(self)
+        return self
 
 
 def check_sampling_options(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                            length: int = 1, num_samples: int = 1) -> None:
-    if temperature is None or temperature < 0:
-        raise CharRNNError(f"--temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and top_k <= 0:
-        raise CharRNNError(f"--top-k must be a positive integer, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise CharRNNError(f"--top-p must be in (0, 1], got {top_p}")
-    if length is None or length < 0:
-        raise CharRNNError(f"--length must be >= 0, got {length}")
-    if num_samples is None or num_samples <= 0:
-        raise CharRNNError(f"--num-samples must be a positive integer, got {num_samples}")
+    """Raises :class:`charrnn.errors.OptionError` for a bad value."""
+    GenerationOptions(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
+                      num_samples=num_samples).validate()
 
 
 def check_beam_width(beam_width) -> None:
-    if beam_width is None or isinstance(beam_width, bool) or int(beam_width) != beam_width or beam_width < 1:
-        raise CharRNNError(f"--beam-width must be a positive integer, got {beam_width}")
+    if not POSITIVE_INT[0](beam_width) and not (isinstance(beam_width, float) and beam_width.is_integer()
+                                               and beam_width >= 1):
+        raise OptionError("beam_width", "must be a positive integer, got {value}", value=beam_width)
 
 
 def start_text(prompt: str, chars) -> str:
@@ -33,6 +52,7 @@ def start_text(prompt: str, chars) -> str:
     vocabulary ``chars`` has one)."""
     if prompt == "":
         if "\n" not in chars:
-            raise CharRNNError("the prompt is empty and this vocabulary has no newline to start from; give --prompt")
+            raise OptionError("prompt", "is empty and this vocabulary has no newline to start from; give some text "
+                                        "to continue")
         return "\n"
     return prompt

@@ -24,6 +24,7 @@ import uvicorn
 
 import charrnn
 from charrnn.cli import main
+from charrnn.errors import CharRNNError
 from charrnn.serve import Limits, bind, create_app
 
 from .conftest import TINY_KW, make_text
@@ -236,6 +237,18 @@ def test_every_limit_is_a_4xx_with_a_json_error(server, endpoint):
     assert after["completed"] == before["completed"] and after["characters"] == before["characters"]
 
 
+def test_option_errors_name_the_json_field_not_the_flag(server):
+    url, _ = server
+    with httpx.Client(base_url=url) as client:
+        for body, message in (({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
+                              ({"temperature": -0.5}, "temperature must be >= 0 (0 means greedy), got -0.5"),
+                              ({"top_k": 0}, "top_k must be a positive integer, got 0")):
+            r = client.post("/v1/generate", json=body)
+            assert r.status_code == 422 and r.json()["error"] == message, r.text
+    with pytest.raises(CharRNNError, match=r"^max_batch \(8\) must be at least max_samples \(16\)"):
+        Limits(max_batch=8).validate()
+
+
 def test_unknown_paths_and_methods_are_json_errors(server):
     url, _ = server
     r = httpx.get(f"{url}/v1/nothing")
@@ -398,6 +411,7 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
             ((tmp_path / "missing",), "does not exist"),
             ((run_dir, "--port", port), f"port {port} on 127.0.0.1 is already in use"),
             ((run_dir, "--max-length", "0"), "--max-length must be a positive integer"),
+            ((run_dir, "--max-batch", "8"), "--max-batch (8) must be at least --max-samples (16)"),
             ((run_dir, "--host", "no such host.invalid"), "cannot listen on host"),
         ]
         for args, message in cases:

@@ -159,12 +159,13 @@ def test_stateful_options_that_do_not_mix_are_refused(small_corpus, tmp_path):
 
 def test_keras_preset_is_the_seed_recipe_and_explicit_options_win():
     cfg = build_config("keras-lstm")
-    assert (cfg.lowercase, cfg.newlines_to_spaces, cfg.arch, cfg.hidden, cfg.embed, cfg.layers) == (
+    assert (cfg.lowercase, cfg.newlines_to_spaces, cfg.model.arch, cfg.model.hidden, cfg.model.embed,
+            cfg.model.layers) == (
         True, True, "lstm", 128, 0, 1)
     assert (cfg.seq_len, cfg.window_step, cfg.loss_on, cfg.batch_size, cfg.optimizer, cfg.lr) == (
         40, 3, "last", 1024, "rmsprop", 0.01)
     assert cfg.sample_temperatures == [0.2, 0.5, 1.0, 1.2]
-    assert build_config("keras-lstm", hidden=64, lr=0.02).hidden == 64
+    assert build_config("keras-lstm", hidden=64, lr=0.02).model.hidden == 64
     assert build_config("tutorial-gru") == build_config()
 
 

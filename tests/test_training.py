@@ -87,7 +87,7 @@ def test_runs_saved_before_an_option_existed_resume(small_corpus, tmp_path):
     """A run whose config.json predates --weight-drop (no such key) resumes with the default."""
     charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=4, **TINY_KW)
     config = json.loads((tmp_path / "r" / "config.json").read_text())
-    assert config["model"].pop("weight_drop") == 0.0 and config["training"].pop("weight_drop") == 0.0
+    assert config["model"].pop("weight_drop") == 0.0 and config["training"]["model"].pop("weight_drop") == 0.0
     (tmp_path / "r" / "config.json").write_text(json.dumps(config))
     assert charrnn.train(str(small_corpus), tmp_path / "r", resume=True, max_steps=6, progress=False).step == 6
     with pytest.raises(CharRNNError, match="--weight-drop"):

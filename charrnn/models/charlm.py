@@ -2,48 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CharRNNError
 from .. import ops
-
-ARCHS = ("gru", "lstm", "rnn")
+from ..config import ARCHS, ModelConfig  # noqa: F401 (re-exported)
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class ModelConfig:
-    """Hyper-parameters of :class:`CharLM`; ``embed=0`` feeds one-hot vectors (Keras recipe)."""
-
-    vocab_size: int
-    arch: str = "gru"
-    embed: int = 256
-    hidden: int = 1024
-    layers: int = 1
-    dropout: float = 0.0
-    weight_drop: float = 0.0   # DropConnect on the recurrent weights while training (AWD-LSTM)
-
-    def validate(self) -> "ModelConfig":
-        if self.arch not in ARCHS:
-            raise CharRNNError(f"--arch must be one of {', '.join(ARCHS)}, got '{self.arch}'")
-        for name in ("hidden", "layers", "vocab_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise CharRNNError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.embed < 0:
-            raise CharRNNError(f"--embed must be positive (or 0 for one-hot inputs), got {self.embed}")
-        if not 0 <= self.dropout < 1:
-            raise CharRNNError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.weight_drop < 1:
-            raise CharRNNError(f"--weight-drop must be in [0, 1), got {self.weight_drop}")
-        return self
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class CharLM(nn.Module):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,11 +27,12 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import CharRNNError
-from ..sampling import check_sampling_options
+from ..options import GenerationOptions, check_sampling_options
 from .engine import Busy, Engine, Job
 from .limits import Limits
 
 STATIC = Path(__file__).parent / "static"
+_DEFAULTS = GenerationOptions()
 
 
 class GenerateRequest(BaseModel):
@@ -40,13 +40,13 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    prompt: str = ""
-    length: int = 200
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    num_samples: int = 1
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    prompt: str = _DEFAULTS.prompt
+    length: int = 200  # shorter than `charrnn generate`'s, for a page that waits for it
+    temperature: float = _DEFAULTS.temperature
+    top_k: int | None = _DEFAULTS.top_k
+    top_p: float | None = _DEFAULTS.top_p
+    num_samples: int = _DEFAULTS.num_samples
+    seed: int | None = Field(_DEFAULTS.seed, ge=0, lt=2**63)
 
 
 class RequestError(Exception):
@@ -57,11 +57,6 @@ class RequestError(Exception):
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _api_names(message: str) -> str:
-    """``--top-p must be ...`` (the library speaks in CLI options) -> ``top_p must be ...`` (the JSON field)."""
-    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
 
 def _sse(data: dict, event: str | None = None) -> str:
@@ -126,7 +121,7 @@ def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -
             check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples)
             lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
         except CharRNNError as e:
-            raise RequestError(422, _api_names(str(e))) from None
+            raise RequestError(422, str(e)) from None  # an OptionError names the field: "top_p must be ..."
         return Job(req.prompt, req.length, req.num_samples, req.temperature, req.top_k, req.top_p, req.seed,
                    streaming=streaming)
 
