@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -23,6 +24,10 @@
 #define CHARRNN_X86 1
 #define CHARRNN_AVX2 __attribute__((target("avx2")))
 #endif
+
+namespace at {
+struct RecordFunction;
+}  // namespace at
 
 namespace charrnn {
 
@@ -41,6 +46,17 @@ inline bool has_avx2() { return false; }
 #endif
 
 // ---------------------------------------------------------------- shared helpers
+// A profiler label for the enclosing scope, what RECORD_FUNCTION(name, {}) does (defined in step.cpp,
+// so that only one file compiles <ATen/record_function.h>).
+class Trace {
+ public:
+  explicit Trace(const char* name);
+  ~Trace();
+
+ private:
+  std::unique_ptr<at::RecordFunction> guard_;   // only while a profiler listens
+};
+
 // f(b) for b < B, rows shared between the threads in chunks of about 32k elements of width each.
 template <typename F>
 void for_rows(int64_t B, int64_t width, const F& f) {

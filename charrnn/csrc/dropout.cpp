@@ -5,8 +5,6 @@
 // loops below do the same integer operations and one float multiply per element).
 #include "charrnn.h"
 
-#include <ATen/ops/empty_like.h>
-
 namespace charrnn {
 namespace {
 
@@ -45,7 +43,7 @@ Tensor dropout(const Tensor& x, double p, int64_t seed, int64_t offset, const c1
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
               "dropout: x must be a contiguous float CPU tensor");
   TORCH_CHECK(p >= 0 && p < 1 && offset >= 0, "dropout: p must be in [0, 1) and offset >= 0");
-  Tensor y = out.has_value() ? *out : at::empty_like(x);
+  Tensor y = out.has_value() ? *out : x.new_empty(x.sizes());
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == x.numel(),
               "dropout: out must be a contiguous float tensor of x's size");
   const uint64_t s = static_cast<uint64_t>(seed);

@@ -5,8 +5,6 @@
 // z = sigmoid(a_z + x_z), n = tanh(x_n + r a_n), h' = (h - n) z + n; saved: [r, z, a_n], n, h'.
 #include "charrnn.h"
 
-#include <ATen/record_function.h>
-
 namespace charrnn {
 namespace {
 
@@ -81,7 +79,7 @@ void gru_back_row(const float* g, float* d, const float* n, float* dan, const fl
 // (B, T) int64 a (V, 3H) table; hp = h_{t-1} (B, H); gates (B, T, 3H), ns and ys (B, T, H) contiguous.
 void gru_forward_step(const Tensor& a, const Tensor& gi, const c10::optional<Tensor>& ids_opt, const Tensor& hp,
                       const Tensor& gates, const Tensor& ns, const Tensor& ys, int64_t t) {
-  RECORD_FUNCTION("charrnn::gru_forward_step", std::vector<c10::IValue>());
+  const Trace trace("charrnn::gru_forward_step");
   const int64_t B = gates.size(0), T = gates.size(1), G = gates.size(2), H = G / 3;
   TORCH_CHECK(gates.is_contiguous() && ns.is_contiguous() && ys.is_contiguous() && gates.scalar_type() == at::kFloat
               && ns.scalar_type() == at::kFloat && ys.scalar_type() == at::kFloat && t >= 0 && t < T,
@@ -121,7 +119,7 @@ void gru_forward_step(const Tensor& a, const Tensor& gi, const c10::optional<Ten
 // and zdh (B, H).  Then Python adds dg[:, t] @ W_hh to zdh for h_{t-1}'s gradient.
 void gru_backward_step(const Tensor& dh, const Tensor& dys, const Tensor& gates, const Tensor& dg,
                        const Tensor& ns, const Tensor& dan, const Tensor& hp, const Tensor& zdh, int64_t t) {
-  RECORD_FUNCTION("charrnn::gru_backward_step", std::vector<c10::IValue>());
+  const Trace trace("charrnn::gru_backward_step");
   const int64_t B = gates.size(0), T = gates.size(1), G = gates.size(2), H = G / 3;
   TORCH_CHECK(gates.is_contiguous() && dg.is_contiguous() && ns.is_contiguous() && dan.is_contiguous()
               && dg.sizes() == gates.sizes() && dan.sizes() == ns.sizes() && gates.scalar_type() == at::kFloat

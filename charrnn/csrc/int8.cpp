@@ -5,7 +5,6 @@
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/record_function.h>
 
 #include <cstring>
 
@@ -257,7 +256,7 @@ void int8_gemm(const uint8_t* xu, int64_t B, int64_t Kq, const float* sx, const 
 Tensor Linear::operator()(const Tensor& x) const {
   if (!int8) return at::addmm(b, x, w.t());
   const int64_t B = x.size(0), quads = w.size(1), Kq = 4 * quads;
-  RECORD_FUNCTION(B == 1 ? "charrnn::int8_matvec" : "charrnn::int8_matmul", std::vector<c10::IValue>());
+  const Trace trace(B == 1 ? "charrnn::int8_matvec" : "charrnn::int8_matmul");
   Tensor xu = at::empty({B, Kq}, x.options().dtype(at::kByte));
   Tensor sx = at::empty({B}, x.options());
   const float* px = x.data_ptr<float>();

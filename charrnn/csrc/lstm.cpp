@@ -10,7 +10,6 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/record_function.h>
 
 namespace charrnn {
 namespace {
@@ -99,7 +98,7 @@ void lstm_back_row(const float* g, float* d, const float* tc, const float* cp, c
 // rows are looked up.  -> gates (B, T, 4H) activations, cs (B, T, H) cells, tcs = tanh(cs), ys.
 std::vector<Tensor> lstm_forward(const Tensor& gi, const c10::optional<Tensor>& ids_opt, const Tensor& h0,
                                  const Tensor& c0, const Tensor& w_hh, const Tensor& b_hh) {
-  RECORD_FUNCTION("charrnn::lstm_forward", std::vector<c10::IValue>());
+  const Trace trace("charrnn::lstm_forward");
   const int64_t H = w_hh.size(1), G = 4 * H;
   TORCH_CHECK(gi.scalar_type() == at::kFloat && gi.dim() >= 2 && gi.size(-1) == G && gi.stride(-1) == 1,
               "lstm_forward: float input projection (..., 4 * hidden) with unit last stride");
@@ -152,7 +151,7 @@ std::vector<Tensor> lstm_forward(const Tensor& gi, const c10::optional<Tensor>& 
 std::vector<Tensor> lstm_backward(const c10::optional<Tensor>& dys_opt, const c10::optional<Tensor>& dhT,
                                   const c10::optional<Tensor>& dcT, const Tensor& gates, const Tensor& cs,
                                   const Tensor& tcs, const Tensor& c0, const Tensor& w_hh, bool reuse) {
-  RECORD_FUNCTION("charrnn::lstm_backward", std::vector<c10::IValue>());
+  const Trace trace("charrnn::lstm_backward");
   const int64_t B = gates.size(0), T = gates.size(1), G = gates.size(2), H = G / 4;
   TORCH_CHECK(gates.is_contiguous() && cs.is_contiguous() && tcs.is_contiguous(), "lstm_backward: saved buffers");
   const bool has_dys = dys_opt.has_value() && dys_opt->defined();

@@ -7,9 +7,6 @@
 // callers keep the ATen products.
 #include "charrnn.h"
 
-#include <ATen/ops/zeros.h>
-#include <ATen/record_function.h>
-
 #include <cstring>
 
 namespace charrnn {
@@ -77,11 +74,11 @@ CHARRNN_FMA void panel_rows(int64_t mr, int64_t kc, const float* a, int64_t lda,
 
 // w (N, K) float -> its panels (ceil(N / 24), K, 24), zero padded.
 Tensor pack_panels(const Tensor& w_in) {
-  RECORD_FUNCTION("charrnn::pack_panels", std::vector<c10::IValue>());
+  const Trace trace("charrnn::pack_panels");
   TORCH_CHECK(w_in.scalar_type() == at::kFloat && w_in.dim() == 2, "pack_panels: a float matrix");
   const Tensor w = w_in.contiguous();
   const int64_t N = w.size(0), K = w.size(1), np = (N + kPanel - 1) / kPanel;
-  Tensor P = at::zeros({np, K, kPanel}, w.options());
+  Tensor P = w.new_zeros({np, K, kPanel});
   const float* src = w.data_ptr<float>();
   float* dst = P.data_ptr<float>();
   at::parallel_for(0, np, 1, [&](int64_t p0, int64_t p1) {
@@ -99,7 +96,7 @@ Tensor pack_panels(const Tensor& w_in) {
 // last stride (any row stride); out may be other, but no element of out may be one of x's.
 void packed_matmul(const Tensor& x, const Tensor& P, const c10::optional<Tensor>& bias_opt,
                    const c10::optional<Tensor>& other_opt, const Tensor& out) {
-  RECORD_FUNCTION("charrnn::packed_matmul", std::vector<c10::IValue>());
+  const Trace trace("charrnn::packed_matmul");
   TORCH_CHECK(has_fma(), "packed_matmul: needs a CPU with AVX2 and FMA (see has_fma)");
   const int64_t B = x.size(0), K = x.size(1), np = P.size(0), N = out.size(1);
   check_rows(x, B, K, "packed_matmul: x");

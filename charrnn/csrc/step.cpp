@@ -13,6 +13,16 @@
 #include <limits>
 
 namespace charrnn {
+
+Trace::Trace(const char* name) {
+  auto callbacks = at::getStepCallbacksUnlessEmpty(at::RecordScope::FUNCTION);
+  if (!callbacks) return;   // no profiler: nothing to record
+  guard_ = std::make_unique<at::RecordFunction>(std::move(*callbacks));
+  if (guard_->isActive()) guard_->before(name);
+}
+
+Trace::~Trace() = default;
+
 namespace {
 
 // Row b of the input projection: a row of the table, or of a (B, G*H) tensor.
@@ -152,7 +162,7 @@ Step::Step(int64_t arch, int64_t hidden, Tensor table, std::vector<std::vector<T
 }
 
 std::pair<Tensor, std::vector<Tensor>> Step::step(const Tensor& ids_in, const std::vector<Tensor>& state) const {
-  RECORD_FUNCTION("charrnn::step", std::vector<c10::IValue>());
+  const Trace trace("charrnn::step");
   const Tensor ids = ids_in.to(at::kLong).contiguous();
   TORCH_CHECK(ids.dim() == 1, "step: ids (batch,)");
   for (const Tensor& t : state)
@@ -200,7 +210,7 @@ std::pair<Tensor, std::vector<Tensor>> Step::step(const Tensor& ids_in, const st
 // cumsum, u ~ U[0, 1) drawn from the generator as torch.rand((B, 1)), the first id whose
 // cumulative probability exceeds u * total.
 Tensor sample(const Tensor& logits_in, c10::optional<at::Generator> gen, double temperature) {
-  RECORD_FUNCTION("charrnn::sample", std::vector<c10::IValue>());
+  const Trace trace("charrnn::sample");
   const Tensor logits = logits_in.contiguous();
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "sample: float logits (B, V)");
   const int64_t B = logits.size(0), V = logits.size(1);
