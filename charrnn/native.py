@@ -174,7 +174,8 @@ def build(verbose: bool = True):
 
 
 def loaded():
-    """The compiled module if an earlier :func:`load` built it, else None (never compiles)."""
+    """The compiled module if an earlier :func:`load` or :func:`build` found or built it, else None
+    (never compiles)."""
     return _module
 
 

@@ -83,6 +83,15 @@ def test_warns_once_and_tries_once(fresh, no_compiler, monkeypatch):
         assert native.load() is None and native.loaded() is None
 
 
+def test_a_failed_build_is_explained_by_the_compilers_first_error():
+    log = ("Error building extension 'charrnn_native_0': [1/8] c++ -MMD -c step.cpp -o step.o\n"
+           "FAILED: step.o\nstep.cpp:137:20: error: expected primary-expression before 'arch'\n"
+           "ninja: build stopped: subcommand failed.")
+    assert native._reason(RuntimeError(log)) == ("RuntimeError: step.cpp:137:20: error: expected "
+                                                 "primary-expression before 'arch'")
+    assert "command not found" in native._reason(RuntimeError("Error building extension: c++: command not found"))
+
+
 def test_builds_from_the_csrc_files_into_its_own_folder(fresh, monkeypatch):
     from torch.utils import cpp_extension
 
