@@ -342,9 +342,11 @@ def _add_build(sub) -> None:
 def cmd_build(args) -> int:
     from . import native
 
-    if native.build(verbose=True) is None:
+    module = native.build(verbose=False)      # prints a line while it compiles
+    if module is None:
         raise CharRNNError(f"the C++ kernels could not be built ({native.error() or 'unknown reason'}); charrnn "
-                           "still works, with the pure-PyTorch kernels")
+                           "still works, with the pure-PyTorch kernels (install a C++ compiler and ninja for them)")
+    print(f"charrnn: C++ kernels ready: {module.__file__}", file=sys.stderr)
     return 0
 
 

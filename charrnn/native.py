@@ -3,7 +3,7 @@
 The kernels: the sampling step (int8 and fp32 layers, the whole per-character step and the
 sampling draw in one call each, bit-identical to the pure-PyTorch step in
 :mod:`charrnn.sampling`), and the fp32 recurrent products, LSTM loops, GRU steps and dropout that
-:mod:`charrnn.models.fast_rnn` uses for float32 on CPU.  ``charrnn/csrc/charrnn.h`` says what each
+:mod:`charrnn.ops` uses for float32 on CPU.  ``charrnn/csrc/charrnn.h`` says what each
 source file holds.
 
 They are compiled with ``torch.utils.cpp_extension.load`` (a C++ compiler and ninja) into
@@ -14,8 +14,9 @@ picks up a stale build.  :func:`build` does it ahead of time (``charrnn build``,
 charrnn.native``); otherwise the first :func:`load` does, printing a line while it compiles.  Later
 processes import the built library directly, without ``torch.utils.cpp_extension``.
 
-``CHARRNN_NATIVE=0`` turns the kernels off; without a compiler :func:`load` answers None (with one
-warning) and the pure-PyTorch path runs, with the same results.
+Whether they are *used* is :mod:`charrnn.ops.backend`'s choice (``CHARRNN_NATIVE=0`` or
+``charrnn.ops.use(native=False)`` turns them off); without a compiler :func:`load` answers None (with
+one warning) and the pure-PyTorch path runs.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ import time
 import warnings
 
 import torch
-
-ENABLED: bool = os.environ.get("CHARRNN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 
@@ -147,9 +146,7 @@ def _settle() -> tuple[object, bool, bool]:
 
 def load():
     """The compiled module (built on the first call in any process, then cached on disk), or None
-    when it is turned off (``CHARRNN_NATIVE=0``) or cannot be built (see :func:`error`)."""
-    if not ENABLED:
-        return None
+    when it cannot be built (see :func:`error`).  Callers ask :mod:`charrnn.ops.backend` first."""
     module, first, _ = _settle()
     if module is None and first:
         warnings.warn(f"charrnn: the compiled kernels are unavailable ({_error}); "
@@ -159,7 +156,7 @@ def load():
 
 def build(verbose: bool = True):
     """Build the kernels now, or find the build an earlier process made (also with ``CHARRNN_NATIVE=0``,
-    which only turns their use off); with ``verbose``, say on stderr where they are or why they are not.
+    which only turns their use off, see :mod:`charrnn.ops.backend`); with ``verbose``, say on stderr where they are or why they are not.
     Returns the module, or None."""
     start = time.perf_counter()
     module, _, compiled = _settle()

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from charrnn import native
+from charrnn import native, ops
 from charrnn.errors import CharRNNError
 from charrnn.models import CharLM, ModelConfig
 from charrnn.sampling import Stepper
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def compiled():
-    if not native.ENABLED:
+    if not ops.backend.current().native:
         pytest.skip("CHARRNN_NATIVE=0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -38,7 +38,6 @@ def compiled():
 def fresh(monkeypatch, tmp_path):
     """native as in a new process on a machine that never built the kernels (an empty build folder)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    monkeypatch.setattr(native, "ENABLED", True)
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setattr(native, "_module", None)
     monkeypatch.setattr(native, "_error", None)

@@ -159,39 +159,6 @@ def test_same_seed_same_text_with_or_without_the_compiler(compiled, weights, arc
         assert a == b
 
 
-def test_falls_back_to_python_when_the_build_fails(monkeypatch):
-    from torch.utils import cpp_extension
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension: c++: command not found")
-
-    monkeypatch.setattr(native, "ENABLED", True)
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_module", None)
-    monkeypatch.setattr(native, "_error", None)
-    monkeypatch.setattr(cpp_extension, "load_inline", no_compiler)
-    monkeypatch.setattr(native, "_prebuilt", lambda variant: None)     # as on a machine that never built it
-    model = _model()
-    with pytest.warns(RuntimeWarning, match="pure-PyTorch"):
-        stepper = Stepper(model, "int8")
-    assert stepper.backend == "python" and "command not found" in native.error()
-    with pytest.raises(CharRNNError, match="command not found"):
-        Stepper(model, backend="native")
-    ids = torch.tensor([1, 2])
-    logits, state = stepper.step(ids, stepper.from_module_state(model.zero_state(2)))
-    assert logits.shape == (2, 20) and state[0].shape == (2, 24)
-
-
-def test_a_later_process_finds_the_build_without_cpp_extension(compiled):
-    """native._built_path names the file load_inline builds, so later processes import it directly."""
-    from torch.utils import cpp_extension
-
-    name = compiled.__name__
-    assert os.path.samefile(compiled.__file__, native._built_path(name))
-    assert os.path.dirname(native._built_path(name)) == cpp_extension._get_build_directory(name, False)
-    assert native._prebuilt(["-fopenmp"] if name == native.build_name() else []).__file__ == compiled.__file__
-
-
 def test_can_be_turned_off():
     with ops.use(native=False):                     # what CHARRNN_NATIVE=0 sets
         assert ops.backend.compiled() is None
