@@ -1,4 +1,4 @@
-"""Speed of one validation pass (`charrnn.training.evaluate`, as after every epoch) on CPU:
+"""Speed of one validation pass (`charrnn.evaluation.evaluate`, as after every epoch) on CPU:
 the fast path (`charrnn.ops.evaluation()`) against the stock `nn.GRU` / `nn.LSTM` modules.
 
     python benchmarks/eval_speed.py [--arch gru --hidden 1024 --embed 256 --layers 1
@@ -28,9 +28,8 @@ def child(args):
 
     from charrnn import ops
     from charrnn.models import CharLM, ModelConfig
-    from charrnn.training import evaluate, keep_cpu_memory
+    from charrnn.evaluation import evaluate
 
-    keep_cpu_memory()
     torch.manual_seed(0)
     model = CharLM(ModelConfig(vocab_size=65, arch=args.arch, hidden=args.hidden, embed=args.embed,
                                layers=args.layers, dropout=0.1))

@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,14 +20,17 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import build_config
 from .corpus import load_corpus
-from .data import split_train_val
 from .errors import CharRNNError
+from .evaluation import evaluate, held_out_ids
+from .hardware import resolve_device
 from .sampling import Sampler
-from .training import Trainer, TrainResult, evaluate, resolve_device
+
+if TYPE_CHECKING:  # the training code is imported by train() alone: loading a run for inference needs none of it
+    from .training import TrainResult
 
 
 def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bool = False, force: bool = False,
-          progress: bool = True, log=None, **options) -> TrainResult:
+          progress: bool = True, log=None, hooks: Mapping[str, Callable] | None = None, **options) -> TrainResult:
     """Train a model on ``corpus`` (a text file, a folder of ``.txt`` files, or a corpus name) into ``out``.
 
     ``options`` are the fields of :class:`charrnn.config.TrainConfig` (``arch``, ``hidden``,
@@ -34,11 +38,15 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
     ``resume=True`` the run continues from its last checkpoint with its saved options; options
     given here override the saved ones (to extend ``max_steps``, say).  ``progress`` shows a
     progress bar; ``log(message)`` receives the summary and evaluation lines (default: stderr).
+    ``hooks`` maps events to functions ``fn(trainer, info)`` (see :mod:`charrnn.training`), e.g.
+    ``{"after_eval": fn}`` to see every validation loss, and stop with ``trainer.request_stop()``.
 
     Started by ``torchrun`` with several processes, every process calls this with the same
     arguments and they train one model data-parallel (see :mod:`charrnn.distributed`); only
     rank 0 reads and writes ``out`` and prints.
     """
+    from .training import Trainer
+
     out = Path(out)
     with distributed.session() as d:
         loaded = []
@@ -66,6 +74,8 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
                                                     newlines_to_spaces=cfg.newlines_to_spaces, progress=False)
         trainer = Trainer(data, cfg, out, resume=resume, progress=progress and d.main,
                           log=log if d.main else (lambda msg: None), dist=d)
+        for event, fn in (hooks or {}).items():
+            trainer.add_hook(event, fn)
         return trainer.fit()
 
 
@@ -106,21 +116,7 @@ class LanguageModel:
 
     def evaluate(self, corpus: str | None = None, *, seq_len: int = 256, n_streams: int = 16) -> dict:
         """Loss on the run's validation split, or on all of ``corpus``: ``{loss, bpc, perplexity, chars}``."""
-        norm = self.config.get("training", {})
-        lower, nl = norm.get("lowercase", False), norm.get("newlines_to_spaces", False)
-        if corpus is None:
-            name = self.config.get("corpus", {}).get("name")
-            if not name:
-                raise CharRNNError("this run does not record its corpus; pass --corpus")
-            data = load_corpus(name, lowercase=lower, newlines_to_spaces=nl)
-            ids = data.reencode(self.vocab)
-            _, ids = split_train_val(ids, norm.get("val_fraction", 0.1))
-            if len(ids) < 2:
-                raise CharRNNError("the run has no validation split (--val-fraction 0); pass --corpus")
-        else:
-            ids = load_corpus(corpus, lowercase=lower, newlines_to_spaces=nl).reencode(self.vocab)
-            if len(ids) < 2:
-                raise CharRNNError(f"corpus {corpus} is shorter than two characters; nothing to evaluate")
+        ids = held_out_ids(self.config, self.vocab, corpus)
         return evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device)
 
 

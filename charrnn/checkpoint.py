@@ -7,6 +7,7 @@
     RUN/model.safetensors    latest weights
     RUN/best.safetensors     weights with the lowest validation loss so far
     RUN/trainer-state.pt     what exact resume needs: weights, optimizer, RNG, data position
+                             (saved by :func:`save_checkpoint`, restored by :func:`restore_checkpoint`)
     RUN/metrics.jsonl        one JSON object per logged step or evaluation
     RUN/samples/             text sampled during training
 
@@ -20,15 +21,16 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import Dist, rank_seed
 from .errors import CharRNNError
-from .fileio import atomic_save, atomic_write_json
-from .models.charlm import CharLM, ModelConfig
+from .fileio import atomic_save, atomic_write_json, atomic_write_text
+from .models.charlm import CharLM, ModelConfig, State
 from .vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -93,13 +95,97 @@ def write_config(path, cfg: dict) -> None:
     atomic_write_json(Path(path) / CONFIG, {"format_version": FORMAT_VERSION, **cfg})
 
 
+def start_run(path, cfg: dict, vocab: Vocab) -> None:
+    """The first files of a new run (in a directory from :func:`prepare_new_run_dir`): config and vocabulary."""
+    write_config(path, cfg)
+    vocab.save(Path(path) / VOCAB)
+    (Path(path) / METRICS).unlink(missing_ok=True)
+
+
 def save_weights(path, model: CharLM, step: int) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "step": str(step)}))
 
 
-def save_trainer_state(path, state: dict) -> None:
-    atomic_save(path, lambda tmp: torch.save(state, tmp))
+# --------------------------------------------------------------------------- the trainer state (exact resume)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: saved in every checkpoint, restored on resume."""
+
+    step: int = 0                   # optimizer steps taken
+    epoch: int = 0                  # epochs completed
+    step_in_epoch: int = 0          # steps taken in the current epoch: with (seed, epoch), the data position
+    best_val: float | None = None   # the lowest validation loss so far (its weights: best.safetensors)
+    last_val: float | None = None
+    train_time: float = 0.0         # seconds of training, over all the sessions of the run
+    chars_seen: int = 0
+    epoch_loss_sum: float = 0.0     # the current epoch's training losses: their sum and count
+    epoch_loss_count: int = 0
+
+
+def save_checkpoint(run, model: CharLM, optimizer: torch.optim.Optimizer, train_state: TrainState,
+                    stream_state: State | None, device: torch.device, dist: Dist) -> None:
+    """Write ``trainer-state.pt`` (weights, optimizer, random states, :class:`TrainState`, the carried
+    state of stateful training) and the latest weights.
+
+    Every rank calls this: the ranks' random states (torch's CPU generator, and CUDA's on a GPU)
+    and their rows of the carried state are gathered, rank 0 writes, and nobody goes on before
+    the files are there.  :func:`restore_checkpoint` reads back every field written here.
+    """
+    stream = None
+    if stream_state is not None:
+        held = stream_state if isinstance(stream_state, tuple) else (stream_state,)
+        stream = [dist.cat_rows(t.detach(), dim=1).cpu() for t in held]  # the whole global batch
+    rng = dist.all_objects(torch.get_rng_state())
+    rng_cuda = dist.all_objects(torch.cuda.get_rng_state()) if device.type == "cuda" else None
+    if dist.main:
+        state = {
+            "format_version": FORMAT_VERSION,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(),
+            "rng_cpu": rng[0],
+            **asdict(train_state),
+        }
+        if dist.active:
+            state["rng_cpu_ranks"] = rng
+        if stream is not None:
+            state["stream_state"] = stream
+        if rng_cuda is not None:
+            state["rng_cuda"] = rng_cuda[0]
+            if dist.active:
+                state["rng_cuda_ranks"] = rng_cuda
+        atomic_save(Path(run) / STATE, lambda tmp: torch.save(state, tmp))
+        save_weights(Path(run) / LATEST, model, train_state.step)
+    dist.barrier()
+
+
+def restore_checkpoint(state: dict, model: CharLM, optimizer: torch.optim.Optimizer, device: torch.device,
+                       dist: Dist, rows: slice, seed: int) -> tuple[TrainState, State | None]:
+    """Load a trainer state written by :func:`save_checkpoint` into ``model`` and ``optimizer`` and this
+    rank's random generators; return its :class:`TrainState` and this rank's ``rows`` of the carried state.
+
+    A run resumes with any number of processes: a rank whose random state was not saved (the run had
+    fewer) starts from a seed of its own.  Fields a run saved before they existed take their defaults.
+    """
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    train_state = TrainState(**{f.name: state[f.name] for f in fields(TrainState) if f.name in state})
+    rng = state.get("rng_cpu_ranks") or [state["rng_cpu"]]
+    if dist.rank < len(rng):
+        torch.set_rng_state(rng[dist.rank])
+    else:
+        torch.manual_seed(rank_seed(seed, dist.rank, train_state.step))
+    if device.type == "cuda" and "rng_cuda" in state:
+        rng = state.get("rng_cuda_ranks") or [state["rng_cuda"]]
+        if dist.rank < len(rng):
+            torch.cuda.set_rng_state(rng[dist.rank])
+    stream = state.get("stream_state")
+    if stream is not None:
+        held = tuple(t[:, rows].to(device) for t in stream)  # the whole global batch was saved
+        stream = held if len(held) > 1 else held[0]           # an LSTM's (h, c), else h
+    return train_state, stream
 
 
 def load_trainer_state(run) -> dict:
@@ -111,6 +197,61 @@ def load_trainer_state(run) -> dict:
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
         raise CharRNNError(f"{path} cannot be read ({type(e).__name__}); the run is damaged, start it again "
                            "with --force") from None
+
+
+def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int) -> tuple[dict, dict]:
+    """Check that the run in ``run`` can go on with this vocabulary, model and batch size; its
+    config.json and its trainer state (for :func:`restore_checkpoint`)."""
+    run = Path(run)
+    saved = read_config(run)
+    saved_vocab = Vocab.load(run / VOCAB)
+    if saved_vocab.chars != vocab.chars:
+        extra = sorted(set(vocab.chars) - set(saved_vocab.chars))
+        missing = sorted(set(saved_vocab.chars) - set(vocab.chars))
+        raise CharRNNError(
+            f"the corpus's vocabulary does not match the checkpoint's in {run} (new characters "
+            f"{''.join(extra)!r}, missing {''.join(missing)!r}); resume with the corpus the run was trained on"
+        )
+    # Filled in with the defaults, so runs saved before an option existed still match.
+    saved_model = {**ModelConfig(1).to_dict(), **saved.get("model", {})}
+    if saved_model != model_cfg.to_dict():
+        raise CharRNNError(f"the model options differ from the run's ({saved.get('model')}); resume without "
+                           "changing --arch/--hidden/--embed/--layers/--dropout/--weight-drop")
+    for stale in run.glob(".*.tmp"):  # left by a kill in the middle of a write
+        stale.unlink(missing_ok=True)
+    state = load_trainer_state(run)
+    saved_stream = state.get("stream_state")
+    if saved_stream is not None and saved_stream[0].shape[1] != batch_size:
+        raise CharRNNError(f"the run carries the state of {saved_stream[0].shape[1]} streams (--stateful); "
+                           f"resume with --batch-size {saved_stream[0].shape[1]}")
+    return saved, state
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def append_metric(run, record: dict) -> None:
+    """Add one record (a logged step, an evaluation, an epoch's end) to ``metrics.jsonl``."""
+    with open(Path(run) / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(run, step: int) -> None:
+    """Drop the records logged after ``step``, the checkpoint a run resumes from (they will be logged again)."""
+    path = Path(run) / METRICS
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+# --------------------------------------------------------------------------- loading a run for inference
 
 
 @dataclass

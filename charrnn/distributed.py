@@ -124,6 +124,12 @@ class Dist:
 SINGLE = Dist()
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of a rank > 0 that has no saved random state (a fresh run, or a resume with more
+    ranks than were saved).  Rank 0 keeps the single-process stream, so one process is the plain run."""
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 1) % 2**63
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE) with 2+ processes."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

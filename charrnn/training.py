@@ -1,24 +1,45 @@
-"""The training loop: batches, optimiser, clipping, evaluation, progress, checkpoints, resume.
+"""The training loop: :class:`Trainer` takes steps until a stopping rule says stop, and calls its hooks.
 
-Exact resume: a checkpoint holds the weights, the optimiser, every RNG state and the
-data position (epoch, step within it).  The order of an epoch's batches is a function
-of (seed, epoch) alone, so a run stopped at a checkpoint and resumed takes the same
-steps, in the same order, with the same dropout masks, as if it had never stopped.
+:func:`train_step` is one step (forward, loss, backward, clip, update); :func:`optimizer_step`, its
+second half, is shared with the sequence tasks' loop.  ``Trainer.fit()`` is the stopping rules, the
+step and five events.  Everything else a run does is a hook on those events, the built-in ones
+(at the end of this file: the metrics log, the console, validation, samples, checkpoints) exactly
+like a user's.  ``trainer.add_hook(event, fn)`` calls ``fn(trainer, info)``:
+
+==============  =======================  ==========================================================
+event           when                     info
+==============  =======================  ==========================================================
+``after_step``  after every step         ``{"step", "epoch", "epoch_done"}``
+``after_log``   after a logged step      the record written to metrics.jsonl: ``step``, ``epoch``,
+                                         ``time``, ``loss``, ``lr``, ``chars_per_s``
+``after_eval``  after an evaluation      the record written: ``step``, ``epoch``, ``time``,
+                                         ``val_loss``, ``val_bpc``
+``epoch_end``   at the end of an epoch   the record written: ``step``, ``epoch``, ``time``,
+                                         ``epoch_loss`` (the epoch's mean training loss)
+``train_end``   after the last step      ``{"step", "stop_reason"}``
+==============  =======================  ==========================================================
+
+A hook stops the run with ``trainer.request_stop(reason)``: training ends after the current
+step as at any other stop (a last evaluation and sample, a checkpoint), and the result's
+``stop_reason`` is ``reason``.  Hooks run in the order they were added, the built-in ones first,
+on every process of a data-parallel run (a stop requested by any of them stops them all).
+With :func:`charrnn.train` a hook is passed as ``hooks={"after_eval": fn}``.
+
+Exact resume: a checkpoint holds the weights, the optimiser, every RNG state and the data
+position (see :mod:`charrnn.checkpoint`).  The order of an epoch's batches is a function of
+(seed, epoch) alone, so a run stopped at a checkpoint and resumed takes the same steps, in the
+same order, with the same dropout masks, as if it had never stopped.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import inspect
-import json
 import math
-import os
 import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,100 +48,22 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import ops
 from .config import TrainConfig
 from .corpus import EncodedCorpus
-from .data import StreamBatches, WindowBatches, eval_streams, split_train_val
-from .distributed import SINGLE, Dist
+from .data import StreamBatches, WindowBatches, split_train_val
+from .distributed import SINGLE, Dist, rank_seed
 from .errors import CharRNNError
+from .evaluation import LN2, evaluate
 from .fileio import atomic_write_text
-from . import ops
-from .models.charlm import CharLM, ModelConfig, State
+from .hardware import autocast, resolve_device, resolve_precision
+from .models.charlm import CharLM, State
 
-LN2 = math.log(2)
-
-
-# --------------------------------------------------------------------------- hardware
+EVENTS = ("after_step", "after_log", "after_eval", "epoch_end", "train_end")
+Hook = Callable[["Trainer", dict], None]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CharRNNError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32.
-
-    ``auto`` uses bf16 where the hardware has it (CUDA with bf16 support, CPUs with
-    AVX-512 BF16 / AMX); elsewhere bf16 is emulated and many times slower than fp32.
-    """
-    if name == "fp32":
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int = 16,
-             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-             dist: Dist = SINGLE) -> dict:
-    """Mean loss over every character of ``ids`` (but the first), each predicted once.
-
-    The text is cut into ``n_streams`` contiguous streams that run side by side; each
-    is read in chunks of ``seq_len`` with the recurrent state carried between chunks,
-    as char-rnn evaluates.  Returns ``{"loss", "bpc", "perplexity", "chars"}``.
-
-    Under data parallelism (``dist`` active; every rank calls this) each rank reads its own
-    share of the streams and the loss sums are added up over the ranks, so every rank gets
-    the figure one process would compute.
-    """
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    x, y = eval_streams(ids, n_streams)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = int((y >= 0).sum())
-    mine = dist.share(x.shape[0])
-    x, y = x[mine], y[mine]
-    state = None
-    try:
-        for t in range(0, x.shape[1] if len(x) else 0, seq_len):
-            xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
-            yb = y[:, t : t + seq_len].to(device=device, dtype=torch.int64)
-            with autocast(device, amp_dtype), ops.evaluation():
-                logits, state = model(xb, state)
-            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1),
-                                     ignore_index=-100, reduction="sum").double()
-    finally:
-        model.train(was_training)
-    dist.sum_(total)
-    loss = float(total) / count
-    return {"loss": loss, "bpc": loss / LN2, "perplexity": math.exp(min(loss, 700)), "chars": count}
-
-
-# --------------------------------------------------------------------------- learning rate
+# --------------------------------------------------------------------------- one step
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None, progress_time: float | None) -> float:
@@ -142,56 +85,27 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None, progress
     return lr
 
 
-def keep_cpu_memory() -> None:
-    """Make the large per-step tensors cheap to allocate without keeping freed memory around.
-
-    A training step allocates and frees the same large buffers every time (the recurrent layers
-    save their activations: 150 MB a step for the Keras recipe's batch of 1024), and every fresh
-    4 kB page costs a page fault: about 15% of a Keras-recipe step on a 2-core CPU.  This asks
-    PyTorch for huge pages on large tensors (``THP_MEM_ALLOC_ENABLE``, unless already set: 512x
-    fewer faults) and glibc to map every block over 1 MB on its own, so that it goes back to the
-    system when freed.  Left alone, glibc's threshold climbs to 32 MB after the first large free
-    and such blocks stay in its heap, where huge pages hold on to them: 60-140 MB more peak memory
-    for the default model.  Process-wide, harmless elsewhere, no-op off glibc."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if cfg.optimizer == "adam":
-        return _eager(torch.optim.Adam)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return _eager(torch.optim.AdamW)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "rmsprop":
         # Keras's RMSprop: rho 0.9, eps 1e-7 (PyTorch's defaults are 0.99 / 1e-8).
-        return _eager(torch.optim.RMSprop)(params, lr=cfg.lr, alpha=0.9, eps=1e-7, weight_decay=cfg.weight_decay)
-    return _eager(torch.optim.SGD)(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, eps=1e-7, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
-@functools.cache
-def _eager(cls: type) -> type:
-    """A subclass of the optimizer ``cls`` whose add_param_group / zero_grad / state_dict /
-    load_state_dict / step are the functions torch's decorators wrap.  Those decorators serve
-    torch.compile and import torch._dynamo on their first call (the constructor calls
-    add_param_group): about 70 MB of resident memory, a quarter of an idle torch process, that
-    eager training never uses.  What step's wrapper also does, turning grad mode off, is kept.
-    Same algorithm, same state_dict: checkpoints load either way."""
-    attrs = {name: inspect.unwrap(getattr(cls, name))
-             for name in ("add_param_group", "zero_grad", "state_dict", "load_state_dict")}
-    step = inspect.unwrap(cls.step)
-
-    def eager_step(self, closure=None):
-        with torch.no_grad():
-            return step(self, closure)
-
-    attrs["step"] = eager_step
-    return type(cls.__name__, (cls,), attrs)
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[torch.Tensor],
+                   clip: float | None) -> None:
+    """Back-propagate ``loss`` and update: zero the gradients, backward, clip their global norm to
+    ``clip`` (None or 0: no clipping), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
 
 
 def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, clip: float | None,
@@ -201,23 +115,296 @@ def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: to
 
     Returns the loss (not synchronised) and the final state, detached from the graph (stateful
     training starts the next batch from it).  ``last_only`` puts the loss on each window's last
-    character only (the Keras recipe).
+    character only (the Keras recipe).  ``params`` (default: the model's) are the ones clipped.
     """
     with autocast(device, amp_dtype):
         logits, state = model(x, state, last_only=last_only)
     if last_only:
         y = y[:, -1:]
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(params if params is not None else model.parameters(), clip)
-    opt.step()
+    optimizer_step(opt, loss, params if params is not None else model.parameters(), clip)
     state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
     return loss.detach(), state
 
 
-# --------------------------------------------------------------------------- signals
+# --------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    epoch: int
+    stop_reason: str
+    best_val_loss: float | None
+    last_val_loss: float | None
+    train_time: float
+    chars_seen: int
+
+
+class Trainer:
+    """Train a :class:`CharLM` on an encoded corpus into a run directory; see the module's docstring for hooks.
+
+    ``trainer.state`` (a :class:`charrnn.checkpoint.TrainState`) is where the run stands: step,
+    epoch, best validation loss, training time.  ``progress`` shows a progress bar; ``log(message)``
+    receives the summary and the evaluation lines (default: stderr).
+    """
+
+    def __init__(self, corpus: EncodedCorpus, cfg: TrainConfig, run_dir, resume: bool = False,
+                 progress: bool = True, log=None, dist: Dist = SINGLE):
+        self.corpus, self.vocab, self.cfg = corpus, corpus.vocab, cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # Data parallelism (see charrnn.distributed): --batch-size is the global batch, each rank takes
+        # a contiguous block of its rows; only rank 0 writes files.
+        self.dist = dist
+        dist.check_batch(cfg.batch_size)
+        self.rows = dist.share(cfg.batch_size)
+        self.device = resolve_device(cfg.device)
+        if dist.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by the session
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.train_ids, self.val_ids, self.batches = split_data(corpus, cfg, dist)
+        self.model_cfg = cfg.model_config(len(self.vocab))
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = CharLM(self.model_cfg).to(self.device)
+        if dist.rank:  # dropout masks differ between the ranks, which see different rows
+            torch.manual_seed(rank_seed(cfg.seed, dist.rank, 0))
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.state = ckpt.TrainState()
+        self.stream_state: State | None = None  # stateful training: this rank's rows of the carried state
+        self.hooks: dict[str, list[Hook]] = {event: [] for event in EVENTS}
+        self.console = Console(progress, self.log)
+        self._stop_request: str | None = None
+        add_builtin_hooks(self)
+        if resume:
+            self._resume()
+        else:
+            dist.on_rank0(lambda: ckpt.start_run(self.run_dir, self._config_json(), self.vocab))
+
+    def _config_json(self) -> dict:
+        return {"model": self.model_cfg.to_dict(), "corpus": self.corpus.describe(), "training": self.cfg.to_dict()}
+
+    def _resume(self) -> None:
+        # Rank 0 reads and checks the run directory and hands the trainer state to the other ranks,
+        # which never need the directory: a run resumes with any number of processes.
+        saved = self.dist.on_rank0(self._open_run)
+        self.state, self.stream_state = ckpt.restore_checkpoint(saved, self.model, self.optimizer, self.device,
+                                                                self.dist, self.rows, self.cfg.seed)
+        s = self.state
+        self.log(f"resuming {self.run_dir} at step {s.step} (epoch {s.epoch + 1}, step {s.step_in_epoch} of it)"
+                 + (f" with {self.dist.world} processes" if self.dist.active else ""))
+
+    def _open_run(self) -> dict:
+        config, state = ckpt.open_for_resume(self.run_dir, self.vocab, self.model_cfg, self.cfg.batch_size)
+        if config.get("corpus", {}).get("sha256") != self.corpus.sha256:
+            self.log(f"warning: the corpus differs from the one {self.run_dir} was trained on "
+                     "(same characters); continuing")
+        ckpt.write_config(self.run_dir, self._config_json())
+        ckpt.truncate_metrics(self.run_dir, state["step"])
+        return state
+
+    # ----------------------------------------------------------------- hooks
+
+    def add_hook(self, event: str, fn: Hook) -> None:
+        """Call ``fn(trainer, info)`` at ``event``, after the hooks added before it (see the module's docstring)."""
+        if event not in EVENTS:
+            raise CharRNNError(f"unknown hook event '{event}'; use one of {', '.join(EVENTS)}")
+        self.hooks[event].append(fn)
+
+    def request_stop(self, reason: str = "requested") -> None:
+        """Stop after the current step (a last evaluation, sample and checkpoint follow, as at any stop)."""
+        self._stop_request = reason
+
+    def _emit(self, event: str, info: dict) -> None:
+        for fn in self.hooks[event]:
+            fn(self, info)
+
+    # ----------------------------------------------------------------- the loop
+
+    def fit(self) -> TrainResult:
+        """Train until a stopping rule says stop: --max-steps, --epochs, --time-limit, Ctrl-C, a hook's request."""
+        if self.device.type == "cpu":
+            ops.backend.compiled()  # the C++ kernels: built on a machine's first run, before the clock starts
+        self.log(describe(self))
+        step_model, total_steps = self._step_model(), planned_steps(self.cfg, self.batches)
+        self.clock = Clock(self.state.train_time)
+        self.losses = LossTracker(self.device, self.dist)
+        self.console.open(total_steps, self.state.step)
+        self.model.train()
+        with StopFlag().installed() as signals:
+            while True:
+                reason, now = self._check_stop(signals)
+                if reason:
+                    break
+                self._step(step_model, total_steps, now)
+            if reason == "interrupted":
+                # Save first: a launcher (torchrun) kills its workers some seconds after passing on
+                # the signal, and the final evaluation can take longer than that.
+                self.checkpoint()
+            self._emit("train_end", {"step": self.state.step, "stop_reason": reason})
+        self.console.close()
+        s = self.state
+        return TrainResult(self.run_dir, s.step, s.epoch, reason, s.best_val, s.last_val, s.train_time, s.chars_seen)
+
+    def _check_stop(self, signals: StopFlag) -> tuple[str | None, float]:
+        """(why to stop, or None; the run's training time), checked between steps.  Under data
+        parallelism the ranks agree on both (whichever was signalled or asked to stop, the slowest's
+        time), so they stop after the same step and use the same time-based learning rate."""
+        flags = [float(signals.reason is not None), float(self._stop_request is not None), self.clock()]
+        if self.dist.active:
+            flags = self.dist.max_(torch.tensor(flags, dtype=torch.float64, device=self.dist.device)).tolist()
+        interrupted, requested, now = flags
+        cfg, s = self.cfg, self.state
+        if interrupted:
+            return "interrupted", now
+        if requested:
+            return self._stop_request or "requested", now
+        if cfg.max_steps is not None and s.step >= cfg.max_steps:
+            return "max_steps", now
+        if cfg.epochs is not None and s.epoch >= cfg.epochs:
+            return "epochs", now
+        if cfg.time_limit is not None and now >= cfg.time_limit:
+            return "time_limit", now
+        return None, now
+
+    def _step(self, step_model: torch.nn.Module, total_steps: int | None, now: float) -> None:
+        """One training step, then its events: after_log (when due), epoch_end (when due), after_step."""
+        cfg, s = self.cfg, self.state
+        x, y = self.batches.batch(s.epoch, s.step_in_epoch, rows=self.rows)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        lr = learning_rate(cfg, s.step, total_steps, now / cfg.time_limit if cfg.time_limit else None)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, carried = train_step(step_model, self.optimizer, x, y, cfg.clip, self.device, self.amp_dtype,
+                                   state=self.stream_state, last_only=cfg.loss_on == "last")
+        if cfg.stateful:
+            self.stream_state = carried
+        s.step, s.step_in_epoch, s.epoch_loss_count = s.step + 1, s.step_in_epoch + 1, s.epoch_loss_count + 1
+        s.chars_seen += cfg.batch_size * cfg.seq_len
+        self.losses.add(loss, cfg.batch_size * cfg.seq_len)
+        if s.step % cfg.log_every == 0 or s.step == 1:
+            mean, chars_per_s = self.losses.window_mean()
+            if not math.isfinite(mean):
+                raise CharRNNError(f"the training loss became {mean} at step {s.step}; lower --lr or set --clip "
+                                   "(the last good checkpoint is kept)")
+            self._emit("after_log", {"step": s.step, "epoch": s.epoch, "time": round(self.clock(), 3),
+                                     "loss": mean, "lr": lr, "chars_per_s": round(chars_per_s, 1)})
+        epoch_done = s.step_in_epoch >= self.batches.steps_in_epoch(s.epoch)
+        if epoch_done:
+            self.losses.flush_epoch(s)
+            self._emit("epoch_end", {"step": s.step, "epoch": s.epoch, "time": round(self.clock(), 3),
+                                     "epoch_loss": s.epoch_loss_sum / max(s.epoch_loss_count, 1)})
+            s.epoch, s.step_in_epoch, s.epoch_loss_sum, s.epoch_loss_count = s.epoch + 1, 0, 0.0, 0
+            self.stream_state = None  # stateful streams restart from zeros every epoch
+        s.train_time = self.clock()
+        self._emit("after_step", {"step": s.step, "epoch": s.epoch, "epoch_done": epoch_done})
+
+    def _step_model(self) -> torch.nn.Module:
+        """The model the step runs.  Under data parallelism, DistributedDataParallel averages the ranks'
+        gradients during backward (its hooks fire on the parameters' gradient accumulation, the fast
+        CPU path's custom autograd functions included): the mean over the global batch.  Clipping
+        then sees the same, global, gradient norm on every rank."""
+        if not self.dist.active:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(self.model,
+                                       device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def checkpoint(self) -> None:
+        """Save the trainer state and the latest weights (during :meth:`fit`; every rank calls this)."""
+        self.losses.flush_epoch(self.state)
+        self.state.train_time = self.clock()
+        ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.state, self.stream_state,
+                             self.device, self.dist)
+
+
+# --------------------------------------------------------------------------- the trainer's parts
+
+
+def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist):
+    """(training ids, validation ids, the batches cut from the training ids)."""
+    if len(set(dist.all_objects(corpus.sha256))) > 1:
+        raise CharRNNError("the processes read different corpora (their sha256 differ); give every machine "
+                           "the same corpus file")
+    train_ids, val_ids = split_train_val(corpus.ids, cfg.val_fraction)
+    if cfg.val_fraction > 0 and len(val_ids) < 2:
+        raise CharRNNError(f"the validation split ({len(val_ids)} characters) is too short; "
+                           "use a longer corpus or a larger --val-fraction")
+    if cfg.stateful:
+        batches = StreamBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed)
+    else:
+        batches = WindowBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step)
+    return train_ids, val_ids, batches
+
+
+def planned_steps(cfg: TrainConfig, batches) -> int | None:
+    """The run's length in steps when it is known in advance (--max-steps, --epochs)."""
+    candidates = []
+    if cfg.max_steps:
+        candidates.append(cfg.max_steps)
+    if cfg.epochs:
+        candidates.append(cfg.epochs * batches.nominal_steps_per_epoch())
+    return min(candidates) if candidates else None
+
+
+def describe(t: Trainer) -> str:
+    """The lines a run starts with: corpus, model, device and batch."""
+    c, cfg = t.corpus, t.cfg
+    precision = "bf16 autocast" if t.amp_dtype is not None else "fp32"
+    return "\n".join([
+        f"corpus {c.name}: {len(c):,} characters, vocabulary {len(t.vocab)} (with [UNK]); "
+        f"train {len(t.batches.ids):,}, validation {len(t.val_ids):,}",
+        f"model {t.model_cfg.arch.upper()}, {t.model.num_parameters():,} parameters:",
+        t.model.summary(),
+        f"device {t.device}, {precision}; batch {cfg.batch_size} x {cfg.seq_len}, "
+        f"{cfg.optimizer} lr {cfg.lr}, {t.batches.nominal_steps_per_epoch()} steps per epoch"
+        + (f"; data-parallel over {t.dist.world} processes, {cfg.batch_size // t.dist.world} "
+           "sequences each" if t.dist.active else ""),
+    ])
+
+
+class Clock:
+    """Seconds of training in the whole run: those of its earlier sessions (``before``) and this one's."""
+
+    def __init__(self, before: float) -> None:
+        self.before, self.start = before, time.perf_counter()
+
+    def __call__(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
+class LossTracker:
+    """The training losses, summed on the device (a step never waits for it) until a log line or the
+    end of an epoch reads them: the global batch's figures under data parallelism."""
+
+    def __init__(self, device: torch.device, dist: Dist) -> None:
+        self.dist = dist
+        self.window = torch.zeros((), device=device)  # since the last log line
+        self.window_n = 0
+        self.window_start, self.window_chars = time.perf_counter(), 0
+        self.epoch = torch.zeros((), dtype=torch.float64, device=device)  # not yet in TrainState.epoch_loss_sum
+
+    def add(self, loss: torch.Tensor, chars: int) -> None:
+        self.window += loss
+        self.window_n += 1
+        self.window_chars += chars
+        self.epoch += loss
+
+    def window_mean(self) -> tuple[float, float]:
+        """(mean loss, characters per second) since the last call."""
+        mean = float(self.dist.sum_(self.window)) / self.dist.world / self.window_n
+        now = time.perf_counter()
+        chars_per_s = self.window_chars / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_chars = now, 0
+        self.window.zero_()
+        self.window_n = 0
+        return mean, chars_per_s
+
+    def flush_epoch(self, state: ckpt.TrainState) -> None:
+        state.epoch_loss_sum += float(self.dist.sum_(self.epoch)) / self.dist.world
+        self.epoch.zero_()
 
 
 class StopFlag:
@@ -250,438 +437,144 @@ class StopFlag:
                 signal.signal(s, h)
 
 
-# --------------------------------------------------------------------------- trainer
+# --------------------------------------------------------------------------- the built-in hooks
 
 
-def _rank_seed(seed: int, rank: int, step: int) -> int:
-    """The torch seed of a rank > 0 that has no saved random state (fresh run, or more ranks than saved)."""
-    return (seed * 1_000_003 + rank * 7_919 + step * 104_729 + 1) % 2**63
+def add_builtin_hooks(trainer: Trainer) -> None:
+    """The metrics log, the console, validation, samples and checkpoints, in that order."""
+    for event in ("after_log", "after_eval", "epoch_end"):
+        trainer.add_hook(event, write_metric)
+    trainer.add_hook("after_step", trainer.console.after_step)
+    trainer.add_hook("after_log", trainer.console.after_log)
+    trainer.add_hook("epoch_end", trainer.console.epoch_end)
+    validation = Validation()
+    for hook in (validation, Samples(), Checkpoints(validation)):
+        trainer.add_hook("after_step", hook.after_step)
+        trainer.add_hook("train_end", hook.train_end)
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    epoch: int
-    stop_reason: str
-    best_val_loss: float | None
-    last_val_loss: float | None
-    train_time: float
-    chars_seen: int
+def write_metric(trainer: Trainer, record: dict) -> None:
+    """One line of metrics.jsonl per logged step, evaluation and epoch (rank 0 writes)."""
+    if trainer.dist.main:
+        ckpt.append_metric(trainer.run_dir, record)
 
 
-class Trainer:
-    """Train a :class:`CharLM` on an encoded corpus into a run directory."""
+class Console:
+    """What a run prints: a progress bar (when shown) and the log's lines."""
 
-    def __init__(self, corpus: EncodedCorpus, cfg: TrainConfig, run_dir, resume: bool = False,
-                 progress: bool = True, log=None, dist: Dist = SINGLE):
-        self.corpus = corpus
-        self.cfg = cfg.validate()
-        self.run_dir = Path(run_dir)
-        self.progress = progress
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        # Data parallelism (see charrnn.distributed): --batch-size is the global batch, each rank
-        # takes a contiguous block of its rows; only rank 0 writes files.
-        self.dist = dist
-        dist.check_batch(cfg.batch_size)
-        self.rows = dist.share(cfg.batch_size)
-        self.device = resolve_device(cfg.device)
-        if dist.active and self.device.type == "cuda":
-            self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by the session
-        self.amp_dtype = resolve_precision(cfg.precision, self.device)
-        if self.device.type == "cpu":
-            keep_cpu_memory()
-        self.vocab = corpus.vocab
-        if len(set(dist.all_objects(corpus.sha256))) > 1:
-            raise CharRNNError("the processes read different corpora (their sha256 differ); give every machine "
-                               "the same corpus file")
-        train_ids, self.val_ids = split_train_val(corpus.ids, cfg.val_fraction)
-        if cfg.val_fraction > 0 and len(self.val_ids) < 2:
-            raise CharRNNError(f"the validation split ({len(self.val_ids)} characters) is too short; "
-                               "use a longer corpus or a larger --val-fraction")
-        self.train_ids = train_ids
-        if cfg.stateful:
-            self.batches = StreamBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed)
-        else:
-            self.batches = WindowBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step)
-        self.model_cfg = cfg.model_config(len(self.vocab))
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = CharLM(self.model_cfg).to(self.device)
-        if dist.rank:
-            # Dropout masks must differ between ranks (they see different rows); rank 0 keeps the
-            # single-process stream, so one process is the plain run.
-            torch.manual_seed(_rank_seed(cfg.seed, dist.rank, 0))
-        self.optimizer = make_optimizer(cfg, self.model)
-        self.step = 0
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.best_val: float | None = None
-        self.last_val: float | None = None
-        self.train_time = 0.0
-        self.chars_seen = 0
-        self.stream_state: State | None = None  # stateful training: this rank's rows of the carried state
-        self.epoch_loss = [0.0, 0]  # sum and count of this epoch's training losses
-        if resume:
-            self._resume()
-        else:
-            dist.on_rank0(self._start)
+    def __init__(self, show_bar: bool, log) -> None:
+        self.show_bar, self.log, self.bar = show_bar, log, None
 
-    # ----------------------------------------------------------------- set-up
-
-    def _config_json(self) -> dict:
-        return {
-            "model": self.model_cfg.to_dict(),
-            "corpus": self.corpus.describe(),
-            "training": self.cfg.to_dict(),
-        }
-
-    def _start(self) -> None:
-        ckpt.write_config(self.run_dir, self._config_json())
-        self.vocab.save(self.run_dir / ckpt.VOCAB)
-        (self.run_dir / ckpt.METRICS).unlink(missing_ok=True)
-
-    def _resume(self) -> None:
-        # Rank 0 reads and checks the run directory and hands the trainer state to the other ranks,
-        # which never need the directory: a run resumes with any number of processes.
-        state = self.dist.on_rank0(self._load_checkpoint)
-        d = self.dist
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        # Every rank's random state was saved; a rank that has none (the run had fewer processes) starts afresh.
-        rng = state.get("rng_cpu_ranks") or [state["rng_cpu"]]
-        if d.rank < len(rng):
-            torch.set_rng_state(rng[d.rank])
-        else:
-            torch.manual_seed(_rank_seed(self.cfg.seed, d.rank, self.step))
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            rng = state.get("rng_cuda_ranks") or [state["rng_cuda"]]
-            if d.rank < len(rng):
-                torch.cuda.set_rng_state(rng[d.rank])
-        self.best_val = state.get("best_val")
-        self.last_val = state.get("last_val")
-        self.train_time = state.get("train_time", 0.0)
-        self.chars_seen = state.get("chars_seen", 0)
-        self.epoch_loss = [state.get("epoch_loss_sum", 0.0), state.get("epoch_loss_count", 0)]
-        saved_stream = state.get("stream_state")
-        if saved_stream is not None:
-            # The checkpoint holds the whole global batch's state; this rank carries its own rows.
-            held = tuple(t[:, self.rows].to(self.device) for t in saved_stream)
-            self.stream_state = held if self.model_cfg.arch == "lstm" else held[0]
-        self.log(f"resuming {self.run_dir} at step {self.step} (epoch {self.epoch + 1}, "
-                 f"step {self.step_in_epoch} of it)" + (f" with {d.world} processes" if d.active else ""))
-
-    def _load_checkpoint(self) -> dict:
-        """Check that the run directory can be resumed with this corpus and these options; its trainer state."""
-        saved = ckpt.read_config(self.run_dir)
-        saved_vocab = ckpt.Vocab.load(self.run_dir / ckpt.VOCAB)
-        if saved_vocab.chars != self.vocab.chars:
-            extra = sorted(set(self.vocab.chars) - set(saved_vocab.chars))
-            missing = sorted(set(saved_vocab.chars) - set(self.vocab.chars))
-            raise CharRNNError(
-                f"the corpus's vocabulary does not match the checkpoint's in {self.run_dir} (new characters "
-                f"{''.join(extra)!r}, missing {''.join(missing)!r}); resume with the corpus the run was trained on"
-            )
-        # Filled in with the defaults, so runs saved before an option existed still match.
-        saved_model = {**ModelConfig(1).to_dict(), **saved.get("model", {})}
-        if saved_model != self.model_cfg.to_dict():
-            raise CharRNNError(f"the model options differ from the run's ({saved.get('model')}); resume without "
-                               "changing --arch/--hidden/--embed/--layers/--dropout/--weight-drop")
-        for stale in self.run_dir.glob(".*.tmp"):  # left by a kill in the middle of a write
-            stale.unlink(missing_ok=True)
-        state = ckpt.load_trainer_state(self.run_dir)
-        saved_stream = state.get("stream_state")
-        if saved_stream is not None and saved_stream[0].shape[1] != self.cfg.batch_size:
-            raise CharRNNError(f"the run carries the state of {saved_stream[0].shape[1]} streams (--stateful); "
-                               f"resume with --batch-size {saved_stream[0].shape[1]}")
-        if saved.get("corpus", {}).get("sha256") != self.corpus.sha256:
-            self.log(f"warning: the corpus differs from the one {self.run_dir} was trained on "
-                     "(same characters); continuing")
-        ckpt.write_config(self.run_dir, self._config_json())
-        self._truncate_metrics(state["step"])
-        return state
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
-        path = self.run_dir / ckpt.METRICS
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-    # ----------------------------------------------------------------- bookkeeping
-
-    def total_steps(self) -> int | None:
-        """The run's length in steps when it is known in advance."""
-        candidates = []
-        if self.cfg.max_steps:
-            candidates.append(self.cfg.max_steps)
-        if self.cfg.epochs:
-            candidates.append(self.cfg.epochs * self.batches.nominal_steps_per_epoch())
-        return min(candidates) if candidates else None
-
-    def _metric(self, record: dict) -> None:
-        if not self.dist.main:
-            return
-        with open(self.run_dir / ckpt.METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def checkpoint(self) -> None:
-        """Write the trainer state and the latest weights.  Every rank calls this: the ranks' random
-        states and their rows of a carried stateful state are gathered, rank 0 writes, and nobody
-        goes on before the files are there."""
-        d = self.dist
-        stream = None
-        if self.stream_state is not None:
-            held = self.stream_state if isinstance(self.stream_state, tuple) else (self.stream_state,)
-            stream = [d.cat_rows(t.detach(), dim=1).cpu() for t in held]  # the whole global batch
-        rng = d.all_objects(torch.get_rng_state())
-        rng_cuda = d.all_objects(torch.cuda.get_rng_state()) if self.device.type == "cuda" else None
-        if d.main:
-            state = {
-                "format_version": ckpt.FORMAT_VERSION,
-                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(),
-                "rng_cpu": rng[0],
-                "step": self.step,
-                "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch,
-                "best_val": self.best_val,
-                "last_val": self.last_val,
-                "train_time": self.train_time,
-                "chars_seen": self.chars_seen,
-                "epoch_loss_sum": self.epoch_loss[0],
-                "epoch_loss_count": self.epoch_loss[1],
-            }
-            if d.active:
-                state["rng_cpu_ranks"] = rng
-            if stream is not None:
-                state["stream_state"] = stream
-            if rng_cuda is not None:
-                state["rng_cuda"] = rng_cuda[0]
-                if d.active:
-                    state["rng_cuda_ranks"] = rng_cuda
-            ckpt.save_trainer_state(self.run_dir / ckpt.STATE, state)
-            ckpt.save_weights(self.run_dir / ckpt.LATEST, self.model, self.step)
-        d.barrier()
-
-    def validate(self) -> float | None:
-        """Validation loss (every rank calls this; they share the streams); rank 0 keeps the best weights."""
-        if self.cfg.val_fraction == 0:
-            return None
-        result = evaluate(self.model, self.val_ids, seq_len=max(self.cfg.seq_len, 256),
-                          n_streams=self.cfg.eval_streams, device=self.device, amp_dtype=self.amp_dtype,
-                          dist=self.dist)
-        self.last_val = result["loss"]
-        improved = self.best_val is None or result["loss"] < self.best_val
-        if improved:
-            self.best_val = result["loss"]
-            if self.dist.main:
-                ckpt.save_weights(self.run_dir / ckpt.BEST, self.model, self.step)
-        self._metric({"step": self.step, "epoch": self.epoch, "time": round(self.train_time, 3),
-                      "val_loss": result["loss"], "val_bpc": result["bpc"]})
-        return result["loss"]
-
-    def sample_prompt(self) -> str:
-        if self.cfg.sample_prompt is not None:
-            return self.cfg.sample_prompt
-        source = self.val_ids if len(self.val_ids) else self.train_ids
-        return self.vocab.decode(np.asarray(source[:40]))
-
-    def sample(self, write) -> None:
-        """Samples at each of ``--sample-temperatures``: printed, and saved in ``samples/`` (rank 0 only)."""
-        from .sampling import Sampler
-
-        if not self.dist.main:
-            return
-
-        cfg = self.cfg
-        prompt = self.sample_prompt()
-        folder = self.run_dir / ckpt.SAMPLES
-        folder.mkdir(exist_ok=True)
-        try:
-            sampler = Sampler(self.model, self.vocab)
-            for t in cfg.sample_temperatures:
-                # A generator of its own per (seed, step): the training RNG is left untouched.
-                text = sampler.generate(prompt, cfg.sample_length, temperature=t,
-                                        seed=(cfg.seed * 1_000_003 + self.step) % 2**63)[0]
-                atomic_write_text(folder / f"step{self.step:07d}-t{t:g}.txt", text)
-                write(f"----- sample at step {self.step}, temperature {t:g} -----\n{text}\n")
-        finally:
-            self.model.train()
-
-    # ----------------------------------------------------------------- the loop
-
-    def summary(self) -> str:
-        c = self.corpus
-        n_train, n_val = len(self.batches.ids), len(self.val_ids)
-        precision = "bf16 autocast" if self.amp_dtype is not None else "fp32"
-        return "\n".join([
-            f"corpus {c.name}: {len(c):,} characters, vocabulary {len(self.vocab)} (with [UNK]); "
-            f"train {n_train:,}, validation {n_val:,}",
-            f"model {self.model_cfg.arch.upper()}, {self.model.num_parameters():,} parameters:",
-            self.model.summary(),
-            f"device {self.device}, {precision}; batch {self.cfg.batch_size} x {self.cfg.seq_len}, "
-            f"{self.cfg.optimizer} lr {self.cfg.lr}, {self.batches.nominal_steps_per_epoch()} steps per epoch"
-            + (f"; data-parallel over {self.dist.world} processes, {self.cfg.batch_size // self.dist.world} "
-               "sequences each" if self.dist.active else ""),
-        ])
-
-    def fit(self) -> TrainResult:
+    def open(self, total: int | None, initial: int) -> None:
         from tqdm import tqdm
 
-        self.log(self.summary())
+        self.bar = tqdm(total=total, initial=initial, disable=not self.show_bar, unit="step", dynamic_ncols=True,
+                        desc="training", file=sys.stderr)
 
-        cfg, d = self.cfg, self.dist
-        model, opt = self.model, self.optimizer
-        total_steps = self.total_steps()
-        params = [p for p in model.parameters()]
-        # Under data parallelism the step runs through DistributedDataParallel, which averages the
-        # ranks' gradients during backward (its hooks fire on the parameters' gradient accumulation,
-        # the fast CPU path's custom autograd functions included): the mean over the global batch.
-        # Clipping then sees the same, global, gradient norm on every rank.
-        step_model = model
-        if d.active:
-            from torch.nn.parallel import DistributedDataParallel
+    def close(self) -> None:
+        self.bar.close()
 
-            step_model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        chars_per_step = cfg.batch_size * cfg.seq_len
-        stop = StopFlag()
-        stop_reason = None
-        model.train()
-        bar = tqdm(total=total_steps, initial=self.step, disable=not self.progress, unit="step",
-                   dynamic_ncols=True, desc="training", file=sys.stderr)
-        write = bar.write if self.progress else self.log
-        running = torch.zeros((), device=self.device)
-        running_n = 0
-        epoch_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # flushed into self.epoch_loss
+    def write(self, message: str) -> None:
+        (self.bar.write if self.show_bar else self.log)(message)
 
-        def flush_epoch_loss() -> None:
-            self.epoch_loss[0] += float(d.sum_(epoch_sum)) / d.world  # the global batch's losses
-            epoch_sum.zero_()
+    def after_step(self, trainer: Trainer, info: dict) -> None:
+        self.bar.update(1)
 
-        def checkpoint() -> None:
-            flush_epoch_loss()
-            self.checkpoint()
-        session_start = time.perf_counter()
-        time_at_start = self.train_time
-        window_t, window_chars = time.perf_counter(), 0
-        last_eval_step = last_sample_step = None
+    def after_log(self, trainer: Trainer, record: dict) -> None:
+        self.bar.set_postfix(epoch=record["epoch"] + 1, loss=f"{record['loss']:.4f}",
+                             chars_per_s=f"{record['chars_per_s']:,.0f}")
 
-        def elapsed() -> float:
-            return time_at_start + time.perf_counter() - session_start
+    def epoch_end(self, trainer: Trainer, record: dict) -> None:
+        self.write(f"epoch {record['epoch'] + 1}: mean training loss {record['epoch_loss']:.4f} nats/char over "
+                   f"{trainer.state.epoch_loss_count} steps")
 
-        def report_val(loss: float | None, why: str) -> None:
-            if loss is not None:
-                write(f"step {self.step} ({why}): val loss {loss:.4f} nats/char, {loss / LN2:.4f} bits/char"
-                      + (" (best)" if loss == self.best_val else ""))
 
-        def agree() -> tuple[bool, float]:
-            """(stop signal, training time) of the whole job: the ranks stop on the same step and
-            use the same time-based learning rate whichever of them was signalled or is slowest."""
-            interrupted, now = stop.reason is not None, elapsed()
-            if d.active:
-                flags = d.max_(torch.tensor([float(interrupted), now], dtype=torch.float64, device=d.device))
-                interrupted, now = bool(flags[0] > 0), float(flags[1])
-            return interrupted, now
+class Validation:
+    """The validation loss at each epoch's end, every --eval-every steps and at the end of training
+    (every rank evaluates its share of the streams); rank 0 keeps the best weights."""
 
-        with stop.installed():
-            while True:
-                # Stopping rules, checked between steps (a checkpoint is always taken at a stop).
-                interrupted, now = agree()
-                if interrupted:
-                    stop_reason = "interrupted"
-                elif cfg.max_steps is not None and self.step >= cfg.max_steps:
-                    stop_reason = "max_steps"
-                elif cfg.epochs is not None and self.epoch >= cfg.epochs:
-                    stop_reason = "epochs"
-                elif cfg.time_limit is not None and now >= cfg.time_limit:
-                    stop_reason = "time_limit"
-                if stop_reason:
-                    break
+    def __init__(self) -> None:
+        self.last_step: int | None = None  # of the last evaluation
 
-                x, y = self.batches.batch(self.epoch, self.step_in_epoch, rows=self.rows)
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                lr = learning_rate(cfg, self.step, total_steps, now / cfg.time_limit if cfg.time_limit else None)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss, state = train_step(step_model, opt, x, y, cfg.clip, self.device, self.amp_dtype, params,
-                                         state=self.stream_state, last_only=cfg.loss_on == "last")
-                if cfg.stateful:
-                    self.stream_state = state
+    def after_step(self, trainer: Trainer, info: dict) -> None:
+        every = trainer.cfg.eval_every
+        if info["epoch_done"] or (every and info["step"] % every == 0):
+            self.run(trainer, f"end of epoch {info['epoch']}" if info["epoch_done"] else "eval")
 
-                self.step += 1
-                self.step_in_epoch += 1
-                self.chars_seen += chars_per_step
-                window_chars += chars_per_step
-                running += loss
-                running_n += 1
-                epoch_sum += loss
-                self.epoch_loss[1] += 1
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == 1:
-                    mean = float(d.sum_(running)) / d.world / running_n  # the global batch's mean loss
-                    if not math.isfinite(mean):
-                        raise CharRNNError(f"the training loss became {mean} at step {self.step}; lower --lr or "
-                                           "set --clip (the last good checkpoint is kept)")
-                    now = time.perf_counter()
-                    cps = window_chars / max(now - window_t, 1e-9)
-                    window_t, window_chars = now, 0
-                    running.zero_()
-                    running_n = 0
-                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{mean:.4f}", chars_per_s=f"{cps:,.0f}")
-                    self._metric({"step": self.step, "epoch": self.epoch, "time": round(elapsed(), 3),
-                                  "loss": mean, "lr": lr, "chars_per_s": round(cps, 1)})
+    def train_end(self, trainer: Trainer, info: dict) -> None:
+        if self.last_step != info["step"] and info["step"] > 0:
+            self.run(trainer, "final")
 
-                epoch_done = self.step_in_epoch >= self.batches.steps_in_epoch(self.epoch)
-                if epoch_done:
-                    flush_epoch_loss()
-                    mean = self.epoch_loss[0] / max(self.epoch_loss[1], 1)
-                    write(f"epoch {self.epoch + 1}: mean training loss {mean:.4f} nats/char over "
-                          f"{self.epoch_loss[1]} steps")
-                    self._metric({"step": self.step, "epoch": self.epoch, "time": round(elapsed(), 3),
-                                  "epoch_loss": mean})
-                    self.epoch += 1
-                    self.step_in_epoch = 0
-                    self.epoch_loss = [0.0, 0]
-                    self.stream_state = None  # stateful streams restart from zeros every epoch
-                eval_due = epoch_done or (cfg.eval_every and self.step % cfg.eval_every == 0)
-                if cfg.sample_every is None:
-                    sample_due = epoch_done
-                else:
-                    sample_due = cfg.sample_every > 0 and self.step % cfg.sample_every == 0
-                self.train_time = elapsed()
-                if eval_due:
-                    report_val(self.validate(), f"end of epoch {self.epoch}" if epoch_done else "eval")
-                    last_eval_step = self.step
-                if sample_due:
-                    self.sample(write)
-                    last_sample_step = self.step
-                if eval_due or sample_due:
-                    self.train_time = elapsed()
-                if eval_due:
-                    checkpoint()
-                elif cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    checkpoint()
+    def run(self, trainer: Trainer, why: str) -> None:
+        t, s = trainer, trainer.state
+        self.last_step = s.step
+        if t.cfg.val_fraction == 0:
+            return
+        result = evaluate(t.model, t.val_ids, seq_len=max(t.cfg.seq_len, 256), n_streams=t.cfg.eval_streams,
+                          device=t.device, amp_dtype=t.amp_dtype, dist=t.dist)
+        loss = s.last_val = result["loss"]
+        if s.best_val is None or loss < s.best_val:
+            s.best_val = loss
+            if t.dist.main:
+                ckpt.save_weights(t.run_dir / ckpt.BEST, t.model, s.step)
+        t.console.write(f"step {s.step} ({why}): val loss {loss:.4f} nats/char, {loss / LN2:.4f} bits/char"
+                        + (" (best)" if loss == s.best_val else ""))
+        t._emit("after_eval", {"step": s.step, "epoch": s.epoch, "time": round(s.train_time, 3),
+                               "val_loss": loss, "val_bpc": result["bpc"]})
 
-            if stop_reason == "interrupted":
-                # Save first: a launcher (torchrun) kills its workers some seconds after passing on
-                # the signal, and the final evaluation can take longer than that.
-                self.train_time = elapsed()
-                checkpoint()
-            if last_eval_step != self.step and self.step > 0:
-                report_val(self.validate(), "final")
-            if cfg.sample_every != 0 and last_sample_step != self.step and self.step > 0:
-                self.sample(write)
-            self.train_time = elapsed()
-            checkpoint()
-        bar.close()
-        return TrainResult(self.run_dir, self.step, self.epoch, stop_reason, self.best_val, self.last_val,
-                           self.train_time, self.chars_seen)
+
+class Samples:
+    """Samples at each of --sample-temperatures, every --sample-every steps (default: at each epoch's
+    end) and at the end of training: printed, and saved in RUN/samples/ (rank 0)."""
+
+    def __init__(self) -> None:
+        self.last_step: int | None = None
+
+    def after_step(self, trainer: Trainer, info: dict) -> None:
+        every = trainer.cfg.sample_every
+        due = info["epoch_done"] if every is None else every > 0 and info["step"] % every == 0
+        if due:
+            self.run(trainer)
+
+    def train_end(self, trainer: Trainer, info: dict) -> None:
+        if trainer.cfg.sample_every != 0 and self.last_step != info["step"] and info["step"] > 0:
+            self.run(trainer)
+
+    def run(self, trainer: Trainer) -> None:
+        from .sampling import Sampler
+
+        t, cfg, step = trainer, trainer.cfg, trainer.state.step
+        self.last_step = step
+        if not t.dist.main:
+            return
+        prompt = cfg.sample_prompt
+        if prompt is None:
+            source = t.val_ids if len(t.val_ids) else t.train_ids
+            prompt = t.vocab.decode(np.asarray(source[:40]))
+        folder = t.run_dir / ckpt.SAMPLES
+        folder.mkdir(exist_ok=True)
+        try:
+            sampler = Sampler(t.model, t.vocab)
+            for temperature in cfg.sample_temperatures:
+                # A generator of its own per (seed, step): the training RNG is left untouched.
+                text = sampler.generate(prompt, cfg.sample_length, temperature=temperature,
+                                        seed=(cfg.seed * 1_000_003 + step) % 2**63)[0]
+                atomic_write_text(folder / f"step{step:07d}-t{temperature:g}.txt", text)
+                t.console.write(f"----- sample at step {step}, temperature {temperature:g} -----\n{text}\n")
+        finally:
+            t.model.train()
+
+
+class Checkpoints:
+    """A checkpoint after every evaluation, every --checkpoint-every steps, and at the end of training."""
+
+    def __init__(self, validation: Validation) -> None:
+        self.validation = validation
+
+    def after_step(self, trainer: Trainer, info: dict) -> None:
+        every = trainer.cfg.checkpoint_every
+        if self.validation.last_step == info["step"] or (every and info["step"] % every == 0):
+            trainer.checkpoint()
+
+    def train_end(self, trainer: Trainer, info: dict) -> None:
+        trainer.checkpoint()

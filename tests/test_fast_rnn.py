@@ -250,7 +250,7 @@ def test_evaluation_takes_the_fast_path_with_the_stock_loss(arch, monkeypatch):
     """training.evaluate (validation) runs the fast path, state carried over chunks, dropout off."""
     import numpy as np
 
-    from charrnn.training import evaluate
+    from charrnn.evaluation import evaluate
 
     torch.manual_seed(0)
     model = CharLM(ModelConfig(vocab_size=11, arch=arch, embed=8, hidden=H, layers=2, dropout=0.3))

@@ -139,7 +139,7 @@ void packed_matmul(const Tensor& x, const Tensor& P, const c10::optional<Tensor>
 #endif
 }
 
-// Whether a recurrent product of this many rows goes through the panels (here and in fast_rnn._Product):
+// Whether a recurrent product of this many rows goes through the panels (here and in charrnn.ops.matmul.Product):
 // with AVX2 + FMA, up to 256 rows (from there on, MKL's addmm is as fast).
 bool use_panels(int64_t rows) { return has_fma() && rows <= 256; }
 

@@ -73,12 +73,15 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: np.ran
 def fit(model: torch.nn.Module, batches: Callable[[int], Iterable], loss_fn: Callable, validate: Callable[[], dict],
         *, epochs: int, lr: float, time_limit: float | None = None, clip: float = 1.0, log=None,
         stop: Callable[[dict], bool] | None = None) -> dict:
-    """Adam over ``batches(epoch)`` for ``epochs`` epochs (or until ``time_limit`` seconds or ``stop``).
+    """Adam over ``batches(epoch)`` for ``epochs`` epochs (or until ``time_limit`` seconds or ``stop``),
+    each step the language model's own :func:`charrnn.training.optimizer_step`.
 
     ``validate()`` runs after every epoch and returns a dict of metrics (printed).
     Returns ``{"epochs", "train_time", "cpu_time", "history"}``; times exclude nothing but the
     start-up (validation included, as a user waiting for training sees it).
     """
+    from ..training import optimizer_step  # here: a task's predict / evaluate needs no training code
+
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=lr * 0.05)
@@ -90,11 +93,7 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable], loss_fn: Cal
         total, n = 0.0, 0
         for batch in batches(epoch):
             loss = loss_fn(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
+            optimizer_step(opt, loss, model.parameters(), clip)
             total += loss.item()
             n += 1
             if time_limit and time.perf_counter() - t0 > time_limit:

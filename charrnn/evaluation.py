@@ -1,0 +1,83 @@
+"""Loss, bits per character and perplexity of a model on a text, as validation and `charrnn eval` measure it.
+
+Importing this module does not import the training code: loading a run to evaluate or to
+generate from it needs none of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .corpus import load_corpus
+from .data import eval_streams, split_train_val
+from .distributed import SINGLE, Dist
+from .errors import CharRNNError
+from .hardware import autocast
+from . import ops
+from .models.charlm import CharLM
+from .vocab import Vocab
+
+LN2 = math.log(2)
+
+
+@torch.no_grad()
+def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int = 16,
+             device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+             dist: Dist = SINGLE) -> dict:
+    """Mean loss over every character of ``ids`` (but the first), each predicted once.
+
+    The text is cut into ``n_streams`` contiguous streams that run side by side; each
+    is read in chunks of ``seq_len`` with the recurrent state carried between chunks,
+    as char-rnn evaluates.  Returns ``{"loss", "bpc", "perplexity", "chars"}``.
+
+    Under data parallelism (``dist`` active; every rank calls this) each rank reads its own
+    share of the streams and the loss sums are added up over the ranks, so every rank gets
+    the figure one process would compute.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    x, y = eval_streams(ids, n_streams)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = int((y >= 0).sum())
+    mine = dist.share(x.shape[0])
+    x, y = x[mine], y[mine]
+    state = None
+    try:
+        for t in range(0, x.shape[1] if len(x) else 0, seq_len):
+            xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
+            yb = y[:, t : t + seq_len].to(device=device, dtype=torch.int64)
+            with autocast(device, amp_dtype), ops.evaluation():
+                logits, state = model(xb, state)
+            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1),
+                                     ignore_index=-100, reduction="sum").double()
+    finally:
+        model.train(was_training)
+    dist.sum_(total)
+    loss = float(total) / count
+    return {"loss": loss, "bpc": loss / LN2, "perplexity": math.exp(min(loss, 700)), "chars": count}
+
+
+def held_out_ids(run_config: dict, vocab: Vocab, corpus: str | None = None) -> np.ndarray:
+    """The text a trained run is evaluated on, as ids of its ``vocab``: the validation split of the
+    corpus it was trained on (``run_config`` is its config.json), or all of ``corpus``; both
+    normalised as in training."""
+    norm = run_config.get("training", {})
+    lower, nl = norm.get("lowercase", False), norm.get("newlines_to_spaces", False)
+    if corpus is None:
+        name = run_config.get("corpus", {}).get("name")
+        if not name:
+            raise CharRNNError("this run does not record its corpus; pass --corpus")
+        ids = load_corpus(name, lowercase=lower, newlines_to_spaces=nl).reencode(vocab)
+        _, ids = split_train_val(ids, norm.get("val_fraction", 0.1))
+        if len(ids) < 2:
+            raise CharRNNError("the run has no validation split (--val-fraction 0); pass --corpus")
+    else:
+        ids = load_corpus(corpus, lowercase=lower, newlines_to_spaces=nl).reencode(vocab)
+        if len(ids) < 2:
+            raise CharRNNError(f"corpus {corpus} is shorter than two characters; nothing to evaluate")
+    return ids

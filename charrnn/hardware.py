@@ -1,0 +1,51 @@
+"""Device and precision choices: which device a run uses, and whether it computes in bf16.
+
+Used by training, evaluation and loading a run alike; imports nothing of charrnn but its errors.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .errors import CharRNNError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (a CUDA GPU when there is one, else the CPU), ``cpu`` or ``cuda``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CharRNNError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bf16 matrix products natively (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32.
+
+    ``auto`` uses bf16 where the hardware has it (CUDA with bf16 support, CPUs with
+    AVX-512 BF16 / AMX); elsewhere bf16 is emulated and many times slower than fp32.
+    """
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is None (fp32)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
