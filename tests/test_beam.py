@@ -117,6 +117,7 @@ def _lm_log_prob(sampler, prompt, text):
     return sum(float(lp[n - 1 + i, ids[0, n + i]]) for i in range(len(text)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gru", "lstm"])
 def test_lm_beam_width_one_is_greedy_and_beams_beat_greedy(arch):
     s = _sampler(arch)
@@ -133,6 +134,7 @@ def test_lm_beam_width_one_is_greedy_and_beams_beat_greedy(arch):
         assert lp == pytest.approx(_lm_log_prob(s, "ab", text[2:]), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_beam_width_on_the_command_line(tmp_path, capsys):
     import charrnn
 

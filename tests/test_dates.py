@@ -93,6 +93,7 @@ def trained(tmp_path_factory):
     return out, cfg
 
 
+@pytest.mark.slow
 def test_attention_model_learns_to_convert(trained):
     out, cfg = trained
     assert cfg["result"]["val_accuracy"] > 0.97
@@ -101,6 +102,7 @@ def test_attention_model_learns_to_convert(trained):
     assert r["beam_worse_than_greedy"] == 0
 
 
+@pytest.mark.slow
 def test_cli_convert_eval_and_errors(trained, capsys, tmp_path):
     out, _ = trained
     assert main(["task", "dates", "convert", str(out), "July 14, 1789", "May 02, 2020", "May 2, 2020"]) == 0

@@ -21,6 +21,8 @@ from charrnn.errors import CharRNNError
 
 from .conftest import TINY, TINY_KW
 
+pytestmark = pytest.mark.slow   # every test here trains models or starts processes
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "charrnn"]
 NO_SAMPLES = ["--sample-every", "0"]
 

@@ -50,6 +50,7 @@ def trained(tmp_path_factory):
     return tmp / "run", onnx_file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
 @pytest.mark.parametrize("layers,embed", [(1, 16), (2, 16), (2, 0)])
 def test_exported_logits_match_pytorch_over_a_200_character_prompt(tmp_path, arch, layers, embed):

@@ -828,6 +828,7 @@ def test_backend_use_nests_restores_and_stays_in_its_thread():
             pass
 
 
+@pytest.mark.slow
 def test_environment_variables_set_the_defaults():
     import subprocess
     import sys

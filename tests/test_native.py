@@ -151,6 +151,7 @@ def test_the_sources_ship_as_package_data():
         assert any(fnmatch.fnmatch(relative, p) for p in patterns), (relative, patterns)
 
 
+@pytest.mark.slow
 def test_a_later_process_finds_the_build_without_cpp_extension(compiled):
     assert os.path.samefile(compiled.__file__, native._built_path(compiled.__name__))
     code = ("import sys; from charrnn import native; m = native.load(); "
@@ -174,6 +175,7 @@ def test_build_says_why_not(fresh, no_compiler, capsys):
     assert native.main() == 1
 
 
+@pytest.mark.slow
 def test_python_m_charrnn_native(compiled):
     r = subprocess.run([sys.executable, "-m", "charrnn.native"], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": ROOT})

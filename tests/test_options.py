@@ -158,6 +158,7 @@ def test_build_command_builds_with_progress_and_fails_in_one_line(capsys, monkey
     assert code == 2 and len(err.strip().splitlines()) == 1 and "pure-PyTorch" in err
 
 
+@pytest.mark.slow
 def test_build_command_compiles_the_kernels(capsys):
     code, _, err = cli(capsys, "build")
     assert code == 0, err

@@ -77,6 +77,7 @@ def trained(tmp_path_factory):
     return out, cfg
 
 
+@pytest.mark.slow
 def test_training_learns_the_grammar(trained):
     out, cfg = trained
     assert cfg["result"]["val_accuracy"] > 0.95
@@ -84,6 +85,7 @@ def test_training_learns_the_grammar(trained):
     assert r["accuracy"] > 0.95
 
 
+@pytest.mark.slow
 def test_cli_eval_and_predict(trained, capsys):
     out, _ = trained
     assert main(["task", "reber", "eval", str(out), "--size", "500", "--json"]) == 0
@@ -98,6 +100,7 @@ def test_cli_eval_and_predict(trained, capsys):
     assert code == 2 and err.startswith("error: ") and "'x'" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_cli_errors(tmp_path, trained, capsys):
     out, _ = trained
     assert main(["task", "reber", "eval", str(tmp_path / "nope")]) == 2

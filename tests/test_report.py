@@ -12,6 +12,8 @@ import charrnn
 
 from .conftest import TINY_KW, run_cli
 
+pytestmark = pytest.mark.slow   # every test here trains models or starts processes
+
 pytest.importorskip("matplotlib")
 
 

@@ -257,6 +257,7 @@ def test_unknown_paths_and_methods_are_json_errors(server):
     assert r.status_code == 405 and r.json()["error"]
 
 
+@pytest.mark.slow
 def test_full_queue_answers_503_and_disconnects_free_it(lm):
     """One request at a time, one held: a third is refused; a client that goes away stops its generation."""
     app = create_app(lm, Limits(max_queue=1, max_batch=4, max_samples=4, max_length=1_000_000))
@@ -321,6 +322,7 @@ def test_a_failing_request_fails_alone_and_the_server_keeps_serving(lm):
 # ----- many clients at once ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_50_concurrent_requests_all_answered_correctly(server, lm):
     url, engine = server
     specs = [{"prompt": ["", "the ", "ROMEO: ", "a"][i % 4], "length": 20 + 3 * i, "num_samples": 1 + i % 3,
@@ -384,6 +386,7 @@ def _cli(*args):
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_cli_serves_until_interrupted(run_dir):
     proc = _cli(run_dir, "--port", "0", "--log-level", "warning")
     try:
@@ -442,6 +445,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+@pytest.mark.slow
 def test_web_page_streams_and_stops_in_chromium(server, lm):
     from selenium.webdriver.common.by import By
 

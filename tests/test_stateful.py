@@ -132,6 +132,7 @@ def test_stateless_batches_start_from_zeros(small_corpus, tmp_path, monkeypatch)
     assert len(rec.calls) == 5 and all(start is None for start, _ in rec.calls)
 
 
+@pytest.mark.slow
 def test_stateful_model_learns(small_corpus, tmp_path):
     r = charrnn.train(str(small_corpus), tmp_path / "run", progress=False, stateful=True, max_steps=200, lr=3e-3,
                       sample_every=0, **TINY_KW)
@@ -148,6 +149,7 @@ def test_stateful_resume_mid_epoch_keeps_streams_and_state(small_corpus, tmp_pat
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))
 
 
+@pytest.mark.slow
 def test_stateful_options_that_do_not_mix_are_refused(small_corpus, tmp_path):
     r = run_cli("train", small_corpus, "--out", tmp_path / "run", "--stateful", "--window-step", "3", *TINY)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--stateful" in r.stderr
@@ -169,6 +171,7 @@ def test_keras_preset_is_the_seed_recipe_and_explicit_options_win():
     assert build_config("tutorial-gru") == build_config()
 
 
+@pytest.mark.slow
 def test_keras_recipe_runs_and_learns_on_a_small_text(tmp_path):
     text = make_text(12_000).upper()
     path = tmp_path / "t.txt"
@@ -218,6 +221,7 @@ def test_sample_every_n_steps_and_never(small_corpus, tmp_path):
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 
+@pytest.mark.slow
 def test_bad_sample_temperatures_are_one_line_errors(small_corpus, tmp_path):
     for bad in ("hot", "0.5,-1"):
         r = run_cli("train", small_corpus, "--out", tmp_path / "run", "--sample-temperatures", bad, *TINY)

@@ -27,6 +27,7 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_a_small_model_learns_well_below_the_unigram_entropy(small_corpus, tmp_path):
     result = charrnn.train(str(small_corpus), tmp_path / "run", progress=False, max_steps=300, eval_every=100,
                            lr=3e-3, **TINY_KW)
@@ -49,6 +50,7 @@ def test_a_small_model_learns_well_below_the_unigram_entropy(small_corpus, tmp_p
     assert sum(w in words for w in produced) / len(produced) > 0.7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gru", "lstm"])
 def test_bf16_training_learns_as_well_as_fp32(arch, small_corpus, tmp_path, monkeypatch):
     """--precision bf16 on CPU: the recurrent layers take the fast path with bf16 products, and the
@@ -94,6 +96,7 @@ def test_runs_saved_before_an_option_existed_resume(small_corpus, tmp_path):
         charrnn.train(str(small_corpus), tmp_path / "r", resume=True, max_steps=8, progress=False, weight_drop=0.2)
 
 
+@pytest.mark.slow
 def test_resume_across_an_epoch_boundary(small_corpus, tmp_path):
     opts = dict(progress=False, **TINY_KW)
     # 20,000 chars * 0.9 / 32 / 16 = 35 steps per epoch: stop inside the second epoch.
@@ -111,6 +114,7 @@ def test_best_weights_and_latest(small_corpus, tmp_path):
     assert best.run.weights == "best.safetensors" and latest.run.weights == "model.safetensors"
 
 
+@pytest.mark.slow
 def test_time_limit_stops_cleanly_with_a_checkpoint(small_corpus, tmp_path):
     r = charrnn.train(str(small_corpus), tmp_path / "r", progress=False, time_limit=1.5, **TINY_KW)
     assert r.stop_reason == "time_limit"
@@ -153,6 +157,7 @@ def test_training_on_cpu_loads_on_cpu_with_map_location(small_corpus, tmp_path):
         assert all(t.device.type == "cpu" for t in load_file(str(tmp_path / "r" / name)).values())
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_continues_exactly(small_corpus, tmp_path):
     run = tmp_path / "r"
     args = [sys.executable, "-m", "charrnn", "train", str(small_corpus), "--out", str(run), "--max-steps",
@@ -175,6 +180,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(small_corpus, tmp_path):
     assert_same_weights(weights(run), weights(tmp_path / "straight"))
 
 
+@pytest.mark.slow
 def test_a_kill_between_checkpoints_resumes_from_the_last_one(small_corpus, tmp_path):
     run = tmp_path / "r"
     args = [sys.executable, "-m", "charrnn", "train", str(small_corpus), "--out", str(run), "--max-steps",
@@ -243,6 +249,7 @@ def test_a_users_hooks_see_what_is_logged_and_can_stop_training(small_corpus, tm
                       **TINY_KW)
 
 
+@pytest.mark.slow
 def test_building_the_kernels_does_not_count_against_the_time_limit(small_corpus, tmp_path, monkeypatch):
     from charrnn import native
 
@@ -262,6 +269,7 @@ def test_building_the_kernels_does_not_count_against_the_time_limit(small_corpus
     assert first["step"] == 1 and first["time"] < 5
 
 
+@pytest.mark.slow
 def test_loading_a_run_for_inference_does_not_import_the_training_code(small_corpus, tmp_path):
     run = tmp_path / "r"
     charrnn.train(str(small_corpus), run, progress=False, max_steps=2, sample_every=0, **TINY_KW)

@@ -125,17 +125,11 @@ def tanh_backward(grad: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> tor
     return out.copy_(d)
 
 
-# ---- autocast queries (public, but their signatures changed in torch 2.4) -------------------------
+# ---- autocast queries (public since torch 2.4, the oldest release pyproject.toml accepts) -----------
 
 def autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    return torch.is_autocast_enabled(device_type)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype:
-    try:
-        return torch.get_autocast_dtype(device_type)
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_dtype(device_type)
