@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import add_model_options, emit, machine, median_ms, peak_rss_mb  # noqa: E402
 
 from charrnn.models import CharLM, ModelConfig  # noqa: E402
-from charrnn.hardware import resolve_device, resolve_precision  # noqa: E402
+from charrnn.hardware import resolve_device, resolve_precision, tune_cpu_allocator  # noqa: E402
 from charrnn.training import make_optimizer, train_step  # noqa: E402
 from charrnn.config import TrainConfig  # noqa: E402
 
@@ -41,6 +41,8 @@ def main(argv=None):
 
     device = resolve_device(args.device)
     amp = resolve_precision(args.dtype, device)
+    if device.type == "cpu":
+        tune_cpu_allocator()   # as charrnn train does
     torch.manual_seed(0)
     model = CharLM(ModelConfig(args.vocab, args.arch, args.embed, args.hidden, args.layers, args.dropout,
                                args.weight_drop)).to(device)

@@ -91,7 +91,9 @@ def add_options(parser, cls) -> list[str]:
 
 def cmd_train(args) -> int:
     from .api import train
+    from .hardware import tune_cpu_allocator
 
+    tune_cpu_allocator()     # this process is ours: the allocation settings CPU training runs best with
     options = {name: getattr(args, name) for name in option_names(TrainConfig)}
     result = train(args.corpus, args.out, preset=args.preset, resume=args.resume, force=args.force,
                    progress=not args.quiet, **options)
@@ -118,8 +120,8 @@ def _add_generate(sub) -> None:
     g.add_argument("--weights", choices=["best", "latest"], help="default best")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default cpu")
     g.add_argument("--int8", action="store_true",
-                   help="run each sampling step with int8 weights (CPU): about 1.8x faster at batch 1, "
-                        "validation bits/char within 0.001 of fp32 on Tiny Shakespeare")
+                   help="run each sampling step with int8 weights (CPU): faster, especially at small batches, "
+                        "at nearly fp32's quality (docs/performance.md has the figures)")
     g.add_argument("--beam-width", type=int, help="print the K most likely continuations (beam search) with their "
                                                   "total log-probabilities instead of sampling")
     p.set_defaults(func=cmd_generate)
@@ -206,8 +208,8 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True, help="file to write, ending in .onnx (never overwritten without --force)")
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
     p.add_argument("--int8", action="store_true",
-                   help="store the matrix weights as int8 (onnxruntime dynamic quantisation): 3.4x smaller file, "
-                        "validation bits/char unchanged")
+                   help="store the matrix weights as int8 (onnxruntime dynamic quantisation): a smaller file "
+                        "at nearly fp32's quality (docs/performance.md has the figures)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_export)
 

@@ -5,6 +5,9 @@ Used by training, evaluation and loading a run alike; imports nothing of charrnn
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -49,3 +52,19 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` to ``dtype`` on ``device``, or nothing when ``dtype`` is None (fp32)."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def tune_cpu_allocator() -> None:
+    """Process-wide allocation settings for CPU training, for the program that owns the process
+    (``charrnn train`` calls it; the library never does): huge pages for PyTorch's large tensors
+    (``THP_MEM_ALLOC_ENABLE``, unless set) and glibc's ``mallopt(M_MMAP_THRESHOLD, 1 MB)``, so a
+    step's large buffers are mapped and returned to the system each time instead of piling up in
+    the heap.  The same as starting the process with ``THP_MEM_ALLOC_ENABLE=1
+    MALLOC_MMAP_THRESHOLD_=1048576``; a no-op off glibc.  docs/design.md has what it is worth."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass

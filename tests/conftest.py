@@ -1,6 +1,7 @@
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -77,3 +78,23 @@ def run_cli(*args, env=None, timeout=300, input=None):
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "charrnn", *map(str, args)], capture_output=True, text=True,
                           env=full_env, timeout=timeout, input=input)
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    """charrnn's compiled kernels (built on first use); skipped where they are turned off or there is no
+    C++ toolchain, a failure where there is one and the build still fails."""
+    import warnings
+
+    from charrnn import native, ops
+
+    if not ops.backend.current().native:
+        pytest.skip("CHARRNN_NATIVE=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = native.load()
+    if module is None:
+        if shutil.which(os.environ.get("CXX", "c++")) and shutil.which("ninja"):
+            pytest.fail(f"a compiler and ninja are here, but the extension did not build: {native.error()}")
+        pytest.skip(f"no C++ toolchain: {native.error()}")
+    return module

@@ -12,26 +12,12 @@ import warnings
 import pytest
 import torch
 
-from charrnn import native, ops
+from charrnn import native
 from charrnn.errors import CharRNNError
 from charrnn.models import CharLM, ModelConfig
 from charrnn.sampling import Stepper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def compiled():
-    if not ops.backend.current().native:
-        pytest.skip("CHARRNN_NATIVE=0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = native.load()
-    if module is None:
-        if shutil.which(os.environ.get("CXX", "c++")) and shutil.which("ninja"):
-            pytest.fail(f"a compiler and ninja are here, but the extension did not build: {native.error()}")
-        pytest.skip(f"no C++ toolchain: {native.error()}")
-    return module
 
 
 @pytest.fixture

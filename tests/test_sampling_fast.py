@@ -5,32 +5,14 @@ load the cached build).  Without a C++ compiler or ninja those tests are skipped
 build that fails is a test failure.
 """
 
-import os
-import shutil
-import warnings
-
 import pytest
 import torch
 
-from charrnn import native, ops
+from charrnn import ops
 from charrnn.errors import CharRNNError
 from charrnn.models import CharLM, ModelConfig
 from charrnn.sampling import Sampler, Stepper, _Linear, choose
 from charrnn.vocab import Vocab
-
-
-@pytest.fixture(scope="module")
-def compiled():
-    if not ops.backend.current().native:
-        pytest.skip("CHARRNN_NATIVE=0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = native.load()
-    if module is None:
-        if shutil.which(os.environ.get("CXX", "c++")) and shutil.which("ninja"):
-            pytest.fail(f"a compiler and ninja are here, but the extension did not build: {native.error()}")
-        pytest.skip(f"no C++ toolchain: {native.error()}")
-    return module
 
 
 def _model(arch="gru", layers=1, embed=8, hidden=24, vocab=20, seed=1):

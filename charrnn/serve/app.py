@@ -82,59 +82,90 @@ def describe_model(lm, limits: Limits) -> dict:
     }
 
 
-def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -> Starlette:
-    """The server for a loaded :class:`charrnn.api.LanguageModel` (``charrnn.load(run)``)."""
-    limits = (limits or Limits()).validate()
-    engine = Engine(lm.sampler, batch_requests=not lm.int8, max_queue=limits.max_queue,
-                    max_batch=limits.max_batch, hop_seconds=hop_seconds)
-    # A request body is a handful of fields around the prompt; anything far larger is refused unread.
-    max_body = 4 * limits.max_prompt_chars + 4096
+async def _read_json(request: Request, max_body: int, max_prompt_chars: int) -> dict:
+    """The request body as a JSON object, refused unread past ``max_body`` bytes."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body:
+            raise RequestError(413, f"the request body is over {max_body} bytes; the prompt may be at most "
+                                    f"{max_prompt_chars} characters")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(400, f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, "the request body must be a JSON object, e.g. {\"prompt\": \"ROMEO:\"}")
+    return data
 
-    async def parse(request: Request, streaming: bool) -> Job:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_body:
-                raise RequestError(413, f"the request body is over {max_body} bytes; the prompt may be at most "
-                                        f"{limits.max_prompt_chars} characters")
-        try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, f"the request body is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise RequestError(400, "the request body must be a JSON object, e.g. {\"prompt\": \"ROMEO:\"}")
+
+def _check_limits(req: GenerateRequest, limits: Limits) -> None:
+    if len(req.prompt) > limits.max_prompt_chars:
+        raise RequestError(422, f"prompt: {len(req.prompt)} characters; this server accepts at most "
+                                f"{limits.max_prompt_chars} (--max-prompt-chars)")
+    if req.length > limits.max_length:
+        raise RequestError(422, f"length: {req.length}; this server generates at most {limits.max_length} "
+                                "characters per sample (--max-length)")
+    if req.num_samples > limits.max_samples:
+        raise RequestError(422, f"num_samples: {req.num_samples}; this server generates at most "
+                                f"{limits.max_samples} samples per request (--max-samples)")
+
+
+async def _events(job: Job):
+    """A streaming job's server-sent events: the new characters, then the samples (or the error)."""
+    while True:
+        pieces = await job.updates.get()
+        finished = pieces is None
+        while not finished and not job.updates.empty():  # send what has piled up as one event
+            more = job.updates.get_nowait()
+            if more is None:
+                finished = True
+            else:
+                pieces = [a + b for a, b in zip(pieces, more)]
+        if pieces:
+            yield _sse({"text": pieces})
+        if finished:
+            break
+    if job.error:
+        yield _sse({"error": job.error}, event="error")
+    else:
+        yield _sse({"samples": job.samples, "seed": job.seed}, event="done")
+
+
+class _Endpoints:
+    """The HTTP endpoints of one loaded model, its limits and its engine."""
+
+    def __init__(self, lm, limits: Limits, engine: Engine):
+        self.lm, self.limits, self.engine = lm, limits, engine
+        # A request body is a handful of fields around the prompt; anything far larger is refused unread.
+        self.max_body = 4 * limits.max_prompt_chars + 4096
+
+    async def parse(self, request: Request, streaming: bool) -> Job:
+        data = await _read_json(request, self.max_body, self.limits.max_prompt_chars)
         try:
             req = GenerateRequest.model_validate(data)
         except ValidationError as e:
             raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
                                               for err in e.errors())) from None
-        if len(req.prompt) > limits.max_prompt_chars:
-            raise RequestError(422, f"prompt: {len(req.prompt)} characters; this server accepts at most "
-                                    f"{limits.max_prompt_chars} (--max-prompt-chars)")
-        if req.length > limits.max_length:
-            raise RequestError(422, f"length: {req.length}; this server generates at most {limits.max_length} "
-                                    "characters per sample (--max-length)")
-        if req.num_samples > limits.max_samples:
-            raise RequestError(422, f"num_samples: {req.num_samples}; this server generates at most "
-                                    f"{limits.max_samples} samples per request (--max-samples)")
+        _check_limits(req, self.limits)
         try:
             check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples)
-            lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
+            self.lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
         except CharRNNError as e:
             raise RequestError(422, str(e)) from None  # an OptionError names the field: "top_p must be ..."
         return Job(req.prompt, req.length, req.num_samples, req.temperature, req.top_k, req.top_p, req.seed,
                    streaming=streaming)
 
-    async def submit(request: Request, streaming: bool) -> Job | JSONResponse:
+    async def submit(self, request: Request, streaming: bool) -> Job | JSONResponse:
         try:
-            return engine.submit(await parse(request, streaming))
+            return self.engine.submit(await self.parse(request, streaming))
         except RequestError as e:
             return _error(e.status, e.message)
         except Busy as e:
             return _error(503, str(e), headers={"Retry-After": "1"})
 
-    async def generate(request: Request):
-        job = await submit(request, streaming=False)
+    async def generate(self, request: Request):
+        job = await self.submit(request, streaming=False)
         if not isinstance(job, Job):
             return job
         # Wait for the samples, or for the client to hang up (then stop generating for it).
@@ -152,43 +183,29 @@ def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -
             return _error(job.error_status, job.error)
         return JSONResponse({"samples": job.samples, "seed": job.seed})
 
-    async def generate_stream(request: Request):
-        job = await submit(request, streaming=True)
-        if not isinstance(job, Job):
-            return job
+    async def generate_stream(self, request: Request):
+        job = await self.submit(request, streaming=True)
+        return _JobStream(job, _events(job)) if isinstance(job, Job) else job
 
-        async def events():
-            while True:
-                pieces = await job.updates.get()
-                finished = pieces is None
-                while not finished and not job.updates.empty():  # send what has piled up as one event
-                    more = job.updates.get_nowait()
-                    if more is None:
-                        finished = True
-                    else:
-                        pieces = [a + b for a, b in zip(pieces, more)]
-                if pieces:
-                    yield _sse({"text": pieces})
-                if finished:
-                    break
-            if job.error:
-                yield _sse({"error": job.error}, event="error")
-            else:
-                yield _sse({"samples": job.samples, "seed": job.seed}, event="done")
+    async def model(self, request: Request):
+        return JSONResponse(describe_model(self.lm, self.limits))
 
-        return _JobStream(job, events())
+    async def healthz(self, request: Request):
+        return JSONResponse({"status": "ok", **self.engine.status()})
 
-    async def model(request: Request):
-        return JSONResponse(describe_model(lm, limits))
-
-    async def healthz(request: Request):
-        return JSONResponse({"status": "ok", **engine.status()})
-
-    async def index(request: Request):
+    async def index(self, request: Request):
         return FileResponse(STATIC / "index.html")
 
-    async def http_error(request: Request, exc: HTTPException):
+    async def http_error(self, request: Request, exc: HTTPException):
         return _error(exc.status_code, exc.detail)
+
+
+def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -> Starlette:
+    """The server for a loaded :class:`charrnn.api.LanguageModel` (``charrnn.load(run)``)."""
+    limits = (limits or Limits()).validate()
+    engine = Engine(lm.sampler, batch_requests=not lm.int8, max_queue=limits.max_queue,
+                    max_batch=limits.max_batch, hop_seconds=hop_seconds)
+    ep = _Endpoints(lm, limits, engine)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -200,14 +217,14 @@ def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -
 
     app = Starlette(
         routes=[
-            Route("/", index),
-            Route("/healthz", healthz),
-            Route("/v1/model", model),
-            Route("/v1/generate", generate, methods=["POST"]),
-            Route("/v1/generate/stream", generate_stream, methods=["POST"]),
+            Route("/", ep.index),
+            Route("/healthz", ep.healthz),
+            Route("/v1/model", ep.model),
+            Route("/v1/generate", ep.generate, methods=["POST"]),
+            Route("/v1/generate/stream", ep.generate_stream, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: ep.http_error},
         lifespan=lifespan,
     )
     app.state.engine = engine
