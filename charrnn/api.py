@@ -65,7 +65,7 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
             loaded.append(load_corpus(corpus, lowercase=cfg.lowercase, newlines_to_spaces=cfg.newlines_to_spaces,
                                       progress=progress))
             if not resume:
-                ckpt.prepare_new_run_dir(out, force=force)
+                ckpt.check_new_run_dir(out, force=force)   # the Trainer replaces a forced run when all is checked
             return cfg
 
         cfg = d.on_rank0(prepare)

@@ -48,8 +48,10 @@ def is_run_dir(path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
-def prepare_new_run_dir(path, force: bool = False) -> Path:
-    """Create ``path`` for a new run; refuse to touch an existing run unless ``force``."""
+def check_new_run_dir(path, force: bool = False) -> Path:
+    """Refuse ``path`` for a new run when it is a file, holds files that are not a run, or holds a run
+    and not ``force``.  Deletes nothing: :func:`start_run` replaces a forced run only once every other
+    check has passed, so a refused option never costs the run it would have replaced."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CharRNNError(f"--out {path} is a file, not a directory; choose another --out")
@@ -61,10 +63,22 @@ def prepare_new_run_dir(path, force: bool = False) -> Path:
         if not is_run_dir(path) and not (path / STATE).exists():
             raise CharRNNError(f"{path} holds files that are not a charrnn run; --force only replaces runs, "
                                "choose another --out")
+    return path
+
+
+def _clear_run_dir(path: Path) -> None:
+    """Delete a replaced run's files (the folder and anything else in it stay) and make the folder."""
+    if path.is_dir():
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
         shutil.rmtree(path / SAMPLES, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_new_run_dir(path, force: bool = False) -> Path:
+    """:func:`check_new_run_dir`, then clear and create it at once (for callers with nothing left to check)."""
+    path = check_new_run_dir(path, force)
+    _clear_run_dir(path)
     return path
 
 
@@ -96,7 +110,9 @@ def write_config(path, cfg: dict) -> None:
 
 
 def start_run(path, cfg: dict, vocab: Vocab) -> None:
-    """The first files of a new run (in a directory from :func:`prepare_new_run_dir`): config and vocabulary."""
+    """The first files of a new run (in a directory :func:`check_new_run_dir` accepted): a run it
+    replaces (``--force``) goes first, then the config and vocabulary are written."""
+    _clear_run_dir(Path(path))
     write_config(path, cfg)
     vocab.save(Path(path) / VOCAB)
     (Path(path) / METRICS).unlink(missing_ok=True)

@@ -132,6 +132,14 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def num_parameters(self) -> int:
+        """The parameter count of the model these options build (as ``CharLM.num_parameters()``)."""
+        gates = {"gru": 3, "lstm": 4, "rnn": 1}[self.arch] * self.hidden
+        width = self.embed or self.vocab_size
+        recurrent = sum(gates * ((width if layer == 0 else self.hidden) + self.hidden + 2)
+                        for layer in range(self.layers))
+        return self.vocab_size * self.embed + recurrent + self.hidden * self.vocab_size + self.vocab_size
+
 
 MODEL_OPTIONS = tuple(f.name for f in fields(ModelConfig) if f.metadata.get("help"))
 

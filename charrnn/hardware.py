@@ -68,3 +68,23 @@ def tune_cpu_allocator() -> None:
         ctypes.CDLL(None).mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory of ``device``: the GPU's, or this machine's physical memory (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_model_fits(parameters: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model whose training cannot fit in ``device``'s memory:
+    float32 weights, gradients and two optimizer moments are 16 bytes a parameter at the least."""
+    need, have = 16 * parameters, memory_bytes(device)
+    if have is not None and need > have:
+        raise CharRNNError(f"the model would have {parameters:,} parameters: training it needs at least "
+                           f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {device.type} memory "
+                           "here; choose a smaller --hidden, --layers or --embed")

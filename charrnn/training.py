@@ -56,7 +56,7 @@ from .distributed import SINGLE, Dist, rank_seed
 from .errors import CharRNNError
 from .evaluation import LN2, evaluate
 from .fileio import atomic_write_text
-from .hardware import autocast, resolve_device, resolve_precision
+from .hardware import autocast, check_model_fits, resolve_device, resolve_precision
 from .models.charlm import CharLM, State
 
 EVENTS = ("after_step", "after_log", "after_eval", "epoch_end", "train_end")
@@ -166,6 +166,7 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.train_ids, self.val_ids, self.batches = split_data(corpus, cfg, dist)
         self.model_cfg = cfg.model_config(len(self.vocab))
+        check_model_fits(self.model_cfg.num_parameters(), self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = CharLM(self.model_cfg).to(self.device)
         if dist.rank:  # dropout masks differ between the ranks, which see different rows
