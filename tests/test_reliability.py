@@ -50,3 +50,41 @@ def test_force_replaces_the_run_once_everything_is_checked(capsys, small_corpus,
     assert code == 0, err
     assert not (trained / "samples" / "old.txt").exists()
     assert '"seed": 7' in (trained / "config.json").read_text()
+
+
+@pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
+def test_a_nan_weight_reaches_the_same_outputs_on_every_backend(arch):
+    """The fast paths propagate NaN exactly as the stock modules do (a NaN must never be hidden)."""
+    import torch
+
+    from charrnn import ops
+    from charrnn.models import CharLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=20, hidden=16, embed=8, arch=arch)).train()
+    with torch.no_grad():
+        model.embedding.weight[3, 0] = float("nan")
+    ids = torch.randint(4, 20, (4, 6))         # id 3 (the NaN row) only at sample 0, step 2
+    ids[0, 2] = 3
+    masks = []
+    for backend in (dict(), dict(native=False), dict(packed=False), dict(fast_rnn=False)):
+        with ops.use(**backend):
+            out = model(ids)
+            masks.append(torch.isnan(out[0] if isinstance(out, tuple) else out))
+    assert masks[-1][0, 2:].all() and not masks[-1][1:].any()
+    for mask in masks[:-1]:
+        assert torch.equal(mask, masks[-1])
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_no_nan_weights(capsys, small_corpus, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "train", small_corpus, "--out", run, "--max-steps", 30, "--log-every", 1,
+                       "--optimizer", "sgd", "--lr", "1e30", "--clip", 0, *TINY)
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("error: the training loss became"), err
+    for name in ("best.safetensors", "model.safetensors"):
+        if (run / name).exists():
+            assert all(torch.isfinite(t).all() for t in load_file(run / name).values()), name

@@ -77,7 +77,9 @@ inline float sigmoid1(float a) { return 1.0f / (1.0f + std::exp(-a)); }
 
 #ifdef CHARRNN_X86
 CHARRNN_AVX2 inline __m256 exp8(__m256 x) {   // Cephes expf: 2^n * p(r), |r| <= ln(2) / 2
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  // Clamped with x as the second operand: max/min return their second operand when either is NaN,
+  // so a NaN stays NaN (as std::exp's) instead of becoming a bound.
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
   const __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                                  _mm256_set1_ps(0.5f)));
   x = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
