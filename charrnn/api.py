@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,12 +49,13 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
     from .training import Trainer
 
     out = Path(out)
-    with distributed.session() as d:
+    with ExitStack() as held, distributed.session() as d:
         loaded = []
 
         def prepare():
             # Rank 0 alone reads the saved options and prepares the run directory; the others get
             # the resulting configuration, so they never touch (or need) the run directory.
+            held.enter_context(ckpt.writer_lock(out, create=not resume))   # one trainer per run directory, until training ends
             if resume:
                 saved = ckpt.read_config(out)
                 values = dict(saved.get("training", {}))

@@ -19,7 +19,9 @@ is loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,10 +44,50 @@ STATE = "trainer-state.pt"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
 RUN_FILES = (CONFIG, VOCAB, LATEST, BEST, STATE, METRICS)
+LOCK = ".lock"         # held by the one process that trains into the directory (see writer_lock)
 
 
 def is_run_dir(path) -> bool:
     return (Path(path) / CONFIG).is_file()
+
+
+@contextlib.contextmanager
+def writer_lock(path, create: bool = True):
+    """Hold ``path`` (a run directory, created if missing) for this process alone while the block runs:
+    a second trainer on the same directory is refused with one line naming the holder's pid.  The lock
+    is the operating system's (``flock``), so a process that dies releases it; readers (generate, eval,
+    serve) never take it.  Without ``create`` a missing directory is left to the caller's checks.  Where
+    ``fcntl`` does not exist (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    path = Path(path)
+    if fcntl is None or (not create and not path.is_dir()):
+        yield
+        return
+    if path.exists() and not path.is_dir():
+        raise CharRNNError(f"--out {path} is a file, not a directory; choose another --out")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            raise CharRNNError(f"{path} is being trained by another charrnn process (pid {holder}); wait for it "
+                               "to finish or stop it, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        try:
+            yield
+        finally:
+            if created and [p.name for p in path.iterdir()] == [LOCK]:   # refused before writing anything
+                (path / LOCK).unlink()
+                path.rmdir()
+    finally:
+        os.close(fd)
 
 
 def check_new_run_dir(path, force: bool = False) -> Path:
@@ -55,7 +97,7 @@ def check_new_run_dir(path, force: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CharRNNError(f"--out {path} is a file, not a directory; choose another --out")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         if not force:
             what = "a run" if is_run_dir(path) else "files"
             raise CharRNNError(f"{path} already holds {what}; use --resume to continue it, --force to "

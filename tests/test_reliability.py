@@ -1,6 +1,8 @@
 """A hostile user's command lines: refused in one line with exit status 2, and nothing of theirs lost."""
 
 import hashlib
+import subprocess
+import sys
 
 import pytest
 
@@ -10,7 +12,8 @@ from .conftest import TINY, TINY_KW, cli
 
 
 def _fingerprint(run) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.iterdir()) if p.is_file()}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.iterdir())
+            if p.is_file() and p.name != ".lock"}
 
 
 @pytest.fixture
@@ -88,3 +91,31 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_no_nan_weights(capsys, smal
     for name in ("best.safetensors", "model.safetensors"):
         if (run / name).exists():
             assert all(torch.isfinite(t).all() for t in load_file(run / name).values()), name
+
+
+def test_one_trainer_per_run_directory_and_a_dead_holder_releases_it(capsys, small_corpus, trained):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from charrnn import checkpoint\n"
+        f"with checkpoint.writer_lock({str(trained)!r}):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _fingerprint(trained)
+        for args in (["--resume"], ["--force"]):
+            code, _, err = cli(capsys, "train", small_corpus, "--out", trained, "--max-steps", 5, *args, *TINY)
+            assert code == 2 and f"another charrnn process (pid {holder.pid})" in err.strip().splitlines()[-1], err
+        assert _fingerprint(trained) == before
+        code, out, err = cli(capsys, "generate", trained, "--length", 20, "--seed", 1)   # readers still read
+        assert code == 0, err
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = cli(capsys, "train", small_corpus, "--out", trained, "--max-steps", 5, "--resume", *TINY)
+    assert code == 0, err
+
+
+def test_a_refused_new_run_leaves_no_directory_behind(capsys, small_corpus, tmp_path):
+    out = tmp_path / "new"
+    code, _, err = cli(capsys, "train", small_corpus, "--out", out, "--batch-size", 100000000, "--quiet")
+    assert code == 2, err
+    assert not out.exists()
