@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from .config import INTEGER, NON_NEGATIVE_INT, POSITIVE_INT, check_fields, option
 from .errors import OptionError
 
+# Temperatures below this sample as greedily as 0 does: the distribution is one-hot long before, and
+# logits / T would overflow to inf (and sample nonsense) near float32's smallest numbers.
+GREEDY_BELOW = 1e-6
+
 
 @dataclass
 class GenerationOptions:
@@ -19,7 +23,7 @@ class GenerationOptions:
 
     prompt: str = option("", "text to continue", default_text="start after a newline")
     length: int = option(1000, "characters to generate per sample", check=NON_NEGATIVE_INT)
-    temperature: float = option(1.0, "0 is greedy; lower is safer, higher wilder",
+    temperature: float = option(1.0, f"0 (or below {GREEDY_BELOW:g}) is greedy; lower is safer, higher wilder",
                                 check=(lambda v: v >= 0, "must be >= 0 (0 means greedy)"),
                                 default_text="1, or the default stored in an .onnx file")
     top_k: int | None = option(None, "sample only among the K most likely characters", metavar="K",

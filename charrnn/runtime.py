@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CharRNNError
-from .options import check_sampling_options, start_text
+from .options import GREEDY_BELOW, check_sampling_options, start_text
 from .vocab import UNK_ID, Vocab
 
 FORMAT_VERSION = 1  # the export format this runtime reads (charrnn.export.FORMAT_VERSION)
@@ -59,7 +59,7 @@ def process_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int | No
 
 def choose(logits: np.ndarray, temperature: float, top_k, top_p, rng: np.random.Generator) -> np.ndarray:
     """Next ids ``(batch,)`` int64 from logits ``(batch, vocab)``: greedy at temperature 0, else sampled."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         masked = logits.astype(np.float32, copy=True)
         masked[:, UNK_ID] = -np.inf
         return masked.argmax(axis=-1)

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from . import native, ops
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
+from .hardware import memory_bytes
 from .models.charlm import CharLM, State
 from .ops import gru
 from .ops.table import input_table
-from .options import check_beam_width, check_sampling_options, start_text  # noqa: F401 (re-exported)
+from .options import GREEDY_BELOW, check_beam_width, check_sampling_options, start_text  # noqa: F401
 from .vocab import UNK_ID, Vocab
 
 
@@ -57,10 +58,10 @@ def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: to
     same operations, the same random draws, the same ids.
     """
     fused = native.loaded() if compiled else None
-    if (fused is not None and temperature > 0 and (top_k is None or top_k >= logits.shape[-1])
+    if (fused is not None and temperature >= GREEDY_BELOW and (top_k is None or top_k >= logits.shape[-1])
             and (top_p is None or top_p >= 1.0) and logits.dtype == torch.float32 and logits.device.type == "cpu"):
         return fused.sample(logits, generator, float(temperature))
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         masked = logits.float().clone()
         masked[:, UNK_ID] = float("-inf")
         return masked.argmax(-1)
@@ -287,6 +288,7 @@ class Sampler:
                    top_p: float | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
         """Yield the next ids ``(batch,)`` ``length`` times, one batched step each."""
         check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1)
+        self.check_fits("num_samples", len(prompts), len(prompts))
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
         if length == 0:
@@ -304,12 +306,27 @@ class Sampler:
         for ids in self.stream_ids(prompts, length, **options):
             yield self.vocab.decode_each(ids.tolist())
 
+    def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
+        """Refuse, before any work, ``rows`` samples (or beam candidates) of ``length`` characters that
+        this device's memory cannot hold: each row's recurrent state and logits (float32, a few copies),
+        and for ``length`` the ids kept until the end (int64).  The error names ``option`` = ``value``."""
+        c = self.model.config
+        per_row = 4 * 4 * (c.layers * c.hidden * (2 if c.arch == "lstm" else 1) + c.vocab_size) + 8 * length
+        have = memory_bytes(self.device)
+        if have is not None and rows * per_row > have:
+            raise OptionError(option, "is {value:,}: that needs about {need:,.1f} GiB, more than the {have:,.1f} "
+                              "GiB of memory here; ask for less", value=value,
+                              need=rows * per_row / 2**30, have=have / 2**30)
+
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, num_samples: int = 1,
                  **options) -> list[str]:
         """Complete texts (prompt + continuation), one per sample."""
-        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
         opts = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p")}
-        check_sampling_options(length=length, num_samples=len(prompts), **opts)
+        check_sampling_options(length=length, num_samples=num_samples if isinstance(prompt, str) else 1, **opts)
+        rows = num_samples if isinstance(prompt, str) else len(prompt)
+        self.check_fits("num_samples", rows, rows)
+        self.check_fits("length", length, rows, length)
+        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
         steps = list(self.stream_ids(prompts, length, **options))   # left on the device: on a GPU the
         rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]   # host waits once, not per character
         return [p + self.vocab.decode(r) for p, r in zip(prompts, rows)]
@@ -325,6 +342,7 @@ class Sampler:
 
         check_sampling_options(length=length)
         check_beam_width(beam_width)
+        self.check_fits("beam_width", beam_width, int(beam_width) * self.model.config.vocab_size)
         if length == 0:
             return [(prompt, 0.0)]
         logits, state = self.prime([prompt])

@@ -119,3 +119,24 @@ def test_a_refused_new_run_leaves_no_directory_behind(capsys, small_corpus, tmp_
     code, _, err = cli(capsys, "train", small_corpus, "--out", out, "--batch-size", 100000000, "--quiet")
     assert code == 2, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bad,option", [
+    (["--num-samples", "99999999999"], "--num-samples"),
+    (["--length", "99999999999999", "--num-samples", "2"], "--length"),
+    (["--beam-width", "99999999999999999999"], "--beam-width"),
+])
+def test_sizes_past_the_machines_memory_are_refused_before_any_work(capsys, trained, bad, option):
+    capsys.readouterr()                        # the fixture's training output
+    code, _, err = cli(capsys, "generate", trained, "--seed", 1, *bad)
+    assert code == 2 and err.startswith(f"error: {option} is ") and "GiB of memory here" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_temperatures_too_small_to_divide_by_sample_greedily(capsys, trained):
+    texts = []
+    for t in ("0", "1e-7", "1e-45"):
+        code, out, err = cli(capsys, "generate", trained, "--seed", 1, "--length", 40, "--temperature", t)
+        assert code == 0, err
+        texts.append(out)
+    assert texts[0] == texts[1] == texts[2]
