@@ -322,14 +322,14 @@ class Sampler:
                  **options) -> list[str]:
         """Complete texts (prompt + continuation), one per sample."""
         opts = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p")}
-        check_sampling_options(length=length, num_samples=num_samples if isinstance(prompt, str) else 1, **opts)
         rows = num_samples if isinstance(prompt, str) else len(prompt)
+        check_sampling_options(length=length, num_samples=rows, **opts)
         self.check_fits("num_samples", rows, rows)
         self.check_fits("length", length, rows, length)
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
         steps = list(self.stream_ids(prompts, length, **options))   # left on the device: on a GPU the
-        rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]   # host waits once, not per character
-        return [p + self.vocab.decode(r) for p, r in zip(prompts, rows)]
+        ids = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]   # host waits once, not per character
+        return [p + self.vocab.decode(r) for p, r in zip(prompts, ids)]
 
     @torch.inference_mode()
     def beam(self, prompt: str, length: int, beam_width: int) -> list[tuple[str, float]]:
