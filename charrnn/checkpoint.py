@@ -51,6 +51,11 @@ def is_run_dir(path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
+def _refuse_a_file(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise CharRNNError(f"--out {path} is a file, not a directory; choose another --out")
+
+
 @contextlib.contextmanager
 def writer_lock(path, create: bool = True):
     """Hold ``path`` (a run directory, created if missing) for this process alone while the block runs:
@@ -66,8 +71,7 @@ def writer_lock(path, create: bool = True):
     if fcntl is None or (not create and not path.is_dir()):
         yield
         return
-    if path.exists() and not path.is_dir():
-        raise CharRNNError(f"--out {path} is a file, not a directory; choose another --out")
+    _refuse_a_file(path)
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -95,8 +99,7 @@ def check_new_run_dir(path, force: bool = False) -> Path:
     and not ``force``.  Deletes nothing: :func:`start_run` replaces a forced run only once every other
     check has passed, so a refused option never costs the run it would have replaced."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CharRNNError(f"--out {path} is a file, not a directory; choose another --out")
+    _refuse_a_file(path)
     if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         if not force:
             what = "a run" if is_run_dir(path) else "files"
