@@ -8,7 +8,7 @@ import pytest
 
 import charrnn
 
-from .conftest import TINY, TINY_KW, cli
+from ..conftest import TINY, TINY_KW, cli
 
 
 def _fingerprint(run) -> dict:
@@ -23,6 +23,7 @@ def trained(small_corpus, tmp_path):
     return run
 
 
+@pytest.mark.probe("force-bad-option")
 @pytest.mark.parametrize("bad", [
     ["--batch-size", "100000000"],
     ["--seq-len", "100000000"],
@@ -45,6 +46,7 @@ def test_force_with_an_impossible_option_keeps_the_run_it_would_replace(capsys, 
     assert _fingerprint(trained) == before
 
 
+@pytest.mark.probe("force-replaces")
 def test_force_replaces_the_run_once_everything_is_checked(capsys, small_corpus, trained):
     (trained / "samples").mkdir(exist_ok=True)
     (trained / "samples" / "old.txt").write_text("old")
@@ -55,6 +57,7 @@ def test_force_replaces_the_run_once_everything_is_checked(capsys, small_corpus,
     assert '"seed": 7' in (trained / "config.json").read_text()
 
 
+@pytest.mark.probe("nan-propagates")
 @pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
 def test_a_nan_weight_reaches_the_same_outputs_on_every_backend(arch):
     """The fast paths propagate NaN exactly as the stock modules do (a NaN must never be hidden)."""
@@ -79,6 +82,7 @@ def test_a_nan_weight_reaches_the_same_outputs_on_every_backend(arch):
         assert torch.equal(mask, masks[-1])
 
 
+@pytest.mark.probe("diverging-run")
 def test_a_diverging_run_stops_in_one_line_and_keeps_no_nan_weights(capsys, small_corpus, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -93,6 +97,7 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_no_nan_weights(capsys, smal
             assert all(torch.isfinite(t).all() for t in load_file(run / name).values()), name
 
 
+@pytest.mark.probe("one-writer")
 def test_one_trainer_per_run_directory_and_a_dead_holder_releases_it(capsys, small_corpus, trained):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from charrnn import checkpoint\n"
@@ -114,6 +119,7 @@ def test_one_trainer_per_run_directory_and_a_dead_holder_releases_it(capsys, sma
     assert code == 0, err
 
 
+@pytest.mark.probe("refused-new-run")
 def test_a_refused_new_run_leaves_no_directory_behind(capsys, small_corpus, tmp_path):
     out = tmp_path / "new"
     code, _, err = cli(capsys, "train", small_corpus, "--out", out, "--batch-size", 100000000, "--quiet")
@@ -121,6 +127,7 @@ def test_a_refused_new_run_leaves_no_directory_behind(capsys, small_corpus, tmp_
     assert not out.exists()
 
 
+@pytest.mark.probe("generate-sizes")
 @pytest.mark.parametrize("bad,option", [
     (["--num-samples", "99999999999"], "--num-samples"),
     (["--length", "99999999999999", "--num-samples", "2"], "--length"),
@@ -133,6 +140,7 @@ def test_sizes_past_the_machines_memory_are_refused_before_any_work(capsys, trai
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.probe("tiny-temperature")
 def test_temperatures_too_small_to_divide_by_sample_greedily(capsys, trained):
     texts = []
     for t in ("0", "1e-7", "1e-45"):
