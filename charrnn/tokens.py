@@ -1,0 +1,182 @@
+"""Word and byte-level BPE vocabularies, built with Hugging Face ``tokenizers``; the character one is vocab.py.
+
+Every vocabulary maps text to ids and back, exactly: decoding the ids of a text gives the text again
+(for ``word``, when every token is in the vocabulary).  ``[UNK]`` is id 0 in every kind and is never
+generated.
+
+- ``word``: words (``\\w+``), runs of punctuation (``[^\\w\\s]+``) and runs of whitespace (``\\s+``) are the
+  tokens, so spaces, tabs and newlines survive decoding; ``max_vocab`` keeps the most frequent tokens of
+  the training split and reads the rest as ``[UNK]``.
+- ``bpe``: GPT-2's byte-level BPE trained on the training split to ``vocab_size`` ids: any text, in any
+  script, encodes without ``[UNK]``.
+
+A run directory holds ``vocab.json`` (``{"kind", "version", "size", "sha256"}``) beside
+``tokenizer.json``, the library's own file; a character run's ``vocab.json`` holds its characters
+(vocab.py), as it always has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CharRNNError
+from .vocab import UNK, UNK_ID
+
+KINDS = ("char", "word", "bpe")
+VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"
+WORD_PATTERN = r"\w+|[^\w\s]+|\s+"
+CHUNK_CHARS = 1 << 20           # texts are encoded in pieces of about this size, cut before a line
+
+
+def _library():
+    try:
+        import tokenizers
+    except ImportError:
+        raise CharRNNError("word and bpe tokenizers need Hugging Face tokenizers: pip install tokenizers") from None
+    return tokenizers
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet read backwards: the character standing for each byte -> the byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in kept]
+    table = {chr(b): b for b in kept}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+def _chunks(text: str) -> list[str]:
+    """``text`` in pieces of about CHUNK_CHARS, each cut where a line starts with a word (a token boundary)."""
+    pieces, start = [], 0
+    while len(text) - start > CHUNK_CHARS:
+        cut = start + CHUNK_CHARS
+        while cut < len(text) and not (text[cut - 1] == "\n" and text[cut].isalnum()):
+            cut += 1
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+class TokenVocab:
+    """A word or BPE vocabulary: a ``tokenizers.Tokenizer`` and each id's text as bytes."""
+
+    def __init__(self, kind: str, tokenizer):
+        if tokenizer.token_to_id(UNK) != UNK_ID:
+            raise CharRNNError(f"{TOKENIZER_FILE} does not have {UNK} at id {UNK_ID}; retrain the run")
+        self.kind, self.tokenizer = kind, tokenizer
+        tokens = [tokenizer.id_to_token(i) for i in range(tokenizer.get_vocab_size())]
+        if kind == "bpe":
+            table = _byte_decoder()
+            self.token_bytes = [bytes(table[c] for c in t) for t in tokens]
+        else:
+            self.token_bytes = [t.encode("utf-8") for t in tokens]
+        self.token_bytes[UNK_ID] = b""
+
+    @classmethod
+    def train(cls, kind: str, text: str, size: int) -> "TokenVocab":
+        """A ``kind`` vocabulary of at most ``size`` ids (``[UNK]`` included) learned from ``text``."""
+        tk = _library()
+        if kind == "word":
+            tokenizer = tk.Tokenizer(tk.models.WordLevel(unk_token=UNK))
+            tokenizer.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(WORD_PATTERN), behavior="isolated")
+            tokenizer.decoder = tk.decoders.Fuse()
+            trainer = tk.trainers.WordLevelTrainer(vocab_size=size, special_tokens=[UNK], show_progress=False)
+        elif kind == "bpe":
+            tokenizer = tk.Tokenizer(tk.models.BPE(unk_token=UNK))
+            tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tokenizer.decoder = tk.decoders.ByteLevel()
+            trainer = tk.trainers.BpeTrainer(vocab_size=size, special_tokens=[UNK], show_progress=False,
+                                             initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+        else:
+            raise ValueError(kind)
+        tokenizer.train_from_iterator(_chunks(text), trainer, length=None)
+        return cls(kind, tokenizer)
+
+    def __len__(self) -> int:
+        return len(self.token_bytes)
+
+    @property
+    def size(self) -> int:
+        return len(self)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint16 if len(self) <= 65536 else np.uint32)
+
+    def encode(self, text: str) -> np.ndarray:
+        pieces = self.tokenizer.encode_batch(_chunks(text), add_special_tokens=False)
+        if not pieces:
+            return np.zeros(0, dtype=self.dtype)
+        return np.concatenate([np.asarray(p.ids, dtype=self.dtype) for p in pieces])
+
+    def decode_bytes(self, ids) -> bytes:
+        table = self.token_bytes
+        return b"".join(table[int(i)] for i in ids)
+
+    def decode(self, ids) -> str:
+        """The text of ``ids`` (``[UNK]`` left out; a BPE sequence cut inside a character ends in U+FFFD)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_each(self, ids) -> list[str]:
+        """Each id's own text (a BPE token that is part of a character decodes to U+FFFD here)."""
+        return [self.token_bytes[int(i)].decode("utf-8", errors="replace") for i in ids]
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "version": VERSION, "size": len(self), "unk_id": UNK_ID,
+                "tokenizer": TOKENIZER_FILE, "sha256": self.sha256()}
+
+    def save(self, vocab_path) -> None:
+        from .fileio import atomic_write_text
+
+        vocab_path = Path(vocab_path)
+        atomic_write_text(vocab_path.parent / TOKENIZER_FILE, self.tokenizer.to_str())
+        atomic_write_text(vocab_path, json.dumps(self.to_json()) + "\n")
+
+    @classmethod
+    def from_json(cls, meta: dict, tokenizer_json: str) -> "TokenVocab":
+        """The vocabulary described by ``meta`` (a vocab.json) and the text of its tokenizer.json."""
+        if meta.get("kind") not in KINDS[1:] or meta.get("version") != VERSION:
+            raise CharRNNError(f"vocab.json describes a {meta.get('kind')!r} vocabulary of version "
+                               f"{meta.get('version')!r}, which this charrnn cannot read; upgrade charrnn")
+        if hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest() != meta.get("sha256"):
+            raise CharRNNError(f"{TOKENIZER_FILE} is not the one this run was trained with (its checksum differs "
+                               "from vocab.json's); restore the run's own file or retrain")
+        try:
+            tokenizer = _library().Tokenizer.from_str(tokenizer_json)
+        except Exception as e:
+            raise CharRNNError(f"{TOKENIZER_FILE} cannot be read ({e}); restore the run's own file") from None
+        return cls(meta["kind"], tokenizer)
+
+    @classmethod
+    def load(cls, vocab_path, meta: dict) -> "TokenVocab":
+        path = Path(vocab_path).parent / TOKENIZER_FILE
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CharRNNError(f"{path} cannot be read ({e.__class__.__name__}); restore the run's own file") from None
+        return cls.from_json(meta, text)
+
+
+class StreamDecoder:
+    """Turns the ids of ``rows`` samples, one step at a time, into text as soon as it is whole characters."""
+
+    def __init__(self, token_bytes: list[bytes], rows: int):
+        import codecs
+
+        self.token_bytes = token_bytes
+        self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(rows)]
+
+    def push(self, ids) -> list[str]:
+        return [d.decode(self.token_bytes[int(i)]) for d, i in zip(self.decoders, ids)]
+
+    def flush(self) -> list[str]:
+        return [d.decode(b"", final=True) for d in self.decoders]
