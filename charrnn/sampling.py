@@ -23,6 +23,7 @@ from .models.charlm import CharLM, State
 from .ops import gru
 from .ops.table import input_table
 from .options import GREEDY_BELOW, check_beam_width, check_sampling_options, start_text  # noqa: F401
+from .tokens import TextStream
 from .vocab import UNK_ID, Vocab
 
 
@@ -262,18 +263,30 @@ class Sampler:
         """
         prompt = start_text(prompt, self.vocab.chars)
         ids = torch.from_numpy(self.vocab.encode(prompt).astype("int64"))
-        return ids, self.vocab.unknown_chars(prompt)
+        return ids, self.vocab.unknown(prompt)
+
+    def healed(self, prompt: str) -> tuple[torch.Tensor, bytes]:
+        """The ids the model reads for ``prompt`` and the bytes its first generated token must start with
+        (token healing: a word or BPE prompt may end inside a token; see :meth:`TokenVocab.heal`)."""
+        ids, tail = self.vocab.heal(start_text(prompt, self.vocab.chars))
+        return torch.from_numpy(ids), tail
 
     @torch.inference_mode()
     def prime(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list]:
-        """Run each prompt through the model; the last logits ``(batch, vocab)`` and the state."""
+        """Run each prompt through the model; the last logits ``(batch, vocab)`` and the state.
+
+        After token healing the logits allow only the ids that start with the prompt's last token."""
         logits, states = [], []
         by_prompt: dict[str, tuple] = {}
         for p in prompts:
             if p not in by_prompt:
-                ids, _ = self.encode_prompt(p)
+                ids, tail = self.healed(p)
                 out, st = self.model(ids.to(self.device)[None])
-                by_prompt[p] = (out[:, -1], st)
+                out = out[:, -1]
+                if tail:
+                    allowed = torch.from_numpy(self.vocab.starting_with(tail)).to(out.device)
+                    out = out.masked_fill(~allowed, float("-inf"))
+                by_prompt[p] = (out, st)
             out, st = by_prompt[p]
             logits.append(out)
             states.append(st)
@@ -301,10 +314,21 @@ class Sampler:
             if i + 1 < length:
                 logits, state = self.stepper.step(ids, state)
 
+    def text_stream(self, prompts: Sequence[str], length: int) -> TextStream:
+        """What turns the generated ids of ``prompts`` into their ``length`` characters of text."""
+        skip = [len(self.healed(p)[1]) for p in prompts]
+        return TextStream(self.vocab.token_bytes, len(prompts), length, skip)
+
     def stream(self, prompts: Sequence[str], length: int, **options) -> Iterator[list[str]]:
-        """Yield, ``length`` times, the next character of every sample."""
-        for ids in self.stream_ids(prompts, length, **options):
-            yield self.vocab.decode_each(ids.tolist())
+        """Yield the new text of every sample, one step (one id each) at a time, until each has ``length``
+        characters (one character per step for a character model)."""
+        text = self.text_stream(prompts, length)
+        steps = self.stream_ids(prompts, self.vocab.steps_for(length), **options)
+        for ids in steps:
+            yield text.push(ids.tolist())
+            if text.done:
+                steps.close()
+                return
 
     def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
         """Refuse, before any work, ``rows`` samples (or beam candidates) of ``length`` characters that
@@ -327,6 +351,9 @@ class Sampler:
         self.check_fits("num_samples", rows, rows)
         self.check_fits("length", length, rows, length)
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
+        if self.vocab.kind != "char":
+            pieces = list(self.stream(prompts, length, **options))
+            return [p + "".join(row) for p, row in zip(prompts, zip(*pieces))] if pieces else list(prompts)
         steps = list(self.stream_ids(prompts, length, **options))   # left on the device: on a GPU the
         ids = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]   # host waits once, not per character
         return [p + self.vocab.decode(r) for p, r in zip(prompts, ids)]
@@ -353,5 +380,26 @@ class Sampler:
 
         first = torch.log_softmax(logits.float(), -1)
         start = torch.zeros(1, dtype=torch.long, device=self.device)
-        hyps = search(step, start, state, length, beam_width, banned=(UNK_ID,), first_log_probs=first)[0]
-        return [(prompt + self.vocab.decode(h.ids), h.log_prob) for h in hyps]
+        tokens = self._beam_tokens(step, start, state, first, prompt, length)
+        hyps = search(step, start, state, tokens, beam_width, banned=(UNK_ID,), first_log_probs=first)[0]
+        texts = []
+        for h in hyps:
+            text = self.text_stream([prompt], length)
+            texts.append(prompt + "".join(text.push([i])[0] for i in h.ids))
+        return list(zip(texts, [h.log_prob for h in hyps]))
+
+    def _beam_tokens(self, step, start, state, first, prompt: str, length: int) -> int:
+        """How many tokens a beam search runs for ``length`` characters: as many as the greedy continuation
+        needs (``length`` for a character model)."""
+        from .beam import greedy_search
+
+        if self.vocab.kind == "char":
+            return length
+        most = self.vocab.steps_for(length)
+        ids = greedy_search(step, start, state, most, banned=(UNK_ID,), first_log_probs=first)[0].ids
+        text = self.text_stream([prompt], length)
+        for n, i in enumerate(ids, 1):
+            text.push([i])
+            if text.done:
+                return n
+        return most

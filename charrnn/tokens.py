@@ -127,6 +127,40 @@ class TokenVocab:
         """Each id's own text (a BPE token that is part of a character decodes to U+FFFD here)."""
         return [self.token_bytes[int(i)].decode("utf-8", errors="replace") for i in ids]
 
+    @property
+    def chars(self) -> list[str]:
+        """The single characters that are tokens of their own (a newline, for one)."""
+        return [t.decode("utf-8") for t in self.token_bytes if len(t.decode("utf-8", errors="replace")) == 1
+                and t.decode("utf-8", errors="replace") != "\ufffd"]
+
+    def steps_for(self, length: int) -> int:
+        """The most steps ``length`` characters can take: a BPE token can be one byte of a 4-byte character."""
+        return 4 * length if self.kind == "bpe" else length
+
+    def unknown(self, text: str) -> list[str]:
+        """The distinct pieces of ``text`` read as ``[UNK]`` (none for ``bpe``)."""
+        found = self.tokenizer.encode(text, add_special_tokens=False)
+        return sorted({text[a:b] for (a, b), i in zip(found.offsets, found.ids) if i == UNK_ID})
+
+    def heal(self, text: str) -> tuple[np.ndarray, bytes]:
+        """Token healing: a prompt may end inside a token ("the qu" of "the quick").  The ids of ``text``
+        without its last token, and that token's bytes, which the first generated token must then start
+        with; ``(ids, b"")`` when nothing is cut (one token only, or no token starts with the last one)."""
+        found = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = np.asarray(found.ids, dtype=np.int64)
+        if len(ids) < 2:
+            return ids, b""
+        a, b = found.offsets[-1]
+        tail = self.token_bytes[ids[-1]] if ids[-1] != UNK_ID else text[a:b].encode("utf-8")
+        if not self.starting_with(tail).any():
+            return ids, b""
+        return ids[:-1], tail
+
+    def starting_with(self, prefix: bytes) -> np.ndarray:
+        """A mask of the ids whose text starts with ``prefix``."""
+        return np.fromiter((b.startswith(prefix) and i != UNK_ID for i, b in enumerate(self.token_bytes)),
+                           dtype=bool, count=len(self.token_bytes))
+
     def sha256(self) -> str:
         return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()
 
@@ -166,17 +200,33 @@ class TokenVocab:
         return cls.from_json(meta, text)
 
 
-class StreamDecoder:
-    """Turns the ids of ``rows`` samples, one step at a time, into text as soon as it is whole characters."""
+class TextStream:
+    """The text of ``rows`` samples generated one id per step, as whole characters, cut at ``length`` each.
 
-    def __init__(self, token_bytes: list[bytes], rows: int):
+    ``skip[r]`` bytes are dropped from the start of row ``r`` (the prompt's last token, generated again
+    after token healing).  ``push(ids)`` gives each row's new text; ``done`` once every row has ``length``
+    characters.
+    """
+
+    def __init__(self, token_bytes: list[bytes], rows: int, length: int, skip: list[int] | None = None):
         import codecs
 
-        self.token_bytes = token_bytes
+        self.token_bytes, self.length = token_bytes, length
         self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(rows)]
+        self.skip = list(skip or [0] * rows)
+        self.chars = [0] * rows
 
     def push(self, ids) -> list[str]:
-        return [d.decode(self.token_bytes[int(i)]) for d, i in zip(self.decoders, ids)]
+        pieces = []
+        for r, i in enumerate(ids):
+            data = self.token_bytes[int(i)]
+            cut = min(self.skip[r], len(data))
+            self.skip[r] -= cut
+            text = self.decoders[r].decode(data[cut:])[: self.length - self.chars[r]]
+            self.chars[r] += len(text)
+            pieces.append(text)
+        return pieces
 
-    def flush(self) -> list[str]:
-        return [d.decode(b"", final=True) for d in self.decoders]
+    @property
+    def done(self) -> bool:
+        return all(c >= self.length for c in self.chars)

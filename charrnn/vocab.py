@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import ClassVar
 
 import numpy as np
 
@@ -27,6 +29,7 @@ def codepoints(text: str) -> np.ndarray:
 class Vocab:
     """Characters in id order; id 0 is ``[UNK]`` and is never a real character."""
 
+    kind: ClassVar[str] = "char"
     chars: list[str]
     _codes: np.ndarray = field(init=False, repr=False)
     _table: np.ndarray | None = field(init=False, repr=False, default=None)
@@ -77,6 +80,21 @@ class Vocab:
         codes = np.unique(codepoints(text))
         missing = codes[~np.isin(codes, self._codes)]
         return [chr(int(c)) for c in missing]
+
+    def unknown(self, text: str) -> list[str]:
+        return self.unknown_chars(text)
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """Each id's text as UTF-8 (``b""`` for ``[UNK]``), as the other vocabularies give it (tokens.py)."""
+        return [b"", *(c.encode("utf-8") for c in self.chars)]
+
+    def steps_for(self, length: int) -> int:
+        return length
+
+    def heal(self, text: str) -> tuple[np.ndarray, bytes]:
+        """The ids of ``text``; a character prompt never ends inside a token, so nothing is cut."""
+        return self.encode(text).astype(np.int64), b""
 
     def decode_each(self, ids) -> list[str]:
         """One string per id: its character, ``""`` for ``[UNK]`` (e.g. the next character of each sample)."""

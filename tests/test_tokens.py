@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from charrnn.errors import CharRNNError
-from charrnn.tokens import StreamDecoder, TokenVocab
+from charrnn.tokens import TextStream, TokenVocab
 
 from .conftest import make_text
 
@@ -47,8 +47,9 @@ def test_max_vocab_keeps_the_most_frequent_tokens():
 def test_streaming_decodes_whole_characters_as_they_complete(vocab):
     text = "日本語のテキスト 🙂🙃! the quick brown fox"
     ids = vocab.encode(text)
-    stream = StreamDecoder(vocab.token_bytes, rows=1)
-    pieces = [stream.push([i])[0] for i in ids] + stream.flush()
+    stream = TextStream(vocab.token_bytes, rows=1, length=len(text))
+    pieces = [stream.push([i])[0] for i in ids]
+    assert stream.done
     assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
 
 
@@ -64,3 +65,41 @@ def test_saved_vocabularies_load_and_a_foreign_tokenizer_file_is_refused(vocab, 
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(CharRNNError, match="cannot be read"):
         TokenVocab.load(tmp_path / "vocab.json", meta)
+
+
+@pytest.fixture(scope="module")
+def sampler(vocab):
+    import torch
+
+    from charrnn.models import CharLM, ModelConfig
+    from charrnn.sampling import Sampler
+
+    torch.manual_seed(0)
+    return Sampler(CharLM(ModelConfig(vocab_size=len(vocab), hidden=16, embed=8)), vocab)
+
+
+@pytest.mark.parametrize("length", [1, 7, 50])
+def test_length_counts_characters_and_a_seed_repeats_the_text(sampler, length):
+    texts = sampler.generate("the qu", length=length, num_samples=3, seed=4)
+    assert all(t.startswith("the qu") and len(t) == len("the qu") + length for t in texts)
+    assert texts == sampler.generate("the qu", length=length, num_samples=3, seed=4)
+    streamed = ["the qu" + "".join(p) for p in zip(*sampler.stream(["the qu"] * 3, length, seed=4))]
+    assert streamed == texts
+
+
+def test_a_prompt_ending_inside_a_token_is_healed(sampler, vocab):
+    ids, tail = sampler.healed("the quick brown fo")
+    assert tail and vocab.decode(ids) + tail.decode() == "the quick brown fo"
+    prompt = "the quick brown fo"
+    first = next(sampler.stream_ids([prompt] * 8, 1, temperature=1.5, seed=0)).tolist()
+    assert all(vocab.token_bytes[i].startswith(tail) for i in first)      # whatever the model prefers
+    texts = sampler.generate(prompt, length=30, num_samples=8, temperature=1.5, seed=0)
+    for text, i in zip(texts, first):
+        assert text.startswith(prompt[: -len(tail.decode())] + vocab.token_bytes[i].decode("utf-8", "replace").rstrip("\ufffd"))
+
+
+def test_beam_search_gives_texts_of_the_asked_length(sampler):
+    beams = sampler.beam("the quick ", 20, 3)
+    assert len(beams) == 3 and all(t.startswith("the quick ") and len(t) <= len("the quick ") + 20 for t, _ in beams)
+    assert len(beams[0][0]) == len("the quick ") + 20
+    assert beams[0][1] >= beams[-1][1]
