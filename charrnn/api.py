@@ -97,7 +97,7 @@ class LanguageModel:
 
     def unknown_chars(self, text: str) -> list[str]:
         """Characters of ``text`` the model does not know (they are read as ``[UNK]``)."""
-        return self.vocab.unknown_chars(text)
+        return self.vocab.unknown(text)
 
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -112,14 +112,16 @@ class LanguageModel:
     def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                seed: int | None = None) -> Iterator[list[str]]:
-        """Yield the next character of every sample, ``length`` times (the prompt is not repeated)."""
+        """Yield the new text of every sample, step by step, until each has ``length`` characters (the prompt is
+        not repeated; a character model gives one character per step)."""
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
         return self.sampler.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
     def evaluate(self, corpus: str | None = None, *, seq_len: int = 256, n_streams: int = 16) -> dict:
-        """Loss on the run's validation split, or on all of ``corpus``: ``{loss, bpc, perplexity, chars}``."""
-        ids = held_out_ids(self.config, self.vocab, corpus)
-        return evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device)
+        """Loss on the run's validation split, or on all of ``corpus``: ``{loss, perplexity}`` per token,
+        ``{bpc, nats_per_char}`` per character (comparable across tokenizers), ``{tokens, chars}``."""
+        ids, chars = held_out_ids(self.config, self.vocab, corpus)
+        return evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars)
 
 
 def load(run: str | Path, *, weights: str = "best", device: str = "cpu", int8: bool = False) -> LanguageModel:

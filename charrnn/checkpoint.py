@@ -33,6 +33,7 @@ from .distributed import Dist, rank_seed
 from .errors import CharRNNError
 from .fileio import atomic_save, atomic_write_json, atomic_write_text
 from .models.charlm import CharLM, ModelConfig, State
+from .tokens import TOKENIZER_FILE, load_vocab
 from .vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -43,7 +44,7 @@ BEST = "best.safetensors"
 STATE = "trainer-state.pt"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
-RUN_FILES = (CONFIG, VOCAB, LATEST, BEST, STATE, METRICS)
+RUN_FILES = (CONFIG, VOCAB, TOKENIZER_FILE, LATEST, BEST, STATE, METRICS)
 LOCK = ".lock"         # held by the one process that trains into the directory (see writer_lock)
 
 
@@ -265,7 +266,11 @@ def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int) 
     config.json and its trainer state (for :func:`restore_checkpoint`)."""
     run = Path(run)
     saved = read_config(run)
-    saved_vocab = Vocab.load(run / VOCAB)
+    saved_vocab = load_vocab(run / VOCAB)
+    if saved_vocab.kind != vocab.kind or saved_vocab.to_json() != vocab.to_json() and vocab.kind != "char":
+        raise CharRNNError(f"the run in {run} was trained with a {saved_vocab.kind} vocabulary of "
+                           f"{len(saved_vocab)} ids, not this {vocab.kind} one of {len(vocab)}; resume with the "
+                           "run's own --tokenizer and --max-vocab")
     if saved_vocab.chars != vocab.chars:
         extra = sorted(set(vocab.chars) - set(saved_vocab.chars))
         missing = sorted(set(saved_vocab.chars) - set(vocab.chars))
@@ -340,7 +345,7 @@ def weights_file(run, weights: str = "best") -> Path:
 def load_run(run, weights: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
     """Load a run's model (on ``device``, default CPU, whatever device trained it) and vocabulary."""
     cfg = read_config(run)
-    vocab = Vocab.load(Path(run) / VOCAB)
+    vocab = load_vocab(Path(run) / VOCAB)
     try:
         model_cfg = ModelConfig(**cfg["model"])
     except (KeyError, TypeError) as e:

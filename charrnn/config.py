@@ -31,6 +31,8 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 LOSS_ON = ("all", "last")
+TOKENIZERS = ("char", "word", "bpe")
+BPE_VOCAB = 4096
 
 Check = tuple[Callable[[object], bool], str]  # (is the value good?, the rule it breaks: "must be ...")
 
@@ -162,6 +164,13 @@ class TrainConfig:
 
     lowercase: bool = _corpus(False, "lowercase the text")
     newlines_to_spaces: bool = _corpus(False, "replace newlines by spaces")
+    tokenizer: str = _corpus("char", "what a token is: a character, a word (words, runs of punctuation and runs of "
+                                     "whitespace), or a byte-level BPE subword learned from the training split",
+                             choices=TOKENIZERS)
+    max_vocab: int | None = _corpus(None, "the most ids of a word or bpe vocabulary ([UNK] included): word keeps "
+                                          "the most frequent tokens of the training split, bpe merges up to it",
+                                    check=(lambda v: _integer(v) and v >= 2, "must be an integer >= 2"),
+                                    default_text=f"word: every token; bpe: {BPE_VOCAB}")
     model: ModelConfig = option(factory=ModelConfig, group="model")
     # data: shuffled windows (stateless, every `window_step` characters) or contiguous streams (stateful)
     seq_len: int = _training(100, "characters per training sequence", check=POSITIVE_INT)
@@ -174,6 +183,9 @@ class TrainConfig:
     loss_on: str = _training("all", "predict every next character of a window (all) or only the one after it "
                                     "(last, the Keras recipe)", choices=LOSS_ON)
     # optimisation
+    sampled_softmax: int = _training(0, "train the output layer on each true token and N tokens sampled from "
+                                        "their unigram frequencies (sampled softmax; evaluation and generation "
+                                        "keep the full softmax); 0: full softmax", check=NON_NEGATIVE_INT)
     lr: float = _training(1e-3, "learning rate", check=POSITIVE_NUMBER)
     optimizer: str = _training("adam", "optimizer", choices=OPTIMIZERS)
     weight_decay: float = _training(0.0, "weight decay", check=NON_NEGATIVE)
@@ -225,6 +237,12 @@ class TrainConfig:
         if self.stateful and (self.window_step not in (None, self.seq_len) or self.loss_on != "all"):
             raise OptionError("stateful", "reads contiguous streams: it cannot be combined with {window_step} or "
                                           "{loss_on} last; drop one of them")
+        if self.tokenizer == "char" and self.max_vocab is not None:
+            raise OptionError("max_vocab", "applies to --tokenizer word or bpe; a character vocabulary holds every "
+                                           "character of the text")
+        if self.tokenizer == "bpe" and (self.max_vocab or BPE_VOCAB) < 257:
+            raise OptionError("max_vocab", "is {value}: a byte-level BPE vocabulary holds the 256 bytes and [UNK] at "
+                                           "least; give 257 or more", value=self.max_vocab)
         if self.epochs is None and self.max_steps is None and self.time_limit is None:
             raise OptionError("epochs", "give at least one of {epochs}, {max_steps} and {time_limit}")
         return self

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import tokenized
 from .corpus import load_corpus
 from .data import eval_streams, split_train_val
 from .distributed import SINGLE, Dist
@@ -19,7 +20,6 @@ from .errors import CharRNNError
 from .hardware import autocast
 from . import ops
 from .models.charlm import CharLM
-from .vocab import Vocab
 
 LN2 = math.log(2)
 
@@ -27,12 +27,14 @@ LN2 = math.log(2)
 @torch.no_grad()
 def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int = 16,
              device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-             dist: Dist = SINGLE) -> dict:
-    """Mean loss over every character of ``ids`` (but the first), each predicted once.
+             dist: Dist = SINGLE, chars: int | None = None) -> dict:
+    """Mean loss over every id of ``ids`` (but the first), each predicted once.
 
     The text is cut into ``n_streams`` contiguous streams that run side by side; each
     is read in chunks of ``seq_len`` with the recurrent state carried between chunks,
-    as char-rnn evaluates.  Returns ``{"loss", "bpc", "perplexity", "chars"}``.
+    as char-rnn evaluates.  Returns ``{"loss", "perplexity"}`` per id (per token), ``{"bpc",
+    "nats_per_char"}`` over ``chars``, the characters those ids spell (default: one per id, a character
+    model), and the counts ``{"tokens", "chars"}``.
 
     Under data parallelism (``dist`` active; every rank calls this) each rank reads its own
     share of the streams and the loss sums are added up over the ranks, so every rank gets
@@ -58,26 +60,37 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     finally:
         model.train(was_training)
     dist.sum_(total)
-    loss = float(total) / count
-    return {"loss": loss, "bpc": loss / LN2, "perplexity": math.exp(min(loss, 700)), "chars": count}
+    loss, chars = float(total) / count, chars or count
+    return {"loss": loss, "bpc": float(total) / chars / LN2, "nats_per_char": float(total) / chars,
+            "perplexity": math.exp(min(loss, 700)), "tokens": count, "chars": chars}
 
 
-def held_out_ids(run_config: dict, vocab: Vocab, corpus: str | None = None) -> np.ndarray:
-    """The text a trained run is evaluated on, as ids of its ``vocab``: the validation split of the
-    corpus it was trained on (``run_config`` is its config.json), or all of ``corpus``; both
-    normalised as in training."""
+def held_out_ids(run_config: dict, vocab, corpus: str | None = None) -> tuple[np.ndarray, int]:
+    """The text a trained run is evaluated on, as ids of its ``vocab``, and the characters its targets cover:
+    the validation split of the corpus it was trained on (``run_config`` is its config.json), or all of
+    ``corpus``; both normalised as in training."""
     norm = run_config.get("training", {})
     lower, nl = norm.get("lowercase", False), norm.get("newlines_to_spaces", False)
     if corpus is None:
         name = run_config.get("corpus", {}).get("name")
         if not name:
             raise CharRNNError("this run does not record its corpus; pass --corpus")
-        ids = load_corpus(name, lowercase=lower, newlines_to_spaces=nl).reencode(vocab)
-        _, ids = split_train_val(ids, norm.get("val_fraction", 0.1))
+        data = load_corpus(name, lowercase=lower, newlines_to_spaces=nl)
+        if vocab.kind == "char":
+            _, ids = split_train_val(data.reencode(vocab), norm.get("val_fraction", 0.1))
+            chars = len(ids) - 1
+        else:
+            splits = tokenized.split(data, norm.get("val_fraction", 0.1), vocab.kind, vocab=vocab)
+            ids, chars = splits.val, splits.val_chars
         if len(ids) < 2:
             raise CharRNNError("the run has no validation split (--val-fraction 0); pass --corpus")
     else:
-        ids = load_corpus(corpus, lowercase=lower, newlines_to_spaces=nl).reencode(vocab)
+        data = load_corpus(corpus, lowercase=lower, newlines_to_spaces=nl)
+        if vocab.kind == "char":
+            ids, chars = data.reencode(vocab), len(data) - 1
+        else:
+            ids = vocab.encode(tokenized.corpus_text(data))
+            chars = tokenized.target_chars(vocab, ids, len(data))
         if len(ids) < 2:
-            raise CharRNNError(f"corpus {corpus} is shorter than two characters; nothing to evaluate")
-    return ids
+            raise CharRNNError(f"corpus {corpus} is shorter than two tokens; nothing to evaluate")
+    return ids, chars

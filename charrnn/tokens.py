@@ -138,9 +138,13 @@ class TokenVocab:
         return 4 * length if self.kind == "bpe" else length
 
     def unknown(self, text: str) -> list[str]:
-        """The distinct pieces of ``text`` read as ``[UNK]`` (none for ``bpe``)."""
+        """The distinct pieces of ``text`` read as ``[UNK]`` (none for ``bpe``; a last word that token healing
+        completes is not one)."""
         found = self.tokenizer.encode(text, add_special_tokens=False)
-        return sorted({text[a:b] for (a, b), i in zip(found.offsets, found.ids) if i == UNK_ID})
+        pieces = [text[a:b] for (a, b), i in zip(found.offsets, found.ids) if i == UNK_ID]
+        if pieces and found.ids[-1] == UNK_ID and self.heal(text)[1]:
+            pieces.pop()                 # the word a prompt ends inside is completed, not read as [UNK]
+        return sorted(set(pieces))
 
     def heal(self, text: str) -> tuple[np.ndarray, bytes]:
         """Token healing: a prompt may end inside a token ("the qu" of "the quick").  The ids of ``text``
@@ -230,3 +234,16 @@ class TextStream:
     @property
     def done(self) -> bool:
         return all(c >= self.length for c in self.chars)
+
+
+def load_vocab(path):
+    """A run's vocabulary from its vocab.json: characters (vocab.py), or a word / BPE tokenizer beside it."""
+    from .vocab import Vocab
+
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None                      # Vocab.load says what is wrong with the file
+    if isinstance(meta, dict) and meta.get("kind", "char") != "char":
+        return TokenVocab.load(path, meta)
+    return Vocab.load(path)

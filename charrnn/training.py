@@ -49,15 +49,19 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import ops
-from .config import TrainConfig
+from . import tokenized
+from .config import BPE_VOCAB, TrainConfig
 from .corpus import EncodedCorpus
-from .data import StreamBatches, WindowBatches, split_train_val
+from .data import StreamBatches, WindowBatches
 from .distributed import SINGLE, Dist, rank_seed
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
 from .evaluation import LN2, evaluate
 from .fileio import atomic_write_text
 from .hardware import autocast, check_model_fits, resolve_device, resolve_precision
 from .models.charlm import CharLM, State
+from .ops.sampled_softmax import sampled_softmax_loss, unigram
+from .tokens import load_vocab
+from .vocab import UNK_ID
 
 EVENTS = ("after_step", "after_log", "after_eval", "epoch_end", "train_end")
 Hook = Callable[["Trainer", dict], None]
@@ -110,18 +114,25 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Itera
 
 def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, clip: float | None,
                device: torch.device, amp_dtype: torch.dtype | None, params: list | None = None,
-               state: State | None = None, last_only: bool = False) -> tuple[torch.Tensor, State]:
+               state: State | None = None, last_only: bool = False,
+               sampled: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, State]:
     """One full step (forward, loss, backward, clip, update) from the recurrent ``state`` (None: zeros).
 
     Returns the loss (not synchronised) and the final state, detached from the graph (stateful
     training starts the next batch from it).  ``last_only`` puts the loss on each window's last
-    character only (the Keras recipe).  ``params`` (default: the model's) are the ones clipped.
+    character only (the Keras recipe).  ``params`` (default: the model's) are the ones clipped.  ``sampled``
+    = ``(proposal, k)`` trains the output layer with a sampled softmax of ``k`` negatives (ops/sampled_softmax.py).
     """
-    with autocast(device, amp_dtype):
-        logits, state = model(x, state, last_only=last_only)
     if last_only:
         y = y[:, -1:]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    with autocast(device, amp_dtype):
+        out, state = model(x, state, last_only=last_only, features=sampled is not None)
+    if sampled is None:
+        loss = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
+    else:
+        head = getattr(model, "module", model).head
+        loss = sampled_softmax_loss(out.float().reshape(-1, out.shape[-1]), head.weight, head.bias, y.reshape(-1),
+                                    *sampled)
     optimizer_step(opt, loss, params if params is not None else model.parameters(), clip)
     state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
     return loss.detach(), state
@@ -152,7 +163,7 @@ class Trainer:
 
     def __init__(self, corpus: EncodedCorpus, cfg: TrainConfig, run_dir, resume: bool = False,
                  progress: bool = True, log=None, dist: Dist = SINGLE):
-        self.corpus, self.vocab, self.cfg = corpus, corpus.vocab, cfg.validate()
+        self.corpus, self.cfg = corpus, cfg.validate()
         self.run_dir = Path(run_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         # Data parallelism (see charrnn.distributed): --batch-size is the global batch, each rank takes
@@ -164,7 +175,12 @@ class Trainer:
         if dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by the session
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
-        self.train_ids, self.val_ids, self.batches = split_data(corpus, cfg, dist)
+        saved_vocab = dist.on_rank0(lambda: load_vocab(self.run_dir / ckpt.VOCAB)) if (
+            resume and cfg.tokenizer != "char") else None
+        splits, self.batches = split_data(corpus, cfg, dist, saved_vocab)
+        self.vocab, self.train_ids, self.val_ids, self.val_chars = splits.vocab, splits.train, splits.val, splits.val_chars
+        check_sampled_softmax(cfg, len(self.vocab))
+        self.proposal = unigram_proposal(self.train_ids, len(self.vocab)) if cfg.sampled_softmax else None
         self.model_cfg = cfg.model_config(len(self.vocab))
         check_model_fits(self.model_cfg.num_parameters(), self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -278,7 +294,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, carried = train_step(step_model, self.optimizer, x, y, cfg.clip, self.device, self.amp_dtype,
-                                   state=self.stream_state, last_only=cfg.loss_on == "last")
+                                   state=self.stream_state, last_only=cfg.loss_on == "last",
+                                   sampled=(self.proposal, cfg.sampled_softmax) if cfg.sampled_softmax else None)
         if cfg.stateful:
             self.stream_state = carried
         s.step, s.step_in_epoch, s.epoch_loss_count = s.step + 1, s.step_in_epoch + 1, s.epoch_loss_count + 1
@@ -324,20 +341,39 @@ class Trainer:
 # --------------------------------------------------------------------------- the trainer's parts
 
 
-def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist):
-    """(training ids, validation ids, the batches cut from the training ids)."""
+def check_sampled_softmax(cfg: TrainConfig, vocab_size: int) -> None:
+    if cfg.sampled_softmax >= vocab_size - 1:
+        raise OptionError("sampled_softmax", "is {value}: it must be smaller than the {n} ids it samples from "
+                                             "(the vocabulary less [UNK]); lower it, or drop it for the full "
+                                             "softmax", value=cfg.sampled_softmax, n=vocab_size - 1)
+
+
+def unigram_proposal(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
+    """Sampled softmax's proposal: the training ids' frequencies, ``[UNK]`` (never a target worth learning) aside."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(0, len(ids), 1 << 24):
+        counts += np.bincount(np.asarray(ids[i : i + (1 << 24)]), minlength=vocab_size)
+    q = unigram(torch.from_numpy(counts))
+    q[UNK_ID] = 0.0
+    return q / q.sum()
+
+
+def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None):
+    """(the training and validation ids and vocabulary, the batches cut from the training ids); ``vocab``
+    is a resumed run's own word or BPE vocabulary."""
     if len(set(dist.all_objects(corpus.sha256))) > 1:
         raise CharRNNError("the processes read different corpora (their sha256 differ); give every machine "
                            "the same corpus file")
-    train_ids, val_ids = split_train_val(corpus.ids, cfg.val_fraction)
-    if cfg.val_fraction > 0 and len(val_ids) < 2:
-        raise CharRNNError(f"the validation split ({len(val_ids)} characters) is too short; "
+    size = cfg.max_vocab or (BPE_VOCAB if cfg.tokenizer == "bpe" else None)
+    splits = tokenized.split(corpus, cfg.val_fraction, cfg.tokenizer, size, vocab)
+    if cfg.val_fraction > 0 and len(splits.val) < 2:
+        raise CharRNNError(f"the validation split ({len(splits.val)} tokens) is too short; "
                            "use a longer corpus or a larger --val-fraction")
     if cfg.stateful:
-        batches = StreamBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed)
+        batches = StreamBatches(splits.train, cfg.seq_len, cfg.batch_size, cfg.seed)
     else:
-        batches = WindowBatches(train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step)
-    return train_ids, val_ids, batches
+        batches = WindowBatches(splits.train, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step)
+    return splits, batches
 
 
 def planned_steps(cfg: TrainConfig, batches) -> int | None:
@@ -355,8 +391,8 @@ def describe(t: Trainer) -> str:
     c, cfg = t.corpus, t.cfg
     precision = "bf16 autocast" if t.amp_dtype is not None else "fp32"
     return "\n".join([
-        f"corpus {c.name}: {len(c):,} characters, vocabulary {len(t.vocab)} (with [UNK]); "
-        f"train {len(t.batches.ids):,}, validation {len(t.val_ids):,}",
+        f"corpus {c.name}: {len(c):,} characters, {t.vocab.kind} vocabulary {len(t.vocab)} (with [UNK]); "
+        f"train {len(t.batches.ids):,}, validation {len(t.val_ids):,}" + ("" if t.vocab.kind == "char" else " tokens"),
         f"model {t.model_cfg.arch.upper()}, {t.model.num_parameters():,} parameters:",
         t.model.summary(),
         f"device {t.device}, {precision}; batch {cfg.batch_size} x {cfg.seq_len}, "
@@ -512,13 +548,14 @@ class Validation:
         if t.cfg.val_fraction == 0:
             return
         result = evaluate(t.model, t.val_ids, seq_len=max(t.cfg.seq_len, 256), n_streams=t.cfg.eval_streams,
-                          device=t.device, amp_dtype=t.amp_dtype, dist=t.dist)
+                          device=t.device, amp_dtype=t.amp_dtype, dist=t.dist, chars=t.val_chars)
         loss = s.last_val = result["loss"]
         if s.best_val is None or loss < s.best_val:
             s.best_val = loss
             if t.dist.main:
                 ckpt.save_weights(t.run_dir / ckpt.BEST, t.model, s.step)
-        t.console.write(f"step {s.step} ({why}): val loss {loss:.4f} nats/char, {loss / LN2:.4f} bits/char"
+        unit = "char" if t.vocab.kind == "char" else "token"
+        t.console.write(f"step {s.step} ({why}): val loss {loss:.4f} nats/{unit}, {result['bpc']:.4f} bits/char"
                         + (" (best)" if loss == s.best_val else ""))
         t._emit("after_eval", {"step": s.step, "epoch": s.epoch, "time": round(s.train_time, 3),
                                "val_loss": loss, "val_bpc": result["bpc"]})

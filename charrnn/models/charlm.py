@@ -42,10 +42,12 @@ class CharLM(nn.Module):
             return F.one_hot(ids, self.config.vocab_size).to(self.head.weight.dtype)
         return self.embedding(ids)
 
-    def forward(self, ids: torch.Tensor, state: State | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, State]:
+    def forward(self, ids: torch.Tensor, state: State | None = None, last_only: bool = False,
+                features: bool = False) -> tuple[torch.Tensor, State]:
         """Logits (batch, time, vocab), or (batch, 1, vocab) for the last position only with
-        ``last_only`` (the output layer then runs on that position alone), and the final state."""
+        ``last_only`` (the output layer then runs on that position alone), and the final state.
+        ``features``: the output layer's inputs (batch, time, hidden) instead of its logits (dropout
+        applied), for a loss that uses the output layer its own way (sampled softmax)."""
         # CPU training goes through charrnn.ops (same parameters, same results,
         # batched weight gradients; under bf16 autocast, bf16 recurrent products), and so does
         # validation (ops.evaluation()); GPU (cuDNN) and other no_grad inference (sampling)
@@ -55,7 +57,7 @@ class CharLM(nn.Module):
             # The output layer (and its dropout) goes inside the last layer's backward, unless only
             # the last position is wanted.
             p = self.drop.p if self.training else 0.0
-            fold = not last_only and ops.head_usable(self.rnn, self.head, p)
+            fold = not last_only and not features and ops.head_usable(self.rnn, self.head, p)
             y, state = ops.rnn_forward(self.rnn, None, state, table=self._input_table(), ids=ids,
                                        weight_drop=wd, head=self.head if fold else None, head_dropout=p)
             if fold:
@@ -75,7 +77,8 @@ class CharLM(nn.Module):
             # leaves the output sequence unused, so its gradient is never materialised.
             h_n = state[0] if isinstance(state, tuple) else state
             y = h_n[-1].unsqueeze(1)
-        return self.head(self.drop(y)), state
+        y = self.drop(y)
+        return (y if features else self.head(y)), state
 
     def _fast_lookup(self, ids: torch.Tensor) -> bool:
         """Fast path with the first projection as a vocab-table lookup."""

@@ -1,0 +1,103 @@
+"""A corpus read by a run's vocabulary: the training and validation ids, cut at the same character.
+
+Every tokenizer splits the text at the same character (the last ``val_fraction`` of the characters is
+validation, as for a character model), so runs with different tokenizers are validated on the same
+text, and :attr:`Splits.val_chars` turns their per-token losses into losses per character.
+
+A word or BPE vocabulary is trained on the training split only; it and the ids it gives are cached
+under ``$CHARRNN_HOME/encoded/tokens/`` (keyed by the corpus, the tokenizer and the split), so a second
+run on the same corpus starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .corpus import EncodedCorpus, charrnn_home
+from .data import split_train_val
+from .errors import CharRNNError
+from .fileio import atomic_save, atomic_write_json
+from .tokens import TokenVocab
+from .vocab import Vocab
+
+
+@dataclass
+class Splits:
+    vocab: Vocab | TokenVocab
+    train: np.ndarray
+    val: np.ndarray
+    val_chars: int        # the characters of the validation text its targets (every id but the first) cover
+
+
+def corpus_text(corpus: EncodedCorpus, start: int = 0, stop: int | None = None) -> str:
+    """Characters ``start:stop`` of an encoded (character) corpus, as text."""
+    codes = np.concatenate([[0], corpus.vocab._codes]).astype(np.uint32)
+    return codes[np.asarray(corpus.ids[start:stop])].tobytes().decode("utf-32-le")
+
+
+def target_chars(vocab, ids: np.ndarray, chars: int) -> int:
+    """The characters covered by ``ids[1:]`` of a text of ``chars`` characters."""
+    return chars - len(vocab.decode(ids[:1])) if len(ids) else 0
+
+
+def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", size: int | None = None,
+          vocab: TokenVocab | None = None) -> Splits:
+    """The corpus as ids of ``vocab`` (a run's own, on resume) or of a new ``tokenizer`` vocabulary of at
+    most ``size`` ids learned from the training split."""
+    train, val = split_train_val(corpus.ids, val_fraction)
+    if tokenizer == "char":
+        return Splits(corpus.vocab, train, val, max(len(val) - 1, 0))
+    cut = len(train)
+    key = _key(corpus, tokenizer, size, val_fraction)
+    if vocab is None:
+        vocab = _cached_vocab(key, tokenizer) or _train_vocab(key, tokenizer, corpus_text(corpus, 0, cut), size)
+    folder = charrnn_home() / "encoded" / "tokens" / _key(corpus, vocab.sha256(), None, val_fraction)
+    ids = [_cached_ids(folder, part, vocab, corpus, span) for part, span in
+           (("train", (0, cut)), ("val", (cut, len(corpus.ids))))]
+    return Splits(vocab, ids[0], ids[1], target_chars(vocab, ids[1], len(corpus.ids) - cut))
+
+
+def _save_npy(path, ids: np.ndarray) -> None:
+    with open(path, "wb") as f:
+        np.save(f, ids)
+
+
+def _key(corpus: EncodedCorpus, *parts) -> str:
+    text = json.dumps([corpus.sha256, corpus.lowercase, corpus.newlines_to_spaces, *parts])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _cached_vocab(key: str, kind: str) -> TokenVocab | None:
+    path = charrnn_home() / "encoded" / "tokens" / key / "vocab.json"
+    try:
+        return TokenVocab.load(path, json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, CharRNNError):     # missing or damaged: learn it again
+        return None
+
+
+def _train_vocab(key: str, kind: str, text: str, size: int) -> TokenVocab:
+    vocab = TokenVocab.train(kind, text, size)
+    folder = charrnn_home() / "encoded" / "tokens" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab.save(folder / "vocab.json")
+    return vocab
+
+
+def _cached_ids(folder: Path, part: str, vocab: TokenVocab, corpus: EncodedCorpus, span) -> np.ndarray:
+    path = folder / f"{part}.npy"
+    try:
+        ids = np.load(path, mmap_mode="r")
+        if ids.dtype == vocab.dtype:
+            return ids
+    except (OSError, ValueError):
+        pass
+    ids = vocab.encode(corpus_text(corpus, *span))
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save(path, lambda tmp: _save_npy(tmp, ids))
+    atomic_write_json(folder / "meta.json", {"vocab": vocab.to_json(), "corpus": corpus.describe()})
+    return ids
