@@ -229,7 +229,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--corpus", help="evaluate on all of this corpus instead of the run's validation split")
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
-    p.add_argument("--json", action="store_true", help='print {"loss", "bpc", "perplexity", "chars"}')
+    p.add_argument("--json", action="store_true",
+                   help='print {"loss", "perplexity"} per token, {"bpc", "nats_per_char"} per character, {"tokens", '
+                        '"chars"}')
     p.set_defaults(func=cmd_eval)
 
 
@@ -242,8 +244,13 @@ def cmd_eval(args) -> int:
         print(json.dumps(r))
     else:
         where = args.corpus or "validation split"
-        print(f"{where}: loss {r['loss']:.4f} nats/char, {r['bpc']:.4f} bits/char, perplexity "
-              f"{r['perplexity']:.3f} over {r['chars']:,} characters ({lm.run.weights})")
+        if lm.vocab.kind == "char":
+            print(f"{where}: loss {r['loss']:.4f} nats/char, {r['bpc']:.4f} bits/char, perplexity "
+                  f"{r['perplexity']:.3f} over {r['chars']:,} characters ({lm.run.weights})")
+        else:
+            print(f"{where}: {r['bpc']:.4f} bits/char ({r['nats_per_char']:.4f} nats/char) over {r['chars']:,} "
+                  f"characters; loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f} over "
+                  f"{r['tokens']:,} {lm.vocab.kind} tokens ({lm.run.weights})")
     return 0
 
 

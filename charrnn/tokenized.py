@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import BPE_VOCAB
 from .corpus import EncodedCorpus, charrnn_home
 from .data import split_train_val
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
 from .fileio import atomic_save, atomic_write_json
 from .tokens import TokenVocab
 from .vocab import Vocab
@@ -47,15 +48,20 @@ def target_chars(vocab, ids: np.ndarray, chars: int) -> int:
 
 def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", size: int | None = None,
           vocab: TokenVocab | None = None) -> Splits:
-    """The corpus as ids of ``vocab`` (a run's own, on resume) or of a new ``tokenizer`` vocabulary of at
-    most ``size`` ids learned from the training split."""
+    """The corpus as ids of ``vocab`` (a run's own, on resume) or of a new ``tokenizer`` vocabulary of
+    ``size`` ids (--max-vocab; default: every word, or BPE_VOCAB subwords) learned from the training split."""
     train, val = split_train_val(corpus.ids, val_fraction)
     if tokenizer == "char":
         return Splits(corpus.vocab, train, val, max(len(val) - 1, 0))
     cut = len(train)
     key = _key(corpus, tokenizer, size, val_fraction)
     if vocab is None:
-        vocab = _cached_vocab(key, tokenizer) or _train_vocab(key, tokenizer, corpus_text(corpus, 0, cut), size)
+        target = size or (BPE_VOCAB if tokenizer == "bpe" else 1 << 31)
+        vocab = _cached_vocab(key, tokenizer) or _train_vocab(key, tokenizer, corpus_text(corpus, 0, cut), target)
+        if size is not None and len(vocab) < size:
+            raise OptionError("max_vocab", "is {value:,}, but the training split gives only {n:,} {kind} ids "
+                                           "([UNK] included); give at most {n:,}, or leave it out",
+                              value=size, n=len(vocab), kind=tokenizer)
     folder = charrnn_home() / "encoded" / "tokens" / _key(corpus, vocab.sha256(), None, val_fraction)
     ids = [_cached_ids(folder, part, vocab, corpus, span) for part, span in
            (("train", (0, cut)), ("val", (cut, len(corpus.ids))))]

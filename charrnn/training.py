@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import ops
 from . import tokenized
-from .config import BPE_VOCAB, TrainConfig
+from .config import TrainConfig
 from .corpus import EncodedCorpus
 from .data import StreamBatches, WindowBatches
 from .distributed import SINGLE, Dist, rank_seed
@@ -175,8 +175,7 @@ class Trainer:
         if dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by the session
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
-        saved_vocab = dist.on_rank0(lambda: load_vocab(self.run_dir / ckpt.VOCAB)) if (
-            resume and cfg.tokenizer != "char") else None
+        saved_vocab = dist.on_rank0(lambda: resumed_vocab(self.run_dir, cfg)) if resume else None
         splits, self.batches = split_data(corpus, cfg, dist, saved_vocab)
         self.vocab, self.train_ids, self.val_ids, self.val_chars = splits.vocab, splits.train, splits.val, splits.val_chars
         check_sampled_softmax(cfg, len(self.vocab))
@@ -348,6 +347,18 @@ def check_sampled_softmax(cfg: TrainConfig, vocab_size: int) -> None:
                                              "softmax", value=cfg.sampled_softmax, n=vocab_size - 1)
 
 
+def resumed_vocab(run_dir: Path, cfg: TrainConfig):
+    """A resumed word or BPE run's own vocabulary (None for a character run, whose vocabulary is the corpus's,
+    checked by ckpt.open_for_resume), after checking that --tokenizer and --max-vocab are still the run's."""
+    saved = ckpt.read_config(run_dir).get("training", {})
+    for option, default in (("tokenizer", "char"), ("max_vocab", None)):
+        if saved.get(option, default) != getattr(cfg, option):
+            raise OptionError(option, "is {value}, but the run in {run} was trained with {saved}; resume without "
+                                      "changing it", value=getattr(cfg, option), run=run_dir,
+                              saved=saved.get(option, default))
+    return None if cfg.tokenizer == "char" else load_vocab(run_dir / ckpt.VOCAB)
+
+
 def unigram_proposal(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
     """Sampled softmax's proposal: the training ids' frequencies, ``[UNK]`` (never a target worth learning) aside."""
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -364,8 +375,7 @@ def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None):
     if len(set(dist.all_objects(corpus.sha256))) > 1:
         raise CharRNNError("the processes read different corpora (their sha256 differ); give every machine "
                            "the same corpus file")
-    size = cfg.max_vocab or (BPE_VOCAB if cfg.tokenizer == "bpe" else None)
-    splits = tokenized.split(corpus, cfg.val_fraction, cfg.tokenizer, size, vocab)
+    splits = tokenized.split(corpus, cfg.val_fraction, cfg.tokenizer, cfg.max_vocab, vocab)
     if cfg.val_fraction > 0 and len(splits.val) < 2:
         raise CharRNNError(f"the validation split ({len(splits.val)} tokens) is too short; "
                            "use a longer corpus or a larger --val-fraction")
