@@ -285,9 +285,6 @@ def restore_checkpoint(state: dict, model: CharLM, optimizer: torch.optim.Optimi
 
 
 def _restore(state, model, optimizer, device, dist, rows, seed):
-    groups = [set(g) for g in optimizer.state_dict()["param_groups"]]
-    if [set(g) for g in state["optimizer"]["param_groups"]] != groups:
-        raise ValueError("the optimizer state of another optimizer")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     train_state = TrainState(**{f.name: state[f.name] for f in fields(TrainState) if f.name in state})
@@ -346,6 +343,12 @@ def _trainer_state_problem(state) -> str | None:
     return None
 
 
+def _param_group_keys(optimizer_state: dict) -> list:
+    groups = optimizer_state.get("param_groups")
+    return [sorted(g) for g in groups] if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) \
+        else []
+
+
 def weights_mismatch(tensors: dict, model: CharLM) -> str | None:
     """What keeps the named ``tensors`` from loading into ``model``: a missing, extra or differently shaped
     tensor (None: they fit)."""
@@ -360,9 +363,11 @@ def weights_mismatch(tensors: dict, model: CharLM) -> str | None:
     return f"a tensor {extra[0]} this model does not have" if extra else None
 
 
-def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int) -> tuple[dict, dict]:
-    """Check that the run in ``run`` can go on with this vocabulary, model and batch size; its
-    config.json and its trainer state (for :func:`restore_checkpoint`)."""
+def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int,
+                    optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
+    """Check that the run in ``run`` can go on with this vocabulary, model, batch size and ``optimizer``;
+    its config.json and its trainer state (for :func:`restore_checkpoint`).  Nothing is written before
+    every file has passed."""
     run = Path(run)
     saved = read_config(run)
     saved_vocab = read_vocab(run, saved)
@@ -383,8 +388,11 @@ def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int) 
     state = load_trainer_state(run)
     with torch.device("meta"):               # shapes only, no memory
         problem = weights_mismatch(state["model"], CharLM(model_cfg))
+    if not problem and optimizer is not None and _param_group_keys(state["optimizer"]) != _param_group_keys(
+            optimizer.state_dict()):
+        problem = "its optimizer state is another optimizer's"
     if problem:
-        raise damaged(run / STATE, f"the model of another run: {problem}", "start the run again with --force")
+        raise damaged(run / STATE, f"it belongs to another run: {problem}", "start the run again with --force")
     read_metrics(run)                        # a garbage line is refused before anything is written
     saved_stream = state.get("stream_state")
     if saved_stream is not None and saved_stream[0].shape[1] != batch_size:

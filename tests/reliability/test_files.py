@@ -215,17 +215,26 @@ def test_a_pickle_payload_in_trainer_state_is_never_run(capsys, runs, copy, tmp_
 
 
 @pytest.mark.probe("pickle-payload")
-@pytest.mark.parametrize("edit", ["a-list", "step-is-text", "model-of-floats"])
+@pytest.mark.parametrize("edit", ["a-list", "step-is-text", "model-of-floats", "optimizer-of-sgd"])
 def test_a_trainer_state_of_the_wrong_shape_is_refused_before_resume_writes(capsys, runs, copy, tmp_path, edit):
     state = torch.load(copy / "trainer-state.pt", weights_only=True)
     state = {"a-list": lambda s: [1, 2],
              "step-is-text": lambda s: {**s, "step": "many"},
-             "model-of-floats": lambda s: {**s, "model": {k: 1.0 for k in s["model"]}}}[edit](state)
+             "model-of-floats": lambda s: {**s, "model": {k: 1.0 for k in s["model"]}},
+             "optimizer-of-sgd": lambda s: {**s, "optimizer": _sgd_state(s["model"])}}[edit](state)
     torch.save(state, copy / "trainer-state.pt")
     before = fingerprint(copy)
     code, err = run_command(capsys, "resume", copy, runs / "small.txt", tmp_path)
     one_line_error(code, err, "trainer-state.pt")
     assert fingerprint(copy) == before
+
+
+def _sgd_state(weights: dict) -> dict:
+    params = [torch.nn.Parameter(t.clone()) for t in weights.values()]
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    sum(p.sum() for p in params).backward()
+    sgd.step()
+    return sgd.state_dict()
 
 
 # -- metrics.jsonl ------------------------------------------------------------------------------------------
@@ -322,6 +331,14 @@ def test_eval_rebuilds_a_damaged_cache_and_reports_the_same_loss(capsys, runs, c
 def test_a_seed_out_of_range_is_refused_in_one_line(capsys, runs, seed):
     code, _, err = cli(capsys, "generate", runs / "run", "--length", 5, "--seed", seed)
     one_line_error(code, err, "--seed", "2**63")
+
+
+@pytest.mark.probe("seed-range")
+def test_train_refuses_a_seed_out_of_range_before_it_starts(capsys, runs, tmp_path):
+    code, _, err = cli(capsys, "train", runs / "small.txt", "--out", tmp_path / "new", "--seed",
+                       "99999999999999999999999", "--quiet")
+    one_line_error(code, err, "--seed", "2**63")
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.probe("seed-range")
