@@ -312,6 +312,7 @@ def test_a_damaged_corpus_cache_is_encoded_again(charrnn_home, tmp_path, damage)
     assert sorted(p.name for p in cache.iterdir()) == ["ids.npy", "meta.json"]     # no temporary file left
 
 
+@pytest.mark.slow
 @pytest.mark.probe("corpus-cache")
 def test_eval_rebuilds_a_damaged_cache_and_reports_the_same_loss(capsys, runs, copy, charrnn_home):
     code, first, err = cli(capsys, "eval", copy, "--json", "--device", "cpu")
