@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import build_config
 from .distributed import Dist, rank_seed
 from .errors import CharRNNError
 from .fileio import atomic_save, atomic_write_json, atomic_write_text
@@ -45,6 +46,7 @@ STATE = "trainer-state.pt"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
 RUN_FILES = (CONFIG, VOCAB, TOKENIZER_FILE, LATEST, BEST, STATE, METRICS)
+METRIC_NUMBERS = ("step", "epoch", "time", "loss", "val_loss", "val_bpc", "epoch_loss", "lr", "chars_per_s")
 LOCK = ".lock"         # held by the one process that trains into the directory (see writer_lock)
 
 
@@ -128,8 +130,19 @@ def prepare_new_run_dir(path, force: bool = False) -> Path:
     return path
 
 
+def damaged(path, problem: str, fix: str = "train the run again") -> CharRNNError:
+    """The one-line error for a run file that cannot be used: which file, what is wrong, what to do."""
+    return CharRNNError(f"{path} is damaged ({problem}); {fix}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:200] if text else "") or type(e).__name__
+
+
 def read_config(path) -> dict:
-    """The run's config.json, after checking that the directory is a complete, readable run."""
+    """The run's config.json, after checking that the directory is a complete, readable run and that
+    the file's sections have the shape this charrnn writes."""
     path = Path(path)
     if not path.exists():
         raise CharRNNError(f"run directory {path} does not exist; train one with `charrnn train CORPUS --out {path}`")
@@ -140,15 +153,48 @@ def read_config(path) -> dict:
         raise CharRNNError(f"run directory {path} is incomplete (no {CONFIG}); train it again or pick another run")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:      # not UTF-8, or not JSON
         raise CharRNNError(f"{cfg_path} is not valid JSON ({e}); the run is damaged, train it again") from None
-    version = cfg.get("format_version") if isinstance(cfg, dict) else None
-    if version != FORMAT_VERSION:
-        raise CharRNNError(f"run directory {path} has format version {version}, but this charrnn reads version "
-                           f"{FORMAT_VERSION}; use a matching charrnn version or train the run again")
+    if not isinstance(cfg, dict):
+        raise damaged(cfg_path, f"it holds a JSON {type(cfg).__name__}, not an object")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise CharRNNError(f"{cfg_path} has format version {cfg.get('format_version')}, but this charrnn reads "
+                           f"version {FORMAT_VERSION}; use a matching charrnn version or train the run again")
+    problem = _config_problem(cfg)
+    if problem:
+        raise damaged(cfg_path, problem)
     if not (path / VOCAB).is_file():
         raise CharRNNError(f"run directory {path} is incomplete (no {VOCAB}); train it again")
     return cfg
+
+
+def _config_problem(cfg: dict) -> str | None:
+    """What is wrong with the sections of a config.json (None: nothing)."""
+    if not isinstance(cfg.get("model"), dict):
+        return f"its model section is {json.dumps(cfg.get('model'))[:40]}, not an object"
+    for section in ("corpus", "training"):     # optional: runs written by the Python API may lack them
+        if not isinstance(cfg.get(section, {}), dict):
+            return f"its {section} section is {json.dumps(cfg[section])[:40]}, not an object"
+    if not isinstance(cfg.get("corpus", {}).get("name", ""), str):
+        return "its corpus name is not a string"
+    try:
+        ModelConfig(**cfg["model"]).validate()
+        if "training" in cfg:
+            build_config(None, **cfg["training"])
+    except TypeError as e:
+        return f"model: {e}"
+    except CharRNNError as e:
+        return str(e)
+    return None
+
+
+def read_vocab(run, cfg: dict) -> Vocab:
+    """The run's vocabulary, checked against the number of ids its config.json gives the model."""
+    vocab = load_vocab(Path(run) / VOCAB)
+    if len(vocab) != cfg["model"]["vocab_size"]:
+        raise CharRNNError(f"{Path(run) / VOCAB} holds {len(vocab)} ids but the model in {CONFIG} has "
+                           f"{cfg['model']['vocab_size']}: one of the two belongs to another run; train the run again")
+    return vocab
 
 
 def write_config(path, cfg: dict) -> None:
@@ -230,7 +276,16 @@ def restore_checkpoint(state: dict, model: CharLM, optimizer: torch.optim.Optimi
 
     A run resumes with any number of processes: a rank whose random state was not saved (the run had
     fewer) starts from a seed of its own.  Fields a run saved before they existed take their defaults.
+    A state that does not fit (another run's, another optimizer's) is refused in one line.
     """
+    try:
+        return _restore(state, model, optimizer, device, dist, rows, seed)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise damaged(STATE, f"it does not fit this run: {_first_line(e)}", "start the run again with --force") \
+            from None
+
+
+def _restore(state, model, optimizer, device, dist, rows, seed):
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     train_state = TrainState(**{f.name: state[f.name] for f in fields(TrainState) if f.name in state})
@@ -251,22 +306,72 @@ def restore_checkpoint(state: dict, model: CharLM, optimizer: torch.optim.Optimi
 
 
 def load_trainer_state(run) -> dict:
+    """``trainer-state.pt``, read with ``weights_only=True`` (tensors, numbers and strings only: a pickled
+    object is refused, never run), and checked to have the shape :func:`save_checkpoint` gives it."""
     path = Path(run) / STATE
     if not path.is_file():
         raise CharRNNError(f"run directory {run} has no {STATE} to resume from; start it again with --force")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
         raise CharRNNError(f"{path} cannot be read ({type(e).__name__}); the run is damaged, start it again "
                            "with --force") from None
+    problem = _trainer_state_problem(state)
+    if problem:
+        raise damaged(path, problem, "start the run again with --force")
+    return state
 
 
-def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int) -> tuple[dict, dict]:
-    """Check that the run in ``run`` can go on with this vocabulary, model and batch size; its
-    config.json and its trainer state (for :func:`restore_checkpoint`)."""
+def _trainer_state_problem(state) -> str | None:
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a trainer state"
+    if state.get("format_version") != FORMAT_VERSION:
+        return f"format version {state.get('format_version')!r}, this charrnn reads {FORMAT_VERSION}"
+    for key in ("model", "optimizer"):
+        if not isinstance(state.get(key), dict):
+            return f"no {key} state"
+    if not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
+        return "its model state is not all tensors"
+    stream = state.get("stream_state")
+    if stream is not None and not (isinstance(stream, (list, tuple)) and stream
+                                   and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in stream)):
+        return "its carried state (--stateful) is not a list of (layers, streams, hidden) tensors"
+    for f in fields(TrainState):
+        value = state.get(f.name, f.default)
+        kinds = (int,) if f.type == "int" else (int, float)
+        if not (isinstance(value, kinds) and not isinstance(value, bool) or value is None and f.default is None):
+            return f"its {f.name} is {value!r}"
+    return None
+
+
+def _param_group_keys(optimizer_state: dict) -> list:
+    groups = optimizer_state.get("param_groups")
+    return [sorted(g) for g in groups] if isinstance(groups, list) and all(isinstance(g, dict) for g in groups) \
+        else []
+
+
+def weights_mismatch(tensors: dict, model: CharLM) -> str | None:
+    """What keeps the named ``tensors`` from loading into ``model``: a missing, extra or differently shaped
+    tensor (None: they fit)."""
+    want = model.state_dict()
+    for name, t in want.items():
+        got = tensors.get(name)
+        if not isinstance(got, torch.Tensor):
+            return f"no tensor {name}"
+        if got.shape != t.shape:
+            return f"{name} is {list(got.shape)}, this model's is {list(t.shape)}"
+    extra = sorted(set(tensors) - set(want))
+    return f"a tensor {extra[0]} this model does not have" if extra else None
+
+
+def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int,
+                    optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
+    """Check that the run in ``run`` can go on with this vocabulary, model, batch size and ``optimizer``;
+    its config.json and its trainer state (for :func:`restore_checkpoint`).  Nothing is written before
+    every file has passed."""
     run = Path(run)
     saved = read_config(run)
-    saved_vocab = load_vocab(run / VOCAB)
+    saved_vocab = read_vocab(run, saved)
     if saved_vocab.kind != vocab.kind or saved_vocab.to_json() != vocab.to_json() and vocab.kind != "char":
         raise CharRNNError(f"the run in {run} was trained with a {saved_vocab.kind} vocabulary of "
                            f"{len(saved_vocab)} ids, not this {vocab.kind} one of {len(vocab)}; resume with the "
@@ -286,6 +391,14 @@ def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int) 
     for stale in run.glob(".*.tmp"):  # left by a kill in the middle of a write
         stale.unlink(missing_ok=True)
     state = load_trainer_state(run)
+    with torch.device("meta"):               # shapes only, no memory
+        problem = weights_mismatch(state["model"], CharLM(model_cfg))
+    if not problem and optimizer is not None and _param_group_keys(state["optimizer"]) != _param_group_keys(
+            optimizer.state_dict()):
+        problem = "its optimizer state is another optimizer's"
+    if problem:
+        raise damaged(run / STATE, f"it belongs to another run: {problem}", "start the run again with --force")
+    read_metrics(run)                        # a garbage line is refused before anything is written
     saved_stream = state.get("stream_state")
     if saved_stream is not None and saved_stream[0].shape[1] != batch_size:
         raise CharRNNError(f"the run carries the state of {saved_stream[0].shape[1]} streams (--stateful); "
@@ -302,18 +415,50 @@ def append_metric(run, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _metric_lines(run) -> list[tuple[str, dict]]:
+    """``(line, record)`` of every record in ``metrics.jsonl``.
+
+    A last line without its newline that is not a record is a write cut short by a kill: it is
+    left out.  Any other line that is not a record (an object with an integer ``step``, a number
+    ``time`` and numbers for the losses) is garbage, refused in one line naming the file and line."""
+    path = Path(run) / METRICS
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")  # the last item follows the last newline: nothing, or a torn write
+    out = []
+    for number, raw in enumerate(lines, 1):
+        record = _metric_record(raw)
+        if record is not None:
+            out.append((raw.decode("utf-8"), record))
+        elif raw.strip() and number < len(lines):
+            raise damaged(path, f"line {number} is not a metrics record: {raw[:40]!r}",
+                          "delete that line (or the file) and run the command again")
+    return out
+
+
+def _metric_record(raw: bytes) -> dict | None:
+    try:
+        record = json.loads(raw)
+    except (ValueError, RecursionError):     # not UTF-8, or not JSON
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("step"), int) and "time" in record):
+        return None
+    numbers = [v for k, v in record.items() if k in METRIC_NUMBERS]
+    return record if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) else None
+
+
+def read_metrics(run) -> list[dict]:
+    """The records of ``metrics.jsonl``, in order (see :func:`_metric_lines`)."""
+    return [record for _, record in _metric_lines(run)]
+
+
 def truncate_metrics(run, step: int) -> None:
-    """Drop the records logged after ``step``, the checkpoint a run resumes from (they will be logged again)."""
+    """Drop the records logged after ``step``, the checkpoint a run resumes from (they will be logged again),
+    and a last line cut by a kill."""
     path = Path(run) / METRICS
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
+    kept = [line for line, record in _metric_lines(run) if record["step"] <= step]
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -343,22 +488,29 @@ def weights_file(run, weights: str = "best") -> Path:
 
 
 def load_run(run, weights: str = "best", device: str | torch.device = "cpu") -> LoadedRun:
-    """Load a run's model (on ``device``, default CPU, whatever device trained it) and vocabulary."""
+    """Load a run's model (on ``device``, default CPU, whatever device trained it) and vocabulary.
+    The weights are checked against the model config.json describes before that model is built."""
     cfg = read_config(run)
-    vocab = load_vocab(Path(run) / VOCAB)
-    try:
-        model_cfg = ModelConfig(**cfg["model"])
-    except (KeyError, TypeError) as e:
-        raise CharRNNError(f"{Path(run) / CONFIG} has no valid model section ({e}); train the run again") from None
-    if model_cfg.vocab_size != len(vocab):
-        raise CharRNNError(f"run {run}: the model has {model_cfg.vocab_size} ids but vocab.json has {len(vocab)}; "
-                           "the run is damaged, train it again")
+    vocab = read_vocab(run, cfg)
     path = weights_file(run, weights)
-    model = CharLM(model_cfg)
+    model_cfg = ModelConfig(**cfg["model"])
     try:
         state = load_file(str(path), device="cpu")
-        model.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001
-        raise CharRNNError(f"{path} cannot be loaded into this model ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0][:200]}); the run is damaged, train it again") from None
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+        raise damaged(path, f"not a safetensors file: {_first_line(e)}", _other_weights(path)) from None
+    with torch.device("meta"):               # shapes only, no memory
+        problem = weights_mismatch(state, CharLM(model_cfg))
+    if problem:
+        raise damaged(path, f"not the weights of the model in {CONFIG}: {problem}", _other_weights(path))
+    model = CharLM(model_cfg)
+    model.load_state_dict(state)
     return LoadedRun(Path(run), cfg, vocab, model.to(device).eval(), path.name)
+
+
+def _other_weights(path: Path) -> str:
+    """What to do when the weights file ``path`` cannot be used."""
+    if path.name == BEST:
+        return "use --weights latest, or delete it"
+    if (path.parent / BEST).is_file():
+        return "use --weights best, or resume the run to write it again"
+    return "resume the run to write it again, or train the run again"

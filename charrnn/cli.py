@@ -146,7 +146,7 @@ def _generator(args, o: GenerationOptions):
     if not _is_exported(args.run):
         from .api import load
 
-        check_sampling_options(o.temperature, o.top_k, o.top_p, o.length, o.num_samples)
+        check_sampling_options(o.temperature, o.top_k, o.top_p, o.length, o.num_samples, o.seed)
         if args.beam_width is not None:
             check_beam_width(args.beam_width)
         lm = load(args.run, weights=args.weights or "best", device=args.device or "cpu", int8=args.int8)
@@ -163,7 +163,7 @@ def _generator(args, o: GenerationOptions):
                            f"drop {'it' if one else 'them'} or give the run directory")
     lm = load_exported(args.run)
     temperature, top_k, top_p = lm.sampling_options(args.temperature, o.top_k, o.top_p)
-    check_sampling_options(temperature, top_k, top_p, o.length, o.num_samples)
+    check_sampling_options(temperature, top_k, top_p, o.length, o.num_samples, o.seed)
     return lm, dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=o.seed)
 
 

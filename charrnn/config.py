@@ -45,11 +45,11 @@ def _number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-INTEGER: Check = (_integer, "must be an integer")
 POSITIVE_INT: Check = (lambda v: _integer(v) and v > 0, "must be a positive integer")
 NON_NEGATIVE_INT: Check = (lambda v: _integer(v) and v >= 0, "must be >= 0")
 POSITIVE_NUMBER: Check = (lambda v: _number(v) and v > 0, "must be a positive number")
 NON_NEGATIVE: Check = (lambda v: _number(v) and v >= 0, "must be >= 0")
+SEED: Check = (lambda v: _integer(v) and 0 <= v < 2**63, "must be an integer from 0 to 2**63 - 1")
 DROP_PROBABILITY: Check = (lambda v: _number(v) and 0 <= v < 1, "must be in [0, 1)")
 
 
@@ -222,7 +222,7 @@ class TrainConfig:
     sample_prompt: str | None = _samples(None, "text the samples continue",
                                          default_text="the first 40 characters of the validation text")
     # reproducibility and hardware
-    seed: int = _hardware(0, "random seed", check=INTEGER)
+    seed: int = _hardware(0, "random seed", check=SEED)
     device: str = _hardware("auto", "where to train", choices=DEVICES, default_text="auto: cuda if available")
     precision: str = _hardware("auto", "bf16 autocast or fp32; auto picks bf16 where the hardware computes it "
                                        "natively", choices=PRECISIONS)

@@ -283,14 +283,32 @@ def load_corpus(
     """Resolve, read, normalise and encode a corpus, through the on-disk cache."""
     name, files = resolve_corpus_files(spec, download=download, progress=progress)
     cache = charrnn_home() / "encoded" / _cache_key(files, lowercase, newlines_to_spaces)
-    meta_path = cache / "meta.json"
-    if not meta_path.is_file():
+    cached = _read_cache(cache)
+    if cached is None:                       # not encoded yet, or a damaged cache: (re)encode it
         _encode_to_cache(files, cache, lowercase, newlines_to_spaces, progress)
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    ids = np.load(cache / "ids.npy", mmap_mode="r")
+        cached = _read_cache(cache)
+        if cached is None:
+            raise CharRNNError(f"the encoded corpus in {cache} cannot be read back after writing it; check the disk, "
+                               "or set CHARRNN_HOME to another folder")
+    meta, vocab, ids = cached
     if len(ids) == 0:
         raise CharRNNError(f"corpus {name} is empty; give a file with some text in it")
-    return EncodedCorpus(name, ids, Vocab(list(meta["chars"])), meta["sha256"], lowercase, newlines_to_spaces)
+    return EncodedCorpus(name, ids, vocab, meta["sha256"], lowercase, newlines_to_spaces)
+
+
+def _read_cache(cache: Path) -> tuple[dict, Vocab, np.ndarray] | None:
+    """The cached ``meta.json``, vocabulary and memory-mapped ids, checked against each other; None when the
+    cache is missing or damaged in any way (then it is encoded again)."""
+    try:
+        meta = json.loads((cache / "meta.json").read_text(encoding="utf-8"))
+        vocab = Vocab(list(meta["chars"]))
+        ids = np.load(cache / "ids.npy", mmap_mode="r", allow_pickle=False)
+        good = (meta["format"] == ENCODING_FORMAT and isinstance(meta["sha256"], str) and ids.ndim == 1
+                and ids.dtype == vocab.dtype and len(ids) == meta["length"]
+                and (len(ids) == 0 or int(ids.max()) < len(vocab)))
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, CharRNNError):
+        return None
+    return (meta, vocab, ids) if good else None
 
 
 def _encode_to_cache(files, cache: Path, lowercase, newlines_to_spaces, progress) -> None:

@@ -20,7 +20,7 @@ from .errors import CharRNNError
 from .fileio import atomic_write_bytes, atomic_write_text
 
 LN2 = math.log(2)
-SAMPLE_NAME = re.compile(r"step(\d+)-t([0-9.]+)\.txt$")
+SAMPLE_NAME = re.compile(r"step(\d+)-t(\d+(?:\.\d*)?)\.txt$")
 
 
 def _pyplot():
@@ -50,14 +50,7 @@ def read_metrics(run) -> dict[str, list[dict]]:
     """The run's logged records, by kind: ``train`` (loss), ``val`` (val_loss), ``epoch`` (epoch_loss)."""
     ckpt.read_config(run)
     out: dict[str, list[dict]] = {"train": [], "val": [], "epoch": []}
-    path = Path(run) / ckpt.METRICS
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
+    for r in ckpt.read_metrics(run):
         for kind, key in (("train", "loss"), ("val", "val_loss"), ("epoch", "epoch_loss")):
             if key in r:
                 out[kind].append(r)
@@ -124,8 +117,9 @@ def latest_samples(run) -> tuple[int | None, list[tuple[float, str]]]:
     by_step: dict[int, list[tuple[float, str]]] = {}
     for path in folder.glob("step*-t*.txt") if folder.is_dir() else []:
         m = SAMPLE_NAME.search(path.name)
-        if m:
-            by_step.setdefault(int(m.group(1)), []).append((float(m.group(2)), path.read_text(encoding="utf-8")))
+        if m and path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace")   # shown, never parsed
+            by_step.setdefault(int(m.group(1)), []).append((float(m.group(2)), text))
     if not by_step:
         return None, []
     step = max(by_step)

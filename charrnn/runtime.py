@@ -120,11 +120,32 @@ class ExportedModel:
             self.config = json.loads(self.metadata["charrnn.model"])
             self.sampling_defaults = json.loads(self.metadata["charrnn.sampling"])
             self.arch, self.layers, self.hidden = self.config["arch"], self.config["layers"], self.config["hidden"]
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            check_sampling_options(*self.sampling_options())
+        except (KeyError, TypeError, AttributeError, ValueError, RecursionError, CharRNNError) as e:
             raise CharRNNError(f"{path} has damaged charrnn metadata ({e}); export the run again") from None
         self.weights = self.metadata.get("charrnn.weights", "fp32")
         self.state_names = ["h", "c"] if self.arch == "lstm" else ["h"]
         self.input_names = ["ids", *self.state_names]
+        problem = self._graph_mismatch()
+        if problem:
+            raise CharRNNError(f"{path}: its charrnn metadata does not match its graph ({problem}); the file was "
+                               "altered, export the run again")
+
+    def _graph_mismatch(self) -> str | None:
+        """What differs between the graph's inputs and outputs and the model the metadata describes."""
+        state = [self.layers, "batch", self.hidden]
+        want = {"ids": ["batch"], **{s: state for s in self.state_names}}
+        got = {i.name: i.shape for i in self.session.get_inputs()}
+        if list(got) != list(want):
+            return f"inputs {', '.join(got)}, the metadata's {self.arch} reads {', '.join(want)}"
+        for name in self.state_names:
+            if [d if isinstance(d, int) else "batch" for d in got[name]] != state:
+                return f"state {name} is {got[name]}, the metadata says {state}"
+        logits = self.session.get_outputs()[0].shape
+        if logits[-1] != len(self.vocab) or self.config.get("vocab_size") != len(self.vocab):
+            return (f"the graph scores {logits[-1]} ids, the metadata's vocabulary has {len(self.vocab)} and its "
+                    f"model {self.config.get('vocab_size')}")
+        return None
 
     # -- the one-step model --------------------------------------------------------------
     def zero_state(self, batch: int) -> list[np.ndarray]:
@@ -177,7 +198,7 @@ class ExportedModel:
         Options left ``None`` take the defaults stored in the file (temperature 1, no top-k / top-p).
         """
         temperature, top_k, top_p = self.sampling_options(temperature, top_k, top_p)
-        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1)
+        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed)
         rng = np.random.default_rng(seed)
         if length == 0:
             return
@@ -205,7 +226,7 @@ class ExportedModel:
         options left ``None`` take the file's defaults.
         """
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        check_sampling_options(*self.sampling_options(temperature, top_k, top_p), length, len(prompts))
+        check_sampling_options(*self.sampling_options(temperature, top_k, top_p), length, len(prompts), seed)
         pieces: list[list[str]] = [[p] for p in prompts]
         for step in self.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
             for piece, ch in zip(pieces, step):

@@ -300,7 +300,7 @@ class Sampler:
     def stream_ids(self, prompts: Sequence[str], length: int, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
         """Yield the next ids ``(batch,)`` ``length`` times, one batched step each."""
-        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1)
+        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed)
         self.check_fits("num_samples", len(prompts), len(prompts))
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))

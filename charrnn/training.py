@@ -212,7 +212,8 @@ class Trainer:
                  + (f" with {self.dist.world} processes" if self.dist.active else ""))
 
     def _open_run(self) -> dict:
-        config, state = ckpt.open_for_resume(self.run_dir, self.vocab, self.model_cfg, self.cfg.batch_size)
+        config, state = ckpt.open_for_resume(self.run_dir, self.vocab, self.model_cfg, self.cfg.batch_size,
+                                             self.optimizer)
         if config.get("corpus", {}).get("sha256") != self.corpus.sha256:
             self.log(f"warning: the corpus differs from the one {self.run_dir} was trained on "
                      "(same characters); continuing")

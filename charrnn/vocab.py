@@ -35,7 +35,7 @@ class Vocab:
     _table: np.ndarray | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
-        if any(len(c) != 1 for c in self.chars):
+        if any(not isinstance(c, str) or len(c) != 1 for c in self.chars):
             raise CharRNNError("vocabulary entries must be single characters")
         codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         if len(codes) > 1 and not np.all(codes[1:] > codes[:-1]):
@@ -112,14 +112,14 @@ class Vocab:
         return {"unk": UNK, "unk_id": UNK_ID, "chars": "".join(self.chars)}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Vocab":
-        try:
-            chars = obj["chars"]
-            if obj.get("unk_id", UNK_ID) != UNK_ID:
-                raise CharRNNError("vocab.json has an unsupported [UNK] id; retrain with this version")
-            return cls(list(chars))
-        except (KeyError, TypeError) as e:
-            raise CharRNNError(f"vocab.json is malformed ({e}); retrain the run") from None
+    def from_json(cls, obj) -> "Vocab":
+        """The vocabulary :meth:`to_json` wrote; :class:`CharRNNError` saying what is wrong with anything else."""
+        chars = obj.get("chars") if isinstance(obj, dict) else None
+        if not isinstance(chars, (str, list)):
+            raise CharRNNError("it has no \"chars\" string")
+        if obj.get("unk_id", UNK_ID) != UNK_ID:
+            raise CharRNNError(f"its [UNK] id is {obj.get('unk_id')!r}, this charrnn reads {UNK_ID}")
+        return cls(list(chars))
 
     def save(self, path) -> None:
         from .fileio import atomic_write_text
@@ -128,5 +128,9 @@ class Vocab:
 
     @classmethod
     def load(cls, path) -> "Vocab":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(json.load(f))
+        """A vocab.json; a damaged one is refused in one line naming it."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_json(json.load(f))
+        except (ValueError, RecursionError, CharRNNError) as e:   # not UTF-8, not JSON, not a vocabulary
+            raise CharRNNError(f"{path} is damaged ({e}); train the run again") from None

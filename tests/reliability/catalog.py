@@ -43,6 +43,25 @@ PROBES = [
     # -- crash consistency and full disks (test_crash.py) --
 
     # -- corrupt and foreign run files (test_files.py) --
+    Probe("damaged-run-file", "run files", "each run file (config.json, vocab.json, best/model.safetensors, "
+          "trainer-state.pt) truncated, emptied, garbled, wrongly shaped JSON, or another run's, against `generate`, "
+          "`eval`, `export`, `train --resume`, `report` and the loader of `serve`",
+          "one line naming the file and what to do, exit 2, no traceback; the run is left byte for byte as it was"),
+    Probe("pickle-payload", "run files", "a `trainer-state.pt` whose pickle would open a file or run `os.system`, "
+          "and trainer states of the wrong shape",
+          "never unpickled into code (`weights_only=True`); `--resume` refused in one line before it writes anything"),
+    Probe("metrics-lines", "run files", "`metrics.jsonl` with a last line torn by a kill, or garbage in the middle",
+          "a torn last line is dropped silently (`--resume` rewrites the file without it); garbage is refused in "
+          "one line naming the file and line, by `--resume`, `report` and `plot`"),
+    Probe("corpus-cache", "run files", "the encoded-corpus cache under `CHARRNN_HOME` garbled, emptied, truncated, "
+          "out of range, or describing another corpus",
+          "detected and encoded again: the same ids and the same `eval` loss as before"),
+    Probe("onnx-metadata", "run files", "an `.onnx` file whose charrnn metadata is another run's (vocabulary, "
+          "model), unparsable or wrongly typed; a damaged `.onnx` file",
+          "refused in one line naming the file, nothing printed on stdout"),
+    Probe("seed-range", "options", "`generate --seed 99999999999999999999999`, `--seed -1` and `2**63`, from a run "
+          "and from an `.onnx` file",
+          "refused in one line naming `--seed` and its range [0, 2**63); the largest seed generates"),
 
     # -- hostile corpora and options (test_corpora.py, test_options.py) --
 
