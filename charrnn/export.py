@@ -56,6 +56,7 @@ SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": None, "top_p": None}
 META_FORMAT = "charrnn.format_version"
 META_VERSION = "charrnn.version"
 META_VOCAB = "charrnn.vocab"
+META_TOKENIZER = "charrnn.tokenizer"     # a word or BPE vocabulary's tokenizer.json
 META_MODEL = "charrnn.model"
 META_SAMPLING = "charrnn.sampling"
 META_WEIGHTS = "charrnn.weights"
@@ -185,6 +186,7 @@ def metadata(model: CharLM, vocab: Vocab, run_config: dict, weights_file: str, w
         META_SAMPLING: json.dumps(SAMPLING_DEFAULTS),
         META_WEIGHTS: weights,
         META_SOURCE: json.dumps({"weights_file": weights_file, "corpus": corpus}, ensure_ascii=False),
+        **({} if vocab.kind == "char" else {META_TOKENIZER: vocab.tokenizer.to_str()}),
     }
 
 

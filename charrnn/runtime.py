@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import CharRNNError
 from .options import GREEDY_BELOW, check_sampling_options, start_text
+from .tokens import TextStream, TokenVocab
 from .vocab import UNK_ID, Vocab
 
 FORMAT_VERSION = 1  # the export format this runtime reads (charrnn.export.FORMAT_VERSION)
@@ -116,7 +117,7 @@ class ExportedModel:
             raise CharRNNError(f"{path} has export format version {version}, but this charrnn reads version "
                                f"{FORMAT_VERSION}; export the run again with this charrnn version")
         try:
-            self.vocab = Vocab.from_json(json.loads(self.metadata["charrnn.vocab"]))
+            self.vocab = _vocab(json.loads(self.metadata["charrnn.vocab"]), self.metadata.get("charrnn.tokenizer"))
             self.config = json.loads(self.metadata["charrnn.model"])
             self.sampling_defaults = json.loads(self.metadata["charrnn.sampling"])
             self.arch, self.layers, self.hidden = self.config["arch"], self.config["layers"], self.config["hidden"]
@@ -171,8 +172,11 @@ class ExportedModel:
         for p in prompts:
             if p not in by_prompt:
                 state = self.zero_state(1)
-                for i in self.vocab.encode(start_text(p, self.vocab.chars)).astype(np.int64):
+                ids, tail = self.vocab.heal(start_text(p, self.vocab.chars))
+                for i in ids:
                     logits, state = self.step(np.array([i], dtype=np.int64), state)
+                if tail:            # token healing: the first token completes the prompt's last one
+                    logits = np.where(self.vocab.starting_with(tail), logits, -np.inf).astype(np.float32)
                 by_prompt[p] = (logits, state)
         parts = [by_prompt[p] for p in prompts]
         state = [np.concatenate([s[k] for _, s in parts], axis=1) for k in range(len(self.state_names))]
@@ -180,8 +184,8 @@ class ExportedModel:
 
     # -- generation (the interface of charrnn.api.LanguageModel) -------------------------
     def unknown_chars(self, text: str) -> list[str]:
-        """Characters of ``text`` the model does not know (they are read as ``[UNK]``)."""
-        return self.vocab.unknown_chars(text)
+        """Characters (or words) of ``text`` the model does not know (they are read as ``[UNK]``)."""
+        return self.vocab.unknown(text)
 
     def sampling_options(self, temperature: float | None = None, top_k: int | None = None,
                          top_p: float | None = None) -> tuple:
@@ -212,10 +216,18 @@ class ExportedModel:
     def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                seed: int | None = None) -> Iterator[list[str]]:
-        """Yield the next character of every sample, ``length`` times (the prompt is not repeated)."""
+        """Yield the new text of every sample, step by step, until each has ``length`` characters (the prompt is
+        not repeated; a character model gives one character per step)."""
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        for ids in self.stream_ids(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
-            yield self.vocab.decode_each(ids.tolist())
+        text = TextStream(self.vocab.token_bytes, len(prompts), length,
+                          [len(self.vocab.heal(start_text(p, self.vocab.chars))[1]) for p in prompts])
+        steps = self.stream_ids(prompts, self.vocab.steps_for(length), temperature=temperature, top_k=top_k,
+                                top_p=top_p, seed=seed)
+        for ids in steps:
+            yield text.push(ids.tolist())
+            if text.done:
+                steps.close()
+                return
 
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -232,6 +244,15 @@ class ExportedModel:
             for piece, ch in zip(pieces, step):
                 piece.append(ch)
         return ["".join(p) for p in pieces]
+
+
+def _vocab(meta: dict, tokenizer_json: str | None):
+    """The exported vocabulary: characters, or a word / BPE tokenizer stored beside them in the file."""
+    if isinstance(meta, dict) and meta.get("kind", "char") != "char":
+        if tokenizer_json is None:
+            raise CharRNNError(f"a {meta.get('kind')} vocabulary without its tokenizer")
+        return TokenVocab.from_json(meta, tokenizer_json)
+    return Vocab.from_json(meta)
 
 
 def load(path, *, threads: int | None = None) -> ExportedModel:

@@ -82,3 +82,16 @@ def test_impossible_vocabularies_are_refused_and_nothing_is_written(capsys, corp
     code, _, err = cli(capsys, "train", corpus, "--out", tmp_path / "new", *bad, *STEPS, *TINY)
     assert code == 2 and err.startswith(f"error: {says}") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "new").exists()
+
+
+def test_an_exported_model_generates_the_same_way_without_torch(capsys, run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from charrnn import runtime
+
+    onnx = tmp_path / "model.onnx"
+    code, _, err = cli(capsys, "export", run[1], "--out", onnx)
+    assert code == 0, err
+    exported = runtime.load(onnx)
+    texts = exported.generate("the qui", length=50, num_samples=2, seed=5, temperature=0)
+    assert texts == charrnn.load(run[1]).generate("the qui", length=50, num_samples=2, temperature=0)
+    assert [len(t) for t in exported.generate("the qui", length=50, num_samples=2, seed=5)] == [57, 57]
