@@ -25,6 +25,9 @@ from .ops.table import input_table
 from .options import GREEDY_BELOW, check_beam_width, check_sampling_options, start_text  # noqa: F401
 from .vocab import UNK_ID, Vocab
 
+# Prompt characters run through the model at once when priming.
+PRIME_CHUNK = 1024
+
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None) -> torch.Tensor:
@@ -272,7 +275,10 @@ class Sampler:
         for p in prompts:
             if p not in by_prompt:
                 ids, _ = self.encode_prompt(p)
-                out, st = self.model(ids.to(self.device)[None])
+                st = None
+                # In pieces, so that a long prompt costs its ids, not a row of activations per character.
+                for piece in ids.to(self.device).split(PRIME_CHUNK):
+                    out, st = self.model(piece[None], st)
                 by_prompt[p] = (out[:, -1], st)
             out, st = by_prompt[p]
             logits.append(out)
