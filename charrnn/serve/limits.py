@@ -16,13 +16,17 @@ _limit = functools.partial(option, metavar="N", check=POSITIVE_INT,
 
 @dataclass
 class Limits:
-    """Per-request maxima (answered 422 when exceeded) and the engine's capacity (503 when full)."""
+    """Per-request maxima (answered 422 when exceeded), the engine's capacity (503 when full) and what a
+    connection may hold (slow clients are dropped)."""
 
     max_prompt_chars: int = _limit(2000, "longest prompt accepted, in characters")
     max_length: int = _limit(2000, "most characters generated per sample")
     max_samples: int = _limit(16, "most samples per request")
     max_queue: int = _limit(256, "requests held at once, running and waiting; one more is answered 503")
     max_batch: int = _limit(64, "sample rows generated together; further requests wait their turn")
+    max_connections: int = _limit(1000, "connections held open at once; a request past it is answered 503")
+    max_read_seconds: int = _limit(5, "seconds a client has to send a request's head, and then its body; a slower "
+                                      "connection is closed (a late body is answered 408)")
 
     def validate(self) -> "Limits":
         check_fields(self)
