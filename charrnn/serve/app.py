@@ -24,6 +24,7 @@ import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
@@ -41,7 +42,8 @@ log = logging.getLogger("charrnn.serve")
 # JSON may spell one character in up to 12 bytes (a surrogate pair of escapes); the other fields fit in the rest.
 _BODY_BYTES_PER_CHAR = 12
 _BODY_OTHER_FIELDS = 4096
-# A request's line and headers together; past it uvicorn answers 400.
+# A request's target (path and query), and its line and headers together: past them, 414 and 431.
+MAX_URL_BYTES = 8 * 1024
 MAX_HEAD_BYTES = 16 * 1024
 
 
@@ -277,6 +279,7 @@ def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -
             Route("/v1/generate/stream", ep.generate_stream, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
+        middleware=[Middleware(_HeadLimits)],
         exception_handlers={HTTPException: ep.http_error, Exception: ep.server_error},
         lifespan=lifespan,
     )
@@ -308,6 +311,24 @@ class _JobStream(StreamingResponse):
             pass
         finally:
             self.job.cancel()
+
+
+class _HeadLimits:
+    """Refuses a request whose target is over ``MAX_URL_BYTES`` (414) or whose head is over ``MAX_HEAD_BYTES``
+    (431) before any route sees it (uvicorn's h11 only caps a head that is still arriving)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            url = len(scope["raw_path"]) + len(scope["query_string"])
+            head = url + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if url > MAX_URL_BYTES:
+                return await _error(414, f"the URL is over {MAX_URL_BYTES} bytes")(scope, receive, send)
+            if head > MAX_HEAD_BYTES:
+                return await _error(431, f"the request's headers are over {MAX_HEAD_BYTES} bytes")(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _HeadDeadline(H11Protocol):

@@ -47,6 +47,30 @@ PROBES = [
     # -- hostile corpora and options (test_corpora.py, test_options.py) --
 
     # -- server abuse (test_server.py) --
+    Probe("server-hostile-json", "server", "bodies with a 5,000-deep JSON array, a 5,001-digit integer, a lone "
+          "surrogate (`\\ud800`), invalid UTF-8, on both endpoints",
+          "400 with the usual JSON error; a stream always ends with a `done` or `error` event"),
+    Probe("server-escaped-prompt", "server", "a 2,000-emoji prompt written with `\\u` escapes; one character more; "
+          "a body padded past the byte limit", "answered (the limit counts characters after decoding); 422 / 413 "
+          "naming `--max-prompt-chars`"),
+    Probe("server-long-prompt", "server", "a prompt of thousands of characters",
+          "primed in pieces: memory is its ids, not activations per character; the same logits"),
+    Probe("server-lying-length", "server", "a Content-Length shorter or longer than the body; a chunked body past "
+          "the limit", "400 / 408 after `--max-read-seconds` / 413 (JSON, connection closed), never a hang"),
+    Probe("server-slow-clients", "server", "200 connections sending a header byte a second, one sending nothing, "
+          "a body that trickles", "all closed after `--max-read-seconds`; an ordinary request answered meanwhile"),
+    Probe("server-many-streams", "server", "300 concurrent streaming clients",
+          "every stream ends with `done`, the library's text"),
+    Probe("server-vanishing-clients", "server", "40 clients vanish mid-stream (FIN and RST) while 20 others ask",
+          "the others are served; generation stops; connections, threads and jobs back to where they were"),
+    Probe("server-static-traversal", "server", "`/static/../`, `%2e%2e%2f`, double-encoded, overlong UTF-8, "
+          "backslash, NUL", "404 (or 400); nothing outside `static/` served"),
+    Probe("server-odd-methods", "server", "TRACE, PROPFIND, PUT, OPTIONS, made-up methods on every route; "
+          "garbage and TLS on the plain port", "405 with a JSON error; 400"),
+    Probe("server-long-head", "server", "64 KiB URLs and headers, 1,000 headers",
+          "400 (the head is capped); long but legal URLs 404; the server goes on"),
+    Probe("server-memory-flat", "server", "2,000 mixed valid and abusive requests",
+          "the server's RSS within 30 MB of where it started (printed with `-s`)"),
 
 ]
 
