@@ -39,9 +39,6 @@ from .limits import Limits
 STATIC = Path(__file__).parent / "static"
 _DEFAULTS = GenerationOptions()
 log = logging.getLogger("charrnn.serve")
-# JSON may spell one character in up to 12 bytes (a surrogate pair of escapes); the other fields fit in the rest.
-_BODY_BYTES_PER_CHAR = 12
-_BODY_OTHER_FIELDS = 4096
 # A request's target (path and query), and its line and headers together: past them, 414 and 431.
 MAX_URL_BYTES = 8 * 1024
 MAX_HEAD_BYTES = 16 * 1024
@@ -99,7 +96,7 @@ def describe_model(lm, limits: Limits) -> dict:
 
 async def _read_body(request: Request, limits: Limits) -> bytes:
     """The request body, refused unread past the bytes a prompt of ``max_prompt_chars`` can take."""
-    max_body = _BODY_BYTES_PER_CHAR * limits.max_prompt_chars + _BODY_OTHER_FIELDS
+    max_body = limits.max_body()
     body = bytearray()
     async for chunk in request.stream():
         body += chunk

@@ -29,7 +29,7 @@ from charrnn.serve import Limits, bind, create_app
 from charrnn.serve.app import _events, server_config
 from charrnn.serve.engine import Job
 
-from ..conftest import TINY_KW, make_text
+from ..conftest import TINY_KW, cli, make_text
 
 ROOT = Path(__file__).resolve().parents[2]
 READ_SECONDS = 1                    # the fast server's --max-read-seconds
@@ -195,6 +195,15 @@ def test_a_long_prompt_is_primed_in_pieces(lm, monkeypatch):
     assert torch.equal(logits, whole[:, -1].expand(2, -1))
 
 
+@pytest.mark.probe("server-limits-fit")
+@pytest.mark.parametrize("bad", [["--max-prompt-chars", "1000000000000"], ["--max-length", "100000000000"],
+                                 ["--max-connections", "100000000", "--max-prompt-chars", "100000"]])
+def test_limits_past_the_memory_here_are_refused_before_serving(capsys, run_dir, bad):
+    code, out, err = cli(capsys, "serve", run_dir, "--port", 0, *bad)
+    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: prompts of --max-prompt-chars")
+    assert "GiB of memory here; lower some of them" in err, err
+
+
 # ----- lengths that lie, bodies that trickle --------------------------------------------------------------------
 
 
@@ -215,7 +224,7 @@ def test_content_length_that_lies_or_chunks_past_the_limit(port):
     chunk = b"1000\r\n" + b" " * 0x1000 + b"\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(head + b'8\r\n{"a": 1 \r\n')
-        for sent in range(1, 1000):  # 4 MB at most
+        for sent in range(1, 1000):
             if select.select([s], [], [], 0.02)[0]:
                 break
             try:
