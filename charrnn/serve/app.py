@@ -19,7 +19,6 @@ import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import h11
 import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -330,31 +329,35 @@ class _HeadLimits:
 
 class _HeadDeadline(H11Protocol):
     """uvicorn's h11 protocol, with ``timeout_keep_alive`` also the time a client has to send each request's line
-    and headers, from the connection's start or the previous response: a byte now and then does not extend it."""
+    and headers (from the connection's start or the previous response; a byte now and then does not extend it)
+    and the rest of a body its endpoint did not read."""
 
     deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self._await_head()
+        self._await_request()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE and self.deadline is not None:  # the head has arrived
+        if self.deadline is not None and self._answering():  # the head has arrived; the app reads the body
             self.deadline.cancel()
             self.deadline = None
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            self._await_head()
+        if not self._answering() and not self.transport.is_closing():
+            self._await_request()
 
     def connection_lost(self, exc) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
         super().connection_lost(exc)
 
-    def _await_head(self) -> None:
+    def _answering(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _await_request(self) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
         self.deadline = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)

@@ -60,7 +60,8 @@ PROBES = [
     Probe("server-lying-length", "server", "a Content-Length shorter or longer than the body; a chunked body past "
           "the limit", "400 / 408 after `--max-read-seconds` / 413 (JSON, connection closed), never a hang"),
     Probe("server-slow-clients", "server", "200 connections sending a header byte a second, one sending nothing, "
-          "a body that trickles", "all closed after `--max-read-seconds`; an ordinary request answered meanwhile"),
+          "a body that trickles, a body its endpoint never reads", "all closed after `--max-read-seconds`; an ordinary "
+          "request answered meanwhile"),
     Probe("server-many-streams", "server", "300 concurrent streaming clients",
           "every stream ends with `done`, the library's text"),
     Probe("server-vanishing-clients", "server", "40 clients vanish mid-stream (FIN and RST) while 20 others ask",
