@@ -47,6 +47,7 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
         probs = sorted_logits.softmax(-1)
         # Drop a character when the mass of the ones strictly more likely already reaches p.
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[:, 0] = False  # the most likely stays, also when top_p underflows the logits' dtype to 0
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -57,6 +57,8 @@ PROBES = [
           "primed in pieces: memory is its ids, not activations per character; the same logits"),
     Probe("server-limits-fit", "server", "`serve --max-prompt-chars`, `--max-length`, `--max-connections` whose "
           "requests could not fit in memory together", "refused in one line (exit 2) naming them, before loading"),
+    Probe("server-tiny-top-p", "server", "`top_p` 1e-300 (0 in float32)",
+          "the most likely character, as greedy (it sampled from NaN: `zzzz...`)"),
     Probe("server-lying-length", "server", "a Content-Length shorter or longer than the body; a chunked body past "
           "the limit", "400 / 408 after `--max-read-seconds` / 413 (JSON, connection closed), never a hang"),
     Probe("server-slow-clients", "server", "200 connections sending a header byte a second, one sending nothing, "

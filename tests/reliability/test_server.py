@@ -207,6 +207,15 @@ def test_limits_past_the_memory_here_are_refused_before_serving(capsys, run_dir,
     assert "GiB of memory here; lower some of them" in err, err
 
 
+@pytest.mark.probe("server-tiny-top-p")
+def test_a_top_p_below_float32s_smallest_keeps_the_most_likely_character(port, lm):
+    for endpoint in ("/v1/generate", "/v1/generate/stream"):
+        r = httpx.post(f"http://127.0.0.1:{port}{endpoint}", json={"prompt": "the", "length": 20, "top_p": 1e-300})
+        assert r.status_code == 200
+        samples = r.json()["samples"] if endpoint == "/v1/generate" else json.loads(r.text.split("data: ")[-1])["samples"]
+        assert samples == lm.generate("the", 20, temperature=0), endpoint
+
+
 # ----- lengths that lie, bodies that trickle --------------------------------------------------------------------
 
 
@@ -266,7 +275,8 @@ def test_odd_methods_are_405_json_errors(port):
     for method in ("TRACE", "PROPFIND", "MKCOL", "PUT", "DELETE", "PATCH", "OPTIONS", "FOO"):
         for target in ("/", "/healthz", "/v1/model", "/v1/generate", "/v1/generate/stream", "/static/app.js"):
             assert json_error(exchange(port, raw_request(method, target)), 405), (method, target)
-    for junk in (b"G\x00T / HTTP/1.1\r\n\r\n", b"GET /\x7f HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03"):
+    tls_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03"
+    for junk in (b"G\x00T / HTTP/1.1\r\n\r\n", b"GET /\x7f HTTP/1.1\r\n\r\n", tls_hello):
         assert parse_response(exchange(port, junk))[0] == 400, junk
 
 
