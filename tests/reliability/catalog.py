@@ -73,7 +73,8 @@ PROBES = [
     Probe("server-odd-methods", "server", "TRACE, PROPFIND, PUT, OPTIONS, made-up methods on every route; "
           "garbage and TLS on the plain port", "405 with a JSON error; 400"),
     Probe("server-long-head", "server", "64 KiB URLs and headers, 1,000 headers",
-          "400 (the head is capped); long but legal URLs 404; the server goes on"),
+          "414 / 431 with a JSON error (400 from uvicorn while a head is still arriving); long but legal URLs 404; "
+          "the server goes on"),
     Probe("server-memory-flat", "server", "2,000 mixed valid and abusive requests",
           "the server's RSS within 30 MB of where it started (printed with `-s`)"),
 
