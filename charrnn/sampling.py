@@ -25,6 +25,9 @@ from .ops.table import input_table
 from .options import GREEDY_BELOW, check_beam_width, check_sampling_options, start_text  # noqa: F401
 from .vocab import UNK_ID, Vocab
 
+# Prompt characters run through the model at once when priming.
+PRIME_CHUNK = 1024
+
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None) -> torch.Tensor:
@@ -44,6 +47,7 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
         probs = sorted_logits.softmax(-1)
         # Drop a character when the mass of the ones strictly more likely already reaches p.
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[:, 0] = False  # the most likely stays, also when top_p underflows the logits' dtype to 0
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -272,7 +276,10 @@ class Sampler:
         for p in prompts:
             if p not in by_prompt:
                 ids, _ = self.encode_prompt(p)
-                out, st = self.model(ids.to(self.device)[None])
+                st = None
+                # In pieces, so that a long prompt costs its ids, not a row of activations per character.
+                for piece in ids.to(self.device).split(PRIME_CHUNK):
+                    out, st = self.model(piece[None], st)
                 by_prompt[p] = (out[:, -1], st)
             out, st = by_prompt[p]
             logits.append(out)

@@ -77,5 +77,5 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "bes
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"serving {run} ({lm.run.weights}) on http://{shown}:{bound_port}/ (Ctrl-C to stop)",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(web.create_app(lm, limits), log_level=log_level, timeout_graceful_shutdown=5)
+    config = web.server_config(web.create_app(lm, limits), log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -66,6 +66,36 @@ PROBES = [
     # -- hostile corpora and options (test_corpora.py, test_options.py) --
 
     # -- server abuse (test_server.py) --
+    Probe("server-hostile-json", "server", "bodies with a 5,000-deep JSON array, a 5,001-digit integer, a lone "
+          "surrogate (`\\ud800`), invalid UTF-8, on both endpoints",
+          "400 with the usual JSON error; a stream always ends with a `done` or `error` event"),
+    Probe("server-escaped-prompt", "server", "a 2,000-emoji prompt written with `\\u` escapes; one character more; "
+          "a body padded past the byte limit", "answered (the limit counts characters after decoding); 422 / 413 "
+          "naming `--max-prompt-chars`"),
+    Probe("server-long-prompt", "server", "a prompt of thousands of characters",
+          "primed in pieces: memory is its ids, not activations per character; the same logits"),
+    Probe("server-limits-fit", "server", "`serve --max-prompt-chars`, `--max-length`, `--max-connections` whose "
+          "requests could not fit in memory together", "refused in one line (exit 2) naming them, before loading"),
+    Probe("server-tiny-top-p", "server", "`top_p` 1e-300 (0 in float32)",
+          "the most likely character, as greedy (it sampled from NaN: `zzzz...`)"),
+    Probe("server-lying-length", "server", "a Content-Length shorter or longer than the body; a chunked body past "
+          "the limit", "400 / 408 after `--max-read-seconds` / 413 (JSON, connection closed), never a hang"),
+    Probe("server-slow-clients", "server", "200 connections sending a header byte a second, one sending nothing, "
+          "a body that trickles, a body its endpoint never reads", "all closed after `--max-read-seconds`; an ordinary "
+          "request answered meanwhile"),
+    Probe("server-many-streams", "server", "300 concurrent streaming clients",
+          "every stream ends with `done`, the library's text"),
+    Probe("server-vanishing-clients", "server", "40 clients vanish mid-stream (FIN and RST) while 20 others ask",
+          "the others are served; generation stops; connections, threads and jobs back to where they were"),
+    Probe("server-static-traversal", "server", "`/static/../`, `%2e%2e%2f`, double-encoded, overlong UTF-8, "
+          "backslash, NUL", "404 (or 400); nothing outside `static/` served"),
+    Probe("server-odd-methods", "server", "TRACE, PROPFIND, PUT, OPTIONS, made-up methods on every route; "
+          "garbage and TLS on the plain port", "405 with a JSON error; 400"),
+    Probe("server-long-head", "server", "64 KiB URLs and headers, 1,000 headers",
+          "414 / 431 with a JSON error (400 from uvicorn while a head is still arriving); long but legal URLs 404; "
+          "the server goes on"),
+    Probe("server-memory-flat", "server", "2,000 mixed valid and abusive requests",
+          "the server's RSS within 30 MB of where it started (printed with `-s`)"),
 
 ]
 
