@@ -13,6 +13,7 @@ addresses the original tutorials use, with a progress bar and an integrity check
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CharRNNError
-from .fileio import atomic_write_json
+from .fileio import atomic_save, atomic_write_json
 from .vocab import Vocab, codepoints
 
 CHUNK_BYTES = 16 << 20
@@ -252,8 +253,7 @@ def _open_corpus_file(path: Path):
     try:
         return open(path, "rb")
     except FileNotFoundError:
-        raise CharRNNError(f"{path} disappeared while the corpus was being read; "
-                           "train on files that stay in place") from None
+        raise _disappeared(path) from None
     except OSError as e:
         raise CharRNNError(f"cannot read {path} ({e.strerror}); check the file and its permissions") from None
 
@@ -353,8 +353,7 @@ def _file_stats(files: list[Path]) -> list[os.stat_result]:
     try:
         return [p.stat() for p in files]
     except FileNotFoundError as e:
-        raise CharRNNError(f"{e.filename} disappeared while the corpus was being read; "
-                           "train on files that stay in place") from None
+        raise _disappeared(e.filename) from None
     except OSError as e:
         raise CharRNNError(f"cannot read {e.filename} ({e.strerror}); check the file and its permissions") from None
 
@@ -387,17 +386,24 @@ def load_corpus(
     return EncodedCorpus(name, ids, Vocab(list(meta["chars"])), meta["sha256"], lowercase, newlines_to_spaces)
 
 
+_STEADY = "train on a copy that nothing writes to or removes while charrnn reads it"
+
+
 def _changed(files: list[Path], stats: list[os.stat_result]) -> CharRNNError | None:
     """The error for a corpus file whose stat is no longer ``stats``' (None if none changed)."""
     for path, before in zip(files, stats):
         try:
             after = path.stat()
         except FileNotFoundError:
-            return CharRNNError(f"{path} disappeared while the corpus was being read; train on files that stay in place")
+            return _disappeared(path)
         if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
             return CharRNNError(f"{path} changed while it was being read ({before.st_size:,} bytes, now "
-                                f"{after.st_size:,}); train on a copy that is no longer written to")
+                                f"{after.st_size:,}); {_STEADY}")
     return None
+
+
+def _disappeared(path) -> CharRNNError:
+    return CharRNNError(f"{path} disappeared while the corpus was being read; {_STEADY}")
 
 
 def _check_unchanged(files: list[Path], stats: list[os.stat_result]) -> None:
@@ -447,31 +453,32 @@ def _encode_to_cache(files, stats, cache: Path, lowercase, newlines_to_spaces, p
     free = _free_bytes(cache)
     if needed > free:
         raise _no_space(needed, free)
-    existed = cache.exists()
+    made = not cache.exists()
     try:
         cache.mkdir(parents=True, exist_ok=True)
         # Pass 2: the ids, written in order (never through a memory map: a full disk must fail a write, not
-        # kill the process with SIGBUS), then published with a rename.
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".ids.", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as out, \
+        # kill the process with SIGBUS) to a temporary file renamed into place, then the metadata.
+        def write(tmp):
+            with open(tmp, "wb") as out, \
                     tqdm(total=n, unit="char", unit_scale=True, desc="encoding corpus", disable=not show) as bar:
                 _write_ids(out, _encoded(files, vocab, lowercase, newlines_to_spaces, n, stats), vocab.dtype, n, bar)
             _check_unchanged(files, stats)
-            os.replace(tmp, cache / "ids.npy")
+
+        atomic_save(cache / "ids.npy", write)
+        try:
+            atomic_write_json(cache / "meta.json", meta)
         except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            (cache / "ids.npy").unlink(missing_ok=True)
             raise
-        atomic_write_json(cache / "meta.json", meta)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise _no_space(needed) from None
         raise CharRNNError(f"cannot write the encoded corpus in {cache} ({e.strerror}); set CHARRNN_HOME to a "
                            "writable folder") from None
     finally:
-        if not existed and not (cache / "meta.json").exists():
-            shutil.rmtree(cache, ignore_errors=True)
+        if made and not (cache / "meta.json").exists():
+            with contextlib.suppress(OSError):
+                cache.rmdir()
 
 
 def _encoded(files, vocab: Vocab, lowercase, newlines_to_spaces, n: int, stats):
@@ -484,8 +491,7 @@ def _encoded(files, vocab: Vocab, lowercase, newlines_to_spaces, n: int, stats):
             break
         yield ids
     if pos != n:
-        raise _changed(files, stats) or CharRNNError("the corpus changed while it was being read; train on a copy "
-                                                     "that is no longer written to")
+        raise _changed(files, stats) or CharRNNError(f"the corpus changed while it was being read; {_STEADY}")
 
 
 def _write_ids(out, chunks, dtype: np.dtype, n: int, bar) -> None:

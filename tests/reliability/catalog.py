@@ -54,7 +54,8 @@ PROBES = [
           "`--newlines-to-spaces` makes each line ending, LF, CR or CRLF, one space"),
     Probe("corpus-changes", "corpora", "a corpus appended to, rewritten or deleted while it is encoded",
           "refused in one line, exit 2, naming the file that changed; no temporary file left"),
-    Probe("corpus-disk-full", "corpora", "`CHARRNN_HOME` on a full filesystem (a 1 MB tmpfs) while a corpus is encoded",
+    Probe("corpus-disk-full", "corpora", "`CHARRNN_HOME` on a full filesystem (a 1 MB tmpfs), or filling up, while a "
+          "corpus is encoded; `CHARRNN_HOME` a file",
           "refused in one line, exit 2, saying how much space it needs and where; no temporary file left "
           "(it was a bus error, exit 135)"),
     Probe("corpus-path-absolute", "corpora", "`charrnn eval RUN` from another directory than the one trained in",

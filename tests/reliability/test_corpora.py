@@ -220,10 +220,18 @@ def _no_space_write(monkeypatch):
     monkeypatch.setattr(corpus_mod, "_write_ids", write_ids)
 
 
+def _no_space_for_meta(monkeypatch):
+    def atomic_write_json(path, obj):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(corpus_mod, "atomic_write_json", atomic_write_json)
+
+
 @pytest.mark.probe("corpus-disk-full")
+@pytest.mark.parametrize("fill", [_no_space_write, _no_space_for_meta])
 def test_a_disk_that_fills_up_while_encoding_gives_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch,
-                                                                                 charrnn_home):
-    _no_space_write(monkeypatch)
+                                                                                 charrnn_home, fill):
+    fill(monkeypatch)
     path = tmp_path / "c.txt"
     path.write_text(make_text(20_000))
     code, _, err = cli(capsys, "train", path, "--out", tmp_path / "run", "--max-steps", 1, *TINY)
@@ -240,6 +248,16 @@ def test_too_little_space_is_refused_before_writing(capsys, tmp_path, monkeypatc
     code, _, err = cli(capsys, "train", path, "--out", tmp_path / "run", "--max-steps", 1, *TINY)
     one_line_error(code, err, f"needs 3.0 MiB in CHARRNN_HOME ({charrnn_home}), 1.0 MiB free")
     assert not (charrnn_home / "encoded").exists()
+
+
+@pytest.mark.probe("corpus-disk-full")
+def test_charrnn_home_that_is_not_a_folder_gives_one_line(capsys, tmp_path, monkeypatch, small_corpus):
+    home = tmp_path / "home"
+    home.write_text("a file")
+    monkeypatch.setenv("CHARRNN_HOME", str(home))
+    code, _, err = cli(capsys, "train", small_corpus, "--out", tmp_path / "run", "--max-steps", 1, *TINY)
+    one_line_error(code, err, "cannot write the encoded corpus in")
+    assert "set CHARRNN_HOME to a writable folder" in err and home.read_text() == "a file"
 
 
 def _tmpfs_train(tmp_path, corpus, size):
