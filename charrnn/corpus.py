@@ -117,14 +117,22 @@ def find_named_corpus(name: str) -> Path | None:
 
 def download_named_corpus(name: str, progress: bool = True) -> Path:
     """Download a named corpus into the cache, checking its integrity."""
-    from tqdm import tqdm
-
     nc = NAMED_CORPORA[name]
     dest = charrnn_home() / "corpora" / nc.filename
-    dest.parent.mkdir(parents=True, exist_ok=True)
     how_to = (
         f"download {nc.url} yourself and put it at {dest}, or set CHARRNN_DATA to a directory holding {nc.filename}"
     )
+    try:
+        return _download(nc, dest, how_to, progress)
+    except OSError as e:  # writing it: a full disk, a CHARRNN_HOME that cannot be written
+        raise CharRNNError(f"cannot save corpus '{name}' in {dest.parent} ({e.strerror}); {how_to}") from None
+
+
+def _download(nc: NamedCorpus, dest: Path, how_to: str, progress: bool) -> Path:
+    from tqdm import tqdm
+
+    name = nc.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{nc.filename}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out:
@@ -137,6 +145,8 @@ def download_named_corpus(name: str, progress: bool = True) -> Path:
                             out.write(block)
                             bar.update(len(block))
             except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
                 reason = getattr(e, "reason", None) or e
                 raise CharRNNError(f"cannot download corpus '{name}' ({reason}); {how_to}") from None
         if not nc.exact:  # the Keras copy: drop a byte-order mark, CRLF -> LF

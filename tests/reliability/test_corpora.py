@@ -352,6 +352,12 @@ def test_an_unknown_name_or_a_failed_download_says_what_to_do(capsys, tmp_path, 
     assert not list((charrnn_home / "corpora").iterdir())         # no partial download left
     code, _, err = cli(capsys, "train", "nietzche", "--out", tmp_path / "run", "--max-steps", 1, *TINY)
     one_line_error(code, err, "not a named corpus (nietzsche, shakespeare); give the path of a text file or folder")
+    home = tmp_path / "home"
+    home.write_text("a file, where the download would go")
+    monkeypatch.setenv("CHARRNN_HOME", str(home))
+    code, _, err = cli(capsys, "train", "shakespeare", "--out", tmp_path / "run", "--max-steps", 1, *TINY)
+    one_line_error(code, err, f"cannot save corpus 'shakespeare' in {home / 'corpora'}")
+    assert "set CHARRNN_DATA to a directory holding tinyshakespeare.txt" in err
 
 
 def _peak_rss_train(tmp_path, corpus, *options):
