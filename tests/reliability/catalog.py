@@ -46,9 +46,9 @@ PROBES = [
 
     # -- hostile corpora and options (test_corpora.py, test_options.py) --
     Probe("corpus-refused", "corpora", "as the corpus: an empty file, one character, random bytes, Latin-1, UTF-16 "
-          "with a byte-order mark, a folder with no .txt files, a FIFO, a symlink loop, an unknown corpus name",
+          "with a byte-order mark, a folder with no .txt files, a FIFO, /dev/zero, a symlink loop, an unknown corpus name",
           "refused in one line, exit 2, naming the problem and the fix (for another encoding: the iconv command); "
-          "a FIFO is never opened; no run folder and nothing in the encoded cache left behind"),
+          "a FIFO or device is never opened; no run folder and nothing in the encoded cache left behind"),
     Probe("corpus-line-endings", "corpora", "NUL bytes, CR-only and CRLF line endings",
           "trains; every character is kept as written (the model learns the file's own line endings); "
           "`--newlines-to-spaces` makes each line ending, LF, CR or CRLF, one space"),

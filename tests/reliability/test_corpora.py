@@ -79,6 +79,8 @@ def _hostile(tmp_path: Path, kind: str) -> str:
         os.symlink(path, tmp_path / "b.txt")
     elif kind == "unknown-name":
         return "shakespear"
+    elif kind == "device":
+        return "/dev/zero"                                     # endless: reading it would never stop
     return str(path)
 
 
@@ -92,6 +94,7 @@ def _hostile(tmp_path: Path, kind: str) -> str:
     ("no-text-dir", "holds no .txt files"),
     ("fifo", "is a FIFO, not a file"),
     ("symlink-loop", "is a symlink loop, not a file"),
+    ("device", "is a device, not a file"),
     ("unknown-name", "give the path of a text file or folder, or one of those names"),
 ])
 def test_a_hostile_corpus_is_refused_in_one_line(capsys, tmp_path, charrnn_home, deadline, kind, expect):
