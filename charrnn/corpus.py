@@ -222,7 +222,8 @@ def _path_kind(path: Path) -> str | None:
     except OSError as e:
         if e.errno == errno.ELOOP:
             return "a symlink loop"
-        raise CharRNNError(f"cannot read corpus path {path} ({e.strerror}); check the path and its permissions") from None
+        raise CharRNNError(f"cannot read corpus path {path} ({e.strerror}); check the path and its "
+                           "permissions") from None
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISDIR(mode):
@@ -253,7 +254,8 @@ def _not_utf8(path: Path, data: bytes, start: int, offset: int) -> CharRNNError:
         for bom, encoding in _FOREIGN_BOMS.items():
             if data.startswith(bom):
                 return CharRNNError(f"{path} is {encoding} text (it starts with a {encoding} byte-order mark), not "
-                                    f"UTF-8; convert it, e.g. iconv -f {encoding} -t UTF-8 {path} > {path.stem}.utf8.txt")
+                                    f"UTF-8; convert it, e.g. iconv -f {encoding} -t UTF-8 {path} > "
+                                    f"{path.stem}.utf8.txt")
     return CharRNNError(f"{path} is not UTF-8 text: invalid byte 0x{data[start]:02x} at byte offset {offset + start}; "
                         f"convert it to UTF-8, e.g. iconv -f LATIN1 -t UTF-8 {path} > {path.stem}.utf8.txt "
                         "if it is Latin-1")

@@ -46,7 +46,8 @@ PROBES = [
 
     # -- hostile corpora and options (test_corpora.py, test_options.py) --
     Probe("corpus-refused", "corpora", "as the corpus: an empty file, one character, random bytes, Latin-1, UTF-16 "
-          "with a byte-order mark, a folder with no .txt files, a FIFO, /dev/zero, a symlink loop, an unknown corpus name",
+          "with a byte-order mark, a folder with no .txt files, a FIFO, /dev/zero, a symlink loop, an unknown "
+          "corpus name",
           "refused in one line, exit 2, naming the problem and the fix (for another encoding: the iconv command); "
           "a FIFO or device is never opened; no run folder and nothing in the encoded cache left behind"),
     Probe("corpus-line-endings", "corpora", "NUL bytes, CR-only and CRLF line endings",

@@ -155,7 +155,8 @@ def _edit_while_encoding(monkeypatch, path: Path, edit):
 
 @pytest.mark.probe("corpus-changes")
 @pytest.mark.parametrize("edit,expect", [
-    (lambda p: p.open("a").write("more text, appended while the corpus is read\n" * 50), "changed while it was being read"),
+    (lambda p: p.open("a").write("more text, appended while the corpus is read\n" * 50),
+     "changed while it was being read"),
     (lambda p: p.unlink(), "disappeared while the corpus was being read"),
     (lambda p: p.write_text("rewritten"), "changed while it was being read"),
 ])
