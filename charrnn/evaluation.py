@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .corpus import load_corpus
+from .corpus import load_corpus, recorded_corpus
 from .data import eval_streams, split_train_val
 from .distributed import SINGLE, Dist
 from .errors import CharRNNError
@@ -22,6 +22,7 @@ from .models.charlm import CharLM
 from .vocab import Vocab
 
 LN2 = math.log(2)
+LOGITS_BYTES = 256 << 20  # the most memory one evaluation chunk's float32 logits take
 
 
 @torch.no_grad()
@@ -47,6 +48,8 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     mine = dist.share(x.shape[0])
     x, y = x[mine], y[mine]
     state = None
+    # Shorter chunks where the vocabulary is large: the logits of one chunk stay within LOGITS_BYTES.
+    seq_len = max(1, min(seq_len, LOGITS_BYTES // (4 * max(1, len(x)) * model.config.vocab_size)))
     try:
         for t in range(0, x.shape[1] if len(x) else 0, seq_len):
             xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
@@ -72,7 +75,7 @@ def held_out_ids(run_config: dict, vocab: Vocab, corpus: str | None = None) -> n
         name = run_config.get("corpus", {}).get("name")
         if not name:
             raise CharRNNError("this run does not record its corpus; pass --corpus")
-        ids = load_corpus(name, lowercase=lower, newlines_to_spaces=nl).reencode(vocab)
+        ids = load_corpus(recorded_corpus(name), lowercase=lower, newlines_to_spaces=nl).reencode(vocab)
         _, ids = split_train_val(ids, norm.get("val_fraction", 0.1))
         if len(ids) < 2:
             raise CharRNNError("the run has no validation split (--val-fraction 0); pass --corpus")

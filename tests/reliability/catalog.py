@@ -64,6 +64,29 @@ PROBES = [
           "refused in one line naming `--seed` and its range [0, 2**63); the largest seed generates"),
 
     # -- hostile corpora and options (test_corpora.py, test_options.py) --
+    Probe("corpus-refused", "corpora", "as the corpus: an empty file, one character, random bytes, Latin-1, UTF-16 "
+          "with a byte-order mark, a folder with no .txt files, a FIFO, /dev/zero, a symlink loop, an unknown "
+          "corpus name",
+          "refused in one line, exit 2, naming the problem and the fix (for another encoding: the iconv command); "
+          "a FIFO or device is never opened; no run folder and nothing in the encoded cache left behind"),
+    Probe("corpus-line-endings", "corpora", "NUL bytes, CR-only and CRLF line endings",
+          "trains; every character is kept as written (the model learns the file's own line endings); "
+          "`--newlines-to-spaces` makes each line ending, LF, CR or CRLF, one space"),
+    Probe("corpus-changes", "corpora", "a corpus appended to, rewritten or deleted while it is encoded",
+          "refused in one line, exit 2, naming the file that changed; no temporary file left"),
+    Probe("corpus-disk-full", "corpora", "`CHARRNN_HOME` on a full filesystem (a 1 MB tmpfs), or filling up, while a "
+          "corpus is encoded; `CHARRNN_HOME` a file",
+          "refused in one line, exit 2, saying how much space it needs and where; no temporary file left "
+          "(it was a bus error, exit 135)"),
+    Probe("corpus-path-absolute", "corpora", "`charrnn eval RUN` from another directory than the one trained in",
+          "the run records its corpus's absolute path and evaluates; an older run's relative path is taken from the "
+          "current directory, and where it is not found, one line says to pass --corpus"),
+    Probe("corpus-named-offline", "corpora", "an unknown corpus name; a named corpus with no network",
+          "one line, exit 2, with the fix: a path, or the download address and `$CHARRNN_DATA`"),
+    Probe("corpus-huge-line", "corpora", "a 50 MB corpus on one line",
+          "trains, in under 1 GiB of memory (encoded in chunks)"),
+    Probe("corpus-huge-vocab", "corpora", "a corpus of 100,000 distinct characters",
+          "trains, in under 1.5 GiB of memory: evaluation cuts its logits into chunks (it took 3.7 GB)"),
 
     # -- server abuse (test_server.py) --
     Probe("server-hostile-json", "server", "bodies with a 5,000-deep JSON array, a 5,001-digit integer, a lone "
