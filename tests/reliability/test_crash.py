@@ -1,6 +1,7 @@
 """Crash consistency and full disks: `kill -9` at seeded random moments (checkpoint writes included), the
 temporary files a killed writer leaves, the run files' mode, and a disk that fills up under a run."""
 
+import contextlib
 import errno
 import io
 import json
@@ -248,11 +249,19 @@ def test_any_run_file_on_a_full_disk_is_one_line(capsys, trained, monkeypatch, n
 # --------------------------------------------------------------------------- kill -9
 
 
-# A process with torch and charrnn imported that forks a `charrnn train` per line of JSON [argv, log] on
-# stdin: it answers the child's pid, then its exit status (negative: the signal that killed it).
+# A process that forks a `charrnn train` per line of JSON [argv, log] on stdin and answers the child's pid,
+# then its exit status (negative: the signal that killed it).  It first runs the command of its first line
+# itself, so that the children start with torch's lazy imports and first calls done (in one thread: a
+# fork copies no thread pool).
 ZYGOTE = r"""
-import json, os, sys
-import charrnn.cli, charrnn.export, charrnn.training
+import contextlib, json, os, sys
+import torch
+torch.set_num_threads(1)
+import charrnn.cli
+argv, log = json.loads(sys.stdin.readline())
+with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+    assert charrnn.cli.main(argv) == 0
+print("ready", flush=True)
 for line in sys.stdin:
     argv, log = json.loads(line)
     pid = os.fork()
@@ -275,22 +284,35 @@ for line in sys.stdin:
 
 
 class Zygote:
-    def __init__(self):
+    def __init__(self, warm_up, log):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, env=env)
+        self.child = None
+        self._send(warm_up, log)
+        if self.proc.stdout.readline() != "ready\n":
+            self.close()
+            pytest.fail(f"the zygote did not start: {Path(log).read_text()}")
 
-    def start(self, argv, log) -> int:
+    def _send(self, argv, log) -> None:
         self.proc.stdin.write(json.dumps([[str(a) for a in argv], str(log)]) + "\n")
         self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
+
+    def start(self, argv, log) -> int:
+        self._send(argv, log)
+        self.child = int(self.proc.stdout.readline())
+        return self.child
 
     def exit_status(self) -> int:
-        return int(self.proc.stdout.readline())
+        status, self.child = int(self.proc.stdout.readline()), None
+        return status
 
     def close(self):
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        """Stop the zygote, and its child if one still runs (a failed trial)."""
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(self.child, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait()
 
 
 TRIALS = 30
@@ -302,15 +324,20 @@ def test_kill_9_at_random_moments_never_costs_the_run(capsys, trained, tmp_path)
     """kill -9 `charrnn train --resume` (a checkpoint every step) at seeded random moments; after each kill
     generate/eval/export load the run, `--resume` takes a step from it and leaves nothing but run files;
     at the end the run is bit-identical to one trained without a kill."""
+    import torch
+
     corpus, run = trained
-    zygote = Zygote()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                   # as the children's (see ZYGOTE)
+    zygote = Zygote(["train", corpus, "--out", tmp_path / "warm-up", "--max-steps", 2, "--checkpoint-every", 1,
+                     *TINY], tmp_path / "warm-up.log")
     mid_write = before_checkpoint = 0
     try:
         for trial in range(TRIALS):
             step = ckpt.load_trainer_state(run)["step"]
             log = tmp_path / f"trial{trial}.log"
             pid = zygote.start(["train", corpus, "--out", run, "--resume", "--max-steps", 100_000, "--quiet"], log)
-            time.sleep(random.Random(trial).uniform(0.05, 1.5))
+            time.sleep(random.Random(trial).uniform(0.02, 1.0))
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -336,11 +363,13 @@ def test_kill_9_at_random_moments_never_costs_the_run(capsys, trained, tmp_path)
             assert code == 0, f"trial {trial}: resume: {err}"
             assert ckpt.load_trainer_state(run)["step"] == killed_at + 1
             assert leftovers(run) == [], f"trial {trial}"
+        steps = ckpt.load_trainer_state(run)["step"]
+        reference = tmp_path / "reference"
+        charrnn.train(str(corpus), reference, progress=False, log=lambda msg: None,   # checkpoints change no weight
+                      **{**OPTIONS, "checkpoint_every": None, "eval_every": None, "max_steps": steps})
     finally:
         zygote.close()
-    steps = ckpt.load_trainer_state(run)["step"]
-    reference = tmp_path / "reference"
-    charrnn.train(str(corpus), reference, progress=False, log=lambda msg: None, **{**OPTIONS, "max_steps": steps})
+        torch.set_num_threads(threads)
     got, want = load_file(run / ckpt.LATEST), load_file(reference / ckpt.LATEST)
     assert all((got[k] == want[k]).all() for k in want), "the killed and resumed run differs from an unkilled one"
     with capsys.disabled():
