@@ -19,7 +19,6 @@ from pathlib import Path
 
 from .errors import CharRNNError
 
-TEMP_SUFFIX = ".tmp"
 # Ours (".NAME.RANDOM.tmp"), and the ".tmpRANDOM" that safetensors' save_file (the tempfile crate) writes.
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-z_]+\.tmp|\.tmp[0-9A-Za-z]{6}")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -72,7 +71,7 @@ def reporting_full_disk(path, needed: int):
 def _new_temp(path: Path):
     """A new file beside ``path``, open for writing, and its name (``open``'s "x" mode: the usual file mode)."""
     while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
             return open(tmp, "xb", buffering=0), tmp
         except FileExistsError:

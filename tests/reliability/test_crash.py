@@ -216,8 +216,9 @@ def test_a_checkpoint_on_a_full_disk_keeps_the_last_one_and_says_what_it_needs(c
 
 @pytest.mark.probe("disk-full-run-files")
 @pytest.mark.parametrize("name,resume", [
-    (ckpt.CONFIG, False), (ckpt.VOCAB, False), (ckpt.METRICS, False), (ckpt.SAMPLES + "/", False),
-    (ckpt.BEST, False), (ckpt.CONFIG, True), (ckpt.METRICS, True),
+    (ckpt.CONFIG, False), (ckpt.VOCAB, False), (ckpt.METRICS, False), (ckpt.CONFIG, True), (ckpt.METRICS, True),
+    pytest.param(ckpt.SAMPLES + "/", False, marks=pytest.mark.slow),    # these two train, then resume
+    pytest.param(ckpt.BEST, False, marks=pytest.mark.slow),
 ])
 def test_any_run_file_on_a_full_disk_is_one_line(capsys, trained, monkeypatch, name, resume):
     corpus, run = trained
