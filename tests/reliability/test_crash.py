@@ -317,12 +317,23 @@ class Zygote:
 
 
 TRIALS = 30
+CHECKPOINT_TEMP = tuple(f".{name}." for name in (ckpt.STATE, ckpt.LATEST, ckpt.BEST))
+
+
+def wait_for_a_checkpoint_write(run: Path, timeout: float) -> bool:
+    """Wait until a checkpoint file is being written in ``run`` (its temporary file is there)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(name.startswith(CHECKPOINT_TEMP) for name in os.listdir(run)):
+            return True
+    return False
 
 
 @pytest.mark.slow
 @pytest.mark.probe("kill-9")
 def test_kill_9_at_random_moments_never_costs_the_run(capsys, trained, tmp_path):
-    """kill -9 `charrnn train --resume` (a checkpoint every step) at seeded random moments; after each kill
+    """kill -9 `charrnn train --resume` (a checkpoint every step) at seeded random moments and, every third
+    time, as soon as a checkpoint file is being written; after each kill
     generate/eval/export load the run, `--resume` takes a step from it and leaves nothing but run files;
     at the end the run is bit-identical to one trained without a kill."""
     import torch
@@ -338,7 +349,10 @@ def test_kill_9_at_random_moments_never_costs_the_run(capsys, trained, tmp_path)
             step = ckpt.load_trainer_state(run)["step"]
             log = tmp_path / f"trial{trial}.log"
             pid = zygote.start(["train", corpus, "--out", run, "--resume", "--max-steps", 100_000, "--quiet"], log)
-            time.sleep(random.Random(trial).uniform(0.02, 1.0))
+            if trial % 3 == 2:                                 # every third: while a checkpoint is written
+                assert wait_for_a_checkpoint_write(run, timeout=30), f"trial {trial}: {log.read_text()}"
+            else:
+                time.sleep(random.Random(trial).uniform(0.02, 1.0))
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
