@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..checkpoint import CONFIG, FORMAT_VERSION, VOCAB, prepare_new_run_dir
 from ..errors import CharRNNError
-from ..fileio import atomic_save, atomic_write_json
+from ..fileio import atomic_write_bytes, atomic_write_json
 from ..vocab import Vocab
 
 WEIGHTS = "model.safetensors"
@@ -129,7 +129,7 @@ def save_run(out, task: str, cfg: dict, vocab: Vocab, model: torch.nn.Module,
     if target_vocab is not None:
         target_vocab.save(out / TARGET_VOCAB)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_save(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "task": task}))
+    atomic_write_bytes(out / WEIGHTS, save(tensors, metadata={"format": "pt", "task": task}))
     atomic_write_json(out / CONFIG, {"format_version": FORMAT_VERSION, "task": task, **cfg})
 
 

@@ -41,6 +41,22 @@ PROBES = [
     Probe("tiny-temperature", "options", "`--temperature 1e-7` and `1e-45`",
           "sampled greedily, exactly as `--temperature 0`"),
     # -- crash consistency and full disks (test_crash.py) --
+    Probe("kill-9", "crashes and disks",
+          "`kill -9` of `train --resume --checkpoint-every 1` at 30 seeded random moments, mid-write included",
+          "after every kill `generate`, `eval` and `export` load the run, `--resume` goes on and leaves nothing but "
+          "run files; the run ends bit-identical to one never killed"),
+    Probe("stale-temp-files", "crashes and disks",
+          "temporary files of a killed writer (`.NAME.*.tmp`, safetensors' `.tmpXXXXXX`) in a run or a new `--out`",
+          "readers ignore them, the next trainer deletes them; never taken for run files or foreign files"),
+    Probe("file-mode", "crashes and disks", "run files written under a umask",
+          "mode 0666 less the umask (they were 0600)"),
+    Probe("disk-full-checkpoint", "crashes and disks",
+          "a checkpoint on a full disk (a small tmpfs; a patched write where mounting is not allowed)",
+          "one line, exit 2, the space needed and free and the `--resume` command; the last checkpoint intact, "
+          "loadable and resumed once there is room"),
+    Probe("disk-full-run-files", "crashes and disks",
+          "a full disk writing config.json, vocab.json, metrics.jsonl, a sample or the best weights",
+          "the same one line, exit 2; no temporary file, no half line in metrics.jsonl, the run resumable"),
 
     # -- corrupt and foreign run files (test_files.py) --
     Probe("damaged-run-file", "run files", "each run file (config.json, vocab.json, best/model.safetensors, "
