@@ -488,9 +488,8 @@ def _encode_to_cache(files, stats, cache: Path, lowercase, newlines_to_spaces, p
         cache.mkdir(parents=True, exist_ok=True)
         # Pass 2: the ids, written in order (never through a memory map: a full disk must fail a write, not
         # kill the process with SIGBUS) to a temporary file renamed into place, then the metadata.
-        def write(tmp):
-            with open(tmp, "wb") as out, \
-                    tqdm(total=n, unit="char", unit_scale=True, desc="encoding corpus", disable=not show) as bar:
+        def write(out):
+            with tqdm(total=n, unit="char", unit_scale=True, desc="encoding corpus", disable=not show) as bar:
                 _write_ids(out, _encoded(files, vocab, lowercase, newlines_to_spaces, n, stats), vocab.dtype, n, bar)
             _check_unchanged(files, stats)
 

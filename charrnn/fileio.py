@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -98,6 +99,23 @@ def atomic_write_bytes(path, data) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def atomic_save(path, write) -> None:
+    """Replace ``path`` by what ``write(file)`` writes into a new binary file, for data too large to hold in
+    memory: all of it or, after any failure or kill, the old file.  Errors (a full disk included) are left
+    to the caller to word."""
+    path = Path(path)
+    raw, tmp = _new_temp(path)
+    try:
+        with io.BufferedWriter(raw) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path, text: str) -> None:
