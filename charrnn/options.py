@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import INTEGER, NON_NEGATIVE_INT, POSITIVE_INT, check_fields, option
+from .config import NON_NEGATIVE_INT, POSITIVE_INT, SEED, check_fields, option
 from .errors import OptionError
 
 # Temperatures below this sample as greedily as 0 does: the distribution is one-hot long before, and
@@ -31,7 +31,7 @@ class GenerationOptions:
     top_p: float | None = option(None, "sample only among the most likely characters holding mass P", metavar="P",
                                  check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
     num_samples: int = option(1, "samples, generated together in one batch", check=POSITIVE_INT)
-    seed: int | None = option(None, "random seed: same seed, same text", check=INTEGER)
+    seed: int | None = option(None, "random seed: same seed, same text", check=SEED)
 
     def validate(self) -> "GenerationOptions":
         check_fields(self)
@@ -39,10 +39,10 @@ class GenerationOptions:
 
 
 def check_sampling_options(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                           length: int = 1, num_samples: int = 1) -> None:
+                           length: int = 1, num_samples: int = 1, seed: int | None = None) -> None:
     """Raises :class:`charrnn.errors.OptionError` for a bad value."""
     GenerationOptions(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                      num_samples=num_samples).validate()
+                      num_samples=num_samples, seed=seed).validate()
 
 
 def check_beam_width(beam_width) -> None:
@@ -51,12 +51,12 @@ def check_beam_width(beam_width) -> None:
         raise OptionError("beam_width", "must be a positive integer, got {value}", value=beam_width)
 
 
-def start_text(prompt: str, chars) -> str:
+def start_text(prompt: str, chars, option: str = "prompt") -> str:
     """The text generation starts from: ``prompt``, or a newline when it is empty (and the
-    vocabulary ``chars`` has one)."""
+    vocabulary ``chars`` has one); ``option`` is the option that gave the prompt, for the error."""
     if prompt == "":
         if "\n" not in chars:
-            raise OptionError("prompt", "is empty and this vocabulary has no newline to start from; give some text "
-                                        "to continue")
+            raise OptionError(option, "is empty and this vocabulary has no newline to start from; give some text "
+                                      "to continue")
         return "\n"
     return prompt
