@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native, ops
-from .errors import CharRNNError, OptionError
+from .errors import CharRNNError
 from .hardware import check_sampling_fits
 from .models.charlm import CharLM, State
 from .ops import gru

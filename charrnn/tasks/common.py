@@ -14,7 +14,6 @@ written atomically with :mod:`charrnn.fileio`, like a language-model run.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
