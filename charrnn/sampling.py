@@ -11,14 +11,14 @@ samples of the batch at once.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import native, ops
-from .errors import CharRNNError, OptionError
-from .hardware import memory_bytes
+from .errors import CharRNNError
+from .hardware import check_sampling_fits
 from .models.charlm import CharLM, State
 from .ops import gru
 from .ops.table import input_table
@@ -314,29 +314,28 @@ class Sampler:
             yield self.vocab.decode_each(ids.tolist())
 
     def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
-        """Refuse, before any work, ``rows`` samples (or beam candidates) of ``length`` characters that
-        this device's memory cannot hold: each row's recurrent state and logits (float32, a few copies),
-        and for ``length`` the ids kept until the end (int64).  The error names ``option`` = ``value``."""
-        c = self.model.config
-        per_row = 4 * 4 * (c.layers * c.hidden * (2 if c.arch == "lstm" else 1) + c.vocab_size) + 8 * length
-        have = memory_bytes(self.device)
-        if have is not None and rows * per_row > have:
-            raise OptionError(option, "is {value:,}: that needs about {need:,.1f} GiB, more than the {have:,.1f} "
-                              "GiB of memory here; ask for less", value=value,
-                              need=rows * per_row / 2**30, have=have / 2**30)
+        """:func:`charrnn.hardware.check_sampling_fits` for this model and device."""
+        check_sampling_fits(self.model.config, self.device, option, value, rows, length)
 
+    @torch.inference_mode()
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, num_samples: int = 1,
-                 **options) -> list[str]:
-        """Complete texts (prompt + continuation), one per sample."""
+                 stop: Callable[[], bool] | None = None, **options) -> list[str]:
+        """Complete texts (prompt + continuation), one per sample; shorter when ``stop()`` turns true
+        (asked after each character)."""
         opts = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p")}
         rows = num_samples if isinstance(prompt, str) else len(prompt)
         check_sampling_options(length=length, num_samples=rows, **opts)
         self.check_fits("num_samples", rows, rows)
         self.check_fits("length", length, rows, length)
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        steps = list(self.stream_ids(prompts, length, **options))   # left on the device: on a GPU the
-        ids = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]   # host waits once, not per character
-        return [p + self.vocab.decode(r) for p, r in zip(prompts, ids)]
+        # Kept on the device: on a GPU the host waits once, not per character.
+        ids = torch.empty(len(prompts), length, dtype=torch.long, device=self.device)
+        done = 0
+        for done, step in enumerate(self.stream_ids(prompts, length, **options), 1):
+            ids[:, done - 1] = step
+            if stop is not None and stop():
+                break
+        return [p + self.vocab.decode(r) for p, r in zip(prompts, ids[:, :done].tolist())]
 
     @torch.inference_mode()
     def beam(self, prompt: str, length: int, beam_width: int) -> list[tuple[str, float]]:

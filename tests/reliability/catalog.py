@@ -104,6 +104,24 @@ PROBES = [
     Probe("corpus-huge-vocab", "corpora", "a corpus of 100,000 distinct characters",
           "trains, in under 1.5 GiB of memory: evaluation cuts its logits into chunks (it took 3.7 GB)"),
 
+    Probe("option-walk", "options", "NaN, inf, -inf, -1, 0, 10**23 and 1e30 for every numeric option of every "
+          "command (train, generate, serve, the tasks), the list read from the parser",
+          "each refused in one line naming the option (exit 2) or honoured (exit 0): no traceback, no hang, nothing "
+          "past an 8 GiB address-space limit; NaN and -1 always refused before any work"),
+    Probe("model-size", "options", "`--hidden 10000000`, `--layers 100000`, `--layers 10**23`",
+          "refused before anything is allocated, with the memory a training step needs and the memory here"),
+    Probe("seed-range", "options", "`--seed 99999999999999999999999` and `--seed -1` (train, generate)",
+          "one line naming --seed and its range, 0 to 2**63 - 1 (the server's too)"),
+    Probe("sample-length", "options", "`--sample-length` past the memory here; SIGTERM while a long training "
+          "sample is written",
+          "refused before training; the signal cuts the sample short and the run stops at once, checkpointed "
+          "(exit 130) and resumable"),
+    Probe("sample-prompt", "options", "an empty `--sample-prompt` on a corpus without a newline; a sample that "
+          "fails at the end of training",
+          "refused before training, naming --sample-prompt; the final checkpoint is written before the last sample"),
+    Probe("int8-nan", "numerics", "a NaN or infinite activation in the int8 sampling step (AVX2 and portable "
+          "kernels)", "every output of that sample is NaN, as in the PyTorch reference: no NaN hidden"),
+
     # -- server abuse (test_server.py) --
     Probe("server-hostile-json", "server", "bodies with a 5,000-deep JSON array, a 5,001-digit integer, a lone "
           "surrogate (`\\ud800`), invalid UTF-8, on both endpoints",
