@@ -75,8 +75,8 @@ PROBES = [
     Probe("onnx-metadata", "run files", "an `.onnx` file whose charrnn metadata is another run's (vocabulary, "
           "model), unparsable or wrongly typed; a damaged `.onnx` file",
           "refused in one line naming the file, nothing printed on stdout"),
-    Probe("seed-range", "options", "`generate --seed 99999999999999999999999`, `--seed -1` and `2**63`, from a run "
-          "and from an `.onnx` file",
+    Probe("seed-range", "options", "`--seed 99999999999999999999999`, `--seed -1` and `2**63` for `train`, and for "
+          "`generate` from a run and from an `.onnx` file",
           "refused in one line naming `--seed` and its range [0, 2**63); the largest seed generates"),
 
     # -- hostile corpora and options (test_corpora.py, test_options.py) --
@@ -110,8 +110,6 @@ PROBES = [
           "past an 8 GiB address-space limit; NaN and -1 always refused before any work"),
     Probe("model-size", "options", "`--hidden 10000000`, `--layers 100000`, `--layers 10**23`",
           "refused before anything is allocated, with the memory a training step needs and the memory here"),
-    Probe("seed-range", "options", "`--seed 99999999999999999999999` and `--seed -1` (train, generate)",
-          "one line naming --seed and its range, 0 to 2**63 - 1 (the server's too)"),
     Probe("sample-length", "options", "`--sample-length` past the memory here; SIGTERM while a long training "
           "sample is written",
           "refused before training; the signal cuts the sample short and the run stops at once, checkpointed "
