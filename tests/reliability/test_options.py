@@ -214,17 +214,25 @@ def walk(cases: list[tuple[str, list[str]]], places: dict, seconds: float, backs
     exception that escaped (a case still running after ``seconds`` is stopped by a TimeoutError).  With
     ``backstop``, one stuck where no signal reaches ends the process with its stacks (faulthandler), after
     twice that.  ``charrnn serve`` returns once it is listening."""
+    import uvicorn
+
+    results = []
+    listening, uvicorn.Server.run = uvicorn.Server.run, lambda self, sockets=None: None
+    try:
+        _walk(cases, places, seconds, backstop, results)
+    finally:
+        uvicorn.Server.run = listening       # later tests start real servers
+    return results
+
+
+def _walk(cases, places: dict, seconds: float, backstop: bool, results: list) -> None:
     import contextlib
     import faulthandler
     import io
     import traceback
 
-    import uvicorn
-
     from charrnn.cli import main
 
-    uvicorn.Server.run = lambda self, sockets=None: None
-    results = []
     for flag, argv in cases:
         argv = [a.format(**places) for a in argv]
         out, err, raised = io.StringIO(), io.StringIO(), None
@@ -241,7 +249,6 @@ def walk(cases: list[tuple[str, list[str]]], places: dict, seconds: float, backs
         finally:
             faulthandler.cancel_dump_traceback_later()
         results.append(dict(flag=flag, argv=argv, code=code, err=err.getvalue(), raised=raised))
-    return results
 
 
 def refusal_problem(r: dict) -> str | None:
