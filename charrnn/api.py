@@ -50,6 +50,7 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
 
     out = Path(out)
     with ExitStack() as held, distributed.session() as d:
+        held.enter_context(ckpt.out_of_space_advice(out, corpus))   # outermost: it sees every write's failure
         loaded = []
 
         def prepare():

@@ -11,28 +11,32 @@
     RUN/metrics.jsonl        one JSON object per logged step or evaluation
     RUN/samples/             text sampled during training
 
-Every write is atomic (temporary file + rename).  ``trainer-state.pt`` carries its own
-copy of the weights, so a kill between two file writes can never pair weights of one
-step with an optimizer state of another.  It holds only tensors, numbers and strings and
+Every write is atomic (temporary file + rename); the temporary files of a writer killed
+in the middle of one are deleted by the next (see :func:`writer_lock`).  ``trainer-state.pt``
+carries its own copy of the weights, so a kill between two file writes can never pair weights
+of one step with an optimizer state of another.  It holds only tensors, numbers and strings and
 is loaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import shlex
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .config import build_config
 from .distributed import Dist, rank_seed
 from .errors import CharRNNError
-from .fileio import atomic_save, atomic_write_json, atomic_write_text
+from .fileio import (NoSpaceError, append_text, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                     is_temp_name, reporting_full_disk)
 from .models.charlm import CharLM, ModelConfig, State
 from .tokens import TOKENIZER_FILE, load_vocab
 from .vocab import Vocab
@@ -64,8 +68,9 @@ def writer_lock(path, create: bool = True):
     """Hold ``path`` (a run directory, created if missing) for this process alone while the block runs:
     a second trainer on the same directory is refused with one line naming the holder's pid.  The lock
     is the operating system's (``flock``), so a process that dies releases it; readers (generate, eval,
-    serve) never take it.  Without ``create`` a missing directory is left to the caller's checks.  Where
-    ``fcntl`` does not exist (Windows) nothing is locked."""
+    serve) never take it.  The new holder deletes what killed writers left (:func:`remove_stale_temp_files`).
+    Without ``create`` a missing directory is left to the caller's checks.  Where ``fcntl`` does not exist
+    (Windows) nothing is locked."""
     try:
         import fcntl
     except ImportError:
@@ -76,8 +81,10 @@ def writer_lock(path, create: bool = True):
         return
     _refuse_a_file(path)
     created = not path.exists()
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    pid = str(os.getpid()).encode()
+    with reporting_full_disk(path / LOCK, len(pid)):
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,8 +93,10 @@ def writer_lock(path, create: bool = True):
             raise CharRNNError(f"{path} is being trained by another charrnn process (pid {holder}); wait for it "
                                "to finish or stop it, or choose another --out") from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
         try:
+            with reporting_full_disk(path / LOCK, len(pid)):
+                os.write(fd, pid)
+            remove_stale_temp_files(path)
             yield
         finally:
             if created and [p.name for p in path.iterdir()] == [LOCK]:   # refused before writing anything
@@ -95,6 +104,31 @@ def writer_lock(path, create: bool = True):
                 path.rmdir()
     finally:
         os.close(fd)
+
+
+def remove_stale_temp_files(path) -> None:
+    """Delete the temporary files (see :func:`charrnn.fileio.is_temp_name`) that writers killed in the
+    middle of a write left in the run directory ``path`` and its samples.  Only the holder of
+    :func:`writer_lock` calls this: no other process is writing there."""
+    for folder in (Path(path), Path(path) / SAMPLES):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if is_temp_name(p.name) and p.is_file():
+                    p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def out_of_space_advice(path, corpus):
+    """A full disk while training into ``path`` on ``corpus`` (as the user named it): the error says how
+    to go on, from the last checkpoint (all of it is kept: every write is atomic) or from the start."""
+    try:
+        yield
+    except NoSpaceError as e:
+        if (Path(path) / STATE).is_file():
+            raise e.advise(f"free some space, then continue with `charrnn train {shlex.quote(str(corpus))} --out "
+                           f"{shlex.quote(str(path))} --resume`") from None
+        again = " with --force" if (Path(path) / CONFIG).exists() else ""
+        raise e.advise(f"free some space and start the run again{again}") from None
 
 
 def check_new_run_dir(path, force: bool = False) -> Path:
@@ -212,7 +246,7 @@ def start_run(path, cfg: dict, vocab: Vocab) -> None:
 
 def save_weights(path, model: CharLM, step: int) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "step": str(step)}))
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt", "step": str(step)}))
 
 
 # --------------------------------------------------------------------------- the trainer state (exact resume)
@@ -248,7 +282,8 @@ def save_checkpoint(run, model: CharLM, optimizer: torch.optim.Optimizer, train_
         stream = [dist.cat_rows(t.detach(), dim=1).cpu() for t in held]  # the whole global batch
     rng = dist.all_objects(torch.get_rng_state())
     rng_cuda = dist.all_objects(torch.cuda.get_rng_state()) if device.type == "cuda" else None
-    if dist.main:
+
+    def write() -> None:
         state = {
             "format_version": FORMAT_VERSION,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -264,9 +299,12 @@ def save_checkpoint(run, model: CharLM, optimizer: torch.optim.Optimizer, train_
             state["rng_cuda"] = rng_cuda[0]
             if dist.active:
                 state["rng_cuda_ranks"] = rng_cuda
-        atomic_save(Path(run) / STATE, lambda tmp: torch.save(state, tmp))
+        data = io.BytesIO()
+        torch.save(state, data)
+        atomic_write_bytes(Path(run) / STATE, data.getbuffer())
         save_weights(Path(run) / LATEST, model, train_state.step)
-    dist.barrier()
+
+    dist.on_rank0(write)   # a failed write (a full disk) stops every rank
 
 
 def restore_checkpoint(state: dict, model: CharLM, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -388,8 +426,6 @@ def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int,
     if saved_model != model_cfg.to_dict():
         raise CharRNNError(f"the model options differ from the run's ({saved.get('model')}); resume without "
                            "changing --arch/--hidden/--embed/--layers/--dropout/--weight-drop")
-    for stale in run.glob(".*.tmp"):  # left by a kill in the middle of a write
-        stale.unlink(missing_ok=True)
     state = load_trainer_state(run)
     with torch.device("meta"):               # shapes only, no memory
         problem = weights_mismatch(state["model"], CharLM(model_cfg))
@@ -411,8 +447,7 @@ def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int,
 
 def append_metric(run, record: dict) -> None:
     """Add one record (a logged step, an evaluation, an epoch's end) to ``metrics.jsonl``."""
-    with open(Path(run) / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    append_text(Path(run) / METRICS, json.dumps(record) + "\n")
 
 
 def _metric_lines(run) -> list[tuple[str, dict]]:

@@ -170,7 +170,7 @@ def _generator(args, o: GenerationOptions):
 def cmd_generate(args) -> int:
     # Options left out take GenerationOptions' defaults (the temperature: an .onnx file's, see _generator).
     o = GenerationOptions(**{name: getattr(args, name) for name in option_names(GenerationOptions)
-                             if getattr(args, name) is not None})
+                             if getattr(args, name) is not None}).validate()
     lm, options = _generator(args, o)
     _warn_unknown(lm, o.prompt)
     if args.beam_width is not None:

@@ -26,6 +26,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from .errors import CharRNNError, OptionError
 
 ARCHS = ("gru", "lstm", "rnn")
+GATES = {"gru": 3, "lstm": 4, "rnn": 1}   # gate blocks of each recurrent cell's weights
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -136,11 +137,18 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """The parameter count of the model these options build (as ``CharLM.num_parameters()``)."""
-        gates = {"gru": 3, "lstm": 4, "rnn": 1}[self.arch] * self.hidden
+        gates = GATES[self.arch] * self.hidden
         width = self.embed or self.vocab_size
-        recurrent = sum(gates * ((width if layer == 0 else self.hidden) + self.hidden + 2)
-                        for layer in range(self.layers))
+        recurrent = gates * (width + self.hidden + 2) + (self.layers - 1) * gates * (2 * self.hidden + 2)
         return self.vocab_size * self.embed + recurrent + self.hidden * self.vocab_size + self.vocab_size
+
+    def training_bytes(self, batch_size: int, seq_len: int) -> int:
+        """The least memory a training step takes: float32 weights, gradients and two optimizer moments
+        (16 bytes a parameter), and for each of the batch's characters the activations kept for the
+        backward pass and their gradients (every layer's gates and output, the logits thrice)."""
+        gates = GATES[self.arch]
+        per_char = 4 * (2 * self.layers * (gates + 1) * self.hidden + 3 * self.vocab_size + self.embed)
+        return 16 * self.num_parameters() + batch_size * seq_len * per_char
 
 
 MODEL_OPTIONS = tuple(f.name for f in fields(ModelConfig) if f.metadata.get("help"))

@@ -53,8 +53,10 @@ class WindowBatches:
         if self._n_windows(self.step - 1) < self.batch_size:
             raise CharRNNError(
                 f"the training text ({len(self.ids):,} characters) is shorter than one batch of "
-                f"{self.batch_size} sequences of {self.seq_len + 1}; use a longer corpus or lower "
-                f"--batch-size / --seq-len"
+                f"{self.batch_size} sequences of {self.seq_len + 1}"
+                + (f" every {self.window_step}" if self.window_step else "")
+                + "; use a longer corpus or lower --batch-size / --seq-len"
+                + (" / --window-step" if self.window_step else "")
             )
         self._epoch = None
 

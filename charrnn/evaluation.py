@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tokenized
-from .corpus import load_corpus
+from .corpus import load_corpus, recorded_corpus
 from .data import eval_streams, split_train_val
 from .distributed import SINGLE, Dist
 from .errors import CharRNNError
@@ -22,6 +22,7 @@ from . import ops
 from .models.charlm import CharLM
 
 LN2 = math.log(2)
+LOGITS_BYTES = 256 << 20  # the most memory one evaluation chunk's float32 logits take
 
 
 @torch.no_grad()
@@ -49,6 +50,8 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     mine = dist.share(x.shape[0])
     x, y = x[mine], y[mine]
     state = None
+    # Shorter chunks where the vocabulary is large: the logits of one chunk stay within LOGITS_BYTES.
+    seq_len = max(1, min(seq_len, LOGITS_BYTES // (4 * max(1, len(x)) * model.config.vocab_size)))
     try:
         for t in range(0, x.shape[1] if len(x) else 0, seq_len):
             xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
@@ -75,7 +78,7 @@ def held_out_ids(run_config: dict, vocab, corpus: str | None = None) -> tuple[np
         name = run_config.get("corpus", {}).get("name")
         if not name:
             raise CharRNNError("this run does not record its corpus; pass --corpus")
-        data = load_corpus(name, lowercase=lower, newlines_to_spaces=nl)
+        data = load_corpus(recorded_corpus(name), lowercase=lower, newlines_to_spaces=nl)
         if vocab.kind == "char":
             _, ids = split_train_val(data.reencode(vocab), norm.get("val_fraction", 0.1))
             chars = len(ids) - 1

@@ -1,30 +1,120 @@
 """Atomic file writes: write a temporary file beside the target, fsync, rename.
 
-A kill at any moment leaves either the old file or the new one, never half of one.
+A kill at any moment leaves either the old file or the new one, never half of one; what it can
+leave besides is a temporary file named by :func:`is_temp_name`, which the next writer deletes.
+New files get the usual mode (``0666`` less the umask).  A full disk is a :class:`NoSpaceError`:
+one line saying which file, how much it needed and how much is free, and the file as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
 from pathlib import Path
 
+from .errors import CharRNNError
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+# Ours (".NAME.RANDOM.tmp"), and the ".tmpRANDOM" that safetensors' save_file (the tempfile crate) writes.
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-z_]+\.tmp|\.tmp[0-9A-Za-z]{6}")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is a temporary file of an atomic write (one left by a killed writer, unless
+    a writer is running)."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+class NoSpaceError(CharRNNError):
+    """A write that found its disk (or quota) full.  ``then`` says what to do about it;
+    :meth:`advise` gives the same error with other advice (a caller knows better how to go on)."""
+
+    def __init__(self, path, needed: int, then: str = "free some space and try again"):
+        self.path, self.needed, self.then = Path(path), needed, then
+        try:
+            free = _size(shutil.disk_usage(self.path.parent).free)
+        except OSError:
+            free = "unknown"
+        super().__init__(f"no space left on device writing {path}: about {_size(needed)} needed, {free} free; "
+                         f"{then}")
+
+    def advise(self, then: str) -> NoSpaceError:
+        return NoSpaceError(self.path, self.needed, then)
+
+    def __reduce__(self):
+        return NoSpaceError, (self.path, self.needed, self.then)
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path, needed: int):
+    """An ``OSError`` of a full disk (or quota) in the block becomes a :class:`NoSpaceError` for ``path``."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        raise NoSpaceError(path, needed) from None
+
+
+def _new_temp(path: Path):
+    """A new file beside ``path``, open for writing, and its name (``open``'s "x" mode: the usual file mode)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return open(tmp, "xb", buffering=0), tmp
+        except FileExistsError:
+            continue
+
+
+def _write_all(f, data) -> None:
+    """Write all of ``data`` to the unbuffered file ``f`` (a write may take only part of it)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view):]
+
+
+def atomic_write_bytes(path, data) -> None:
+    """Replace ``path`` by ``data`` (bytes or any buffer): all of it or, after any failure or kill, the old file."""
+    path = Path(path)
+    with reporting_full_disk(path, memoryview(data).nbytes):
+        f, tmp = _new_temp(path)
+        try:
+            with f:
+                _write_all(f, data)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def atomic_save(path, write) -> None:
+    """Replace ``path`` by what ``write(file)`` writes into a new binary file, for data too large to hold in
+    memory: all of it or, after any failure or kill, the old file.  Errors (a full disk included) are left
+    to the caller to word."""
+    path = Path(path)
+    raw, tmp = _new_temp(path)
+    try:
+        with io.BufferedWriter(raw) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -36,19 +126,14 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def atomic_save(path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``."""
+def append_text(path, text: str) -> None:
+    """Add ``text`` at the end of ``path`` (created if missing); a full disk leaves the file as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    data = text.encode("utf-8")
+    with reporting_full_disk(path, len(data)), open(path, "ab", buffering=0) as f:
+        end = f.seek(0, os.SEEK_END)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            _write_all(f, data)
+        except OSError:
+            f.truncate(end)
+            raise

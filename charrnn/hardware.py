@@ -12,7 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,11 +80,32 @@ def memory_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_model_fits(parameters: int, device: torch.device) -> None:
-    """Refuse, before anything is allocated, a model whose training cannot fit in ``device``'s memory:
-    float32 weights, gradients and two optimizer moments are 16 bytes a parameter at the least."""
-    need, have = 16 * parameters, memory_bytes(device)
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_model_fits(need: int, parameters: int, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model whose training needs ``need`` bytes (its
+    :meth:`charrnn.config.ModelConfig.training_bytes`), more than ``device``'s memory."""
+    have = memory_bytes(device)
     if have is not None and need > have:
-        raise CharRNNError(f"the model would have {parameters:,} parameters: training it needs at least "
-                           f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB of {device.type} memory "
-                           "here; choose a smaller --hidden, --layers or --embed")
+        raise CharRNNError(f"the model would have {parameters:,} parameters: a training step needs at least "
+                           f"{_gib(need)}, more than the {_gib(have)} of {device.type} memory here; choose a smaller "
+                           "--hidden, --layers, --embed, --batch-size or --seq-len")
+
+
+# What one generated character costs until its sample is returned: its id (int64), its entries in the
+# two Python lists it passes through while decoded, and its text.
+CHAR_BYTES = 32
+
+
+def check_sampling_fits(config, device: torch.device, option: str, value: int, rows: int, length: int = 0) -> None:
+    """Refuse, before any work, ``rows`` samples (or beam candidates) of ``length`` characters from a model
+    of ``config`` (a :class:`charrnn.config.ModelConfig`) that ``device``'s memory cannot hold: each row's
+    recurrent state and logits (float32, a few copies) and its characters.  The error names ``option``."""
+    state = config.layers * config.hidden * (2 if config.arch == "lstm" else 1)
+    per_row = 4 * 4 * (state + config.vocab_size) + CHAR_BYTES * length
+    have = memory_bytes(device)
+    if have is not None and rows * per_row > have:
+        raise OptionError(option, "is {value:,}: that needs about {need}, more than the {have} of memory here; "
+                                  "ask for less", value=value, need=_gib(rows * per_row), have=_gib(have))

@@ -51,12 +51,12 @@ def check_beam_width(beam_width) -> None:
         raise OptionError("beam_width", "must be a positive integer, got {value}", value=beam_width)
 
 
-def start_text(prompt: str, chars) -> str:
+def start_text(prompt: str, chars, option: str = "prompt") -> str:
     """The text generation starts from: ``prompt``, or a newline when it is empty (and the
-    vocabulary ``chars`` has one)."""
+    vocabulary ``chars`` has one); ``option`` is the option that gave the prompt, for the error."""
     if prompt == "":
         if "\n" not in chars:
-            raise OptionError("prompt", "is empty and this vocabulary has no newline to start from; give some text "
-                                        "to continue")
+            raise OptionError(option, "is empty and this vocabulary has no newline to start from; give some text "
+                                      "to continue")
         return "\n"
     return prompt

@@ -11,20 +11,23 @@ samples of the batch at once.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from . import native, ops
-from .errors import CharRNNError, OptionError
-from .hardware import memory_bytes
+from .errors import CharRNNError
+from .hardware import check_sampling_fits
 from .models.charlm import CharLM, State
 from .ops import gru
 from .ops.table import input_table
 from .options import GREEDY_BELOW, check_beam_width, check_sampling_options, start_text  # noqa: F401
 from .tokens import TextStream
 from .vocab import UNK_ID, Vocab
+
+# Prompt characters run through the model at once when priming.
+PRIME_CHUNK = 1024
 
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -45,6 +48,7 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
         probs = sorted_logits.softmax(-1)
         # Drop a character when the mass of the ones strictly more likely already reaches p.
         drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop_sorted[:, 0] = False  # the most likely stays, also when top_p underflows the logits' dtype to 0
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -281,9 +285,12 @@ class Sampler:
         for p in prompts:
             if p not in by_prompt:
                 ids, tail = self.healed(p)
-                out, st = self.model(ids.to(self.device)[None])
+                st = None
+                # In pieces, so that a long prompt costs its ids, not a row of activations per character.
+                for piece in ids.to(self.device).split(PRIME_CHUNK):
+                    out, st = self.model(piece[None], st)
                 out = out[:, -1]
-                if tail:
+                if tail:            # token healing: the first token completes the prompt's last one
                     allowed = torch.from_numpy(self.vocab.starting_with(tail)).to(out.device)
                     out = out.masked_fill(~allowed, float("-inf"))
                 by_prompt[p] = (out, st)
@@ -331,20 +338,14 @@ class Sampler:
                 return
 
     def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
-        """Refuse, before any work, ``rows`` samples (or beam candidates) of ``length`` characters that
-        this device's memory cannot hold: each row's recurrent state and logits (float32, a few copies),
-        and for ``length`` the ids kept until the end (int64).  The error names ``option`` = ``value``."""
-        c = self.model.config
-        per_row = 4 * 4 * (c.layers * c.hidden * (2 if c.arch == "lstm" else 1) + c.vocab_size) + 8 * length
-        have = memory_bytes(self.device)
-        if have is not None and rows * per_row > have:
-            raise OptionError(option, "is {value:,}: that needs about {need:,.1f} GiB, more than the {have:,.1f} "
-                              "GiB of memory here; ask for less", value=value,
-                              need=rows * per_row / 2**30, have=have / 2**30)
+        """:func:`charrnn.hardware.check_sampling_fits` for this model and device."""
+        check_sampling_fits(self.model.config, self.device, option, value, rows, length)
 
+    @torch.inference_mode()
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, num_samples: int = 1,
-                 **options) -> list[str]:
-        """Complete texts (prompt + continuation), one per sample."""
+                 stop: Callable[[], bool] | None = None, **options) -> list[str]:
+        """Complete texts (prompt + continuation), one per sample; shorter when ``stop()`` turns true
+        (asked after each character)."""
         opts = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p")}
         rows = num_samples if isinstance(prompt, str) else len(prompt)
         check_sampling_options(length=length, num_samples=rows, **opts)
@@ -352,11 +353,20 @@ class Sampler:
         self.check_fits("length", length, rows, length)
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
         if self.vocab.kind != "char":
-            pieces = list(self.stream(prompts, length, **options))
-            return [p + "".join(row) for p, row in zip(prompts, zip(*pieces))] if pieces else list(prompts)
-        steps = list(self.stream_ids(prompts, length, **options))   # left on the device: on a GPU the
-        ids = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]   # host waits once, not per character
-        return [p + self.vocab.decode(r) for p, r in zip(prompts, ids)]
+            texts = list(prompts)
+            for pieces in self.stream(prompts, length, **options):
+                texts = [t + piece for t, piece in zip(texts, pieces)]
+                if stop is not None and stop():
+                    break
+            return texts
+        # Kept on the device: on a GPU the host waits once, not per character.
+        ids = torch.empty(len(prompts), length, dtype=torch.long, device=self.device)
+        done = 0
+        for done, step in enumerate(self.stream_ids(prompts, length, **options), 1):
+            ids[:, done - 1] = step
+            if stop is not None and stop():
+                break
+        return [p + self.vocab.decode(r) for p, r in zip(prompts, ids[:, :done].tolist())]
 
     @torch.inference_mode()
     def beam(self, prompt: str, length: int, beam_width: int) -> list[tuple[str, float]]:

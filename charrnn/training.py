@@ -57,9 +57,10 @@ from .distributed import SINGLE, Dist, rank_seed
 from .errors import CharRNNError, OptionError
 from .evaluation import LN2, evaluate
 from .fileio import atomic_write_text
-from .hardware import autocast, check_model_fits, resolve_device, resolve_precision
+from .hardware import autocast, check_model_fits, check_sampling_fits, resolve_device, resolve_precision
 from .models.charlm import CharLM, State
 from .ops.sampled_softmax import sampled_softmax_loss, unigram
+from .options import start_text
 from .tokens import load_vocab
 from .vocab import UNK_ID
 
@@ -181,7 +182,9 @@ class Trainer:
         check_sampled_softmax(cfg, len(self.vocab))
         self.proposal = unigram_proposal(self.train_ids, len(self.vocab)) if cfg.sampled_softmax else None
         self.model_cfg = cfg.model_config(len(self.vocab))
-        check_model_fits(self.model_cfg.num_parameters(), self.device)
+        check_model_fits(self.model_cfg.training_bytes(cfg.batch_size // dist.world, cfg.seq_len),
+                         self.model_cfg.num_parameters(), self.device)
+        check_samples(self)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = CharLM(self.model_cfg).to(self.device)
         if dist.rank:  # dropout masks differ between the ranks, which see different rows
@@ -192,6 +195,7 @@ class Trainer:
         self.hooks: dict[str, list[Hook]] = {event: [] for event in EVENTS}
         self.console = Console(progress, self.log)
         self._stop_request: str | None = None
+        self._signals = StopFlag()
         add_builtin_hooks(self)
         if resume:
             self._resume()
@@ -233,6 +237,11 @@ class Trainer:
         """Stop after the current step (a last evaluation, sample and checkpoint follow, as at any stop)."""
         self._stop_request = reason
 
+    def signalled(self) -> bool:
+        """Whether Ctrl-C or SIGTERM has asked this process to stop (long work inside a step, such as a
+        sample, asks this to stop early)."""
+        return self._signals.reason is not None
+
     def _emit(self, event: str, info: dict) -> None:
         for fn in self.hooks[event]:
             fn(self, info)
@@ -249,7 +258,7 @@ class Trainer:
         self.losses = LossTracker(self.device, self.dist)
         self.console.open(total_steps, self.state.step)
         self.model.train()
-        with StopFlag().installed() as signals:
+        with self._signals.installed() as signals:
             while True:
                 reason, now = self._check_stop(signals)
                 if reason:
@@ -495,9 +504,11 @@ def add_builtin_hooks(trainer: Trainer) -> None:
     trainer.add_hook("after_step", trainer.console.after_step)
     trainer.add_hook("after_log", trainer.console.after_log)
     trainer.add_hook("epoch_end", trainer.console.epoch_end)
-    validation = Validation()
-    for hook in (validation, Samples(), Checkpoints(validation)):
+    validation, samples = Validation(), Samples()
+    checkpoints = Checkpoints(validation)
+    for hook in (validation, samples, checkpoints):
         trainer.add_hook("after_step", hook.after_step)
+    for hook in (validation, checkpoints, samples):   # the last checkpoint first: no sample can cost it
         trainer.add_hook("train_end", hook.train_end)
 
 
@@ -586,7 +597,8 @@ class Samples:
             self.run(trainer)
 
     def train_end(self, trainer: Trainer, info: dict) -> None:
-        if trainer.cfg.sample_every != 0 and self.last_step != info["step"] and info["step"] > 0:
+        if (trainer.cfg.sample_every != 0 and self.last_step != info["step"] and info["step"] > 0
+                and info["stop_reason"] != "interrupted"):
             self.run(trainer)
 
     def run(self, trainer: Trainer) -> None:
@@ -596,10 +608,7 @@ class Samples:
         self.last_step = step
         if not t.dist.main:
             return
-        prompt = cfg.sample_prompt
-        if prompt is None:
-            source = t.val_ids if len(t.val_ids) else t.train_ids
-            prompt = t.vocab.decode(np.asarray(source[:40]))
+        prompt = sample_prompt(t)
         folder = t.run_dir / ckpt.SAMPLES
         folder.mkdir(exist_ok=True)
         try:
@@ -607,11 +616,34 @@ class Samples:
             for temperature in cfg.sample_temperatures:
                 # A generator of its own per (seed, step): the training RNG is left untouched.
                 text = sampler.generate(prompt, cfg.sample_length, temperature=temperature,
-                                        seed=(cfg.seed * 1_000_003 + step) % 2**63)[0]
+                                        seed=(cfg.seed * 1_000_003 + step) % 2**63, stop=t.signalled)[0]
                 atomic_write_text(folder / f"step{step:07d}-t{temperature:g}.txt", text)
-                t.console.write(f"----- sample at step {step}, temperature {temperature:g} -----\n{text}\n")
+                cut = " (cut short: interrupted)" if t.signalled() else ""
+                t.console.write(f"----- sample at step {step}, temperature {temperature:g}{cut} -----\n{text}\n")
+                if cut:
+                    break
         finally:
             t.model.train()
+
+
+def sample_prompt(trainer: Trainer) -> str:
+    """What the samples during training continue: --sample-prompt, or the first 40 characters of the validation
+    text (of the training text when there is none)."""
+    prompt = trainer.cfg.sample_prompt
+    if prompt is None:
+        source = trainer.val_ids if len(trainer.val_ids) else trainer.train_ids
+        prompt = trainer.vocab.decode(np.asarray(source[:40]))
+    return prompt
+
+
+def check_samples(trainer: Trainer) -> None:
+    """Refuse, before training starts, samples that could not be taken: a --sample-prompt the vocabulary
+    cannot start from, a --sample-length past the memory here."""
+    cfg = trainer.cfg
+    if cfg.sample_every == 0:
+        return
+    start_text(sample_prompt(trainer), trainer.vocab.chars, option="sample_prompt")
+    check_sampling_fits(trainer.model_cfg, trainer.device, "sample_length", cfg.sample_length, 1, cfg.sample_length)
 
 
 class Checkpoints:

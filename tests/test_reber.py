@@ -110,4 +110,4 @@ def test_cli_errors(tmp_path, trained, capsys):
     assert main(["task", "reber", "train", "--out", str(out), "--epochs", "1"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["task", "reber", "train", "--out", str(tmp_path / "x"), "--epochs", "0"]) == 2
-    assert "--epochs must be positive" in capsys.readouterr().err
+    assert "--epochs must be a positive integer, got 0" in capsys.readouterr().err

@@ -6,7 +6,10 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 
 namespace charrnn {
 namespace {
@@ -19,17 +22,29 @@ constexpr int kLevels = 63;
 // One sample x (K) fp32 -> xu (Kq) uint8 and its scale s:
 //   m = max|x|, s = m / 63, xq = round_half_even(x * (63 / m)) in [-63, 63] (0 when m = 0),
 //   xu = xq + 63 in [0, 126]; the padding columns K..Kq hold 63 (xq = 0).
+// A sample holding a NaN or an infinity has a NaN scale, so that all its outputs are NaN, as in the
+// PyTorch reference (whose amax propagates NaN, and whose x * (63 / inf) is NaN where x is infinite):
+// a max that skips NaN would hide it.
 #ifdef CHARRNN_X86
 CHARRNN_AVX2 float absmax_avx2(const float* x, int64_t K) {
   const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   __m256 m = _mm256_setzero_ps();
+  __m256 nan = _mm256_setzero_ps();
   int64_t k = 0;
-  for (; k + 8 <= K; k += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(x + k), mask));
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    m = _mm256_max_ps(m, _mm256_and_ps(v, mask));
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  if (_mm256_movemask_ps(nan)) return std::numeric_limits<float>::quiet_NaN();
   alignas(32) float t[8];
   _mm256_store_ps(t, m);
   float r = 0.f;
   for (float v : t) r = std::max(r, v);
-  for (; k < K; ++k) r = std::max(r, std::fabs(x[k]));
+  for (; k < K; ++k) {
+    if (std::isnan(x[k])) return std::numeric_limits<float>::quiet_NaN();
+    r = std::max(r, std::fabs(x[k]));
+  }
   return r;
 }
 
@@ -54,7 +69,15 @@ void quantize_row(const float* x, int64_t K, uint8_t* xu, int64_t Kq, float* s) 
     m = absmax_avx2(x, K);
   else
 #endif
-    for (int64_t k = 0; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(x[k]);
+      if (a > m || std::isnan(a)) m = a;   // once NaN, m stays NaN
+    }
+  if (!std::isfinite(m)) {   // every output is NaN through the scale; the codes do not matter
+    *s = std::numeric_limits<float>::quiet_NaN();
+    std::fill(xu, xu + Kq, static_cast<uint8_t>(kLevels));
+    return;
+  }
   const float levels = static_cast<float>(kLevels);
   const float inv = m > 0.f ? levels / m : 0.f;
   *s = m / levels;

@@ -37,10 +37,14 @@ def _web():
     return app
 
 
-def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
-    """A listening socket on ``host:port`` (``port=0``: any free port), or a one-line error saying why not."""
+def check_port(port: int) -> None:
     if not 0 <= port <= 65535:
         raise CharRNNError(f"--port must be between 0 and 65535, got {port}")
+
+
+def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A listening socket on ``host:port`` (``port=0``: any free port), or a one-line error saying why not."""
+    check_port(port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -71,11 +75,12 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "bes
     import uvicorn
 
     limits = (limits or Limits()).validate()
+    check_port(port)   # before the run is loaded
     lm = load(run, weights=weights, device=device, int8=int8)
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"serving {run} ({lm.run.weights}) on http://{shown}:{bound_port}/ (Ctrl-C to stop)",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(web.create_app(lm, limits), log_level=log_level, timeout_graceful_shutdown=5)
+    config = web.server_config(web.create_app(lm, limits), log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import CharRNNError
 from ..options import GenerationOptions, check_sampling_options
@@ -33,6 +37,10 @@ from .limits import Limits
 
 STATIC = Path(__file__).parent / "static"
 _DEFAULTS = GenerationOptions()
+log = logging.getLogger("charrnn.serve")
+# A request's target (path and query), and its line and headers together: past them, 414 and 431.
+MAX_URL_BYTES = 8 * 1024
+MAX_HEAD_BYTES = 16 * 1024
 
 
 class GenerateRequest(BaseModel):
@@ -50,19 +58,22 @@ class GenerateRequest(BaseModel):
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str):
+    """A request refused with ``status``; ``close``: the body may be unread, so the connection is closed."""
+
+    def __init__(self, status: int, message: str, close: bool = False):
         super().__init__(message)
         self.status, self.message = status, message
+        self.headers = {"Connection": "close"} if close else None
 
 
 def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _sse(data: dict, event: str | None = None) -> str:
-    """One server-sent event; the payload is JSON so that newlines in the text survive."""
+def _sse(data: dict, event: str | None = None) -> bytes:
+    """One server-sent event, encoded; the payload is JSON so that newlines in the text survive."""
     head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
 
 
 def describe_model(lm, limits: Limits) -> dict:
@@ -82,18 +93,44 @@ def describe_model(lm, limits: Limits) -> dict:
     }
 
 
-async def _read_json(request: Request, max_body: int, max_prompt_chars: int) -> dict:
-    """The request body as a JSON object, refused unread past ``max_body`` bytes."""
+async def _read_body(request: Request, limits: Limits) -> bytes:
+    """The request body, refused unread past the bytes a prompt of ``max_prompt_chars`` can take."""
+    max_body = limits.max_body()
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_body:
             raise RequestError(413, f"the request body is over {max_body} bytes; the prompt may be at most "
-                                    f"{max_prompt_chars} characters")
+                                    f"{limits.max_prompt_chars} characters (--max-prompt-chars)", close=True)
+    return bytes(body)
+
+
+def _parse_json(body: bytes):
+    """``body`` as JSON, refused (400) when a JSON parser would refuse it or it could not be sent back."""
     try:
         data = json.loads(body)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") has no UTF-8
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(400, f"the request body is not valid JSON ({e})") from None
+    except UnicodeEncodeError as e:
+        raise RequestError(400, f"the request body holds a lone surrogate (\\u{ord(e.object[e.start]):04x}), which is "
+                                "not a character; escape one past U+FFFF as a surrogate pair") from None
+    except RecursionError:
+        raise RequestError(400, "the request body is JSON nested too deeply; a request is one flat object, "
+                                "e.g. {\"prompt\": \"ROMEO:\"}") from None
+    except ValueError:  # an integer past Python's digits limit
+        raise RequestError(400, "the request body holds a number with too many digits") from None
+    return data
+
+
+async def _read_json(request: Request, limits: Limits) -> dict:
+    """The request body as a JSON object; it must arrive within ``max_read_seconds``."""
+    try:
+        body = await asyncio.wait_for(_read_body(request, limits), limits.max_read_seconds)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {limits.max_read_seconds} seconds "
+                                "(--max-read-seconds)", close=True) from None
+    data = _parse_json(body)
     if not isinstance(data, dict):
         raise RequestError(400, "the request body must be a JSON object, e.g. {\"prompt\": \"ROMEO:\"}")
     return data
@@ -111,25 +148,35 @@ def _check_limits(req: GenerateRequest, limits: Limits) -> None:
                                 f"{limits.max_samples} samples per request (--max-samples)")
 
 
-async def _events(job: Job):
-    """A streaming job's server-sent events: the new characters, then the samples (or the error)."""
+async def _pieces(job: Job):
+    """A streaming job's new characters (one string per sample), what has piled up sent as one."""
     while True:
         pieces = await job.updates.get()
         finished = pieces is None
-        while not finished and not job.updates.empty():  # send what has piled up as one event
+        while not finished and not job.updates.empty():
             more = job.updates.get_nowait()
             if more is None:
                 finished = True
             else:
                 pieces = [a + b for a, b in zip(pieces, more)]
         if pieces:
-            yield _sse({"text": pieces})
+            yield pieces
         if finished:
-            break
-    if job.error:
-        yield _sse({"error": job.error}, event="error")
-    else:
-        yield _sse({"samples": job.samples, "seed": job.seed}, event="done")
+            return
+
+
+async def _events(job: Job):
+    """A streaming job's server-sent events: the new characters, then the samples; always ends with ``done``
+    or ``error``."""
+    try:
+        async for pieces in _pieces(job):
+            yield _sse({"text": pieces})
+        last = (_sse({"error": job.error}, event="error") if job.error else
+                _sse({"samples": job.samples, "seed": job.seed}, event="done"))
+    except Exception as e:  # a bug, not a user error: the client still learns that the stream has ended
+        log.exception("streaming failed")
+        last = _sse({"error": f"streaming failed: {type(e).__name__}"}, event="error")
+    yield last
 
 
 class _Endpoints:
@@ -137,11 +184,9 @@ class _Endpoints:
 
     def __init__(self, lm, limits: Limits, engine: Engine):
         self.lm, self.limits, self.engine = lm, limits, engine
-        # A request body is a handful of fields around the prompt; anything far larger is refused unread.
-        self.max_body = 4 * limits.max_prompt_chars + 4096
 
     async def parse(self, request: Request, streaming: bool) -> Job:
-        data = await _read_json(request, self.max_body, self.limits.max_prompt_chars)
+        data = await _read_json(request, self.limits)
         try:
             req = GenerateRequest.model_validate(data)
         except ValidationError as e:
@@ -160,7 +205,9 @@ class _Endpoints:
         try:
             return self.engine.submit(await self.parse(request, streaming))
         except RequestError as e:
-            return _error(e.status, e.message)
+            return _error(e.status, e.message, headers=e.headers)
+        except ClientDisconnect:  # gone while sending the body: nobody reads the answer
+            return _error(499, "the client closed the request")
         except Busy as e:
             return _error(503, str(e), headers={"Retry-After": "1"})
 
@@ -199,6 +246,10 @@ class _Endpoints:
     async def http_error(self, request: Request, exc: HTTPException):
         return _error(exc.status_code, exc.detail)
 
+    async def server_error(self, request: Request, exc: Exception):
+        """A bug, not a user error: answered in the usual shape (uvicorn logs the traceback)."""
+        return _error(500, f"internal error: {type(exc).__name__}")
+
 
 def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -> Starlette:
     """The server for a loaded :class:`charrnn.api.LanguageModel` (``charrnn.load(run)``)."""
@@ -224,7 +275,8 @@ def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -
             Route("/v1/generate/stream", ep.generate_stream, methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
-        exception_handlers={HTTPException: ep.http_error},
+        middleware=[Middleware(_HeadLimits)],
+        exception_handlers={HTTPException: ep.http_error, Exception: ep.server_error},
         lifespan=lifespan,
     )
     app.state.engine = engine
@@ -255,3 +307,66 @@ class _JobStream(StreamingResponse):
             pass
         finally:
             self.job.cancel()
+
+
+class _HeadLimits:
+    """Refuses a request whose target is over ``MAX_URL_BYTES`` (414) or whose head is over ``MAX_HEAD_BYTES``
+    (431) before any route sees it (uvicorn's h11 only caps a head that is still arriving)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            url = len(scope["raw_path"]) + len(scope["query_string"])
+            head = url + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if url > MAX_URL_BYTES:
+                return await _error(414, f"the URL is over {MAX_URL_BYTES} bytes")(scope, receive, send)
+            if head > MAX_HEAD_BYTES:
+                return await _error(431, f"the request's headers are over {MAX_HEAD_BYTES} bytes")(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol, with ``timeout_keep_alive`` also the time a client has to send each request's line
+    and headers (from the connection's start or the previous response; a byte now and then does not extend it)
+    and the rest of a body its endpoint did not read."""
+
+    deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_request()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.deadline is not None and self._answering():  # the head has arrived; the app reads the body
+            self.deadline.cancel()
+            self.deadline = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._answering() and not self.transport.is_closing():
+            self._await_request()
+
+    def connection_lost(self, exc) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        super().connection_lost(exc)
+
+    def _answering(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _await_request(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.deadline = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+
+def server_config(app: Starlette, **options) -> uvicorn.Config:
+    """uvicorn's configuration for ``app`` (from :func:`create_app`): slow or excess connections are dropped
+    as its limits say; ``options`` go to ``uvicorn.Config``."""
+    limits = app.state.limits
+    return uvicorn.Config(app, http=_HeadDeadline, timeout_keep_alive=limits.max_read_seconds,
+                          limit_concurrency=limits.max_connections, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+                          **options)

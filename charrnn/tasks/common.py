@@ -14,7 +14,6 @@ written atomically with :mod:`charrnn.fileio`, like a language-model run.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -22,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..checkpoint import CONFIG, FORMAT_VERSION, VOCAB, prepare_new_run_dir
-from ..errors import CharRNNError
-from ..fileio import atomic_save, atomic_write_json
+from ..config import POSITIVE_INT, POSITIVE_NUMBER, SEED
+from ..errors import CharRNNError, OptionError
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..hardware import memory_bytes
 from ..vocab import Vocab
 
 WEIGHTS = "model.safetensors"
@@ -114,12 +115,51 @@ def fit(model: torch.nn.Module, batches: Callable[[int], Iterable], loss_fn: Cal
             "cpu_time": round(time.process_time() - c0, 2), "history": history}
 
 
-def check_positive(**values) -> None:
+# What one example costs while a task trains or is evaluated on it: its text, its label or target, and its
+# padded ids (int64), with Python's overheads.
+EXAMPLE_BYTES = 1024
+_EXAMPLES = ("train_size", "val_size", "size")
+
+
+def check_options(**values) -> None:
+    """Refuse, in one line naming the option, a size, count or rate that is not a positive (finite) number, a
+    seed out of range (see :data:`charrnn.config.SEED`), or more examples than the memory here holds
+    (``None``: not given)."""
     for name, v in values.items():
         if v is None:
             continue
-        if (isinstance(v, float) and (math.isnan(v) or v <= 0)) or v <= 0:
-            raise CharRNNError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if name == "seed":
+            good, rule = SEED
+        elif isinstance(v, float):
+            good, rule = POSITIVE_NUMBER
+        else:
+            good, rule = POSITIVE_INT
+        if not good(v):
+            raise OptionError(name, rule + ", got {value}", value=v)
+        if name in _EXAMPLES:
+            check_memory(name, v, v * EXAMPLE_BYTES)
+
+
+def _past_memory(need: int) -> dict | None:
+    """``{need, have}`` in GiB when ``need`` bytes are more than this machine's memory, else None."""
+    have = memory_bytes(torch.device("cpu"))
+    return dict(need=need / 2**30, have=have / 2**30) if have is not None and need > have else None
+
+
+def check_memory(option: str, value, need: int) -> None:
+    """Refuse ``option`` = ``value`` when it needs ``need`` bytes, more than this machine's memory."""
+    if past := _past_memory(need):
+        raise OptionError(option, "is {value:,}: that needs about {need:,.1f} GiB, more than the {have:,.1f} GiB "
+                                  "of memory here; ask for less", value=value, **past)
+
+
+def check_model(embed: int, hidden: int) -> None:
+    """Refuse an ``embed`` and ``hidden`` whose recurrent weights alone (float32, with their gradients and Adam's
+    two moments) are past the memory here."""
+    if past := _past_memory(16 * 3 * hidden * (embed + hidden)):
+        raise OptionError("hidden", "{embed} {e:,} and {hidden} {h:,} make a model that needs about {need:,.1f} GiB "
+                                    "to train, more than the {have:,.1f} GiB of memory here; choose smaller ones",
+                          e=embed, h=hidden, **past)
 
 
 def save_run(out, task: str, cfg: dict, vocab: Vocab, model: torch.nn.Module,
@@ -129,7 +169,7 @@ def save_run(out, task: str, cfg: dict, vocab: Vocab, model: torch.nn.Module,
     if target_vocab is not None:
         target_vocab.save(out / TARGET_VOCAB)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_save(out / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "task": task}))
+    atomic_write_bytes(out / WEIGHTS, save(tensors, metadata={"format": "pt", "task": task}))
     atomic_write_json(out / CONFIG, {"format_version": FORMAT_VERSION, "task": task, **cfg})
 
 

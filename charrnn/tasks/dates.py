@@ -109,12 +109,19 @@ class DateConverter:
             out.extend((self._decode(h.ids), h.log_prob) for h in hyps)
         return out
 
+    def check_beam(self, beam_width: int, texts: int, batch_size: int = 500) -> None:
+        """Refuse a ``beam_width`` whose candidates (each text's, for every output character, with their
+        states, a batch of texts at once) are past the memory here."""
+        rows = min(texts, batch_size) * int(beam_width) * len(self.out_vocab)
+        common.check_memory("beam_width", beam_width, rows * 16 * (self.model.config.hidden + len(self.out_vocab)))
+
     @torch.inference_mode()
     def beam(self, texts: Sequence[str], beam_width: int, batch_size: int = 500,
              with_greedy: bool = True) -> list[list[tuple[str, float]]]:
         """The ``beam_width`` best conversions of every text with their log-probabilities, best first
         (``with_greedy=False``: plain beam search, without the greedy output merged in)."""
         search = beam_mod.search if with_greedy else beam_mod.beam_search
+        self.check_beam(beam_width, len(texts), batch_size)
         out = []
         for i in range(0, len(texts), batch_size):
             ids, state = self._start(texts[i : i + batch_size])
@@ -182,8 +189,9 @@ def train(out, *, model: str = "attention", train_size: int = 20_000, val_size: 
     """Train a date converter into ``out``; returns the config written (with results)."""
     if model not in KINDS:
         raise CharRNNError(f"--model must be one of {', '.join(KINDS)}, got '{model}'")
-    common.check_positive(train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                          embed=embed, hidden=hidden, time_limit=time_limit)
+    common.check_options(train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                         embed=embed, hidden=hidden, seed=seed, time_limit=time_limit)
+    common.check_model(embed=embed, hidden=hidden)
     out = common.new_run_dir(out, force)
     torch.manual_seed(seed)
     iv, ov = input_vocab(), output_vocab()
@@ -238,8 +246,10 @@ def load(path) -> tuple[DateConverter, dict]:
 
 def evaluate(path, size: int = 10_000, seed: int = 12345, beam_width: int | None = None) -> dict:
     """Exact-match accuracy on ``size`` fresh dates, greedy (and beam search, with ``beam_width``)."""
-    common.check_positive(size=size, beam_width=beam_width)
+    common.check_options(size=size, seed=seed, beam_width=beam_width)
     conv, cfg = load(path)
+    if beam_width:
+        conv.check_beam(beam_width, size)
     inputs, targets = dataset(size, _seed(seed, EVAL_STREAM))
     t0 = time.perf_counter()
     greedy = conv.greedy(inputs)

@@ -136,8 +136,9 @@ def train(out, *, train_size: int = 10_000, val_size: int = 2_000, epochs: int =
           lr: float = 0.005, embed: int = 5, hidden: int = 32, seed: int = 0, time_limit: float | None = None,
           force: bool = False, log=None) -> dict:
     """Train a classifier of embedded Reber strings into ``out``; returns the config written (with results)."""
-    common.check_positive(train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                          time_limit=time_limit)
+    common.check_options(train_size=train_size, val_size=val_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                         embed=embed, hidden=hidden, seed=seed, time_limit=time_limit)
+    common.check_model(embed=embed, hidden=hidden)
     if train_size < 2:
         raise CharRNNError("--train-size must be at least 2 (one good and one corrupted string)")
     out = common.new_run_dir(out, force)
@@ -185,7 +186,7 @@ def load(path) -> tuple[SequenceClassifier, Vocab, dict]:
 
 def evaluate(path, size: int = 2_000, seed: int = 12345) -> dict:
     """Accuracy on ``size`` freshly generated strings (half corrupted) and the two tricky strings."""
-    common.check_positive(size=size)
+    common.check_options(size=size, seed=seed)
     model, voc, _ = load(path)
     strings, labels = dataset(size, _seed(seed, EVAL_STREAM))
     probs = predict_proba(model, voc, strings)

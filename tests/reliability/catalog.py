@@ -41,6 +41,22 @@ PROBES = [
     Probe("tiny-temperature", "options", "`--temperature 1e-7` and `1e-45`",
           "sampled greedily, exactly as `--temperature 0`"),
     # -- crash consistency and full disks (test_crash.py) --
+    Probe("kill-9", "crashes and disks",
+          "`kill -9` of `train --resume --checkpoint-every 1` at 30 seeded random moments, mid-write included",
+          "after every kill `generate`, `eval` and `export` load the run, `--resume` goes on and leaves nothing but "
+          "run files; the run ends bit-identical to one never killed"),
+    Probe("stale-temp-files", "crashes and disks",
+          "temporary files of a killed writer (`.NAME.*.tmp`, safetensors' `.tmpXXXXXX`) in a run or a new `--out`",
+          "readers ignore them, the next trainer deletes them; never taken for run files or foreign files"),
+    Probe("file-mode", "crashes and disks", "run files written under a umask",
+          "mode 0666 less the umask (they were 0600)"),
+    Probe("disk-full-checkpoint", "crashes and disks",
+          "a checkpoint on a full disk (a small tmpfs; a patched write where mounting is not allowed)",
+          "one line, exit 2, the space needed and free and the `--resume` command; the last checkpoint intact, "
+          "loadable and resumed once there is room"),
+    Probe("disk-full-run-files", "crashes and disks",
+          "a full disk writing config.json, vocab.json, metrics.jsonl, a sample or the best weights",
+          "the same one line, exit 2; no temporary file, no half line in metrics.jsonl, the run resumable"),
 
     # -- corrupt and foreign run files (test_files.py) --
     Probe("damaged-run-file", "run files", "each run file (config.json, vocab.json, best/model.safetensors, "
@@ -59,13 +75,82 @@ PROBES = [
     Probe("onnx-metadata", "run files", "an `.onnx` file whose charrnn metadata is another run's (vocabulary, "
           "model), unparsable or wrongly typed; a damaged `.onnx` file",
           "refused in one line naming the file, nothing printed on stdout"),
-    Probe("seed-range", "options", "`generate --seed 99999999999999999999999`, `--seed -1` and `2**63`, from a run "
-          "and from an `.onnx` file",
+    Probe("seed-range", "options", "`--seed 99999999999999999999999`, `--seed -1` and `2**63` for `train`, and for "
+          "`generate` from a run and from an `.onnx` file",
           "refused in one line naming `--seed` and its range [0, 2**63); the largest seed generates"),
 
     # -- hostile corpora and options (test_corpora.py, test_options.py) --
+    Probe("corpus-refused", "corpora", "as the corpus: an empty file, one character, random bytes, Latin-1, UTF-16 "
+          "with a byte-order mark, a folder with no .txt files, a FIFO, /dev/zero, a symlink loop, an unknown "
+          "corpus name",
+          "refused in one line, exit 2, naming the problem and the fix (for another encoding: the iconv command); "
+          "a FIFO or device is never opened; no run folder and nothing in the encoded cache left behind"),
+    Probe("corpus-line-endings", "corpora", "NUL bytes, CR-only and CRLF line endings",
+          "trains; every character is kept as written (the model learns the file's own line endings); "
+          "`--newlines-to-spaces` makes each line ending, LF, CR or CRLF, one space"),
+    Probe("corpus-changes", "corpora", "a corpus appended to, rewritten or deleted while it is encoded",
+          "refused in one line, exit 2, naming the file that changed; no temporary file left"),
+    Probe("corpus-disk-full", "corpora", "`CHARRNN_HOME` on a full filesystem (a 1 MB tmpfs), or filling up, while a "
+          "corpus is encoded; `CHARRNN_HOME` a file",
+          "refused in one line, exit 2, saying how much space it needs and where; no temporary file left "
+          "(it was a bus error, exit 135)"),
+    Probe("corpus-path-absolute", "corpora", "`charrnn eval RUN` from another directory than the one trained in",
+          "the run records its corpus's absolute path and evaluates; an older run's relative path is taken from the "
+          "current directory, and where it is not found, one line says to pass --corpus"),
+    Probe("corpus-named-offline", "corpora", "an unknown corpus name; a named corpus with no network",
+          "one line, exit 2, with the fix: a path, or the download address and `$CHARRNN_DATA`"),
+    Probe("corpus-huge-line", "corpora", "a 50 MB corpus on one line",
+          "trains, in under 1 GiB of memory (encoded in chunks)"),
+    Probe("corpus-huge-vocab", "corpora", "a corpus of 100,000 distinct characters",
+          "trains, in under 1.5 GiB of memory: evaluation cuts its logits into chunks (it took 3.7 GB)"),
+
+    Probe("option-walk", "options", "NaN, inf, -inf, -1, 0, 10**23 and 1e30 for every numeric option of every "
+          "command (train, generate, serve, the tasks), the list read from the parser",
+          "each refused in one line naming the option (exit 2) or honoured (exit 0): no traceback, no hang, nothing "
+          "past an 8 GiB address-space limit; NaN and -1 always refused before any work"),
+    Probe("model-size", "options", "`--hidden 10000000`, `--layers 100000`, `--layers 10**23`",
+          "refused before anything is allocated, with the memory a training step needs and the memory here"),
+    Probe("sample-length", "options", "`--sample-length` past the memory here; SIGTERM while a long training "
+          "sample is written",
+          "refused before training; the signal cuts the sample short and the run stops at once, checkpointed "
+          "(exit 130) and resumable"),
+    Probe("sample-prompt", "options", "an empty `--sample-prompt` on a corpus without a newline; a sample that "
+          "fails at the end of training",
+          "refused before training, naming --sample-prompt; the final checkpoint is written before the last sample"),
+    Probe("int8-nan", "numerics", "a NaN or infinite activation in the int8 sampling step (AVX2 and portable "
+          "kernels)", "every output of that sample is NaN, as in the PyTorch reference: no NaN hidden"),
 
     # -- server abuse (test_server.py) --
+    Probe("server-hostile-json", "server", "bodies with a 5,000-deep JSON array, a 5,001-digit integer, a lone "
+          "surrogate (`\\ud800`), invalid UTF-8, on both endpoints",
+          "400 with the usual JSON error; a stream always ends with a `done` or `error` event"),
+    Probe("server-escaped-prompt", "server", "a 2,000-emoji prompt written with `\\u` escapes; one character more; "
+          "a body padded past the byte limit", "answered (the limit counts characters after decoding); 422 / 413 "
+          "naming `--max-prompt-chars`"),
+    Probe("server-long-prompt", "server", "a prompt of thousands of characters",
+          "primed in pieces: memory is its ids, not activations per character; the same logits"),
+    Probe("server-limits-fit", "server", "`serve --max-prompt-chars`, `--max-length`, `--max-connections` whose "
+          "requests could not fit in memory together", "refused in one line (exit 2) naming them, before loading"),
+    Probe("server-tiny-top-p", "server", "`top_p` 1e-300 (0 in float32)",
+          "the most likely character, as greedy (it sampled from NaN: `zzzz...`)"),
+    Probe("server-lying-length", "server", "a Content-Length shorter or longer than the body; a chunked body past "
+          "the limit", "400 / 408 after `--max-read-seconds` / 413 (JSON, connection closed), never a hang"),
+    Probe("server-slow-clients", "server", "200 connections sending a header byte a second, one sending nothing, "
+          "a body that trickles, a body its endpoint never reads", "all closed after `--max-read-seconds`; an ordinary "
+          "request answered meanwhile"),
+    Probe("server-many-streams", "server", "300 concurrent streaming clients",
+          "every stream ends with `done`, the library's text"),
+    Probe("server-vanishing-clients", "server", "40 clients vanish mid-stream (FIN and RST) while 20 others ask",
+          "the others are served; generation stops; connections, threads and jobs back to where they were"),
+    Probe("server-static-traversal", "server", "`/static/../`, `%2e%2e%2f`, double-encoded, overlong UTF-8, "
+          "backslash, NUL", "404 (or 400); nothing outside `static/` served"),
+    Probe("server-odd-methods", "server", "TRACE, PROPFIND, PUT, OPTIONS, made-up methods on every route; "
+          "garbage and TLS on the plain port", "405 with a JSON error; 400"),
+    Probe("server-long-head", "server", "64 KiB URLs and headers, 1,000 headers",
+          "414 / 431 with a JSON error (400 from uvicorn while a head is still arriving); long but legal URLs 404; "
+          "the server goes on"),
+    Probe("server-memory-flat", "server", "2,000 mixed valid and abusive requests",
+          "the server's RSS within 30 MB of where it started (printed with `-s`)"),
 
 ]
 

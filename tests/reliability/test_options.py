@@ -1,8 +1,10 @@
 """A hostile user's command lines: refused in one line with exit status 2, and nothing of theirs lost."""
 
 import hashlib
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -148,3 +150,376 @@ def test_temperatures_too_small_to_divide_by_sample_greedily(capsys, trained):
         assert code == 0, err
         texts.append(out)
     assert texts[0] == texts[1] == texts[2]
+
+
+# --------------------------------------------------------------------------- every numeric option of every command
+
+HOSTILE = ("nan", "inf", "-inf", "-1", "0", "99999999999999999999999", "1e30")
+
+
+def _numeric(action) -> bool:
+    """Whether the option's value is a number (or a list of numbers): its parser turns "1" into one."""
+    if not action.option_strings or action.nargs == 0 or action.type is None or action.choices:
+        return False
+    try:
+        value = action.type("1")
+    except Exception:
+        return False
+    return all(isinstance(v, (int, float)) for v in (value if isinstance(value, list) else [value]))
+
+
+def numeric_options() -> list[tuple[str, str]]:
+    """``(command, flag)`` of every option of every subcommand that takes a number, read from the parser:
+    an option added to any command is walked without a word here."""
+    from charrnn.cli import _commands, build_parser
+
+    return [(path, a.option_strings[0]) for path, _, parser in _commands(build_parser())
+            for a in parser._actions if _numeric(a)]
+
+
+# A command line per command that does the least work when every option is valid: the option walked
+# replaces its value here, or is added.  {corpus}, {run}, {reber}, {dates}, {out}: see _places.
+BASE = {
+    "train": "train {corpus} --out {out} --force --max-steps 1 --time-limit 5 --sample-length 20 "
+             "--hidden 48 --embed 16 --seq-len 32 --batch-size 16 --precision fp32 --quiet",
+    "generate": "generate {run} --length 5 --json",
+    "serve": "serve {run} --port 0 --log-level error",
+    "task reber train": "task reber train --out {out} --force --train-size 20 --val-size 10 --epochs 1 --hidden 8 "
+                        "--time-limit 5",
+    "task reber eval": "task reber eval {reber} --size 10",
+    "task dates train": "task dates train --out {out} --force --train-size 20 --val-size 10 --epochs 1 --hidden 8 "
+                        "--embed 4 --time-limit 5",
+    "task dates eval": "task dates eval {dates} --size 10",
+    "task dates convert": "task dates convert {dates} 'March 3, 2001'",
+}
+
+
+def walk_cases(values) -> list[tuple[str, list[str]]]:
+    """``(flag, argv)`` for each numeric option and value, from :data:`BASE` (with {placeholders})."""
+    import shlex
+
+    cases = []
+    for path, flag in numeric_options():
+        assert path in BASE, f"`charrnn {path}` has numeric options: give it a command line in BASE"
+        argv = shlex.split(BASE[path])
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i:i + 2]
+        cases += [(flag, argv + [flag, value]) for value in values]
+    return cases
+
+
+def walk(cases: list[tuple[str, list[str]]], places: dict, seconds: float, backstop: bool = False) -> list[dict]:
+    """Run each case through the command line in this process; what it printed, its exit status, and any
+    exception that escaped (a case still running after ``seconds`` is stopped by a TimeoutError).  With
+    ``backstop``, one stuck where no signal reaches ends the process with its stacks (faulthandler), after
+    twice that.  ``charrnn serve`` returns once it is listening."""
+    import uvicorn
+
+    results = []
+    listening, uvicorn.Server.run = uvicorn.Server.run, lambda self, sockets=None: None
+    try:
+        _walk(cases, places, seconds, backstop, results)
+    finally:
+        uvicorn.Server.run = listening       # later tests start real servers
+    return results
+
+
+def _walk(cases, places: dict, seconds: float, backstop: bool, results: list) -> None:
+    import contextlib
+    import faulthandler
+    import io
+    import traceback
+
+    from charrnn.cli import main
+
+    for flag, argv in cases:
+        argv = [a.format(**places) for a in argv]
+        out, err, raised = io.StringIO(), io.StringIO(), None
+        print(f"case: charrnn {' '.join(argv)}", file=sys.__stderr__, flush=True)
+        if backstop:
+            faulthandler.dump_traceback_later(2 * seconds, exit=True)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), deadline(seconds):
+                code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            code, raised = None, traceback.format_exc()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        results.append(dict(flag=flag, argv=argv, code=code, err=err.getvalue(), raised=raised))
+
+
+def refusal_problem(r: dict) -> str | None:
+    """What is wrong with a case's outcome: a success (0) or one `error:` line naming the option (2)."""
+    lines = r["err"].strip().splitlines()
+    if r["raised"] or "Traceback" in r["err"]:
+        return f"raised\n{r['raised'] or r['err']}"
+    if r["code"] == 0:
+        return None
+    if r["code"] != 2:
+        return f"exit {r['code']}: {r['err'][-300:]}"
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors != lines[-1:] or r["flag"] not in errors[0]:
+        return f"not one error line naming {r['flag']}: {lines[-3:]}"
+    return None
+
+
+def _places(tmp_path, small_corpus, trained) -> dict:
+    return dict(corpus=str(small_corpus), run=str(trained), out=str(tmp_path / "out"),
+                reber=str(tmp_path / "reber"), dates=str(tmp_path / "dates"))
+
+
+def _problems(results) -> list[str]:
+    return [f"charrnn {' '.join(r['argv'])}: {p}" for r in results if (p := refusal_problem(r))]
+
+
+@pytest.mark.probe("option-walk")
+def test_nan_and_negative_values_of_every_numeric_option_are_refused_up_front(small_corpus, tmp_path):
+    """The cheap half of the walk, in this process: NaN and -1 are never a valid size, rate or seed, and are
+    refused before any work: the runs named here do not even exist."""
+    results = walk(walk_cases(("nan", "-1")), _places(tmp_path, small_corpus, tmp_path / "run"), seconds=30)
+    assert not _problems(results), "\n".join(_problems(results))
+    assert all(r["code"] == 2 for r in results), [r["argv"] for r in results if r["code"] != 2]
+
+
+ADDRESS_SPACE = 8 << 30   # the walk's limit: a size that slips past its bound fails rather than swaps
+
+
+def walk_in_child(folder: str) -> None:
+    """The whole walk, run by the test below in a process of its own under an address-space limit: trains the
+    runs the commands need, walks every hostile value, writes results.json into ``folder``."""
+    import json
+    import resource
+    from pathlib import Path
+
+    from charrnn.cli import main
+
+    here = Path(folder)
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    places = _places(here, here / "small.txt", here / "run")
+    for argv in (f"train {places['corpus']} --out {places['run']} --max-steps 3 {' '.join(TINY)}",
+                 f"task reber train --out {places['reber']} --train-size 20 --val-size 10 --epochs 1 --hidden 8",
+                 f"task dates train --out {places['dates']} --train-size 20 --val-size 10 --epochs 1 --hidden 8 "
+                 "--embed 4"):
+        assert main(argv.split()) == 0, argv
+    results = walk(walk_cases(HOSTILE), places, seconds=120, backstop=True)
+    (here / "results.json").write_text(json.dumps(results))
+
+
+@pytest.mark.slow
+@pytest.mark.probe("option-walk")
+def test_every_numeric_option_of_every_command_with_hostile_values(small_corpus, tmp_path):
+    import json
+    import os
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    (tmp_path / "small.txt").write_bytes(small_corpus.read_bytes())
+    proc = subprocess.run([sys.executable, "-c", "import sys; from tests.reliability.test_options import "
+                           "walk_in_child; walk_in_child(sys.argv[1])", str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == len(numeric_options()) * len(HOSTILE)
+    assert not _problems(results), "\n".join(_problems(results))
+    nan = [r for r in results if r["argv"][-1] in ("nan", "-1")]
+    assert all(r["code"] == 2 for r in nan), [r["argv"] for r in nan if r["code"] != 2]
+
+
+# --------------------------------------------------------------------------- sizes, seeds and samples
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Raise TimeoutError in this (main) thread when the block runs past ``seconds``: a hang in Python code
+    fails the test instead of stalling the suite."""
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.probe("model-size")
+@pytest.mark.parametrize("bad", [["--hidden", "10000000"], ["--layers", "100000"],
+                                 ["--layers", "99999999999999999999999"]])
+def test_a_model_past_the_memory_here_is_refused_before_anything_is_allocated(capsys, small_corpus, tmp_path,
+                                                                              monkeypatch, bad):
+    monkeypatch.setattr("charrnn.hardware.memory_bytes", lambda device: 16 << 30)   # the same verdict anywhere
+    options = TINY.copy()
+    if bad[0] in options:
+        i = options.index(bad[0])
+        del options[i:i + 2]
+    with deadline(30):
+        code, _, err = cli(capsys, "train", small_corpus, "--out", tmp_path / "run", "--max-steps", 1, *options,
+                           *bad)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: the model would have ") and "more than the 16.0 GiB of cpu memory here" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_training_step_counts_its_activations_as_well_as_its_weights():
+    from charrnn.config import ModelConfig
+
+    deep = ModelConfig(vocab_size=40, hidden=48, embed=16, layers=100)
+    assert deep.training_bytes(1, 1) < deep.training_bytes(64, 100) - 64 * 100 * 100 * 4 * 48 * 4
+
+
+@pytest.mark.probe("seed-range")
+@pytest.mark.parametrize("command", ["train", "generate"])
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-1", str(2**63)])
+def test_a_seed_out_of_range_is_refused_in_one_line(capsys, small_corpus, tmp_path, command, seed):
+    run = tmp_path / "run"
+    args = ["train", small_corpus, "--out", run, *TINY] if command == "train" else ["generate", run]
+    code, _, err = cli(capsys, *args, "--seed", seed)
+    assert code == 2 and err == f"error: --seed must be an integer from 0 to 2**63 - 1, got {seed}\n", err
+
+
+@pytest.mark.probe("seed-range")
+def test_the_whole_range_of_seeds_is_honoured():
+    from charrnn.models import CharLM, ModelConfig
+    from charrnn.sampling import Sampler
+    from charrnn.vocab import Vocab
+
+    vocab = Vocab.from_text("abc\n")
+    sampler = Sampler(CharLM(ModelConfig(vocab_size=len(vocab), hidden=8, embed=4)), vocab)
+    for seed in (0, 2**62, 2**63 - 1):
+        assert sampler.generate("a", 5, seed=seed) == sampler.generate("a", 5, seed=seed)
+
+
+@pytest.mark.probe("sample-length")
+def test_a_training_sample_past_the_memory_here_is_refused_before_training(capsys, small_corpus, tmp_path):
+    code, _, err = cli(capsys, "train", small_corpus, "--out", tmp_path / "run", "--sample-length",
+                       99999999999999, *TINY)
+    assert code == 2 and err.startswith("error: --sample-length is 99,999,999,999,999: that needs about "), err
+    assert len(err.strip().splitlines()) == 1 and "GiB of memory here" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.probe("sample-length")
+def test_sigterm_during_a_long_training_sample_stops_the_run_at_once(small_corpus, tmp_path):
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "train", str(small_corpus), "--out", str(run),
+                             "--max-steps", "50", "--log-every", "1", "--sample-every", "1", "--sample-length",
+                             "20000000", *TINY], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):  # step 1 logged:
+            assert time.monotonic() < deadline and proc.poll() is None             # its sample follows
+            time.sleep(0.1)
+        time.sleep(1)
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        stopped = time.monotonic() - signalled
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and stopped < 15, (stopped, err[-2000:])
+    assert "(cut short: interrupted)" in err and "Traceback" not in err
+    cut = sorted((run / "samples").iterdir())
+    assert len(cut) == 1 and 0 < len(cut[0].read_text()) < 20_000_000
+    code, _, err = cli_subprocess("train", small_corpus, "--out", run, "--resume", "--max-steps", 2,
+                                  "--sample-every", 0, *TINY)
+    assert code == 0 and "resuming" in err and "at step 1 " in err, err
+
+
+def cli_subprocess(*args):
+    from ..conftest import run_cli
+
+    r = run_cli(*args)
+    return r.returncode, r.stdout, r.stderr
+
+
+FLAT = "abc cab bca " * 500   # a corpus without a newline
+
+
+@pytest.mark.probe("sample-prompt")
+def test_an_empty_sample_prompt_without_a_newline_is_refused_before_training(capsys, tmp_path):
+    corpus = tmp_path / "flat.txt"
+    corpus.write_text(FLAT)
+    code, _, err = cli(capsys, "train", corpus, "--out", tmp_path / "run", "--sample-prompt", "", "--max-steps", 2,
+                       *TINY)
+    assert code == 2 and err == ("error: --sample-prompt is empty and this vocabulary has no newline to start from; "
+                                 "give some text to continue\n"), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.probe("sample-prompt")
+def test_a_sample_that_fails_at_the_end_of_training_never_costs_the_final_checkpoint(small_corpus, tmp_path,
+                                                                                    monkeypatch):
+    from charrnn.errors import CharRNNError
+    from charrnn.sampling import Sampler
+
+    def fail(*args, **kwargs):
+        raise CharRNNError("the sample failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Sampler, "generate", fail)
+        with pytest.raises(CharRNNError, match="the sample failed"):
+            charrnn.train(str(small_corpus), tmp_path / "run", progress=False, max_steps=3, **TINY_KW)
+    messages = []
+    result = charrnn.train(str(small_corpus), tmp_path / "run", resume=True, progress=False, max_steps=4,
+                           log=messages.append, **TINY_KW)
+    assert result.step == 4 and any("at step 3 " in m for m in messages), messages
+
+
+# --------------------------------------------------------------------------- int8: no NaN hidden
+
+
+@pytest.mark.probe("int8-nan")
+@pytest.mark.parametrize("portable", [False, True])
+def test_a_nan_or_infinite_activation_makes_every_int8_output_of_its_sample_nan(compiled, portable):
+    import torch
+
+    from charrnn.sampling import _Linear
+
+    if not portable and not compiled.has_avx2():
+        pytest.skip("no AVX2 here")
+    torch.manual_seed(0)
+    lin = _Linear(torch.randn(40, 37), torch.randn(40), int8=True)
+    x = torch.randn(6, 37)
+    x[1, 5] = float("nan")          # in the first group of 8
+    x[2, 36] = float("inf")         # in the tail past the groups
+    x[3, 0] = float("-inf")
+    x[4, 8:16] = float("nan")       # a whole group
+    x[5, 33] = float("nan")         # the tail
+    compiled.set_portable(portable)
+    try:
+        out = compiled.int8_linear(x, lin.native_parts(), 40)
+    finally:
+        compiled.set_portable(False)
+    ref = lin(x)
+    assert torch.isnan(ref[1:]).all() and torch.isnan(out[1:]).all()
+    assert torch.equal(out[0], ref[0])
+
+
+@pytest.mark.probe("int8-nan")
+@pytest.mark.parametrize("arch", ["gru", "lstm", "rnn"])
+def test_the_int8_sampling_step_carries_a_nan_state_as_the_reference_does(compiled, arch):
+    import torch
+
+    from charrnn.models import CharLM, ModelConfig
+    from charrnn.sampling import Stepper
+
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=20, hidden=24, embed=8, layers=2, arch=arch)).eval()
+    fast, slow = Stepper(model, "int8", backend="native"), Stepper(model, "int8", backend="python")
+    state = model.zero_state(2)
+    (state[0] if arch == "lstm" else state)[1, 0, 3] = float("nan")   # the second layer of sample 0
+    ids = torch.tensor([3, 4])
+    with torch.inference_mode():
+        got, _ = fast.step(ids, fast.from_module_state(state))
+        want, _ = slow.step(ids, slow.from_module_state(state))
+    assert torch.isnan(want[0]).all() and torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got[1], want[1])
