@@ -95,3 +95,16 @@ def test_an_exported_model_generates_the_same_way_without_torch(capsys, run, tmp
     texts = exported.generate("the qui", length=50, num_samples=2, seed=5, temperature=0)
     assert texts == charrnn.load(run[1]).generate("the qui", length=50, num_samples=2, temperature=0)
     assert [len(t) for t in exported.generate("the qui", length=50, num_samples=2, seed=5)] == [57, 57]
+
+
+def test_the_server_streams_characters_of_a_token_model(run):
+    from starlette.testclient import TestClient
+
+    from charrnn.serve import Limits, create_app
+
+    with TestClient(create_app(charrnn.load(run[1]), Limits())) as client:
+        model = client.get("/v1/model").json()
+        assert model["tokenizer"] == run[0]
+        body = {"prompt": "the qui", "length": 40, "num_samples": 2, "seed": 4, "temperature": 0}
+        got = client.post("/v1/generate", json=body).json()["samples"]
+        assert got == charrnn.load(run[1]).generate("the qui", length=40, num_samples=2, temperature=0)

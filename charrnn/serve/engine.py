@@ -67,6 +67,7 @@ class Job:
         self.generator: torch.Generator | None = None
         self.logits: torch.Tensor | None = None
         self.state: list | None = None
+        self.text = None        # the TextStream that turns ids into text (cut at `length` characters)
 
     @property
     def samples(self) -> list[str]:
@@ -213,10 +214,12 @@ class Engine:
                 job.generator.manual_seed(job.seed)
                 if job.length > 0:
                     job.logits, job.state = sampler.prime([job.prompt] * job.num_samples)
+                    job.text = sampler.text_stream([job.prompt] * job.num_samples, job.length)
+                    job.remaining = sampler.vocab.steps_for(job.length)
             except Exception as e:  # a bug, not a user error: fail this request only
                 log.exception("priming a request failed")
                 job.error, job.remaining = f"generation failed: {type(e).__name__}: {e}", 0
-        chosen: dict[Job, list[torch.Tensor]] = {job: [] for job in jobs}
+        chosen: dict[Job, list[torch.Tensor]] = {job: [] for job in jobs}   # ids, read once the hop is over
         deadline = time.perf_counter() + self.hop_seconds
         while True:
             live = [j for j in jobs if j.remaining > 0 and not j.cancelled]
@@ -235,8 +238,10 @@ class Engine:
         out = {}
         for job, steps in chosen.items():
             if steps:
-                rows = torch.stack(steps, 1).tolist()  # (samples, steps)
-                out[job] = [sampler.vocab.decode(row) for row in rows]
+                pieces = [job.text.push(ids) for ids in torch.stack(steps).tolist()]   # (steps, samples)
+                out[job] = ["".join(row) for row in zip(*pieces)]
+                if job.text.done:
+                    job.remaining = 0
         return out
 
     def _step(self, group: list[Job], ids: list[torch.Tensor]) -> None:
