@@ -68,11 +68,6 @@ def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", s
     return Splits(vocab, ids[0], ids[1], target_chars(vocab, ids[1], len(corpus.ids) - cut))
 
 
-def _save_npy(path, ids: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, ids)
-
-
 def _key(corpus: EncodedCorpus, *parts) -> str:
     text = json.dumps([corpus.sha256, corpus.lowercase, corpus.newlines_to_spaces, *parts])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -104,6 +99,6 @@ def _cached_ids(folder: Path, part: str, vocab: TokenVocab, corpus: EncodedCorpu
         pass
     ids = vocab.encode(corpus_text(corpus, *span))
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save(path, lambda tmp: _save_npy(tmp, ids))
+    atomic_save(path, lambda f: np.save(f, ids))
     atomic_write_json(folder / "meta.json", {"vocab": vocab.to_json(), "corpus": corpus.describe()})
     return ids
