@@ -62,8 +62,9 @@ def test_eval_json_and_on_another_corpus(capsys, trained_run, tmp_path):
     code, out, _ = cli(capsys, "eval", run, "--json")
     assert code == 0
     r = json.loads(out)
-    assert set(r) == {"loss", "bpc", "perplexity", "chars"}
-    assert r["chars"] == 2_000 - 1 and r["loss"] < 1.5
+    assert set(r) == {"loss", "bpc", "nats_per_char", "perplexity", "tokens", "chars"}
+    assert r["chars"] == r["tokens"] == 2_000 - 1 and r["loss"] < 1.5      # a character model: one and the same
+    assert r["nats_per_char"] == r["loss"] and r["bpc"] == pytest.approx(r["loss"] / 0.693147, rel=1e-5)
     other = tmp_path / "other.txt"
     other.write_text("the early bird catches the worm. " * 30, encoding="utf-8")
     code, out, _ = cli(capsys, "eval", run, "--corpus", other, "--json")
