@@ -99,7 +99,8 @@ def cmd_train(args) -> int:
                    progress=not args.quiet, **options)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 130 if result.stop_reason == "interrupted" else 0
-    best = f"{result.best_val_loss:.4f} nats/char" if result.best_val_loss is not None else "n/a"
+    unit = "char" if result.tokenizer == "char" else "token"
+    best = f"{result.best_val_loss:.4f} nats/{unit}" if result.best_val_loss is not None else "n/a"
     print(f"stopped ({result.stop_reason}) at step {result.step}, epoch {result.epoch}, after "
           f"{result.train_time:.0f} s; best val loss {best}; run in {result.run_dir}", file=sys.stderr)
     if result.stop_reason == "interrupted":

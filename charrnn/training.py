@@ -151,7 +151,8 @@ class TrainResult:
     best_val_loss: float | None
     last_val_loss: float | None
     train_time: float
-    chars_seen: int
+    chars_seen: int         # ids read: characters for a character model, tokens otherwise
+    tokenizer: str = "char"
 
 
 class Trainer:
@@ -271,7 +272,8 @@ class Trainer:
             self._emit("train_end", {"step": self.state.step, "stop_reason": reason})
         self.console.close()
         s = self.state
-        return TrainResult(self.run_dir, s.step, s.epoch, reason, s.best_val, s.last_val, s.train_time, s.chars_seen)
+        return TrainResult(self.run_dir, s.step, s.epoch, reason, s.best_val, s.last_val, s.train_time, s.chars_seen,
+                           self.vocab.kind)
 
     def _check_stop(self, signals: StopFlag) -> tuple[str | None, float]:
         """(why to stop, or None; the run's training time), checked between steps.  Under data
