@@ -117,7 +117,7 @@ def test_a_killed_writers_temporary_files_are_removed_by_the_next_writer(capsys,
 def test_run_files_get_the_usual_mode(template, tmp_path):
     _, run = template                                          # trained under umask 002
     files = [p for p in [*run.iterdir(), *(run / ckpt.SAMPLES).iterdir()] if p.is_file() and p.name != ckpt.LOCK]
-    assert {p.name for p in files} >= {*ckpt.RUN_FILES}
+    assert {p.name for p in files} >= set(ckpt.RUN_FILES) - {ckpt.TOKENIZER_FILE}     # a character run has no tokenizer.json
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o664) for p in files}
     old = os.umask(0o027)
     try:
