@@ -37,8 +37,7 @@ class Splits:
 
 def corpus_text(corpus: EncodedCorpus, start: int = 0, stop: int | None = None) -> str:
     """Characters ``start:stop`` of an encoded (character) corpus, as text."""
-    codes = np.concatenate([[0], corpus.vocab._codes]).astype(np.uint32)
-    return codes[np.asarray(corpus.ids[start:stop])].tobytes().decode("utf-32-le")
+    return corpus.vocab.decode_array(corpus.ids[start:stop])
 
 
 def target_chars(vocab, ids: np.ndarray, chars: int) -> int:
@@ -56,8 +55,8 @@ def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", s
     cut = len(train)
     key = _key(corpus, tokenizer, size, val_fraction)
     if vocab is None:
-        target = size or (BPE_VOCAB if tokenizer == "bpe" else 1 << 31)
-        vocab = _cached_vocab(key, tokenizer) or _train_vocab(key, tokenizer, corpus_text(corpus, 0, cut), target)
+        target = size or (BPE_VOCAB if tokenizer == "bpe" else 1 << 31)     # word: every token
+        vocab = _cached_vocab(key) or _train_vocab(key, tokenizer, corpus_text(corpus, 0, cut), target)
         if size is not None and len(vocab) < size:
             raise OptionError("max_vocab", "is {value:,}, but the training split gives only {n:,} {kind} ids "
                                            "([UNK] included); give at most {n:,}, or leave it out",
@@ -73,7 +72,7 @@ def _key(corpus: EncodedCorpus, *parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _cached_vocab(key: str, kind: str) -> TokenVocab | None:
+def _cached_vocab(key: str) -> TokenVocab | None:
     path = charrnn_home() / "encoded" / "tokens" / key / "vocab.json"
     try:
         return TokenVocab.load(path, json.loads(path.read_text(encoding="utf-8")))

@@ -130,8 +130,8 @@ class TokenVocab:
     @property
     def chars(self) -> list[str]:
         """The single characters that are tokens of their own (a newline, for one)."""
-        return [t.decode("utf-8") for t in self.token_bytes if len(t.decode("utf-8", errors="replace")) == 1
-                and t.decode("utf-8", errors="replace") != "\ufffd"]
+        texts = (t.decode("utf-8", errors="replace") for t in self.token_bytes)
+        return [t for t in texts if len(t) == 1 and t != "\ufffd"]
 
     def steps_for(self, length: int) -> int:
         """The most steps ``length`` characters can take: a BPE token can be one byte of a 4-byte character."""

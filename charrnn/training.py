@@ -179,7 +179,8 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         saved_vocab = dist.on_rank0(lambda: resumed_vocab(self.run_dir, cfg)) if resume else None
         splits, self.batches = split_data(corpus, cfg, dist, saved_vocab)
-        self.vocab, self.train_ids, self.val_ids, self.val_chars = splits.vocab, splits.train, splits.val, splits.val_chars
+        self.vocab, self.train_ids, self.val_ids = splits.vocab, splits.train, splits.val
+        self.val_chars = splits.val_chars
         check_sampled_softmax(cfg, len(self.vocab))
         self.proposal = unigram_proposal(self.train_ids, len(self.vocab)) if cfg.sampled_softmax else None
         self.model_cfg = cfg.model_config(len(self.vocab))

@@ -101,6 +101,11 @@ class Vocab:
         chars = self.chars
         return [chars[i - 1] if i > 0 else "" for i in (int(x) for x in ids)]
 
+    def decode_array(self, ids: np.ndarray) -> str:
+        """The text of an array of ids with no ``[UNK]`` among them (a whole corpus), without a Python loop."""
+        codes = np.concatenate([[0], self._codes]).astype(np.uint32)
+        return codes[np.asarray(ids)].tobytes().decode("utf-32-le")
+
     def decode(self, ids) -> str:
         """The text of ``ids`` (``[UNK]`` left out)."""
         return "".join(self.decode_each(ids))
