@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,44 @@ def compiled():
             pytest.fail(f"a compiler and ninja are here, but the extension did not build: {native.error()}")
         pytest.skip(f"no C++ toolchain: {native.error()}")
     return module
+
+
+def train_tiny_run(tmp_path_factory, name: str, max_steps: int) -> Path:
+    """A tiny run trained for ``max_steps`` on 20,000 characters (its own CHARRNN_HOME), for module fixtures."""
+    import charrnn
+
+    tmp = tmp_path_factory.mktemp(name)
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(make_text(20_000), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHARRNN_HOME", str(tmp / "home"))
+        charrnn.train(str(corpus), tmp / "run", max_steps=max_steps, progress=False, log=lambda m: None, **TINY_KW)
+    return tmp / "run"
+
+
+@contextmanager
+def serving(config):
+    """Run a uvicorn server of ``config`` (a ``uvicorn.Config``) in a thread on a free localhost port; yields
+    the port."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from charrnn.serve import bind
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+        assert not thread.is_alive(), "the server did not shut down"

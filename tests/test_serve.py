@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import types
 from contextlib import contextmanager
@@ -25,22 +24,16 @@ import uvicorn
 import charrnn
 from charrnn.cli import main
 from charrnn.errors import CharRNNError
-from charrnn.serve import Limits, bind, create_app
+from charrnn.serve import Limits, create_app
 
-from .conftest import TINY_KW, make_text
+from .conftest import serving, train_tiny_run
 
 LIMITS = Limits(max_prompt_chars=100, max_length=200_000, max_samples=4, max_queue=64, max_batch=16)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text(make_text(20_000), encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHARRNN_HOME", str(tmp / "home"))
-        charrnn.train(str(corpus), tmp / "run", max_steps=8, progress=False, log=lambda m: None, **TINY_KW)
-    return tmp / "run"
+    return train_tiny_run(tmp_path_factory, "serve", max_steps=8)
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +44,8 @@ def lm(run_dir):
 @contextmanager
 def running(app):
     """Serve ``app`` with uvicorn in a thread on a free localhost port; yields the base URL."""
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-        assert not thread.is_alive(), "the server did not shut down"
+    with serving(uvicorn.Config(app, log_level="warning")) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

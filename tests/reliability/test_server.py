@@ -21,15 +21,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import uvicorn
 
 import charrnn
 from charrnn import sampling
-from charrnn.serve import Limits, bind, create_app
+from charrnn.serve import Limits, create_app
 from charrnn.serve.app import _events, server_config
 from charrnn.serve.engine import Job
 
-from ..conftest import TINY_KW, cli, make_text
+from ..conftest import cli, make_text, serving, train_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
 READ_SECONDS = 1                    # the fast server's --max-read-seconds
@@ -39,13 +38,7 @@ EMOJI = "\U0001f600"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve-abuse")
-    corpus = tmp / "corpus.txt"
-    corpus.write_text(make_text(20_000), encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CHARRNN_HOME", str(tmp / "home"))
-        charrnn.train(str(corpus), tmp / "run", max_steps=2, progress=False, log=lambda m: None, **TINY_KW)
-    return tmp / "run"
+    return train_tiny_run(tmp_path_factory, "serve-abuse", max_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -56,18 +49,8 @@ def lm(run_dir):
 @pytest.fixture(scope="module")
 def port(lm):
     """The port of the real server configuration (uvicorn in a thread) around the tiny model."""
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(server_config(create_app(lm, LIMITS), log_level="critical"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    thread.join(15)
-    sock.close()
+    with serving(server_config(create_app(lm, LIMITS), log_level="critical")) as port:
+        yield port
 
 
 # ----- raw HTTP: what a well-behaved client library would refuse to send ---------------------------------------
