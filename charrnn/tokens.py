@@ -30,6 +30,7 @@ KINDS = ("char", "word", "bpe")
 VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
 WORD_PATTERN = r"\w+|[^\w\s]+|\s+"
+MASKS_KEPT = 256                # starting_with's masks kept (one per distinct prompt ending)
 CHUNK_CHARS = 1 << 20           # texts are encoded in pieces of about this size, cut before a line
 
 
@@ -77,6 +78,7 @@ class TokenVocab:
         else:
             self.token_bytes = [t.encode("utf-8") for t in tokens]
         self.token_bytes[UNK_ID] = b""
+        self._masks: dict[bytes, np.ndarray] = {}     # starting_with's, by prefix
 
     @classmethod
     def train(cls, kind: str, text: str, size: int) -> "TokenVocab":
@@ -161,9 +163,15 @@ class TokenVocab:
         return ids[:-1], tail
 
     def starting_with(self, prefix: bytes) -> np.ndarray:
-        """A mask of the ids whose text starts with ``prefix``."""
-        return np.fromiter((b.startswith(prefix) and i != UNK_ID for i, b in enumerate(self.token_bytes)),
-                           dtype=bool, count=len(self.token_bytes))
+        """A mask of the ids whose text starts with ``prefix`` (a new array; the scan is done once per prefix:
+        healing, priming and each sample's text stream ask for the same one)."""
+        if prefix not in self._masks:
+            if len(self._masks) >= MASKS_KEPT:
+                self._masks.clear()
+            self._masks[prefix] = np.fromiter((b.startswith(prefix) and i != UNK_ID
+                                               for i, b in enumerate(self.token_bytes)),
+                                              dtype=bool, count=len(self.token_bytes))
+        return self._masks[prefix].copy()
 
     def sha256(self) -> str:
         return hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest()
