@@ -62,6 +62,12 @@ def _labels(runs: list[Path]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(r) for r in runs]
 
 
+def bits_per_char(record: dict, prefix: str) -> float:
+    """A metrics record's loss in bits per character: ``bpc``/``val_bpc``, or the loss per character of
+    a run written before they were logged (a character run: a token is a character)."""
+    return record.get(prefix + "bpc", record[prefix + "loss"] / LN2)
+
+
 def _draw_curves(runs: list[Path], labels: list[str]):
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -73,10 +79,10 @@ def _draw_curves(runs: list[Path], labels: list[str]):
         for ax, x in zip(axes, ("step", "time")):
             scale = 60.0 if x == "time" else 1.0
             if m["train"]:
-                ax.plot([r[x] / scale for r in m["train"]], [r["loss"] / LN2 for r in m["train"]], color=colour,
+                ax.plot([r[x] / scale for r in m["train"]], [bits_per_char(r, "") for r in m["train"]], color=colour,
                         alpha=0.45, linewidth=1, label=f"{label} train")
             if m["val"]:
-                ax.plot([r[x] / scale for r in m["val"]], [r["val_loss"] / LN2 for r in m["val"]], color=colour,
+                ax.plot([r[x] / scale for r in m["val"]], [bits_per_char(r, "val_") for r in m["val"]], color=colour,
                         marker="o", markersize=4, linewidth=1.8, label=f"{label} validation")
         drawn = drawn or bool(m["train"] or m["val"])
     if not drawn:
@@ -160,8 +166,7 @@ def write_report(run, out, force: bool = False, weights: str = "best") -> Path:
     lm = load(run, weights=weights)
     speed = generation_speed(lm)
     n_params = lm.model.num_parameters()
-    vals = [r["val_loss"] for r in metrics["val"]]
-    best = min(vals) if vals else None
+    best = min(metrics["val"], key=lambda r: r["val_loss"], default=None)
     last_train = metrics["train"][-1] if metrics["train"] else {}
     e = html.escape
 
@@ -179,9 +184,11 @@ def write_report(run, out, force: bool = False, weights: str = "best") -> Path:
             f"<h3>temperature {t:g}</h3><pre>{e(text)}</pre>" for t, text in samples)
     else:
         sample_html = "<p class='muted'>no samples saved (train with --sample-every or through an epoch end)</p>"
-    best_text = f"{best:.4f} nats/char = {best / LN2:.4f} bits/char" if best is not None else "n/a"
+    unit = "char" if lm.vocab.kind == "char" else "token"
+    best_bpc = f"{bits_per_char(best, 'val_'):.4f} bits/char" if best else "n/a"
+    best_text = f"{best['val_loss']:.4f} nats/{unit} = {best_bpc}" if best else "n/a"
     facts = [
-        ("best validation loss", f"{best / LN2:.4f} bits/char" if best is not None else "n/a"),
+        ("best validation loss", best_bpc),
         ("parameters", f"{n_params:,}"),
         ("steps", f"{last_train.get('step', 0):,}"),
         ("training time", f"{last_train.get('time', 0) / 60:.1f} min"),

@@ -33,6 +33,12 @@ class Splits:
     train: np.ndarray
     val: np.ndarray
     val_chars: int        # the characters of the validation text its targets (every id but the first) cover
+    train_chars: int      # the characters of the training text
+
+    @property
+    def chars_per_token(self) -> float:
+        """Of the training text: turns a loss per token into one per character, tokens/s into chars/s."""
+        return self.train_chars / max(len(self.train), 1)
 
 
 def corpus_text(corpus: EncodedCorpus, start: int = 0, stop: int | None = None) -> str:
@@ -51,7 +57,7 @@ def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", s
     ``size`` ids (--max-vocab; default: every word, or BPE_VOCAB subwords) learned from the training split."""
     train, val = split_train_val(corpus.ids, val_fraction)
     if tokenizer == "char":
-        return Splits(corpus.vocab, train, val, max(len(val) - 1, 0))
+        return Splits(corpus.vocab, train, val, max(len(val) - 1, 0), len(train))
     cut = len(train)
     key = _key(corpus, tokenizer, size, val_fraction)
     if vocab is None:
@@ -64,7 +70,7 @@ def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", s
     folder = charrnn_home() / "encoded" / "tokens" / _key(corpus, vocab.sha256(), None, val_fraction)
     ids = [_cached_ids(folder, part, vocab, corpus, span) for part, span in
            (("train", (0, cut)), ("val", (cut, len(corpus.ids))))]
-    return Splits(vocab, ids[0], ids[1], target_chars(vocab, ids[1], len(corpus.ids) - cut))
+    return Splits(vocab, ids[0], ids[1], target_chars(vocab, ids[1], len(corpus.ids) - cut), cut)
 
 
 def _key(corpus: EncodedCorpus, *parts) -> str:

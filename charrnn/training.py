@@ -11,7 +11,7 @@ event           when                     info
 ==============  =======================  ==========================================================
 ``after_step``  after every step         ``{"step", "epoch", "epoch_done"}``
 ``after_log``   after a logged step      the record written to metrics.jsonl: ``step``, ``epoch``,
-                                         ``time``, ``loss``, ``lr``, ``chars_per_s``
+                                         ``time``, ``loss``, ``bpc``, ``lr``, ``chars_per_s``
 ``after_eval``  after an evaluation      the record written: ``step``, ``epoch``, ``time``,
                                          ``val_loss``, ``val_bpc``
 ``epoch_end``   at the end of an epoch   the record written: ``step``, ``epoch``, ``time``,
@@ -180,7 +180,7 @@ class Trainer:
         saved_vocab = dist.on_rank0(lambda: resumed_vocab(self.run_dir, cfg)) if resume else None
         splits, self.batches = split_data(corpus, cfg, dist, saved_vocab)
         self.vocab, self.train_ids, self.val_ids = splits.vocab, splits.train, splits.val
-        self.val_chars = splits.val_chars
+        self.val_chars, self.chars_per_token = splits.val_chars, splits.chars_per_token
         check_sampled_softmax(cfg, len(self.vocab))
         self.proposal = unigram_proposal(self.train_ids, len(self.vocab)) if cfg.sampled_softmax else None
         self.model_cfg = cfg.model_config(len(self.vocab))
@@ -312,14 +312,15 @@ class Trainer:
             self.stream_state = carried
         s.step, s.step_in_epoch, s.epoch_loss_count = s.step + 1, s.step_in_epoch + 1, s.epoch_loss_count + 1
         s.chars_seen += cfg.batch_size * cfg.seq_len
-        self.losses.add(loss, cfg.batch_size * cfg.seq_len)
+        self.losses.add(loss, cfg.batch_size * cfg.seq_len)  # tokens
         if s.step % cfg.log_every == 0 or s.step == 1:
-            mean, chars_per_s = self.losses.window_mean()
+            mean, tokens_per_s = self.losses.window_mean()
             if not math.isfinite(mean):
                 raise CharRNNError(f"the training loss became {mean} at step {s.step}; lower --lr or set --clip "
                                    "(the last good checkpoint is kept)")
             self._emit("after_log", {"step": s.step, "epoch": s.epoch, "time": round(self.clock(), 3),
-                                     "loss": mean, "lr": lr, "chars_per_s": round(chars_per_s, 1)})
+                                     "loss": mean, "bpc": mean / LN2 / self.chars_per_token, "lr": lr,
+                                     "chars_per_s": round(tokens_per_s * self.chars_per_token, 1)})
         epoch_done = s.step_in_epoch >= self.batches.steps_in_epoch(s.epoch)
         if epoch_done:
             self.losses.flush_epoch(s)
@@ -443,24 +444,24 @@ class LossTracker:
         self.dist = dist
         self.window = torch.zeros((), device=device)  # since the last log line
         self.window_n = 0
-        self.window_start, self.window_chars = time.perf_counter(), 0
+        self.window_start, self.window_tokens = time.perf_counter(), 0
         self.epoch = torch.zeros((), dtype=torch.float64, device=device)  # not yet in TrainState.epoch_loss_sum
 
-    def add(self, loss: torch.Tensor, chars: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
         self.window += loss
         self.window_n += 1
-        self.window_chars += chars
+        self.window_tokens += tokens
         self.epoch += loss
 
     def window_mean(self) -> tuple[float, float]:
-        """(mean loss, characters per second) since the last call."""
+        """(mean loss, tokens per second) since the last call."""
         mean = float(self.dist.sum_(self.window)) / self.dist.world / self.window_n
         now = time.perf_counter()
-        chars_per_s = self.window_chars / max(now - self.window_start, 1e-9)
-        self.window_start, self.window_chars = now, 0
+        tokens_per_s = self.window_tokens / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_tokens = now, 0
         self.window.zero_()
         self.window_n = 0
-        return mean, chars_per_s
+        return mean, tokens_per_s
 
     def flush_epoch(self, state: ckpt.TrainState) -> None:
         state.epoch_loss_sum += float(self.dist.sum_(self.epoch)) / self.dist.world
@@ -547,7 +548,8 @@ class Console:
                              chars_per_s=f"{record['chars_per_s']:,.0f}")
 
     def epoch_end(self, trainer: Trainer, record: dict) -> None:
-        self.write(f"epoch {record['epoch'] + 1}: mean training loss {record['epoch_loss']:.4f} nats/char over "
+        unit = "char" if trainer.vocab.kind == "char" else "token"
+        self.write(f"epoch {record['epoch'] + 1}: mean training loss {record['epoch_loss']:.4f} nats/{unit} over "
                    f"{trainer.state.epoch_loss_count} steps")
 
 

@@ -175,3 +175,18 @@ def test_time_limit_stops_both_ranks_and_errors_print_once(small_corpus, tmp_pat
     r = torchrun("train", small_corpus, "--out", tmp_path / "r", "--max-steps", "2", *TINY)
     assert r.returncode != 0
     assert r.stderr.count("error: ") == 1 and "--resume" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("tokenizer, size", [("word", 30), ("bpe", 300)])
+def test_two_processes_train_a_word_or_bpe_model_as_one(small_corpus, tmp_path, tokenizer, size):
+    """Both ranks build (or find) the same tokenizer and encoded split; the global batch is split as
+    for characters, so two processes end on one process's weights and bits per character."""
+    kw = dict(TINY_KW, tokenizer=tokenizer, max_vocab=size)
+    one, two = tmp_path / "one", tmp_path / "two"
+    charrnn.train(str(small_corpus), one, progress=False, max_steps=4, eval_every=4, sample_every=0, **kw)
+    check(torchrun("train", small_corpus, "--out", two, *TINY, "--tokenizer", tokenizer, "--max-vocab", size,
+                   "--max-steps", 4, "--eval-every", 4, *NO_SAMPLES))
+    assert (two / "tokenizer.json").read_bytes() == (one / "tokenizer.json").read_bytes()
+    assert_close(weights(one), weights(two))
+    last1, last2 = metrics(one)[-1], metrics(two)[-1]
+    assert last2["val_bpc"] == pytest.approx(last1["val_bpc"], abs=1e-5)

@@ -40,6 +40,20 @@ def test_the_run_learned_and_reports_bits_per_character(capsys, run):
     assert json.loads((out / "vocab.json").read_text())["kind"] == kind and (out / "tokenizer.json").is_file()
 
 
+def test_training_logs_and_the_report_speak_in_characters(run, tmp_path):
+    """The per-token training loss and token rate are turned into bits/char and chars/s with the training
+    text's characters per token (near the validation text's), and the report shows bits/char."""
+    from charrnn.report import read_metrics, write_report
+
+    m = read_metrics(run[1])
+    per_token = [r["loss"] / r["bpc"] / math.log(2) for r in m["train"]]
+    val = m["val"][-1]
+    assert min(per_token) == pytest.approx(max(per_token)) and per_token[0] > 1.5
+    assert per_token[0] == pytest.approx(val["val_loss"] / val["val_bpc"] / math.log(2), rel=0.2)
+    page = write_report(run[1], tmp_path / "r.html").read_text()
+    assert f"{val['val_bpc']:.4f} bits/char" in page and f"{val['val_loss']:.4f} nats/token" in page
+
+
 def test_generation_counts_characters_and_repeats_with_a_seed(capsys, run):
     lm = charrnn.load(run[1])
     texts = lm.generate("the qui", length=60, num_samples=3, seed=3)
