@@ -82,7 +82,36 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
         return trainer.fit()
 
 
-class LanguageModel:
+class Generator:
+    """Generation through ``self.sampler``: the interface every kind of model has (a run, a pretrained
+    transformer from :mod:`charrnn.hf`; :mod:`charrnn.runtime`'s exported files mirror it)."""
+
+    def unknown_chars(self, text: str) -> list[str]:
+        """Characters (or words) of ``text`` the model does not know (they are read as ``[UNK]``)."""
+        return self.vocab.unknown(text)
+
+    def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
+        """``num_samples`` texts (prompt + ``length`` new characters), sampled in one batch.
+
+        ``prompt`` may also be a list of prompts (one sample each).  ``temperature=0`` is greedy;
+        ``repetition_penalty`` > 1 discourages ids already in the text (see :func:`charrnn.sampling.penalize`).
+        """
+        return self.sampler.generate(prompt, length, num_samples, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, seed=seed, repetition_penalty=repetition_penalty)
+
+    def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               seed: int | None = None, repetition_penalty: float = 1.0) -> Iterator[list[str]]:
+        """Yield the new text of every sample, step by step, until each has ``length`` characters (the prompt is
+        not repeated; a character model gives one character per step)."""
+        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
+        return self.sampler.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                   repetition_penalty=repetition_penalty)
+
+
+class LanguageModel(Generator):
     """A trained run, loaded for generation and evaluation."""
 
     def __init__(self, loaded: ckpt.LoadedRun, device: torch.device, int8: bool = False):
@@ -96,39 +125,46 @@ class LanguageModel:
             raise CharRNNError("int8 sampling runs on the CPU only; drop --int8 or use --device cpu")
         self.sampler = Sampler(self.model, self.vocab, weights="int8" if int8 else "fp32")
 
-    def unknown_chars(self, text: str) -> list[str]:
-        """Characters of ``text`` the model does not know (they are read as ``[UNK]``)."""
-        return self.vocab.unknown(text)
+    def describe(self) -> dict:
+        """What the server's ``/v1/model`` says about the run."""
+        corpus = self.config.get("corpus", {})
+        return {
+            "run": self.run.path.name,
+            "weights": self.run.weights,
+            "model": self.config.get("model", {}),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "corpus": {"name": Path(corpus["name"]).name if corpus.get("name") else None,
+                       "chars": corpus.get("chars")},
+            "tokenizer": self.vocab.kind,
+            "vocabulary": "".join(self.vocab.chars) if self.vocab.kind == "char" else len(self.vocab),
+            "device": str(self.device),
+            "int8": bool(self.int8),
+        }
 
-    def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> list[str]:
-        """``num_samples`` texts (prompt + ``length`` new characters), sampled in one batch.
-
-        ``prompt`` may also be a list of prompts (one sample each).  ``temperature=0`` is greedy.
-        """
-        return self.sampler.generate(prompt, length, num_samples, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, seed=seed)
-
-    def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
-               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None) -> Iterator[list[str]]:
-        """Yield the new text of every sample, step by step, until each has ``length`` characters (the prompt is
-        not repeated; a character model gives one character per step)."""
-        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        return self.sampler.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-
-    def evaluate(self, corpus: str | None = None, *, seq_len: int = 256, n_streams: int = 16) -> dict:
-        """Loss on the run's validation split, or on all of ``corpus``: ``{loss, perplexity}`` per token,
-        ``{bpc, nats_per_char}`` per character (comparable across tokenizers), ``{tokens, chars}``."""
-        ids, chars = held_out_ids(self.config, self.vocab, corpus)
+    def evaluate(self, corpus: str | None = None, *, val_fraction: float | None = None, seq_len: int = 256,
+                 n_streams: int = 16) -> dict:
+        """Loss on the run's validation split, or on all of ``corpus`` (its last ``val_fraction`` when given):
+        ``{loss, perplexity}`` per token, ``{bpc, nats_per_char}`` per character (comparable across
+        tokenizers and model kinds), ``{tokens, chars}``."""
+        ids, chars = held_out_ids(self.config, self.vocab, corpus, val_fraction)
         return evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars)
 
 
-def load(run: str | Path, *, weights: str = "best", device: str = "cpu", int8: bool = False) -> LanguageModel:
-    """Load a run directory (best weights unless ``weights="latest"``) on ``device`` (default CPU).
+def load(model: str | Path, *, weights: str = "best", device: str = "cpu", int8: bool = False):
+    """Load a model for generation and evaluation, on ``device`` (default CPU):
 
-    ``int8=True`` makes generation run its per-character step with int8 weights (CPU only).
+    - a run directory (best weights unless ``weights="latest"``; ``int8=True`` makes generation run
+      its per-character step with int8 weights, CPU only): a :class:`LanguageModel`;
+    - a Hugging Face causal language model (a ``save_pretrained`` directory, or a hub id; needs the
+      ``hf`` extra): a :class:`charrnn.hf.PretrainedModel`, with the same interface.
     """
+    from . import hf
+
     dev = resolve_device(device)
-    return LanguageModel(ckpt.load_run(run, weights=weights, device=dev), dev, int8=int8)
+    if hf.is_pretrained(model):
+        extra = [name for name, given in (("weights", weights != "best"), ("int8", int8)) if given]
+        if extra:
+            raise CharRNNError(f"--{extra[0]} applies only to charrnn runs; a Hugging Face model has one set of "
+                               "float weights: drop it")
+        return hf.load(model, device=dev)
+    return LanguageModel(ckpt.load_run(model, weights=weights, device=dev), dev, int8=int8)

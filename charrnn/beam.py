@@ -59,7 +59,10 @@ def map_state(state, fn):
 
 
 def select_state(state, index: torch.Tensor):
-    """Rows ``index`` (dimension 0) of every tensor of ``state``."""
+    """Rows ``index`` (dimension 0) of every tensor of ``state``, or of a state object that selects its own
+    rows (``state.select_rows(index)``, e.g. a transformer's key/value cache)."""
+    if hasattr(state, "select_rows"):
+        return state.select_rows(index)
     return map_state(state, lambda t: t.index_select(0, index))
 
 

@@ -191,6 +191,10 @@ def read_config(path) -> dict:
         raise CharRNNError(f"{cfg_path} is not valid JSON ({e}); the run is damaged, train it again") from None
     if not isinstance(cfg, dict):
         raise damaged(cfg_path, f"it holds a JSON {type(cfg).__name__}, not an object")
+    if "format_version" not in cfg:
+        raise CharRNNError(f"{path} is neither a charrnn run nor a Hugging Face model (its {CONFIG} has no "
+                           "format_version and no model_type); give a run directory or a directory written by "
+                           "save_pretrained")
     if cfg.get("format_version") != FORMAT_VERSION:
         raise CharRNNError(f"{cfg_path} has format version {cfg.get('format_version')}, but this charrnn reads "
                            f"version {FORMAT_VERSION}; use a matching charrnn version or train the run again")

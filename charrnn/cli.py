@@ -16,6 +16,8 @@ from .errors import CharRNNError, OptionError, flag
 from .options import GenerationOptions
 
 RULE = "-" * 72
+MODEL_HELP = ("run directory written by `charrnn train`, or a Hugging Face causal language model: a directory "
+              "written by save_pretrained, or a hub id such as gpt2 (needs the hf extra)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,19 +114,21 @@ def cmd_train(args) -> int:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a trained run or an exported .onnx file")
-    p.add_argument("run", help="run directory written by `charrnn train`, or an .onnx file written by "
-                               "`charrnn export` (generated with onnxruntime, without torch)")
+    p = sub.add_parser("generate", help="generate text from a trained run, an exported .onnx file or a Hugging Face "
+                                        "model")
+    p.add_argument("run", metavar="MODEL", help=MODEL_HELP + "; or an .onnx file written by `charrnn export` "
+                                                             "(generated with onnxruntime, without torch)")
     add_options(p, GenerationOptions)
     p.add_argument("--json", action="store_true", help='print {"samples": [...]}')
-    g = p.add_argument_group("run directories only (not .onnx files)")
-    g.add_argument("--weights", choices=["best", "latest"], help="default best")
+    g = p.add_argument_group("run directories and Hugging Face models only (not .onnx files)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default cpu")
+    g.add_argument("--beam-width", type=int, help="print the K most likely continuations (beam search) with their "
+                                                  "total log-probabilities instead of sampling")
+    g = p.add_argument_group("run directories only")
+    g.add_argument("--weights", choices=["best", "latest"], help="default best")
     g.add_argument("--int8", action="store_true",
                    help="run each sampling step with int8 weights (CPU): faster, especially at small batches, "
                         "at nearly fp32's quality (docs/performance.md has the figures)")
-    g.add_argument("--beam-width", type=int, help="print the K most likely continuations (beam search) with their "
-                                                  "total log-probabilities instead of sampling")
     p.set_defaults(func=cmd_generate)
 
 
@@ -147,11 +151,16 @@ def _generator(args, o: GenerationOptions):
     if not _is_exported(args.run):
         from .api import load
 
-        check_sampling_options(o.temperature, o.top_k, o.top_p, o.length, o.num_samples, o.seed)
+        check_sampling_options(o.temperature, o.top_k, o.top_p, o.length, o.num_samples, o.seed,
+                               repetition_penalty=o.repetition_penalty)
         if args.beam_width is not None:
             check_beam_width(args.beam_width)
+            if o.repetition_penalty != 1:
+                raise CharRNNError("--repetition-penalty applies to sampling and greedy decoding, not to "
+                                   "--beam-width; drop one of them")
         lm = load(args.run, weights=args.weights or "best", device=args.device or "cpu", int8=args.int8)
-        return lm, dict(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed)
+        return lm, dict(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
+                        repetition_penalty=o.repetition_penalty)
     # An exported file: onnxruntime and NumPy only (this path never imports torch).
     from .runtime import load as load_exported
 
@@ -164,8 +173,10 @@ def _generator(args, o: GenerationOptions):
                            f"drop {'it' if one else 'them'} or give the run directory")
     lm = load_exported(args.run)
     temperature, top_k, top_p = lm.sampling_options(args.temperature, o.top_k, o.top_p)
-    check_sampling_options(temperature, top_k, top_p, o.length, o.num_samples, o.seed)
-    return lm, dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=o.seed)
+    check_sampling_options(temperature, top_k, top_p, o.length, o.num_samples, o.seed,
+                           repetition_penalty=o.repetition_penalty)
+    return lm, dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=o.seed,
+                    repetition_penalty=o.repetition_penalty)
 
 
 def cmd_generate(args) -> int:
@@ -225,33 +236,53 @@ def cmd_export(args) -> int:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="loss, bits/char and perplexity of a run on its validation split or a corpus")
-    p.add_argument("run", help="run directory")
+    p = sub.add_parser("eval", help="loss, bits/char and perplexity of a model on a run's validation split or a corpus")
+    p.add_argument("run", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--corpus", help="evaluate on all of this corpus instead of the run's validation split")
+    p.add_argument("--val-fraction", type=float, metavar="F",
+                   help="with --corpus: only its last F, the validation split a run trained with --val-fraction F "
+                        "holds out (the same text for every model)")
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
     p.add_argument("--json", action="store_true",
                    help='print {"loss", "perplexity"} per token, {"bpc", "nats_per_char"} per character, {"tokens", '
                         '"chars"}')
+    g = p.add_argument_group("Hugging Face models only")
+    g.add_argument("--window", type=int, metavar="N", help="tokens the model reads at once (default: its context)")
+    g.add_argument("--stride", type=int, metavar="N", help="tokens between the starts of two windows; each token is "
+                                                           "scored once, with at least N - stride tokens before it "
+                                                           "(default: half a window)")
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     from .api import load
 
+    if args.val_fraction is not None and (args.corpus is None or not 0 < args.val_fraction < 1):
+        raise OptionError("val_fraction", "must be in (0, 1) and goes with --corpus, got {value}",
+                          value=args.val_fraction)
+    windows = {k: getattr(args, k) for k in ("window", "stride") if getattr(args, k) is not None}
+    for name, value in windows.items():
+        if value < 1:
+            raise OptionError(name, "must be a positive number of tokens, got {value}", value=value)
     lm = load(args.run, weights=args.weights, device=args.device)
-    r = lm.evaluate(args.corpus)
+    if windows and not hasattr(lm, "tokenizer"):
+        raise CharRNNError(f"--{next(iter(windows))} applies to Hugging Face models; a recurrent run reads the whole "
+                           "text with its state carried: drop it")
+    r = lm.evaluate(args.corpus, val_fraction=args.val_fraction, **windows)
     if args.json:
         print(json.dumps(r))
+        return 0
+    where = args.corpus or "validation split"
+    where += f" (last {args.val_fraction:g})" if args.val_fraction else ""
+    weights = f"windows of {r['window']} tokens, stride {r['stride']}" if "window" in r else lm.run.weights
+    if lm.vocab.kind == "char":
+        print(f"{where}: loss {r['loss']:.4f} nats/char, {r['bpc']:.4f} bits/char, perplexity "
+              f"{r['perplexity']:.3f} over {r['chars']:,} characters ({weights})")
     else:
-        where = args.corpus or "validation split"
-        if lm.vocab.kind == "char":
-            print(f"{where}: loss {r['loss']:.4f} nats/char, {r['bpc']:.4f} bits/char, perplexity "
-                  f"{r['perplexity']:.3f} over {r['chars']:,} characters ({lm.run.weights})")
-        else:
-            print(f"{where}: {r['bpc']:.4f} bits/char ({r['nats_per_char']:.4f} nats/char) over {r['chars']:,} "
-                  f"characters; loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f} over "
-                  f"{r['tokens']:,} {lm.vocab.kind} tokens ({lm.run.weights})")
+        print(f"{where}: {r['bpc']:.4f} bits/char ({r['nats_per_char']:.4f} nats/char) over {r['chars']:,} "
+              f"characters; loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f} over "
+              f"{r['tokens']:,} {lm.vocab.kind} tokens ({weights})")
     return 0
 
 
@@ -309,11 +340,12 @@ def cmd_report(args) -> int:
 
 
 def _add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="serve a trained run over HTTP: a JSON API, streaming, and a web page",
-                       description="Serve a trained run over HTTP (needs the serve extra): POST /v1/generate, "
+    p = sub.add_parser("serve", help="serve a model over HTTP: a JSON API, streaming, and a web page",
+                       description="Serve a trained run or a Hugging Face model over HTTP (needs the serve extra): "
+                                   "POST /v1/generate, "
                                    "POST /v1/generate/stream (server-sent events), GET /v1/model, GET /healthz, "
                                    "and a web page at /.")
-    p.add_argument("run", help="run directory written by `charrnn train`")
+    p.add_argument("run", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine "
                                                        "only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, metavar="N", help="default %(default)s; 0 picks a free port")

@@ -68,32 +68,40 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
             "perplexity": math.exp(min(loss, 700)), "tokens": count, "chars": chars}
 
 
-def held_out_ids(run_config: dict, vocab, corpus: str | None = None) -> tuple[np.ndarray, int]:
+def held_out_ids(run_config: dict, vocab, corpus: str | None = None,
+                 val_fraction: float | None = None) -> tuple[np.ndarray, int]:
     """The text a trained run is evaluated on, as ids of its ``vocab``, and the characters its targets cover:
     the validation split of the corpus it was trained on (``run_config`` is its config.json), or all of
-    ``corpus``; both normalised as in training."""
+    ``corpus`` (its last ``val_fraction`` when given, split as training splits it); normalised as in
+    training."""
     norm = run_config.get("training", {})
     lower, nl = norm.get("lowercase", False), norm.get("newlines_to_spaces", False)
     if corpus is None:
         name = run_config.get("corpus", {}).get("name")
         if not name:
             raise CharRNNError("this run does not record its corpus; pass --corpus")
-        data = load_corpus(recorded_corpus(name), lowercase=lower, newlines_to_spaces=nl)
-        if vocab.kind == "char":
-            _, ids = split_train_val(data.reencode(vocab), norm.get("val_fraction", 0.1))
-            chars = len(ids) - 1
-        else:
-            splits = tokenized.split(data, norm.get("val_fraction", 0.1), vocab.kind, vocab=vocab)
-            ids, chars = splits.val, splits.val_chars
-        if len(ids) < 2:
+        corpus, val_fraction = recorded_corpus(name), norm.get("val_fraction", 0.1)
+        if not val_fraction:
             raise CharRNNError("the run has no validation split (--val-fraction 0); pass --corpus")
+    data = load_corpus(corpus, lowercase=lower, newlines_to_spaces=nl)
+    if vocab.kind == "char":
+        ids = data.reencode(vocab)
+        ids = split_train_val(ids, val_fraction)[1] if val_fraction else ids
+        chars = len(ids) - 1
+    elif val_fraction:
+        splits = tokenized.split(data, val_fraction, vocab.kind, vocab=vocab)
+        ids, chars = splits.val, splits.val_chars
     else:
-        data = load_corpus(corpus, lowercase=lower, newlines_to_spaces=nl)
-        if vocab.kind == "char":
-            ids, chars = data.reencode(vocab), len(data) - 1
-        else:
-            ids = vocab.encode(tokenized.corpus_text(data))
-            chars = tokenized.target_chars(vocab, ids, len(data))
-        if len(ids) < 2:
-            raise CharRNNError(f"corpus {corpus} is shorter than two tokens; nothing to evaluate")
+        ids = vocab.encode(tokenized.corpus_text(data))
+        chars = tokenized.target_chars(vocab, ids, len(data))
+    if len(ids) < 2:
+        raise CharRNNError(f"{'the validation split of ' if val_fraction else ''}corpus {corpus} is shorter than "
+                           "two tokens; nothing to evaluate")
     return ids, chars
+
+
+def held_out_text(corpus: str, val_fraction: float | None = None) -> str:
+    """All of ``corpus`` as text, or its last ``val_fraction`` (the characters a run's validation split holds)."""
+    data = load_corpus(corpus)
+    cut = len(split_train_val(data.ids, val_fraction)[0]) if val_fraction else 0
+    return tokenized.corpus_text(data, cut)

@@ -30,6 +30,9 @@ class GenerationOptions:
                                check=POSITIVE_INT)
     top_p: float | None = option(None, "sample only among the most likely characters holding mass P", metavar="P",
                                  check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    repetition_penalty: float = option(1.0, "CTRL's penalty on ids already in the text, prompt included (as "
+                                            "transformers applies it): above 1 discourages repeats, 1 is off",
+                                       metavar="R", check=(lambda v: 0 < v < float("inf"), "must be > 0 (1 is off)"))
     num_samples: int = option(1, "samples, generated together in one batch", check=POSITIVE_INT)
     seed: int | None = option(None, "random seed: same seed, same text", check=SEED)
 
@@ -39,10 +42,11 @@ class GenerationOptions:
 
 
 def check_sampling_options(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                           length: int = 1, num_samples: int = 1, seed: int | None = None) -> None:
+                           length: int = 1, num_samples: int = 1, seed: int | None = None, *,
+                           repetition_penalty: float = 1.0) -> None:
     """Raises :class:`charrnn.errors.OptionError` for a bad value."""
     GenerationOptions(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                      num_samples=num_samples, seed=seed).validate()
+                      num_samples=num_samples, seed=seed, repetition_penalty=repetition_penalty).validate()
 
 
 def check_beam_width(beam_width) -> None:

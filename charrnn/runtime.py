@@ -70,6 +70,12 @@ def choose(logits: np.ndarray, temperature: float, top_k, top_p, rng: np.random.
     return np.minimum((cdf <= u).sum(axis=-1), cdf.shape[1] - 1).astype(np.int64)
 
 
+def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """:func:`charrnn.sampling.penalize` in NumPy: CTRL's repetition penalty on the ids ``seen``."""
+    logits = logits.astype(np.float32)
+    return np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits).astype(np.float32)
+
+
 def session_options(threads: int | None = None):
     """onnxruntime options for the batch-1 loop: all graph optimisations, one op at a time,
     ``threads`` intra-op threads (default: onnxruntime's, one per physical core)."""
@@ -195,34 +201,44 @@ class ExportedModel:
                 d.get("top_k") if top_k is None else top_k, d.get("top_p") if top_p is None else top_p)
 
     def stream_ids(self, prompts: Sequence[str], length: int, temperature: float | None = None,
-                   top_k: int | None = None, top_p: float | None = None,
-                   seed: int | None = None) -> Iterator[np.ndarray]:
+                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                   repetition_penalty: float = 1.0) -> Iterator[np.ndarray]:
         """Yield the next ids ``(batch,)`` ``length`` times, one batched step each.
 
         Options left ``None`` take the defaults stored in the file (temperature 1, no top-k / top-p).
         """
         temperature, top_k, top_p = self.sampling_options(temperature, top_k, top_p)
-        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed)
+        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed,
+                               repetition_penalty=repetition_penalty)
         rng = np.random.default_rng(seed)
         if length == 0:
             return
         logits, state = self.prime(prompts)
+        seen = None
+        if repetition_penalty != 1:
+            seen = np.zeros((len(prompts), len(self.vocab)), dtype=bool)
+            for row, p in enumerate(prompts):
+                seen[row, self.vocab.heal(start_text(p, self.vocab.chars))[0]] = True
         for i in range(length):
+            if seen is not None:
+                logits = penalize(logits, seen, repetition_penalty)
             ids = choose(logits, temperature, top_k, top_p, rng)
+            if seen is not None:
+                seen[np.arange(len(ids)), ids] = True
             yield ids
             if i + 1 < length:
                 logits, state = self.step(ids, state)
 
     def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
                temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None) -> Iterator[list[str]]:
+               seed: int | None = None, repetition_penalty: float = 1.0) -> Iterator[list[str]]:
         """Yield the new text of every sample, step by step, until each has ``length`` characters (the prompt is
         not repeated; a character model gives one character per step)."""
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
         text = TextStream(self.vocab.token_bytes, len(prompts), length,
                           [len(self.vocab.heal(start_text(p, self.vocab.chars))[1]) for p in prompts])
         steps = self.stream_ids(prompts, self.vocab.steps_for(length), temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed)
+                                top_p=top_p, seed=seed, repetition_penalty=repetition_penalty)
         for ids in steps:
             yield text.push(ids.tolist())
             if text.done:
@@ -231,16 +247,18 @@ class ExportedModel:
 
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None) -> list[str]:
+                 seed: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
         """``num_samples`` texts (prompt + ``length`` new characters), sampled in one batch.
 
         ``prompt`` may also be a list of prompts (one sample each).  ``temperature=0`` is greedy;
         options left ``None`` take the file's defaults.
         """
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        check_sampling_options(*self.sampling_options(temperature, top_k, top_p), length, len(prompts), seed)
+        check_sampling_options(*self.sampling_options(temperature, top_k, top_p), length, len(prompts), seed,
+                               repetition_penalty=repetition_penalty)
         pieces: list[list[str]] = [[p] for p in prompts]
-        for step in self.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
+        for step in self.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                repetition_penalty=repetition_penalty):
             for piece, ch in zip(pieces, step):
                 piece.append(ch)
         return ["".join(p) for p in pieces]

@@ -77,6 +77,30 @@ def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: to
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al., 2019), as transformers applies it: the logit of every id
+    ``seen`` in the text so far (prompt included) is divided by ``penalty`` when positive and multiplied
+    by it when negative.  Above 1 it discourages repeats; 1 changes nothing."""
+    logits = logits.float()
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+class Repetition:
+    """The ids each row of a batch has seen, and :func:`penalize` over them."""
+
+    def __init__(self, penalty: float, prompt_ids: Sequence[torch.Tensor], vocab_size: int, device):
+        self.penalty = penalty
+        self.seen = torch.zeros(len(prompt_ids), vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompt_ids):
+            self.seen[row, ids.to(device)] = True
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return penalize(logits, self.seen, self.penalty)
+
+    def add(self, ids: torch.Tensor) -> None:
+        self.seen[torch.arange(len(ids), device=ids.device), ids] = True
+
+
 WEIGHT_FORMATS = ("fp32", "int8")
 BACKENDS = ("auto", "native", "python")
 
@@ -250,6 +274,8 @@ def _tanh_(a: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """Batched, streaming text generation from a :class:`CharLM` and its vocabulary."""
 
+    batchable = True    # the server may step several requests as one batch (see charrnn.serve.engine)
+
     def __init__(self, model: CharLM, vocab: Vocab, weights: str = "fp32", backend: str = "auto"):
         """``weights`` and ``backend``: see :class:`Stepper`."""
         if model.config.vocab_size != len(vocab):
@@ -259,6 +285,7 @@ class Sampler:
         self.vocab = vocab
         self.device = model.head.weight.device
         self.stepper = Stepper(model, weights, backend)
+        self.batchable = weights == "fp32"    # int8 quantises activations per batch: one request at a time
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
         """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).
@@ -274,6 +301,16 @@ class Sampler:
         (token healing: a word or BPE prompt may end inside a token; see :meth:`TokenVocab.heal`)."""
         ids, tail = self.vocab.heal(start_text(prompt, self.vocab.chars))
         return torch.from_numpy(ids), tail
+
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """The ids the model reads for ``prompt`` (what a repetition penalty counts as seen)."""
+        return self.healed(prompt)[0]
+
+    def repetition(self, prompts: Sequence[str], penalty: float) -> Repetition | None:
+        """The repetition penalty of a batch of ``prompts`` (None when ``penalty`` is 1: off)."""
+        if penalty == 1:
+            return None
+        return Repetition(penalty, [self.prompt_ids(p) for p in prompts], len(self.vocab), self.device)
 
     @torch.inference_mode()
     def prime(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list]:
@@ -305,18 +342,25 @@ class Sampler:
 
     @torch.inference_mode()
     def stream_ids(self, prompts: Sequence[str], length: int, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
+                   top_p: float | None = None, seed: int | None = None,
+                   repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
         """Yield the next ids ``(batch,)`` ``length`` times, one batched step each."""
-        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed)
+        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed,
+                               repetition_penalty=repetition_penalty)
         self.check_fits("num_samples", len(prompts), len(prompts))
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
         if length == 0:
             return
         logits, state = self.prime(prompts)
+        repetition = self.repetition(prompts, repetition_penalty)
         compiled = self.stepper.backend == "native"
         for i in range(length):
+            if repetition is not None:
+                logits = repetition(logits)
             ids = choose(logits, temperature, top_k, top_p, generator, compiled=compiled)
+            if repetition is not None:
+                repetition.add(ids)
             yield ids
             if i + 1 < length:
                 logits, state = self.stepper.step(ids, state)
@@ -346,7 +390,7 @@ class Sampler:
                  stop: Callable[[], bool] | None = None, **options) -> list[str]:
         """Complete texts (prompt + continuation), one per sample; shorter when ``stop()`` turns true
         (asked after each character)."""
-        opts = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p")}
+        opts = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p", "repetition_penalty")}
         rows = num_samples if isinstance(prompt, str) else len(prompt)
         check_sampling_options(length=length, num_samples=rows, **opts)
         self.check_fits("num_samples", rows, rows)

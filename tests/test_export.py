@@ -149,6 +149,20 @@ def test_logits_processing_matches_the_pytorch_sampler():
     assert (runtime.choose(many[:3], 0, None, None, None) == 1).all()
 
 
+def test_repetition_penalty_is_the_pytorch_samplers(trained):
+    from charrnn.sampling import penalize
+
+    rng = np.random.default_rng(0)
+    logits, seen = rng.normal(size=(4, 30)).astype(np.float32) * 3, rng.random((4, 30)) < 0.3
+    want = penalize(torch.from_numpy(logits), torch.from_numpy(seen), 1.8).numpy()
+    assert np.allclose(runtime.penalize(logits, seen, 1.8), want)
+    run, onnx_file = trained
+    lm, torch_lm = runtime.load(onnx_file), charrnn.load(run)
+    assert (lm.generate("the ", 80, temperature=0, repetition_penalty=1.6)
+            == torch_lm.generate("the ", 80, temperature=0, repetition_penalty=1.6)
+            != torch_lm.generate("the ", 80, temperature=0))
+
+
 def test_int8_export_is_smaller_and_close(tmp_path):
     model = random_run(tmp_path / "run", hidden=128, embed=16)
     r = export_onnx(tmp_path / "run", tmp_path / "int8.onnx", int8=True)

@@ -154,3 +154,17 @@ def test_int8_stepper_stays_close_to_fp32(arch):
     assert not torch.equal(a, b)  # it really ran in int8
     with pytest.raises(CharRNNError, match="int8"):
         Stepper(model, "int4")
+
+
+def test_repetition_penalty_counts_the_prompt_and_each_sample_alone():
+    """CTRL's penalty on a character model: 1 changes nothing; a large one makes greedy text stop repeating
+    any character the prompt or the sample already holds, while a vocabulary's worth of fresh ones last."""
+    s = _sampler()
+    assert s.generate("abc", 30, temperature=0, repetition_penalty=1.0) == s.generate("abc", 30, temperature=0)
+    texts = s.generate(["ab", "c"], len(s.vocab) - 4, temperature=0, repetition_penalty=1e6)
+    for prompt, text in zip(["ab", "c"], texts):
+        new = text[len(prompt):]
+        assert len(set(new)) == len(new) and not set(new) & set(prompt), text
+    seeded = s.generate("abc", 40, num_samples=3, seed=4, repetition_penalty=1.5)
+    assert seeded == s.generate("abc", 40, num_samples=3, seed=4, repetition_penalty=1.5)
+    assert seeded != s.generate("abc", 40, num_samples=3, seed=4)

@@ -4,7 +4,7 @@ gradients.
 :class:`Product` picks one of three backends for a fixed ``w`` and many ``x``: charrnn.native's
 ``packed_matmul`` (AVX2 + FMA register tiles on ``w`` packed into panels), oneDNN's matmul on ``w``
 packed once (:mod:`charrnn.ops.torch_compat`), or the plain reference, ``torch.addmm``.  All three give
-the same numbers to rounding; ``benchmarks/kernels.py`` times them.
+the same numbers to rounding; ``benchmarks/kernel_speed.py`` times them.
 """
 from __future__ import annotations
 

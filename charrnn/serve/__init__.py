@@ -68,7 +68,8 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "best", device: str = "cpu",
           int8: bool = False, limits: Limits | None = None, log_level: str = "info") -> None:
-    """Load ``run`` and serve it on ``host:port`` until interrupted (Ctrl-C or SIGTERM)."""
+    """Load ``run`` (a run directory or a Hugging Face model, see :func:`charrnn.load`) and serve it on
+    ``host:port`` until interrupted (Ctrl-C or SIGTERM)."""
     from ..api import load
 
     web = _web()
@@ -80,7 +81,8 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "bes
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"serving {run} ({lm.run.weights}) on http://{shown}:{bound_port}/ (Ctrl-C to stop)",
+    what = f"{run} ({lm.run.weights})" if hasattr(lm, "run") else f"{run} (Hugging Face {lm.describe()['model_type']})"
+    print(f"serving {what} on http://{shown}:{bound_port}/ (Ctrl-C to stop)",
           file=sys.stderr, flush=True)
     config = web.server_config(web.create_app(lm, limits), log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

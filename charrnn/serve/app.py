@@ -53,6 +53,7 @@ class GenerateRequest(BaseModel):
     temperature: float = _DEFAULTS.temperature
     top_k: int | None = _DEFAULTS.top_k
     top_p: float | None = _DEFAULTS.top_p
+    repetition_penalty: float = _DEFAULTS.repetition_penalty
     num_samples: int = _DEFAULTS.num_samples
     seed: int | None = Field(_DEFAULTS.seed, ge=0, lt=2**63)
 
@@ -77,21 +78,7 @@ def _sse(data: dict, event: str | None = None) -> bytes:
 
 
 def describe_model(lm, limits: Limits) -> dict:
-    cfg = lm.config
-    corpus = cfg.get("corpus", {})
-    return {
-        "run": lm.run.path.name,
-        "weights": lm.run.weights,
-        "model": cfg.get("model", {}),
-        "parameters": sum(p.numel() for p in lm.model.parameters()),
-        "corpus": {"name": Path(corpus["name"]).name if corpus.get("name") else None, "chars": corpus.get("chars")},
-        "tokenizer": lm.vocab.kind,
-        "vocabulary": "".join(lm.vocab.chars) if lm.vocab.kind == "char" else len(lm.vocab),
-        "device": str(lm.device),
-        "int8": bool(lm.int8),
-        "limits": limits.to_dict(),
-        "defaults": GenerateRequest().model_dump(),
-    }
+    return {**lm.describe(), "limits": limits.to_dict(), "defaults": GenerateRequest().model_dump()}
 
 
 async def _read_body(request: Request, limits: Limits) -> bytes:
@@ -195,12 +182,13 @@ class _Endpoints:
                                               for err in e.errors())) from None
         _check_limits(req, self.limits)
         try:
-            check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples)
+            check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples,
+                                   repetition_penalty=req.repetition_penalty)
             self.lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
         except CharRNNError as e:
             raise RequestError(422, str(e)) from None  # an OptionError names the field: "top_p must be ..."
         return Job(req.prompt, req.length, req.num_samples, req.temperature, req.top_k, req.top_p, req.seed,
-                   streaming=streaming)
+                   streaming=streaming, repetition_penalty=req.repetition_penalty)
 
     async def submit(self, request: Request, streaming: bool) -> Job | JSONResponse:
         try:
@@ -253,9 +241,9 @@ class _Endpoints:
 
 
 def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -> Starlette:
-    """The server for a loaded :class:`charrnn.api.LanguageModel` (``charrnn.load(run)``)."""
+    """The server for a model loaded by :func:`charrnn.load` (a run, or a Hugging Face model)."""
     limits = (limits or Limits()).validate()
-    engine = Engine(lm.sampler, batch_requests=not lm.int8, max_queue=limits.max_queue,
+    engine = Engine(lm.sampler, batch_requests=lm.sampler.batchable, max_queue=limits.max_queue,
                     max_batch=limits.max_batch, hop_seconds=hop_seconds)
     ep = _Endpoints(lm, limits, engine)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import CharRNNError
 from ..sampling import Sampler, choose
 
 log = logging.getLogger("charrnn.serve")
@@ -50,6 +51,7 @@ class Job:
     top_p: float | None = None
     seed: int | None = None
     streaming: bool = False
+    repetition_penalty: float = 1.0
 
     texts: list[str] = field(default_factory=list)  # the continuation of each sample so far
     error: str | None = None
@@ -68,6 +70,7 @@ class Job:
         self.logits: torch.Tensor | None = None
         self.state: list | None = None
         self.text = None        # the TextStream that turns ids into text (cut at `length` characters)
+        self.repetition = None  # the ids seen, when a repetition penalty is asked for
 
     @property
     def samples(self) -> list[str]:
@@ -200,7 +203,7 @@ class Engine:
             for job in [j for j in self.active if j.remaining == 0 and not j.cancelled]:
                 self.active.remove(job)
                 self.stats["failed" if job.error else "completed"] += 1
-                job._finish(job.error)
+                job._finish(job.error, job.error_status)
 
     # ----- worker-thread side ----------------------------------------------------------------------------
 
@@ -215,6 +218,7 @@ class Engine:
                 if job.length > 0:
                     job.logits, job.state = sampler.prime([job.prompt] * job.num_samples)
                     job.text = sampler.text_stream([job.prompt] * job.num_samples, job.length)
+                    job.repetition = sampler.repetition([job.prompt] * job.num_samples, job.repetition_penalty)
                     job.remaining = sampler.vocab.steps_for(job.length)
             except Exception as e:  # a bug, not a user error: fail this request only
                 log.exception("priming a request failed")
@@ -226,13 +230,20 @@ class Engine:
             if not live:
                 break
             for job in live:
-                ids = choose(job.logits, job.temperature, job.top_k, job.top_p, job.generator)
+                logits = job.logits if job.repetition is None else job.repetition(job.logits)
+                ids = choose(logits, job.temperature, job.top_k, job.top_p, job.generator)
+                if job.repetition is not None:
+                    job.repetition.add(ids)
                 chosen[job].append(ids)
                 job.remaining -= 1
             stepping = [j for j in live if j.remaining > 0]
             groups = [stepping] if self.batch_requests else [[j] for j in stepping]
             for group in filter(None, groups):
-                self._step(group, [chosen[j][-1] for j in group])
+                try:
+                    self._step(group, [chosen[j][-1] for j in group])
+                except CharRNNError as e:     # e.g. a transformer's context is full: these requests end here
+                    for job in group:
+                        job.error, job.error_status, job.remaining = str(e), 422, 0
             if time.perf_counter() > deadline:
                 break
         out = {}

@@ -183,6 +183,7 @@ BASE = {
     "train": "train {corpus} --out {out} --force --max-steps 1 --time-limit 5 --sample-length 20 "
              "--hidden 48 --embed 16 --seq-len 32 --batch-size 16 --precision fp32 --quiet",
     "generate": "generate {run} --length 5 --json",
+    "eval": "eval {run} --corpus {corpus} --json",
     "serve": "serve {run} --port 0 --log-level error",
     "task reber train": "task reber train --out {out} --force --train-size 20 --val-size 10 --epochs 1 --hidden 8 "
                         "--time-limit 5",

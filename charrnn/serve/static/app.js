@@ -27,10 +27,12 @@ async function showModel() {
   try {
     const info = await (await fetch("/v1/model")).json();
     const m = info.model;
-    $("model-info").textContent =
-      `${info.run} (${info.weights}): ${m.arch.toUpperCase()} ${m.layers} x ${m.hidden}, ` +
-      `${info.parameters.toLocaleString()} parameters, ${m.vocab_size} symbols` +
-      (info.corpus && info.corpus.name ? `, trained on ${info.corpus.name}` : "") + (info.int8 ? ", int8" : "");
+    $("model-info").textContent = info.kind === "huggingface"
+      ? `${m} (Hugging Face ${info.model_type}): ${info.parameters.toLocaleString()} parameters, ` +
+        `${info.vocabulary.toLocaleString()} tokens, context ${info.context} tokens`
+      : `${info.run} (${info.weights}): ${m.arch.toUpperCase()} ${m.layers} x ${m.hidden}, ` +
+        `${info.parameters.toLocaleString()} parameters, ${m.vocab_size} symbols` +
+        (info.corpus && info.corpus.name ? `, trained on ${info.corpus.name}` : "") + (info.int8 ? ", int8" : "");
     $("length").max = info.limits.max_length;
     $("prompt").maxLength = info.limits.max_prompt_chars;
   } catch (e) {

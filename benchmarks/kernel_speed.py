@@ -1,6 +1,6 @@
 """What this machine can do at best: the ceilings behind the generation figures.
 
-    python benchmarks/kernels.py [--repeats 7]
+    python benchmarks/kernel_speed.py [--repeats 7]
 
 Times, for the default model's recurrent matrix (3072 x 1024), the matrix products one
 generated character needs: fp32 (torch.addmm, MKL) and int8 (charrnn.native's kernels) at

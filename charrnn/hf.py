@@ -1,0 +1,369 @@
+"""Pretrained Hugging Face causal language models behind charrnn's commands (the ``hf`` extra).
+
+A directory written by ``save_pretrained`` (config, weights and tokenizer), or a model id on the
+Hugging Face hub, loads as a :class:`PretrainedModel`: the interface of
+:class:`charrnn.api.LanguageModel` (``generate``, ``stream``, ``evaluate``, ``sampler.beam``), run by
+charrnn's own sampler, so every option means what it means for a character RNN.
+
+How a transformer fits that sampler:
+
+- Ids are shifted up by one, so that id 0 is ``[UNK]`` as in every charrnn vocabulary (never
+  generated).  The tokenizer's special tokens (end of text, padding, ...) are never generated
+  either, so every sample reaches ``--length`` characters.
+- The recurrent state is the key/value cache with its attention mask (:class:`KVState`).
+  Prompts of different lengths are padded on the left.  A step consumes its state (the cache
+  grows in place); beam search copies it when it re-orders the beams.
+- The prompt is tokenized as it is, as ``transformers`` does (no token healing).
+- Text is decoded with the tokenizer, the whole continuation at once behind a few prompt
+  tokens (:class:`DecodeStream`), so any tokenizer decodes as it would in context.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+
+from .api import Generator
+from .errors import CharRNNError, OptionError
+from .evaluation import LN2, held_out_text
+from .sampling import Sampler
+
+INSTALL = 'pip install -e ".[hf]"'
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+CONTEXT_TOKENS = 8      # prompt tokens decoded before a continuation (see DecodeStream)
+HUB_TIMEOUT_S = 3
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise CharRNNError("a Hugging Face model needs the Python package 'transformers'; install the hf extra: "
+                           + INSTALL) from None
+    return transformers
+
+
+def is_pretrained(name) -> bool:
+    """Whether ``name`` is a Hugging Face model: a directory whose config.json names a ``model_type``, or
+    (nothing of that name here, and transformers installed) a name shaped like a hub id, e.g. ``gpt2`` or
+    ``openai-community/gpt2``."""
+    path = Path(name)
+    if path.is_dir():
+        try:
+            import json
+
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(config, dict) and "model_type" in config
+    import importlib.util
+
+    return (not path.exists() and bool(HUB_ID.match(str(name))) and not str(name).lower().endswith(".onnx")
+            and importlib.util.find_spec("transformers") is not None)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _hub_problem() -> str | None:
+    """Why the hub cannot be reached (None: it can), found in a few seconds rather than after the
+    download's own retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=HUB_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached ({e.strerror or _first_line(e)})"
+    return None
+
+
+def _from_pretrained(cls, name: str, what: str, **kw):
+    """``cls.from_pretrained(name)``: from the local cache first, from the hub only when it can be reached."""
+    local = Path(name).is_dir()
+    try:
+        return cls.from_pretrained(name, local_files_only=True, **kw)
+    except OSError as e:
+        if local:
+            raise CharRNNError(f"{name} has no {what} a Hugging Face library can load ({_first_line(e)}); give a "
+                               "directory written by save_pretrained, with its tokenizer") from None
+    problem = _hub_problem()
+    if problem:
+        save = (f"python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
+                f"[c.from_pretrained('{name}').save_pretrained('DIR') for c in (M, T)]\"")
+        raise CharRNNError(f"{name} is no run directory or model directory here, and the Hugging Face hub is out of "
+                           f"reach to download it ({problem}); with network access run `{save}`, then give DIR")
+    try:
+        return cls.from_pretrained(name, **kw)
+    except OSError as e:
+        raise CharRNNError(f"{name} is no run directory here, nor a Hugging Face model the hub has "
+                           f"({_first_line(e)}); check the name") from None
+
+
+def load(name, *, device: torch.device) -> PretrainedModel:
+    """A Hugging Face causal language model (directory or hub id) on ``device``."""
+    transformers = _transformers()
+    transformers.utils.logging.disable_progress_bar()      # charrnn prints one line per command, not bars
+    name = str(name)
+    config = _from_pretrained(transformers.AutoConfig, name, "config.json")
+    try:
+        model = _from_pretrained(transformers.AutoModelForCausalLM, name, "model weights")
+    except ValueError as e:              # "Unrecognized configuration class ... for this kind of AutoModel"
+        raise CharRNNError(f"{name} is a {config.model_type} model, not a causal language model ({_first_line(e)}); "
+                           "give a model that generates text, such as gpt2") from None
+    tokenizer = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer")
+    return PretrainedModel(name, model.to(device).eval(), tokenizer, device)
+
+
+class PretrainedVocab:
+    """The tokenizer's ids, shifted up by one: 0 is ``[UNK]``.  ``banned``: the shifted ids never generated
+    (the tokenizer's special tokens, and output rows the tokenizer has no token for)."""
+
+    kind = "pretrained"
+
+    def __init__(self, tokenizer, size: int):
+        self.tokenizer, self.size = tokenizer, size
+        self.banned = sorted({i + 1 for i in tokenizer.all_special_ids if i < size} | set(range(len(tokenizer) + 1,
+                                                                                                 size + 1)))
+
+    def __len__(self) -> int:
+        return self.size + 1
+
+    def encode(self, text: str) -> torch.Tensor:
+        """The shifted ids of ``text`` (the tokenizer's special tokens added, e.g. a beginning-of-text token)."""
+        return torch.tensor(self.tokenizer(text, verbose=False)["input_ids"], dtype=torch.long) + 1
+
+    def steps_for(self, length: int) -> int:
+        """The most tokens ``length`` characters can take: a byte-level token can be one byte of four."""
+        return 4 * length
+
+    def unknown(self, text: str) -> list[str]:
+        """The distinct pieces of ``text`` the tokenizer reads as its unknown token (none for byte-level ones)."""
+        unk = self.tokenizer.unk_token_id
+        if unk is None or not text:
+            return []
+        found = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        pieces = [text[a:b] for (a, b), i in zip(found["offset_mapping"], found["input_ids"]) if i == unk]
+        return list(dict.fromkeys(pieces))
+
+
+class KVState:
+    """A batch's key/value cache and attention mask: the "state" charrnn's sampler and beam search carry."""
+
+    def __init__(self, cache, mask: torch.Tensor):
+        self.cache, self.mask = cache, mask
+
+    def select_rows(self, index: torch.Tensor) -> KVState:
+        """Rows ``index`` of the batch, in a new cache (beam search keeps the old state too)."""
+        cache = copy.deepcopy(self.cache)
+        cache.reorder_cache(index)
+        return KVState(cache, self.mask.index_select(0, index))
+
+
+class PretrainedStepper:
+    """``step(ids (batch,), state) -> (logits (batch, vocab + 1), state)``, as :class:`charrnn.sampling.Stepper`."""
+
+    backend = "python"
+
+    def __init__(self, model, vocab: PretrainedVocab):
+        self.model, self.vocab = model, vocab
+        takes = inspect.signature(model.forward).parameters
+        self.takes_positions = "position_ids" in takes
+        self.cache_arg = "cache" if "cache" in takes else "past_key_values"     # renamed in transformers 5.25
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self._banned = torch.tensor(vocab.banned, dtype=torch.long)
+
+    def logits(self, raw: torch.Tensor) -> torch.Tensor:
+        """The model's logits ``(batch, size)`` as charrnn's: ``[UNK]`` in front, banned ids at -inf."""
+        out = torch.cat([raw.new_full((raw.shape[0], 1), float("-inf")), raw[:, : self.vocab.size]], 1).float()
+        out[:, self._banned.to(out.device)] = float("-inf")
+        return out
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
+        """Model ids ``(batch, t)`` after ``cache`` -> the last position's raw logits and the cache."""
+        if self.context is not None and mask.shape[1] > self.context:
+            raise CharRNNError(f"the text reached this model's context of {self.context} tokens; ask for a shorter "
+                               "--length or prompt")
+        kw = {self.cache_arg: cache, **self.last_only}
+        if self.takes_positions:
+            kw["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+        return out.logits[:, -1], out[self.cache_arg]
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor, state: KVState) -> tuple[torch.Tensor, KVState]:
+        mask = torch.cat([state.mask, state.mask.new_ones(len(ids), 1)], 1)
+        raw, cache = self.forward((ids - 1)[:, None], mask, state.cache)
+        return self.logits(raw), KVState(cache, mask)
+
+
+class DecodeStream:
+    """The new text of ``rows`` samples, one shifted id each per ``push``, cut at ``length`` characters: the
+    interface of :class:`charrnn.tokens.TextStream`, for any tokenizer.
+
+    Each row's continuation is decoded whole behind the prompt's last few tokens (a tokenizer that joins
+    words with spaces, or drops a leading space, decodes it as it would in context); new text is held
+    back while it ends inside a character, for at most three tokens (a character has at most four bytes:
+    after that the bytes are invalid for good, and decode as U+FFFD).
+    """
+
+    def __init__(self, tokenizer, contexts: list[list[int]], length: int):
+        self.tokenizer, self.length, self.contexts = tokenizer, length, contexts
+        self.starts = [len(self._decode(c)) for c in contexts]
+        self.ids: list[list[int]] = [[] for _ in contexts]
+        self.chars = [0] * len(contexts)
+        self.held = [0] * len(contexts)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, ids) -> list[str]:
+        pieces = []
+        for r, i in enumerate(ids):
+            self.ids[r].append(int(i) - 1)
+            text = self._decode(self.contexts[r] + self.ids[r])[self.starts[r]:]
+            self.held[r] = self.held[r] + 1 if text.endswith("\ufffd") and self.held[r] < 3 else 0
+            piece = "" if self.held[r] else text[self.chars[r]: self.length]
+            self.chars[r] += len(piece)
+            pieces.append(piece)
+        return pieces
+
+    @property
+    def done(self) -> bool:
+        return all(c >= self.length for c in self.chars)
+
+
+class PretrainedSampler(Sampler):
+    """:class:`charrnn.sampling.Sampler` over a transformer: its generation, streaming and beam search,
+    with the model read through :class:`PretrainedStepper`.  Requests are stepped one by one in the
+    server (their caches differ in length)."""
+
+    batchable = False
+
+    def __init__(self, model, vocab: PretrainedVocab, device: torch.device):
+        self.model, self.vocab, self.device = model, vocab, device
+        self.stepper = PretrainedStepper(model, vocab)
+
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """The shifted ids the model reads for ``prompt`` (an empty prompt starts after a newline)."""
+        ids = self.vocab.encode(prompt or "\n")
+        if len(ids) == 0:
+            raise OptionError("prompt", "gives no tokens with this model's tokenizer; give some text to continue")
+        return ids
+
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
+        return self.prompt_ids(prompt), self.vocab.unknown(prompt)
+
+    def healed(self, prompt: str) -> tuple[torch.Tensor, bytes]:
+        return self.prompt_ids(prompt), b""
+
+    def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
+        """No memory estimate for a transformer: the context length bounds a sample (see PretrainedStepper)."""
+
+    @torch.inference_mode()
+    def prime(self, prompts) -> tuple[torch.Tensor, KVState]:
+        """Every distinct prompt read once, padded on the left into one batch; the last logits and the state."""
+        distinct = list(dict.fromkeys(prompts))
+        rows = [self.prompt_ids(p) - 1 for p in distinct]
+        width = max(map(len, rows))
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):], mask[r, width - len(row):] = row, 1
+        transformers = _transformers()
+        raw, cache = self.stepper.forward(ids.to(self.device), mask.to(self.device), transformers.DynamicCache())
+        state = KVState(cache, mask.to(self.device))
+        index = torch.tensor([distinct.index(p) for p in prompts], device=self.device)
+        if len(prompts) != len(distinct) or len(distinct) > 1:
+            state = state.select_rows(index)
+        return self.stepper.logits(raw).index_select(0, index), state
+
+    def text_stream(self, prompts, length: int) -> DecodeStream:
+        contexts = [(self.prompt_ids(p) - 1)[-CONTEXT_TOKENS:].tolist() for p in prompts]
+        return DecodeStream(self.vocab.tokenizer, contexts, length)
+
+
+class PretrainedModel(Generator):
+    """A Hugging Face causal language model, loaded for generation and evaluation."""
+
+    int8 = False
+
+    def __init__(self, name: str, model, tokenizer, device: torch.device):
+        self.name, self.model, self.tokenizer, self.device = name, model, tokenizer, device
+        head = model.get_output_embeddings()
+        size = head.weight.shape[0] if head is not None else model.config.vocab_size
+        self.vocab = PretrainedVocab(tokenizer, size)
+        self.sampler = PretrainedSampler(model, self.vocab, device)
+        self.context = self.sampler.stepper.context
+
+    def describe(self) -> dict:
+        """What the server's ``/v1/model`` says about the model."""
+        return {"model": Path(self.name).name if Path(self.name).is_dir() else self.name, "kind": "huggingface",
+                "model_type": self.model.config.model_type, "context": self.context,
+                "parameters": sum(p.numel() for p in self.model.parameters()), "tokenizer": self.vocab.kind,
+                "vocabulary": len(self.tokenizer), "device": str(self.device), "int8": False}
+
+    def evaluate(self, corpus: str | None = None, *, val_fraction: float | None = None, window: int | None = None,
+                 stride: int | None = None) -> dict:
+        """Loss on all of ``corpus`` (or its last ``val_fraction``, the validation split a charrnn run with
+        that --val-fraction holds out): ``{loss, perplexity}`` per token, ``{bpc, nats_per_char}`` per
+        character, ``{tokens, chars, window, stride}``.
+
+        The text is read in windows of ``window`` tokens (default: the model's context) that start
+        ``stride`` tokens apart (default: half a window); each token is scored once, in the first window
+        that holds it past the previous window's end, so every token but the first windows' has at least
+        ``window - stride`` tokens of context.
+        """
+        if corpus is None:
+            raise CharRNNError("a pretrained model has no validation split of its own; pass --corpus (and "
+                               "--val-fraction to evaluate on a corpus's validation split)")
+        window = window or self.context or 1024
+        stride = stride or max(1, window // 2)
+        if not 2 <= window <= (self.context or window):
+            raise OptionError("window", "must be between 2 and the model's context ({n}), got {value}",
+                              value=window, n=self.context)
+        if not 1 <= stride < window:
+            raise OptionError("stride", "must be at least 1 and below --window ({n}), got {value}", value=stride,
+                              n=window)
+        text = held_out_text(corpus, val_fraction)
+        found = self.tokenizer(text, return_offsets_mapping=True, verbose=False)
+        ids = torch.tensor(found["input_ids"], dtype=torch.long)
+        if len(ids) < 2:
+            raise CharRNNError(f"corpus {corpus} is shorter than two tokens; nothing to evaluate")
+        chars = len(text) - found["offset_mapping"][0][1]     # the characters the predicted tokens cover
+        total, done = self._windows(ids, window, stride)
+        loss = total / done
+        return {"loss": loss, "bpc": total / chars / LN2, "nats_per_char": total / chars,
+                "perplexity": math.exp(min(loss, 700)), "tokens": done, "chars": chars, "window": window,
+                "stride": stride}
+
+    @torch.inference_mode()
+    def _windows(self, ids: torch.Tensor, window: int, stride: int) -> tuple[float, int]:
+        """Summed loss (nats) of ``ids[1:]``, each scored once, and how many were scored."""
+        total, scored_to = 0.0, 1           # ids[:scored_to] are scored (the first is never predicted)
+        for begin in range(0, len(ids) - 1, stride):
+            end = min(begin + window, len(ids))
+            x = ids[begin:end].to(self.device)
+            logits = self.model(input_ids=x[None]).logits[0, :-1].float()
+            new = scored_to - (begin + 1)       # targets x[1:] before this index were scored already
+            total += float(F.cross_entropy(logits[new:], x[1:][new:], reduction="sum"))
+            scored_to = end
+            if end == len(ids):
+                break
+        return total, scored_to - 1
+
