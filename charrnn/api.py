@@ -24,7 +24,7 @@ from .corpus import load_corpus
 from .errors import CharRNNError
 from .evaluation import evaluate, held_out_ids
 from .hardware import resolve_device
-from .sampling import Sampler
+from .sampling import Completion, Sampler
 
 if TYPE_CHECKING:  # the training code is imported by train() alone: loading a run for inference needs none of it
     from .training import TrainResult
@@ -84,31 +84,36 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
 
 class Generator:
     """Generation through ``self.sampler``: the interface every kind of model has (a run, a pretrained
-    transformer from :mod:`charrnn.hf`; :mod:`charrnn.runtime`'s exported files mirror it)."""
+    transformer from :mod:`charrnn.hf`; :mod:`charrnn.runtime`'s exported files mirror it).
+
+    The decoding ``options`` are those of :class:`charrnn.decoding.Decoding`: ``temperature`` (0 is
+    greedy), ``top_k``, ``top_p``, ``seed``, ``repetition_penalty``, ``presence_penalty``,
+    ``frequency_penalty``, ``stop`` (texts that end a sample, never included) and, for :meth:`complete`,
+    ``logprobs`` (alternatives per token).  ``prompt`` may be a list of prompts, one sample each.
+    """
 
     def unknown_chars(self, text: str) -> list[str]:
         """Characters (or words) of ``text`` the model does not know (they are read as ``[UNK]``)."""
         return self.vocab.unknown(text)
 
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
-        """``num_samples`` texts (prompt + ``length`` new characters), sampled in one batch.
+                 **options) -> list[str]:
+        """``num_samples`` texts (prompt + up to ``length`` new characters), sampled in one batch."""
+        return self.sampler.generate(prompt, length, num_samples, **options)
 
-        ``prompt`` may also be a list of prompts (one sample each).  ``temperature=0`` is greedy;
-        ``repetition_penalty`` > 1 discourages ids already in the text (see :func:`charrnn.sampling.penalize`).
-        """
-        return self.sampler.generate(prompt, length, num_samples, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, seed=seed, repetition_penalty=repetition_penalty)
+    def complete(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
+                 **options) -> list[Completion]:
+        """As :meth:`generate`, with why each sample ended and its log-probability records
+        (:class:`charrnn.sampling.Completion`)."""
+        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
+        return self.sampler.complete(prompts, length, **options)
 
     def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
-               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None, repetition_penalty: float = 1.0) -> Iterator[list[str]]:
-        """Yield the new text of every sample, step by step, until each has ``length`` characters (the prompt is
-        not repeated; a character model gives one character per step)."""
+               **options) -> Iterator[list[str]]:
+        """Yield the new text of every sample, step by step, until each has ``length`` characters or met a stop
+        text (the prompt is not repeated; a character model gives one character per step)."""
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        return self.sampler.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                   repetition_penalty=repetition_penalty)
+        return self.sampler.stream(prompts, length, **options)
 
 
 class LanguageModel(Generator):

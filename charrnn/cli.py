@@ -119,8 +119,12 @@ def _add_generate(sub) -> None:
     p.add_argument("run", metavar="MODEL", help=MODEL_HELP + "; or an .onnx file written by `charrnn export` "
                                                              "(generated with onnxruntime, without torch)")
     add_options(p, GenerationOptions)
-    p.add_argument("--json", action="store_true", help='print {"samples": [...]}')
+    p.add_argument("--json", action="store_true", help='print {"samples": [...], "finish_reasons": [...]}')
     g = p.add_argument_group("run directories and Hugging Face models only (not .onnx files)")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end a sample before this text (which is not printed); repeat for several")
+    g.add_argument("--logprobs", type=int, metavar="N", help='with --json: each generated token\'s log-probability '
+                                                            'and its N likeliest alternatives ("logprobs")')
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default cpu")
     g.add_argument("--beam-width", type=int, help="print the K most likely continuations (beam search) with their "
                                                   "total log-probabilities instead of sampling")
@@ -145,27 +149,35 @@ def _is_exported(path: str) -> bool:
 
 
 def _generator(args, o: GenerationOptions):
-    """The model to generate from and the sampling options (an .onnx file brings its own defaults), checked."""
+    """The model to generate from and the decoding options (an .onnx file brings its own defaults), checked."""
     from .options import check_beam_width, check_sampling_options
 
+    options = dict(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
+                   repetition_penalty=o.repetition_penalty, presence_penalty=o.presence_penalty,
+                   frequency_penalty=o.frequency_penalty, stop=tuple(args.stop or ()), logprobs=args.logprobs)
+    decoding_only = [name for name, given in (
+        ("--repetition-penalty", o.repetition_penalty != 1), ("--presence-penalty", o.presence_penalty != 0),
+        ("--frequency-penalty", o.frequency_penalty != 0), ("--stop", args.stop),
+        ("--logprobs", args.logprobs is not None)) if given]
+    if args.logprobs is not None and not (args.json and 0 <= args.logprobs <= 20):
+        raise OptionError("logprobs", "is the number of alternatives per token (0 to 20) and goes with --json, got "
+                                      "{value}", value=args.logprobs)
     if not _is_exported(args.run):
         from .api import load
 
-        check_sampling_options(o.temperature, o.top_k, o.top_p, o.length, o.num_samples, o.seed,
-                               repetition_penalty=o.repetition_penalty)
         if args.beam_width is not None:
             check_beam_width(args.beam_width)
-            if o.repetition_penalty != 1:
-                raise CharRNNError("--repetition-penalty applies to sampling and greedy decoding, not to "
-                                   "--beam-width; drop one of them")
+            if decoding_only:
+                raise CharRNNError(f"{decoding_only[0]} applies to sampling and greedy decoding, not to --beam-width; "
+                                   "drop one of them")
         lm = load(args.run, weights=args.weights or "best", device=args.device or "cpu", int8=args.int8)
-        return lm, dict(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
-                        repetition_penalty=o.repetition_penalty)
+        return lm, options
     # An exported file: onnxruntime and NumPy only (this path never imports torch).
     from .runtime import load as load_exported
 
     run_only = [name for name, value in (("--weights", args.weights), ("--device", args.device),
                                          ("--int8", args.int8), ("--beam-width", args.beam_width)) if value]
+    run_only += [name for name in decoding_only if name != "--repetition-penalty"]
     if run_only:
         one = len(run_only) == 1
         raise CharRNNError(f"{', '.join(run_only)} {'applies' if one else 'apply'} only to run directories, not to an "
@@ -192,15 +204,21 @@ def cmd_generate(args) -> int:
         else:
             print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
         return 0
-    if args.json:
-        samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)
-        print(json.dumps({"samples": samples}, ensure_ascii=False))
+    if args.json and _is_exported(args.run):
+        print(json.dumps({"samples": lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)},
+                         ensure_ascii=False))
+    elif args.json:
+        done = lm.complete(o.prompt, o.length, num_samples=o.num_samples, **options)
+        out = {"samples": [c.text for c in done], "finish_reasons": [c.finish_reason for c in done]}
+        if args.logprobs is not None:
+            out["logprobs"] = [c.logprobs for c in done]
+        print(json.dumps(out, ensure_ascii=False))
     elif o.num_samples == 1:
         out = sys.stdout
         out.write(o.prompt)
         out.flush()
-        for (ch,) in lm.stream(o.prompt, o.length, **options):
-            out.write(ch)
+        for (text,) in lm.stream(o.prompt, o.length, **options):
+            out.write(text)
             out.flush()
         out.write("\n")
     else:

@@ -272,6 +272,9 @@ class PretrainedSampler(Sampler):
     def healed(self, prompt: str) -> tuple[torch.Tensor, bytes]:
         return self.prompt_ids(prompt), b""
 
+    def token_text(self, i: int) -> str:
+        return self.vocab.tokenizer.decode([i - 1]) if i else "[UNK]"
+
     def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
         """No memory estimate for a transformer: the context length bounds a sample (see PretrainedStepper)."""
 

@@ -16,6 +16,9 @@ from .errors import OptionError
 GREEDY_BELOW = 1e-6
 
 
+_OPENAI_PENALTY = (lambda v: -2 <= v <= 2, "must be between -2 and 2")
+
+
 @dataclass
 class GenerationOptions:
     """What ``charrnn generate`` (and :meth:`charrnn.api.LanguageModel.generate`) is asked for, each
@@ -33,6 +36,10 @@ class GenerationOptions:
     repetition_penalty: float = option(1.0, "CTRL's penalty on ids already in the text, prompt included (as "
                                             "transformers applies it): above 1 discourages repeats, 1 is off",
                                        metavar="R", check=(lambda v: 0 < v < float("inf"), "must be > 0 (1 is off)"))
+    presence_penalty: float = option(0.0, "subtracted from the logit of every id already generated (the OpenAI "
+                                          "API's; -2 to 2)", metavar="P", check=_OPENAI_PENALTY)
+    frequency_penalty: float = option(0.0, "subtracted from an id's logit once per time it was generated (the "
+                                           "OpenAI API's; -2 to 2)", metavar="F", check=_OPENAI_PENALTY)
     num_samples: int = option(1, "samples, generated together in one batch", check=POSITIVE_INT)
     seed: int | None = option(None, "random seed: same seed, same text", check=SEED)
 
@@ -43,10 +50,12 @@ class GenerationOptions:
 
 def check_sampling_options(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                            length: int = 1, num_samples: int = 1, seed: int | None = None, *,
-                           repetition_penalty: float = 1.0) -> None:
+                           repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                           frequency_penalty: float = 0.0) -> None:
     """Raises :class:`charrnn.errors.OptionError` for a bad value."""
-    GenerationOptions(length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                      num_samples=num_samples, seed=seed, repetition_penalty=repetition_penalty).validate()
+    GenerationOptions(length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
+                      seed=seed, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                      frequency_penalty=frequency_penalty).validate()
 
 
 def check_beam_width(beam_width) -> None:

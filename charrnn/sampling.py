@@ -10,8 +10,8 @@ samples of the batch at once.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,82 +23,12 @@ from .models.charlm import CharLM, State
 from .ops import gru
 from .ops.table import input_table
 from .options import GREEDY_BELOW, check_beam_width, check_sampling_options, start_text  # noqa: F401
+from .decoding import Decoding, Penalties, choose, penalize, process_logits  # noqa: F401 (the sampler's API)
 from .tokens import TextStream
 from .vocab import UNK_ID, Vocab
 
 # Prompt characters run through the model at once when priming.
 PRIME_CHUNK = 1024
-
-
-def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
-    """Scaled, filtered logits ``(batch, vocab)``; filtered-out entries are ``-inf``.
-
-    ``[UNK]`` is always removed.  ``temperature`` must be > 0 here (0 is handled as greedy
-    by the caller).  ``top_k`` keeps the k largest; ``top_p`` keeps the smallest set of
-    most likely characters whose probability reaches p (always at least one).
-    """
-    logits = logits.float() / temperature
-    logits[:, UNK_ID] = float("-inf")
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a character when the mass of the ones strictly more likely already reaches p.
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop_sorted[:, 0] = False  # the most likely stays, also when top_p underflows the logits' dtype to 0
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: torch.Generator | None, *,
-           compiled: bool = True) -> torch.Tensor:
-    """Next ids ``(batch,)`` from logits ``(batch, vocab)``: greedy at temperature 0, else sampled.
-
-    Plain temperature sampling of CPU fp32 logits runs as one call into the compiled module
-    (:mod:`charrnn.native`) when a :class:`Stepper` has loaded it and ``compiled`` is true: the
-    same operations, the same random draws, the same ids.
-    """
-    fused = native.loaded() if compiled else None
-    if (fused is not None and temperature >= GREEDY_BELOW and (top_k is None or top_k >= logits.shape[-1])
-            and (top_p is None or top_p >= 1.0) and logits.dtype == torch.float32 and logits.device.type == "cpu"):
-        return fused.sample(logits, generator, float(temperature))
-    if temperature < GREEDY_BELOW:
-        masked = logits.float().clone()
-        masked[:, UNK_ID] = float("-inf")
-        return masked.argmax(-1)
-    probs = process_logits(logits, temperature, top_k, top_p).softmax(-1)
-    # Inverse-CDF sampling: three small ops, a fraction of torch.multinomial's per-call cost.
-    cdf = probs.cumsum(-1)
-    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-
-
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's repetition penalty (Keskar et al., 2019), as transformers applies it: the logit of every id
-    ``seen`` in the text so far (prompt included) is divided by ``penalty`` when positive and multiplied
-    by it when negative.  Above 1 it discourages repeats; 1 changes nothing."""
-    logits = logits.float()
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
-class Repetition:
-    """The ids each row of a batch has seen, and :func:`penalize` over them."""
-
-    def __init__(self, penalty: float, prompt_ids: Sequence[torch.Tensor], vocab_size: int, device):
-        self.penalty = penalty
-        self.seen = torch.zeros(len(prompt_ids), vocab_size, dtype=torch.bool, device=device)
-        for row, ids in enumerate(prompt_ids):
-            self.seen[row, ids.to(device)] = True
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return penalize(logits, self.seen, self.penalty)
-
-    def add(self, ids: torch.Tensor) -> None:
-        self.seen[torch.arange(len(ids), device=ids.device), ids] = True
 
 
 WEIGHT_FORMATS = ("fp32", "int8")
@@ -271,6 +201,16 @@ def _tanh_(a: torch.Tensor) -> torch.Tensor:
     return a.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
+@dataclass
+class Completion:
+    """A generated text (prompt + continuation), why it ended (``"stop"``: a stop text, ``"length"``) and,
+    when asked, one log-probability record per generated id."""
+
+    text: str
+    finish_reason: str
+    logprobs: list[dict]
+
+
 class Sampler:
     """Batched, streaming text generation from a :class:`CharLM` and its vocabulary."""
 
@@ -306,12 +246,6 @@ class Sampler:
         """The ids the model reads for ``prompt`` (what a repetition penalty counts as seen)."""
         return self.healed(prompt)[0]
 
-    def repetition(self, prompts: Sequence[str], penalty: float) -> Repetition | None:
-        """The repetition penalty of a batch of ``prompts`` (None when ``penalty`` is 1: off)."""
-        if penalty == 1:
-            return None
-        return Repetition(penalty, [self.prompt_ids(p) for p in prompts], len(self.vocab), self.device)
-
     @torch.inference_mode()
     def prime(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list]:
         """Run each prompt through the model; the last logits ``(batch, vocab)`` and the state.
@@ -340,46 +274,49 @@ class Sampler:
             state = torch.cat(states, 1)
         return torch.cat(logits, 0), self.stepper.from_module_state(state)
 
+    def token_text(self, i: int) -> str:
+        """The text of id ``i`` alone (the alternatives of a log-probability record)."""
+        return self.vocab.token_bytes[i].decode("utf-8", errors="replace")
+
     @torch.inference_mode()
-    def stream_ids(self, prompts: Sequence[str], length: int, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None, seed: int | None = None,
-                   repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
-        """Yield the next ids ``(batch,)`` ``length`` times, one batched step each."""
-        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed,
-                               repetition_penalty=repetition_penalty)
+    def steps(self, prompts: Sequence[str], decoding: Decoding) -> Iterator[torch.Tensor]:
+        """Yield the ids ``(batch,)`` that ``decoding`` chooses, one batched step each, until its steps are spent."""
         self.check_fits("num_samples", len(prompts), len(prompts))
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
-        if length == 0:
+        if decoding.steps_left <= 0:
             return
         logits, state = self.prime(prompts)
-        repetition = self.repetition(prompts, repetition_penalty)
-        compiled = self.stepper.backend == "native"
-        for i in range(length):
-            if repetition is not None:
-                logits = repetition(logits)
-            ids = choose(logits, temperature, top_k, top_p, generator, compiled=compiled)
-            if repetition is not None:
-                repetition.add(ids)
+        while True:
+            ids = decoding.choose(logits)
             yield ids
-            if i + 1 < length:
-                logits, state = self.stepper.step(ids, state)
+            if decoding.steps_left <= 0:
+                return
+            logits, state = self.stepper.step(ids, state)
+
+    def stream_ids(self, prompts: Sequence[str], length: int, **options) -> Iterator[torch.Tensor]:
+        """Yield the next ids ``(batch,)`` ``length`` times, one batched step each (``options``: see
+        :class:`charrnn.decoding.Decoding`)."""
+        return self.steps(prompts, Decoding(self, prompts, length, steps=length, **options))
 
     def text_stream(self, prompts: Sequence[str], length: int) -> TextStream:
         """What turns the generated ids of ``prompts`` into their ``length`` characters of text."""
         skip = [len(self.healed(p)[1]) for p in prompts]
         return TextStream(self.vocab.token_bytes, len(prompts), length, skip)
 
-    def stream(self, prompts: Sequence[str], length: int, **options) -> Iterator[list[str]]:
-        """Yield the new text of every sample, one step (one id each) at a time, until each has ``length``
-        characters (one character per step for a character model)."""
-        text = self.text_stream(prompts, length)
-        steps = self.stream_ids(prompts, self.vocab.steps_for(length), **options)
+    def decode(self, prompts: Sequence[str], decoding: Decoding) -> Iterator[tuple[list[str], list[list[dict]]]]:
+        """Yield every sample's new text (and log-probability records), one step at a time, until every sample
+        has finished (``decoding.finish`` says how)."""
+        steps = self.steps(prompts, decoding)
         for ids in steps:
-            yield text.push(ids.tolist())
-            if text.done:
+            yield decoding.read([ids.tolist()])
+            if decoding.done:
                 steps.close()
                 return
+
+    def stream(self, prompts: Sequence[str], length: int, **options) -> Iterator[list[str]]:
+        """Yield the new text of every sample, one step (one id each) at a time, until each has ``length``
+        characters (one character per step for a character model) or met a ``stop`` text."""
+        for texts, _ in self.decode(prompts, Decoding(self, prompts, length, **options)):
+            yield texts
 
     def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
         """:func:`charrnn.hardware.check_sampling_fits` for this model and device."""
@@ -387,30 +324,41 @@ class Sampler:
 
     @torch.inference_mode()
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, num_samples: int = 1,
-                 stop: Callable[[], bool] | None = None, **options) -> list[str]:
-        """Complete texts (prompt + continuation), one per sample; shorter when ``stop()`` turns true
-        (asked after each character)."""
-        opts = {k: v for k, v in options.items() if k in ("temperature", "top_k", "top_p", "repetition_penalty")}
-        rows = num_samples if isinstance(prompt, str) else len(prompt)
-        check_sampling_options(length=length, num_samples=rows, **opts)
-        self.check_fits("num_samples", rows, rows)
-        self.check_fits("length", length, rows, length)
+                 interrupted: Callable[[], bool] | None = None, **options) -> list[str]:
+        """Complete texts (prompt + continuation), one per sample; shorter when ``interrupted()`` turns true
+        (asked after each step).  ``options``: see :class:`charrnn.decoding.Decoding`."""
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        if self.vocab.kind != "char":
-            texts = list(prompts)
-            for pieces in self.stream(prompts, length, **options):
-                texts = [t + piece for t, piece in zip(texts, pieces)]
-                if stop is not None and stop():
-                    break
-            return texts
+        if self.vocab.kind != "char" or options.get("stop") or options.get("logprobs") is not None:
+            return [c.text for c in self.complete(prompts, length, interrupted, **options)]
+        decoding = self._checked(prompts, length, options)
         # Kept on the device: on a GPU the host waits once, not per character.
         ids = torch.empty(len(prompts), length, dtype=torch.long, device=self.device)
         done = 0
-        for done, step in enumerate(self.stream_ids(prompts, length, **options), 1):
+        for done, step in enumerate(self.steps(prompts, decoding), 1):
             ids[:, done - 1] = step
-            if stop is not None and stop():
+            if interrupted is not None and interrupted():
                 break
         return [p + self.vocab.decode(r) for p, r in zip(prompts, ids[:, :done].tolist())]
+
+    @torch.inference_mode()
+    def complete(self, prompts: Sequence[str], length: int, interrupted: Callable[[], bool] | None = None,
+                 **options) -> list[Completion]:
+        """One :class:`Completion` per prompt: its text, why it ended and its log-probability records."""
+        decoding = self._checked(prompts, length, options)
+        texts, records = list(prompts), [[] for _ in prompts]
+        for new, recs in self.decode(prompts, decoding):
+            texts = [t + n for t, n in zip(texts, new)]
+            records = [a + b for a, b in zip(records, recs)]
+            if interrupted is not None and interrupted():
+                break
+        return [Completion(t, f or "length", r) for t, f, r in zip(texts, decoding.finish, records)]
+
+    def _checked(self, prompts: Sequence[str], length: int, options: dict) -> Decoding:
+        """The decoding of ``prompts``, its options checked and the batch checked to fit in memory."""
+        decoding = Decoding(self, prompts, length, **options)
+        self.check_fits("num_samples", len(prompts), len(prompts))
+        self.check_fits("length", length, len(prompts), length)
+        return decoding
 
     @torch.inference_mode()
     def beam(self, prompt: str, length: int, beam_width: int) -> list[tuple[str, float]]:

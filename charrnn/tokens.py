@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,48 @@ class TextStream:
     @property
     def done(self) -> bool:
         return all(c >= self.length for c in self.chars)
+
+
+class StopText:
+    """Rows of streamed text that end before the first of the ``stops`` texts.
+
+    ``push(pieces)`` gives each row's text that is safe to show: never a stop text, and not yet a tail
+    that could still grow into one (held back until it cannot); ``finished[r]`` once row ``r`` met a stop;
+    ``flush(r)`` the held-back tail of a row that ended otherwise (at its length).
+    """
+
+    def __init__(self, stops: Sequence[str], rows: int):
+        self.stops = [s for s in stops if s]
+        self.held = [""] * rows
+        self.finished = [False] * rows
+
+    def push(self, pieces: Sequence[str]) -> list[str]:
+        out = []
+        for r, piece in enumerate(pieces):
+            if self.finished[r]:
+                out.append("")
+                continue
+            text = self.held[r] + piece
+            hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+            if hits:
+                self.finished[r], self.held[r] = True, ""
+                out.append(text[:min(hits)])
+                continue
+            keep = self._open_tail(text)
+            self.held[r] = text[len(text) - keep:]
+            out.append(text[:len(text) - keep])
+        return out
+
+    def _open_tail(self, text: str) -> int:
+        """The length of the longest end of ``text`` that a stop text starts with."""
+        for k in range(min(len(text), max(map(len, self.stops)) - 1), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stops):
+                return k
+        return 0
+
+    def flush(self, row: int) -> str:
+        tail, self.held[row] = self.held[row], ""
+        return tail
 
 
 def load_vocab(path):

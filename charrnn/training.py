@@ -621,7 +621,7 @@ class Samples:
             for temperature in cfg.sample_temperatures:
                 # A generator of its own per (seed, step): the training RNG is left untouched.
                 text = sampler.generate(prompt, cfg.sample_length, temperature=temperature,
-                                        seed=(cfg.seed * 1_000_003 + step) % 2**63, stop=t.signalled)[0]
+                                        seed=(cfg.seed * 1_000_003 + step) % 2**63, interrupted=t.signalled)[0]
                 atomic_write_text(folder / f"step{step:07d}-t{temperature:g}.txt", text)
                 cut = " (cut short: interrupted)" if t.signalled() else ""
                 t.console.write(f"----- sample at step {step}, temperature {temperature:g}{cut} -----\n{text}\n")

@@ -54,6 +54,9 @@ class GenerateRequest(BaseModel):
     top_k: int | None = _DEFAULTS.top_k
     top_p: float | None = _DEFAULTS.top_p
     repetition_penalty: float = _DEFAULTS.repetition_penalty
+    presence_penalty: float = _DEFAULTS.presence_penalty
+    frequency_penalty: float = _DEFAULTS.frequency_penalty
+    stop: list[str] = Field(default_factory=list, max_length=4)
     num_samples: int = _DEFAULTS.num_samples
     seed: int | None = Field(_DEFAULTS.seed, ge=0, lt=2**63)
 
@@ -137,18 +140,19 @@ def _check_limits(req: GenerateRequest, limits: Limits) -> None:
 
 
 async def _pieces(job: Job):
-    """A streaming job's new characters (one string per sample), what has piled up sent as one."""
+    """A streaming job's new text (one string per sample) and log-probability records, what has piled up
+    sent as one."""
     while True:
-        pieces = await job.updates.get()
-        finished = pieces is None
+        update = await job.updates.get()
+        finished = update is None
         while not finished and not job.updates.empty():
             more = job.updates.get_nowait()
             if more is None:
                 finished = True
             else:
-                pieces = [a + b for a, b in zip(pieces, more)]
-        if pieces:
-            yield pieces
+                update = tuple([a + b for a, b in zip(old, new)] for old, new in zip(update, more))
+        if update is not None and any(update[0]):
+            yield update
         if finished:
             return
 
@@ -157,10 +161,10 @@ async def _events(job: Job):
     """A streaming job's server-sent events: the new characters, then the samples; always ends with ``done``
     or ``error``."""
     try:
-        async for pieces in _pieces(job):
+        async for pieces, _ in _pieces(job):
             yield _sse({"text": pieces})
         last = (_sse({"error": job.error}, event="error") if job.error else
-                _sse({"samples": job.samples, "seed": job.seed}, event="done"))
+                _sse({"samples": job.samples, "finish_reasons": job.finish_reasons, "seed": job.seed}, event="done"))
     except Exception as e:  # a bug, not a user error: the client still learns that the stream has ended
         log.exception("streaming failed")
         last = _sse({"error": f"streaming failed: {type(e).__name__}"}, event="error")
@@ -183,12 +187,15 @@ class _Endpoints:
         _check_limits(req, self.limits)
         try:
             check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples,
-                                   repetition_penalty=req.repetition_penalty)
+                                   repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                                   frequency_penalty=req.frequency_penalty)
             self.lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
         except CharRNNError as e:
             raise RequestError(422, str(e)) from None  # an OptionError names the field: "top_p must be ..."
         return Job(req.prompt, req.length, req.num_samples, req.temperature, req.top_k, req.top_p, req.seed,
-                   streaming=streaming, repetition_penalty=req.repetition_penalty)
+                   streaming=streaming, repetition_penalty=req.repetition_penalty,
+                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                   stop=tuple(req.stop))
 
     async def submit(self, request: Request, streaming: bool) -> Job | JSONResponse:
         try:
@@ -217,7 +224,7 @@ class _Endpoints:
             return _error(499, "the client closed the request")
         if job.error:
             return _error(job.error_status, job.error)
-        return JSONResponse({"samples": job.samples, "seed": job.seed})
+        return JSONResponse({"samples": job.samples, "finish_reasons": job.finish_reasons, "seed": job.seed})
 
     async def generate_stream(self, request: Request):
         job = await self.submit(request, streaming=True)

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CharRNNError
-from ..sampling import Sampler, choose
+from ..decoding import Decoding
+from ..sampling import Sampler
 
 log = logging.getLogger("charrnn.serve")
 
@@ -52,6 +53,10 @@ class Job:
     seed: int | None = None
     streaming: bool = False
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
 
     texts: list[str] = field(default_factory=list)  # the continuation of each sample so far
     error: str | None = None
@@ -62,15 +67,25 @@ class Job:
         if self.seed is None:  # below 2**53, so that a JavaScript client can read it back exactly
             self.seed = random.SystemRandom().randrange(2**53)
         self.texts = [""] * self.num_samples
+        self.records: list[list[dict]] = [[] for _ in range(self.num_samples)]   # log-probabilities, when asked
         self.remaining = self.length
-        self.updates: asyncio.Queue = asyncio.Queue()  # new text per sample, None when finished
+        self.updates: asyncio.Queue = asyncio.Queue()  # (new text, new records) per sample; None when finished
         self.done = asyncio.Event()
         # Worker-thread state, set when the job is primed.
-        self.generator: torch.Generator | None = None
+        self.decoding: Decoding | None = None
         self.logits: torch.Tensor | None = None
         self.state: list | None = None
-        self.text = None        # the TextStream that turns ids into text (cut at `length` characters)
-        self.repetition = None  # the ids seen, when a repetition penalty is asked for
+
+    def decoding_options(self) -> dict:
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+                    repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty, stop=self.stop, logprobs=self.logprobs)
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        """Why each sample ended: ``"stop"`` (a stop text) or ``"length"``."""
+        finish = self.decoding.finish if self.decoding is not None else [None] * self.num_samples
+        return [f or "length" for f in finish]
 
     @property
     def samples(self) -> list[str]:
@@ -82,10 +97,11 @@ class Job:
         if not self.done.is_set():
             self.cancelled = True
 
-    def _push(self, pieces: list[str]) -> None:
+    def _push(self, pieces: list[str], records: list[list[dict]]) -> None:
         self.texts = [t + p for t, p in zip(self.texts, pieces)]
+        self.records = [a + b for a, b in zip(self.records, records)]
         if self.streaming:
-            self.updates.put_nowait(pieces)
+            self.updates.put_nowait((pieces, records))
 
     def _finish(self, error: str | None = None, status: int = 500) -> None:
         self.error, self.error_status = error, status
@@ -197,8 +213,8 @@ class Engine:
                     job._finish(f"generation failed: {type(e).__name__}: {e}")
                 self.active = []
                 continue
-            for job, pieces in out.items():
-                job._push(pieces)
+            for job, (pieces, records) in out.items():
+                job._push(pieces, records)
                 self.stats["characters"] += sum(map(len, pieces))
             for job in [j for j in self.active if j.remaining == 0 and not j.cancelled]:
                 self.active.remove(job)
@@ -208,18 +224,16 @@ class Engine:
     # ----- worker-thread side ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _hop(self, new: list[Job], jobs: list[Job]) -> dict[Job, list[str]]:
-        """Prime ``new`` jobs, then step every job for about ``hop_seconds``; the new text of each job."""
-        sampler = self.sampler
+    def _hop(self, new: list[Job], jobs: list[Job]) -> dict[Job, tuple[list[str], list[list[dict]]]]:
+        """Prime ``new`` jobs, then step every job for about ``hop_seconds``; the new text (and log-probability
+        records) of each job."""
         for job in new:
             try:
-                job.generator = torch.Generator(device=sampler.device)
-                job.generator.manual_seed(job.seed)
-                if job.length > 0:
-                    job.logits, job.state = sampler.prime([job.prompt] * job.num_samples)
-                    job.text = sampler.text_stream([job.prompt] * job.num_samples, job.length)
-                    job.repetition = sampler.repetition([job.prompt] * job.num_samples, job.repetition_penalty)
-                    job.remaining = sampler.vocab.steps_for(job.length)
+                prompts = [job.prompt] * job.num_samples
+                job.decoding = Decoding(self.sampler, prompts, job.length, **job.decoding_options())
+                job.remaining = job.decoding.steps_left
+                if job.remaining > 0:
+                    job.logits, job.state = self.sampler.prime(prompts)
             except Exception as e:  # a bug, not a user error: fail this request only
                 log.exception("priming a request failed")
                 job.error, job.remaining = f"generation failed: {type(e).__name__}: {e}", 0
@@ -230,12 +244,8 @@ class Engine:
             if not live:
                 break
             for job in live:
-                logits = job.logits if job.repetition is None else job.repetition(job.logits)
-                ids = choose(logits, job.temperature, job.top_k, job.top_p, job.generator)
-                if job.repetition is not None:
-                    job.repetition.add(ids)
-                chosen[job].append(ids)
-                job.remaining -= 1
+                chosen[job].append(job.decoding.choose(job.logits))
+                job.remaining = job.decoding.steps_left
             stepping = [j for j in live if j.remaining > 0]
             groups = [stepping] if self.batch_requests else [[j] for j in stepping]
             for group in filter(None, groups):
@@ -249,9 +259,8 @@ class Engine:
         out = {}
         for job, steps in chosen.items():
             if steps:
-                pieces = [job.text.push(ids) for ids in torch.stack(steps).tolist()]   # (steps, samples)
-                out[job] = ["".join(row) for row in zip(*pieces)]
-                if job.text.done:
+                out[job] = job.decoding.read(torch.stack(steps).tolist())    # (steps, samples)
+                if job.decoding.done:
                     job.remaining = 0
         return out
 
