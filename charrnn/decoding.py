@@ -150,7 +150,10 @@ class Decoding:
         self.length = length
         self.steps_left = sampler.vocab.steps_for(length) if steps is None else steps
         self.finish: list[str | None] = [None if length else "length"] * len(prompts)
+        self.tokens = [0] * len(prompts)       # ids generated per row until it finished
         self._logprobs: list[tuple] = []        # per step chosen since the last read
+        self._pending: list[list[dict]] = [[] for _ in prompts]      # records whose text is held back
+        self._shown, self._given = [0] * len(prompts), [0] * len(prompts)   # characters shown / in records given
 
     @property
     def done(self) -> bool:
@@ -169,7 +172,10 @@ class Decoding:
 
     def read(self, steps: Sequence[Sequence[int]]) -> tuple[list[str], list[list[dict]]]:
         """Each row's new text for the ids of ``steps`` (one list per step, as chosen since the last read), and
-        its new log-probability records (``{"token", "logprob", "top"}``, one per id; none unless asked)."""
+        its new log-probability records (``{"token", "logprob", "top"}``, one per id; none unless asked).
+
+        A record is given with its token's text: its tokens spell the row's text exactly (the token that
+        reached a stop text is cut where the text ends)."""
         rows = len(self.finish)
         texts, records = [""] * rows, [[] for _ in range(rows)]
         logprobs, self._logprobs = self._logprobs, self._logprobs[len(steps):]
@@ -179,15 +185,34 @@ class Decoding:
             for r in range(rows):
                 if self.finish[r]:
                     continue
-                texts[r] += shown[r]
-                if self.logprobs is not None:
-                    records[r].append(self._record(logprobs[step], r, pieces[r]))
+                self.tokens[r] += 1
+                new = shown[r]
                 if self.stops is not None and self.stops.finished[r]:
                     self.finish[r] = "stop"
                 elif self.text.chars[r] >= self.length or (self.steps_left <= 0 and step == len(steps) - 1):
-                    texts[r] += self.stops.flush(r) if self.stops is not None else ""
+                    new += self.stops.flush(r) if self.stops is not None else ""
                     self.finish[r] = "length"
+                texts[r] += new
+                if self.logprobs is not None:
+                    self._pending[r].append(self._record(logprobs[step], r, pieces[r]))
+                    records[r] += self._release(r, len(new))
         return texts, records
+
+    def _release(self, row: int, shown: int) -> list[dict]:
+        """The row's held records whose token text is now all shown (``shown`` more characters were); once the
+        row has finished, the rest, the last cut to the text."""
+        self._shown[row] += shown
+        out, pending = [], self._pending[row]
+        while pending and (self._given[row] + len(pending[0]["token"]) <= self._shown[row] or self.finish[row]):
+            record = pending.pop(0)
+            room = self._shown[row] - self._given[row]
+            if room <= 0 and record["token"]:
+                pending.clear()
+                break
+            record["token"] = record["token"][:room]
+            self._given[row] += len(record["token"])
+            out.append(record)
+        return out
 
     def _record(self, logprobs: tuple, row: int, token: str) -> dict:
         chosen, top_ids, top_lps = logprobs

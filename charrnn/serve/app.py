@@ -253,6 +253,9 @@ def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -
     engine = Engine(lm.sampler, batch_requests=lm.sampler.batchable, max_queue=limits.max_queue,
                     max_batch=limits.max_batch, hop_seconds=hop_seconds)
     ep = _Endpoints(lm, limits, engine)
+    from .openai_api import OpenAIEndpoints      # it builds on this module's request helpers
+
+    oa = OpenAIEndpoints(lm, limits, engine)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -269,6 +272,8 @@ def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -
             Route("/v1/model", ep.model),
             Route("/v1/generate", ep.generate, methods=["POST"]),
             Route("/v1/generate/stream", ep.generate_stream, methods=["POST"]),
+            Route("/v1/completions", oa.completions, methods=["POST"]),
+            Route("/v1/models", oa.models),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
         middleware=[Middleware(_HeadLimits)],

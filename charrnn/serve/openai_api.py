@@ -1,0 +1,256 @@
+"""The OpenAI Completions API over charrnn's engine: ``POST /v1/completions`` and ``GET /v1/models``, as the
+official ``openai`` client speaks them.
+
+``max_tokens`` counts *characters* whatever the model (a character model makes one per step; a word,
+BPE or transformer model generates tokens until the text has that many characters, then cuts it),
+as ``--length`` does; ``/v1/models`` says so.  ``logprobs`` gives, per generated token, its
+log-probability under the model's own distribution and the likeliest alternatives.  ``echo`` puts the
+prompt in front of the text.  ``best_of``, ``suffix``, ``logit_bias`` and token-id prompts are refused
+(400).  Errors have the OpenAI body ``{"error": {"message", "type", "param", "code"}}``, with the
+statuses of charrnn's own endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from ..errors import CharRNNError
+from ..options import check_sampling_options
+from .app import RequestError, _check_limits, _disconnected, _read_json
+from .engine import Busy, Job
+
+
+class CompletionRequest(BaseModel):
+    """The body of ``POST /v1/completions``; ``top_k`` and ``repetition_penalty`` are charrnn's additions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    model: str | None = None
+    prompt: str | list[str] = ""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: dict | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    best_of: int | None = None
+    suffix: str | None = None
+    logit_bias: dict | None = None
+    user: str | None = None      # accepted, ignored
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4:
+            raise RequestError(422, "stop: at most 4 stop texts")
+        return tuple(stops)
+
+
+def openai_error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                        status_code=status, headers=headers)
+
+
+class OpenAIEndpoints:
+    """``/v1/completions`` and ``/v1/models`` for one served model."""
+
+    def __init__(self, lm, limits, engine):
+        self.lm, self.limits, self.engine = lm, limits, engine
+        described = lm.describe()
+        self.model = described.get("run") or described.get("model")
+        self.created = int(time.time())
+
+    async def models(self, request: Request):
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.model, "object": "model", "created": self.created, "owned_by": "charrnn",
+            "max_tokens_counts": "characters", "tokenizer": self.lm.vocab.kind}]})
+
+    async def completions(self, request: Request):
+        try:
+            req = await self._parse(request)
+            jobs = [self.engine.submit(job) for job in self._jobs(req)]
+        except RequestError as e:
+            return openai_error(e.status, e.message, headers=e.headers)
+        except ClientDisconnect:
+            return openai_error(499, "the client closed the request")
+        except Busy as e:
+            return openai_error(503, str(e), headers={"Retry-After": "1"})
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model}
+        if req.stream:
+            return _Stream(jobs, self._events(req, jobs, meta))
+        return await self._answer(request, req, jobs, meta)
+
+    async def _parse(self, request: Request) -> CompletionRequest:
+        data = await _read_json(request, self.limits)
+        try:
+            req = CompletionRequest.model_validate(data)
+        except ValidationError as e:
+            raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
+                                              for err in e.errors())) from None
+        unsupported = [name for name, given in (("best_of", req.best_of not in (None, req.n)), ("suffix", req.suffix),
+                                                ("logit_bias", req.logit_bias)) if given]
+        if unsupported:
+            raise RequestError(400, f"{unsupported[0]} is not supported by charrnn; leave it out")
+        req.stops()
+        try:
+            check_sampling_options(req.temperature, req.top_k, req.top_p, req.max_tokens, req.n, req.seed,
+                                   repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                                   frequency_penalty=req.frequency_penalty)
+            for prompt in self._prompts(req):
+                self.lm.sampler.encode_prompt(prompt)
+        except CharRNNError as e:
+            raise RequestError(422, str(e)) from None
+        return req
+
+    def _prompts(self, req: CompletionRequest) -> list[str]:
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if not prompts:
+            raise RequestError(422, "prompt: give a string or a list of strings")
+        return prompts
+
+    def _jobs(self, req: CompletionRequest) -> list[Job]:
+        jobs = []
+        for prompt in self._prompts(req):
+            job = Job(prompt, req.max_tokens, req.n, req.temperature, req.top_k, req.top_p, req.seed,
+                      streaming=req.stream, repetition_penalty=req.repetition_penalty,
+                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                      stop=req.stops(), logprobs=req.logprobs)
+            _check_limits(_AsLimits(job), self.limits)
+            jobs.append(job)
+        return jobs
+
+    async def _answer(self, request: Request, req: CompletionRequest, jobs: list[Job], meta: dict):
+        waiter = asyncio.ensure_future(asyncio.gather(*(job.done.wait() for job in jobs)))
+        hangup = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([waiter, hangup], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+            waiter.cancel()
+            for job in jobs:
+                job.cancel()
+        failed = next((job for job in jobs if job.error or job.cancelled or not job.done.is_set()), None)
+        if failed is not None:
+            return openai_error(failed.error_status if failed.error else 499,
+                                failed.error or "the client closed the request")
+        choices = []
+        for p, job in enumerate(jobs):
+            for s, (text, finish) in enumerate(zip(job.texts, job.finish_reasons)):
+                head = job.prompt if req.echo else ""
+                choices.append({"text": head + text, "index": p * req.n + s, "finish_reason": finish,
+                                "logprobs": _logprobs(job.records[s], len(head)) if req.logprobs is not None
+                                else None})
+        return JSONResponse({**meta, "choices": choices, "usage": self._usage(jobs)})
+
+    def _usage(self, jobs: list[Job]) -> dict:
+        prompt = sum(len(self.lm.sampler.prompt_ids(job.prompt)) for job in jobs)
+        done = sum(sum(job.decoding.tokens) for job in jobs if job.decoding is not None)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+    async def _events(self, req: CompletionRequest, jobs: list[Job], meta: dict):
+        """The stream: a chunk per sample per batch of new text, a last chunk per sample with its finish reason,
+        the usage when ``stream_options.include_usage``, then ``data: [DONE]``."""
+        def chunk(index: int, text: str, finish: str | None = None, records=None, offset: int = 0) -> bytes:
+            choice = {"text": text, "index": index, "finish_reason": finish,
+                      "logprobs": _logprobs(records, offset) if records is not None else None}
+            return f"data: {json.dumps({**meta, 'choices': [choice]}, ensure_ascii=False)}\n\n".encode()
+
+        shown = {}
+        if req.echo:
+            for p, job in enumerate(jobs):
+                for s in range(job.num_samples):
+                    yield chunk(p * req.n + s, job.prompt)
+        async for p, (pieces, records) in _merged(jobs):
+            for s, text in enumerate(pieces):
+                index = p * req.n + s
+                if text or records[s]:
+                    yield chunk(index, text, records=records[s] if req.logprobs is not None else None,
+                                offset=shown.get(index, 0))
+                    shown[index] = shown.get(index, 0) + len(text)
+        failed = next((job for job in jobs if job.error), None)
+        if failed is not None:
+            body = {"error": {"message": failed.error, "type": "server_error", "param": None, "code": None}}
+            yield f"data: {json.dumps(body)}\n\n".encode()
+        else:
+            for p, job in enumerate(jobs):
+                for s, finish in enumerate(job.finish_reasons):
+                    yield chunk(p * req.n + s, "", finish)
+            if (req.stream_options or {}).get("include_usage"):
+                yield f"data: {json.dumps({**meta, 'choices': [], 'usage': self._usage(jobs)})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+
+class _AsLimits:
+    """A job seen as the request :func:`charrnn.serve.app._check_limits` checks (prompt, length, samples)."""
+
+    def __init__(self, job: Job):
+        self.prompt, self.length, self.num_samples = job.prompt, job.length, job.num_samples
+
+
+def _logprobs(records: list[dict], offset: int) -> dict:
+    """Log-probability records in the Completions API's shape, text offsets counted from ``offset``."""
+    offsets, at = [], offset
+    for r in records:
+        offsets.append(at)
+        at += len(r["token"])
+    return {"tokens": [r["token"] for r in records], "token_logprobs": [r["logprob"] for r in records],
+            "top_logprobs": [r["top"] for r in records], "text_offset": offsets}
+
+
+async def _merged(jobs: list[Job]):
+    """``(job index, (pieces, records))`` from every job's stream as they come."""
+    from .app import _pieces
+
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(p: int, job: Job):
+        async for update in _pieces(job):
+            await queue.put((p, update))
+        await queue.put(None)
+
+    tasks = [asyncio.ensure_future(pump(p, job)) for p, job in enumerate(jobs)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class _Stream(StreamingResponse):
+    """An event stream that cancels its jobs however the response ends (finished, client gone, error)."""
+
+    def __init__(self, jobs: list[Job], content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.jobs = jobs
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            pass
+        finally:
+            for job in self.jobs:
+                job.cancel()
