@@ -71,9 +71,13 @@ class OpenAIEndpoints:
 
     def __init__(self, lm, limits, engine):
         self.lm, self.limits, self.engine = lm, limits, engine
-        described = lm.describe()
-        self.model = described.get("run") or described.get("model")
         self.created = int(time.time())
+
+    @property
+    def model(self) -> str:
+        """The served model's id: the run directory's name, or the Hugging Face model's."""
+        described = self.lm.describe()
+        return described.get("run") or described["model"]
 
     async def models(self, request: Request):
         return JSONResponse({"object": "list", "data": [{
