@@ -10,6 +10,7 @@ samples of the batch at once.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -201,6 +202,41 @@ def _tanh_(a: torch.Tensor) -> torch.Tensor:
     return a.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
+class PromptCache:
+    """The model's state after recent prompts, least recently used dropped first past ``max_bytes``: a
+    recurrent model's whole context is one small state, so a repeated prompt costs a copy, not a read.
+    Entries are never changed after they are stored (priming concatenates them into new tensors)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[str, tuple] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def size(entry: tuple) -> int:
+        out, st = entry
+        return sum(t.numel() * t.element_size() for t in (out, *(st if isinstance(st, tuple) else (st,))))
+
+    def get(self, prompt: str) -> tuple | None:
+        entry = self.entries.get(prompt)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(prompt)
+        return entry
+
+    def put(self, prompt: str, entry: tuple) -> None:
+        size = self.size(entry) + len(prompt) * 4
+        if size > self.max_bytes or prompt in self.entries:
+            return
+        self.entries[prompt] = entry
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            old, dropped = self.entries.popitem(last=False)
+            self.bytes -= self.size(dropped) + len(old) * 4
+
+
 @dataclass
 class Completion:
     """A generated text (prompt + continuation), why it ended (``"stop"``: a stop text, ``"length"``) and,
@@ -226,6 +262,7 @@ class Sampler:
         self.device = model.head.weight.device
         self.stepper = Stepper(model, weights, backend)
         self.batchable = weights == "fp32"    # int8 quantises activations per batch: one request at a time
+        self.prompt_cache: PromptCache | None = None     # off unless asked for (the server turns it on)
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
         """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).
@@ -255,16 +292,11 @@ class Sampler:
         by_prompt: dict[str, tuple] = {}
         for p in prompts:
             if p not in by_prompt:
-                ids, tail = self.healed(p)
-                st = None
-                # In pieces, so that a long prompt costs its ids, not a row of activations per character.
-                for piece in ids.to(self.device).split(PRIME_CHUNK):
-                    out, st = self.model(piece[None], st)
-                out = out[:, -1]
-                if tail:            # token healing: the first token completes the prompt's last one
-                    allowed = torch.from_numpy(self.vocab.starting_with(tail)).to(out.device)
-                    out = out.masked_fill(~allowed, float("-inf"))
-                by_prompt[p] = (out, st)
+                by_prompt[p] = self.prompt_cache.get(p) if self.prompt_cache is not None else None
+                if by_prompt[p] is None:
+                    by_prompt[p] = self._read_prompt(p)
+                    if self.prompt_cache is not None:
+                        self.prompt_cache.put(p, by_prompt[p])
             out, st = by_prompt[p]
             logits.append(out)
             states.append(st)
@@ -296,6 +328,20 @@ class Sampler:
         """Yield the next ids ``(batch,)`` ``length`` times, one batched step each (``options``: see
         :class:`charrnn.decoding.Decoding`)."""
         return self.steps(prompts, Decoding(self, prompts, length, steps=length, **options))
+
+    def _read_prompt(self, prompt: str) -> tuple[torch.Tensor, State]:
+        """The logits after ``prompt`` ``(1, vocab)`` and the model's state; after token healing the logits
+        allow only the ids that start with the prompt's last token."""
+        ids, tail = self.healed(prompt)
+        st = None
+        # In pieces, so that a long prompt costs its ids, not a row of activations per character.
+        for piece in ids.to(self.device).split(PRIME_CHUNK):
+            out, st = self.model(piece[None], st)
+        out = out[:, -1]
+        if tail:            # token healing: the first token completes the prompt's last one
+            allowed = torch.from_numpy(self.vocab.starting_with(tail)).to(out.device)
+            out = out.masked_fill(~allowed, float("-inf"))
+        return out, st
 
     def text_stream(self, prompts: Sequence[str], length: int) -> TextStream:
         """What turns the generated ids of ``prompts`` into their ``length`` characters of text."""

@@ -73,3 +73,34 @@ def test_bad_parameters_raise_the_clients_own_errors_with_charrnns_message(clien
         client.completions.create(model="run", prompt="a", max_tokens=10**6)
     with pytest.raises(openai.UnprocessableEntityError, match="at most 4 stop texts"):
         client.completions.create(model="run", prompt="a", stop=["a", "b", "c", "d", "e"])
+
+
+def test_a_cached_prompt_gives_the_uncached_text(client, lm, tmp_path_factory):
+    import httpx
+
+    fresh = charrnn.load(lm.run.path)                       # no cache: the library's own sampler
+    prompt = "the quick brown fox " * 20
+    want = fresh.generate(prompt, 60, num_samples=2, seed=11)
+    health = f"{str(client.base_url).rstrip('/').removesuffix('/v1')}/healthz"
+    before = httpx.get(health).json()["prompt_cache"]
+    for _ in range(2):                                      # a miss, then a hit
+        r = client.completions.create(model="run", prompt=prompt, max_tokens=60, n=2, seed=11)
+        assert [prompt + c.text for c in r.choices] == want
+    after = httpx.get(health).json()["prompt_cache"]
+    assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"] + 1
+
+
+def test_the_prompt_cache_drops_the_least_recently_used_past_its_size():
+    import torch
+
+    from charrnn.sampling import PromptCache
+
+    entry = (torch.zeros(1, 10), torch.zeros(1, 1, 10))
+    size = PromptCache.size(entry) + 4
+    cache = PromptCache(3 * size)
+    for p in "abc":
+        cache.put(p, entry)
+    cache.get("a")
+    cache.put("d", entry)
+    assert list(cache.entries) == ["c", "a", "d"] and cache.bytes == 3 * size
+    assert cache.get("b") is None and cache.misses == 1 and cache.hits == 1

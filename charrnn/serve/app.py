@@ -32,6 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import CharRNNError
 from ..options import GenerationOptions, check_sampling_options
+from ..sampling import PromptCache
 from .engine import Busy, Engine, Job
 from .limits import Limits
 
@@ -234,7 +235,10 @@ class _Endpoints:
         return JSONResponse(describe_model(self.lm, self.limits))
 
     async def healthz(self, request: Request):
-        return JSONResponse({"status": "ok", **self.engine.status()})
+        cache = getattr(self.lm.sampler, "prompt_cache", None)
+        more = {"prompt_cache": {"entries": len(cache.entries), "bytes": cache.bytes, "hits": cache.hits,
+                                 "misses": cache.misses}} if cache is not None else {}
+        return JSONResponse({"status": "ok", **self.engine.status(), **more})
 
     async def index(self, request: Request):
         return FileResponse(STATIC / "index.html")
@@ -250,6 +254,8 @@ class _Endpoints:
 def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -> Starlette:
     """The server for a model loaded by :func:`charrnn.load` (a run, or a Hugging Face model)."""
     limits = (limits or Limits()).validate()
+    if limits.prompt_cache_mb and getattr(lm.sampler, "prompt_cache", False) is None:   # a charrnn run's sampler
+        lm.sampler.prompt_cache = PromptCache(limits.prompt_cache_mb << 20)
     engine = Engine(lm.sampler, batch_requests=lm.sampler.batchable, max_queue=limits.max_queue,
                     max_batch=limits.max_batch, hop_seconds=hop_seconds)
     ep = _Endpoints(lm, limits, engine)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass
 
-from ..config import POSITIVE_INT, check_fields, option
+from ..config import NON_NEGATIVE_INT, POSITIVE_INT, check_fields, option
 from ..errors import OptionError
 
 # JSON may spell one character as a surrogate pair of escapes ("\ud83d\ude00"); the other fields fit in the rest.
@@ -18,8 +18,8 @@ HELD_BYTES_PER_PROMPT_CHAR = BODY_BYTES_PER_CHAR + 4 + 8
 HELD_BYTES_PER_TEXT_CHAR = 2 * 4
 
 # The command line offers each field as --max-...
-_limit = functools.partial(option, metavar="N", check=POSITIVE_INT,
-                           group="limits (a request over one is refused with a JSON error)")
+LIMITS_GROUP = "limits (a request over one is refused with a JSON error)"
+_limit = functools.partial(option, metavar="N", check=POSITIVE_INT, group=LIMITS_GROUP)
 
 
 @dataclass
@@ -33,6 +33,9 @@ class Limits:
     max_queue: int = _limit(256, "requests held at once, running and waiting; one more is answered 503")
     max_batch: int = _limit(64, "sample rows generated together; further requests wait their turn")
     max_connections: int = _limit(1000, "connections held open at once; a request past it is answered 503")
+    prompt_cache_mb: int = option(64, "memory for the recurrent state after recent prompts, so that a repeated "
+                                      "prompt is not read again (charrnn runs; 0 turns it off)", metavar="MB",
+                                  check=NON_NEGATIVE_INT, group=LIMITS_GROUP)
     max_read_seconds: int = _limit(5, "seconds a client has to send a request's head, and then its body; a slower "
                                       "connection is closed (a late body is answered 408)")
 
@@ -58,6 +61,9 @@ class Limits:
         need = (self.max_connections * self.max_prompt_chars * HELD_BYTES_PER_PROMPT_CHAR
                 + self.max_queue * self.max_samples * self.max_length * HELD_BYTES_PER_TEXT_CHAR)
         have = memory_bytes(torch.device("cpu"))
+        if have is not None and self.prompt_cache_mb << 20 > have // 2:
+            raise OptionError("prompt_cache_mb", "is {value:,} MB, more than half the {have:,.1f} GiB of memory here; "
+                              "give less", value=self.prompt_cache_mb, have=have / 2**30)
         if have is not None and need > have:
             raise OptionError("max_prompt_chars", "prompts of {max_prompt_chars} ({chars:,}) on {max_connections} "
                               "({conns:,}) and texts of {max_length} ({length:,}) x {max_samples} ({samples}) x "
