@@ -1,6 +1,12 @@
 """Server throughput: N clients at once against `charrnn serve`, against one request after another.
 
     python benchmarks/serve_load.py [--clients 1 8 50] [--length 300] [--run DIR] [--int8]
+    python benchmarks/serve_load.py --api completions [--clients 1 16 64]
+
+With ``--api completions`` the clients stream through the OpenAI-compatible ``POST /v1/completions``
+instead: per client count, aggregate characters per second, the p50 / p99 time to first character and
+the p50 / p99 time between characters (a chunk's wait shared by its characters); then the time to
+first character for a 2,000-character prompt read cold and from the prompt cache (medians of 5).
 
 Starts the real server (uvicorn, a free localhost port) on the default model (GRU 1024,
 embedding 256, vocabulary 66; random weights unless --run names a trained run), sends
@@ -13,6 +19,7 @@ slowest request latency.
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -54,12 +61,63 @@ async def load(url, clients, length):
         return time.perf_counter() - t, latencies
 
 
+async def stream_one(client, body: dict) -> tuple[float, list[float], int]:
+    """One streamed completion: time to first character, the wait per character after it, characters."""
+    start = last = time.perf_counter()
+    first, waits, chars = None, [], 0
+    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choices = json.loads(line[6:])["choices"]
+            text = choices[0]["text"] if choices else ""
+            if not text:
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now - start
+            else:
+                waits += [(now - last) / len(text)] * len(text)
+            last, chars = now, chars + len(text)
+    return first, waits, chars
+
+
+async def stream_load(url, clients, length):
+    limits = httpx.Limits(max_connections=clients + 10, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        t = time.perf_counter()
+        got = await asyncio.gather(*(stream_one(client, {"prompt": "ROMEO:", "max_tokens": length, "seed": s})
+                                     for s in range(clients)))
+        wall = time.perf_counter() - t
+    firsts = sorted(g[0] for g in got)
+    waits = sorted(w for g in got for w in g[1])
+    pick = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"chars_per_s": round(sum(g[2] for g in got) / wall),
+            "first_char_ms_p50": round(1000 * pick(firsts, 0.5), 1), "first_char_ms_p99": round(1000 * pick(firsts, 0.99), 1),
+            "char_gap_ms_p50": round(1000 * pick(waits, 0.5), 2), "char_gap_ms_p99": round(1000 * pick(waits, 0.99), 2)}
+
+
+async def cache_first_char(url) -> dict:
+    """Time to first character of a 2,000-character prompt, read cold and then from the prompt cache."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        cold, cached = [], []
+        for i in range(5):
+            body = {"prompt": f"{i} " + "ROMEO: what light through yonder window breaks? " * 42, "max_tokens": 5}
+            body["prompt"] = body["prompt"][:2000]
+            cold.append((await stream_one(client, body))[0])
+            cached.append((await stream_one(client, body))[0])
+    return {"prompt_chars": 2000, "cold_first_char_ms": round(1000 * statistics.median(cold), 2),
+            "cached_first_char_ms": round(1000 * statistics.median(cached), 2)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 50])
     ap.add_argument("--length", type=int, default=300)
     ap.add_argument("--run")
     ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--api", choices=["generate", "completions"], default="generate")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,7 +134,10 @@ def main():
         results = {}
         try:
             asyncio.run(load(url, 1, 20))  # warm-up
-            for n in args.clients:
+            if args.api == "completions":
+                results = {str(n): asyncio.run(stream_load(url, n, args.length)) for n in args.clients}
+                results["prompt_cache"] = asyncio.run(cache_first_char(url))
+            for n in args.clients if args.api == "generate" else []:
                 t = time.perf_counter()
                 for seed in range(n):
                     lm.generate("ROMEO:", args.length, seed=seed)
@@ -94,7 +155,7 @@ def main():
         finally:
             server.should_exit = True
             thread.join(10)
-    emit({"benchmark": "serve_load", "length": args.length, "int8": args.int8,
+    emit({"benchmark": "serve_load", "api": args.api, "length": args.length, "int8": args.int8,
           "model": "random default" if not args.run else args.run, "clients": results, "machine": machine()})
 
 
