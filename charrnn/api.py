@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,7 +23,8 @@ from . import distributed
 from .config import build_config
 from .corpus import load_corpus
 from .errors import CharRNNError
-from .evaluation import evaluate, held_out_ids
+from .dynamic import Adapter, DynamicOptions, dynamic_evaluate, gradient_rms
+from .evaluation import evaluate, held_out_ids, training_ids
 from .hardware import resolve_device
 from .sampling import Completion, Sampler
 
@@ -147,12 +149,29 @@ class LanguageModel(Generator):
         }
 
     def evaluate(self, corpus: str | None = None, *, val_fraction: float | None = None, seq_len: int = 256,
-                 n_streams: int = 16) -> dict:
+                 n_streams: int = 16, dynamic: DynamicOptions | None = None) -> dict:
         """Loss on the run's validation split, or on all of ``corpus`` (its last ``val_fraction`` when given):
         ``{loss, perplexity}`` per token, ``{bpc, nats_per_char}`` per character (comparable across
-        tokenizers and model kinds), ``{tokens, chars}``."""
+        tokenizers and model kinds), ``{tokens, chars}``.  With ``dynamic`` options, also ``"dynamic"``: the
+        same text read once more with dynamic evaluation (:mod:`charrnn.dynamic`)."""
         ids, chars = held_out_ids(self.config, self.vocab, corpus, val_fraction)
-        return evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars)
+        result = evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars)
+        if dynamic is not None:
+            rms = gradient_rms(self.model, training_ids(self.config, self.vocab), dynamic.dynamic_segment)
+            result["dynamic"] = dynamic_evaluate(self.model, ids, rms, dynamic, chars)
+        return result
+
+    def adapted(self, text: str, options: DynamicOptions | None = None) -> LanguageModel:
+        """A copy of this model adapted to ``text`` (a style sample, a user's own writing) by reading it with
+        dynamic evaluation; this model and the run's files are not changed."""
+        options = (options or DynamicOptions()).validate()
+        ids = self.vocab.encode(text)
+        if len(ids) < 2:
+            raise CharRNNError("the text to adapt to is shorter than two tokens; give a longer one")
+        rms = gradient_rms(self.model, training_ids(self.config, self.vocab), options.dynamic_segment)
+        adapter = Adapter(self.model, rms, options)
+        adapter.read_all(ids)
+        return LanguageModel(dataclasses.replace(self.run, model=adapter.model), self.device, int8=self.int8)
 
 
 def load(model: str | Path, *, weights: str = "best", device: str = "cpu", int8: bool = False):

@@ -105,3 +105,18 @@ def held_out_text(corpus: str, val_fraction: float | None = None) -> str:
     data = load_corpus(corpus)
     cut = len(split_train_val(data.ids, val_fraction)[0]) if val_fraction else 0
     return tokenized.corpus_text(data, cut)
+
+
+def training_ids(run_config: dict, vocab) -> np.ndarray:
+    """The training split of the corpus a run was trained on, as ids of its ``vocab``."""
+    norm = run_config.get("training", {})
+    name = run_config.get("corpus", {}).get("name")
+    if not name:
+        raise CharRNNError("this run does not record its corpus, whose training split sets the scale of dynamic "
+                           "evaluation's steps; train it with this charrnn")
+    data = load_corpus(recorded_corpus(name), lowercase=norm.get("lowercase", False),
+                       newlines_to_spaces=norm.get("newlines_to_spaces", False))
+    fraction = norm.get("val_fraction", 0.1)
+    if vocab.kind == "char":
+        return split_train_val(data.reencode(vocab), fraction)[0]
+    return tokenized.split(data, fraction, vocab.kind, vocab=vocab).train

@@ -1,0 +1,129 @@
+"""Dynamic evaluation (Krause et al., "Dynamic Evaluation of Neural Sequence Models", 2018): the model
+adapts to the text as it reads it.
+
+The text is read once, in order, in segments of ``segment`` ids, the recurrent state carried.  Each
+segment is scored with the current weights *before* the model trains on it, so every id is predicted
+from what came before it only.  Then one gradient step on that segment, normalised by the root mean
+squared gradients of the training data (``MS_g``, measured once on training segments), with a decay
+back toward the trained weights ``θ₀``:
+
+    θ ← θ − lr · g / (√MS_g + ε) + decay · (θ₀ − θ) ⊙ min(√MS_g / mean(√MS_g), 1 / decay)
+
+(the paper's "RMS with a global prior").  The model adapted is a copy: the run's weights are never
+changed, on disk or in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import POSITIVE_INT, check_fields, option
+from .evaluation import LN2
+from .models.charlm import CharLM
+
+EPS = 1e-5
+
+
+@dataclass
+class DynamicOptions:
+    """The options of dynamic evaluation (``charrnn eval --dynamic``, ``charrnn generate --adapt``)."""
+
+    dynamic_lr: float = option(1e-4, "step size of the adaptation, in units of the training gradients' RMS",
+                               metavar="LR", check=(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    dynamic_decay: float = option(1e-3, "pull back toward the trained weights per segment",
+                                  metavar="D", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    dynamic_segment: int = option(50, "ids read between two adaptation steps", metavar="N", check=POSITIVE_INT)
+
+    def validate(self) -> "DynamicOptions":
+        check_fields(self)
+        return self
+
+
+def gradient_rms(model: CharLM, train_ids: np.ndarray, segment: int, batches: int = 20, rows: int = 16,
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """√MS_g: the root mean squared gradient of each weight over ``batches`` batches of ``rows`` random
+    training segments (the normalisation the adaptation steps use)."""
+    device = next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    squares = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()        # no dropout: the same network the adaptation trains
+    try:
+        for _ in range(batches):
+            starts = rng.integers(0, max(1, len(train_ids) - segment - 1), rows)
+            x = torch.from_numpy(np.stack([train_ids[s:s + segment] for s in starts]).astype(np.int64)).to(device)
+            y = torch.from_numpy(np.stack([train_ids[s + 1:s + segment + 1] for s in starts]).astype(np.int64))
+            model.zero_grad()
+            with torch.enable_grad():
+                logits, _ = model(x)
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.to(device).reshape(-1)).backward()
+            for n, p in model.named_parameters():
+                squares[n] += p.grad.detach() ** 2 / batches
+    finally:
+        model.zero_grad()
+        model.train(was_training)
+    return {n: s.sqrt() for n, s in squares.items()}
+
+
+class Adapter:
+    """A copy of a model that adapts to what it reads (the update in the module docstring)."""
+
+    def __init__(self, model: CharLM, rms: dict[str, torch.Tensor], options: DynamicOptions):
+        self.model = copy.deepcopy(model).eval()
+        self.lr, self.decay, self.segment = options.dynamic_lr, options.dynamic_decay, options.dynamic_segment
+        self.rms = rms
+        self.start = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        mean = torch.cat([r.flatten() for r in rms.values()]).mean()
+        self.pull = {n: (r / mean).clamp(max=1 / self.decay) * self.decay if self.decay else None
+                     for n, r in rms.items()}
+
+    def read(self, x: torch.Tensor, y: torch.Tensor, state=None) -> tuple[float, object]:
+        """Score ``y`` after ``x`` (ids ``(t,)``) with the current weights, then take one adaptation step on
+        them; the summed loss (nats) and the state after ``x``."""
+        self.model.zero_grad()
+        with torch.enable_grad():
+            logits, state = self.model(x[None], state)
+            loss = F.cross_entropy(logits[0].float(), y, reduction="sum")
+            (loss / len(y)).backward()
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p -= self.lr * p.grad / (self.rms[n] + EPS)
+                if self.pull[n] is not None:
+                    p += self.pull[n] * (self.start[n] - p)
+        return loss.item(), _detach(state)
+
+
+    def read_all(self, ids) -> float:
+        """Read ``ids`` in order, a segment at a time (each scored, then learned from); the summed loss of
+        every id but the first."""
+        device = next(self.model.parameters()).device
+        seq = torch.from_numpy(np.asarray(ids).astype(np.int64)).to(device)
+        total, state, seg = 0.0, None, self.segment
+        for start in range(0, len(seq) - 1, seg):
+            x, y = seq[start:start + seg], seq[start + 1:start + seg + 1]
+            loss, state = self.read(x[:len(y)], y, state)
+            total += loss
+        return total
+
+
+def _detach(state):
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+def dynamic_evaluate(model: CharLM, ids: np.ndarray, rms: dict[str, torch.Tensor], options: DynamicOptions,
+                     chars: int | None = None) -> dict:
+    """The loss of ``ids`` (every id but the first, each scored once) read with dynamic evaluation:
+    ``{"loss", "perplexity"}`` per id, ``{"bpc", "nats_per_char"}`` over ``chars`` characters (default one
+    per id), ``{"tokens", "chars"}``, and the options used."""
+    total = Adapter(model, rms, options).read_all(ids)
+    count = len(ids) - 1
+    chars = chars or count
+    return {"loss": total / count, "perplexity": math.exp(min(total / count, 700)), "bpc": total / chars / LN2,
+            "nats_per_char": total / chars, "tokens": count, "chars": chars, "dynamic_lr": options.dynamic_lr,
+            "dynamic_decay": options.dynamic_decay, "dynamic_segment": options.dynamic_segment}
