@@ -326,3 +326,32 @@ def test_sigterm_finishes_short_requests_ends_long_ones_and_exits_0(run_dir):
     assert any(t > signalled + 1 for name, _, t in long if name == "message"), "the stream was not let run"
     assert long[-1][2] >= signalled + grace - 0.5
     assert exited - signalled < grace + 8
+
+
+@pytest.mark.slow
+def test_web_page_asks_for_the_key_and_sends_it(keyed):
+    from selenium.webdriver.common.by import By
+
+    from .test_serve import _browser
+
+    browser = _browser()
+    try:
+        browser.get(f"{keyed}/")
+        find = lambda element_id: browser.find_element(By.ID, element_id)  # noqa: E731
+        wait_for(lambda: find("key-form").is_displayed(), what="the page to ask for the key")
+        find("api-key").send_keys("wrong")
+        find("key-form").submit()
+        wait_for(lambda: find("key-form").is_displayed() and "not valid" in find("status").text,
+                 what="the page to refuse a wrong key")
+        find("api-key").send_keys(KEY)
+        find("key-form").submit()
+        wait_for(lambda: "parameters" in find("model-info").text, what="the model description")
+        assert not find("key-form").is_displayed()
+        find("length").clear()
+        find("length").send_keys("50")
+        find("generate").click()
+        wait_for(lambda: find("status").text.startswith("done"), what="the generation to finish")
+        assert len(find("output-text").get_attribute("textContent")) == 50
+        assert browser.execute_script("return sessionStorage.getItem('charrnn-api-key')") == KEY
+    finally:
+        browser.quit()

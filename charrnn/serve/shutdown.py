@@ -34,7 +34,7 @@ class GracefulServer(uvicorn.Server):
 
     def _end_jobs(self) -> None:
         if self.engine.active or self.engine.waiting:
-            log.warning("ending %d requests still running after %s seconds (--shutdown-seconds)",
+            log.warning("ending %d requests still running after %g seconds (--shutdown-seconds)",
                         len(self.engine.active) + len(self.engine.waiting), self.grace)
         asyncio.ensure_future(self.engine.stop())
 
