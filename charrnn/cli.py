@@ -362,7 +362,7 @@ def _add_serve(sub) -> None:
                        description="Serve a trained run or a Hugging Face model over HTTP (needs the serve extra): "
                                    "POST /v1/generate, "
                                    "POST /v1/generate/stream (server-sent events), GET /v1/model, GET /healthz, "
-                                   "and a web page at /.")
+                                   "GET /metrics (Prometheus), and a web page at /.")
     p.add_argument("run", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine "
                                                        "only; 0.0.0.0 for every interface)")
@@ -371,11 +371,22 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="default %(default)s")
     p.add_argument("--int8", action="store_true", help="generate with int8 weights (CPU); requests are then "
                                                        "stepped one after another instead of batched together")
+    from .serve import SHUTDOWN_SECONDS
     from .serve.limits import Limits
 
     add_options(p, Limits)
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                    help="server log level (info logs every request)")
+    g = p.add_argument_group("access and shutdown (see docs/serving.md)")
+    g.add_argument("--api-key", metavar="KEY", help="require the header Authorization: Bearer KEY on every /v1/ "
+                                                    "request (default: $CHARRNN_API_KEY if set; otherwise none)")
+    g.add_argument("--api-key-file", metavar="PATH", help="the key from the first line of PATH (not shown in the "
+                                                         "process list, as --api-key is)")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://example.com) call the API; repeatable")
+    g.add_argument("--shutdown-seconds", type=float, default=SHUTDOWN_SECONDS, metavar="N",
+                   help="on SIGTERM or Ctrl-C, seconds requests in flight have to finish before they are ended "
+                        "with an error (default %(default)g)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -385,7 +396,8 @@ def cmd_serve(args) -> int:
     limits = Limits(**{name: getattr(args, name) for name in option_names(Limits) if getattr(args, name) is not None})
     try:
         serve(args.run, host=args.host, port=args.port, weights=args.weights, device=args.device, int8=args.int8,
-              limits=limits, log_level=args.log_level)
+              limits=limits, log_level=args.log_level, api_key=args.api_key, api_key_file=args.api_key_file,
+              cors_origins=args.cors_origin, shutdown_seconds=args.shutdown_seconds)
     except KeyboardInterrupt:
         pass
     print("server stopped", file=sys.stderr)

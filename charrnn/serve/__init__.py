@@ -19,6 +19,9 @@ from .limits import Limits
 
 __all__ = ["Limits", "create_app", "bind", "serve"]
 
+# Seconds requests in flight have to finish once the server is asked to stop (--shutdown-seconds).
+SHUTDOWN_SECONDS = 5.0
+
 
 def create_app(lm, limits: Limits | None = None, **options):
     """The Starlette application serving ``lm``; see :func:`charrnn.serve.app.create_app`."""
@@ -40,6 +43,11 @@ def _web():
 def check_port(port: int) -> None:
     if not 0 <= port <= 65535:
         raise CharRNNError(f"--port must be between 0 and 65535, got {port}")
+
+
+def check_shutdown_seconds(seconds: float) -> None:
+    if not 0 <= seconds < float("inf"):
+        raise CharRNNError(f"--shutdown-seconds must be a number of seconds, 0 or more, got {seconds}")
 
 
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
@@ -67,16 +75,21 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 
 def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "best", device: str = "cpu",
-          int8: bool = False, limits: Limits | None = None, log_level: str = "info") -> None:
+          int8: bool = False, limits: Limits | None = None, log_level: str = "info", api_key: str | None = None,
+          api_key_file: str | None = None, cors_origins=(), shutdown_seconds: float = SHUTDOWN_SECONDS) -> None:
     """Load ``run`` (a run directory or a Hugging Face model, see :func:`charrnn.load`) and serve it on
-    ``host:port`` until interrupted (Ctrl-C or SIGTERM)."""
+    ``host:port`` until interrupted (Ctrl-C or SIGTERM; requests in flight get ``shutdown_seconds`` to finish).
+    ``api_key`` (or the first line of ``api_key_file``, or ``$CHARRNN_API_KEY``): see :mod:`charrnn.serve.auth`."""
     from ..api import load
 
     web = _web()
-    import uvicorn
+    from .auth import resolve_api_key
+    from .shutdown import GracefulServer, sigterm_as_interrupt
 
     limits = (limits or Limits()).validate()
     check_port(port)   # before the run is loaded
+    check_shutdown_seconds(shutdown_seconds)
+    api_key = resolve_api_key(api_key, api_key_file)
     lm = load(run, weights=weights, device=device, int8=int8)
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
@@ -84,5 +97,7 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "bes
     what = f"{run} ({lm.run.weights})" if hasattr(lm, "run") else f"{run} (Hugging Face {lm.describe()['model_type']})"
     print(f"serving {what} on http://{shown}:{bound_port}/ (Ctrl-C to stop)",
           file=sys.stderr, flush=True)
-    config = web.server_config(web.create_app(lm, limits), log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    app = web.create_app(lm, limits, api_key=api_key, cors_origins=cors_origins)
+    server = GracefulServer(web.server_config(app, log_level=log_level), app.state.engine, shutdown_seconds)
+    with sigterm_as_interrupt():
+        server.run(sockets=[sock])

@@ -8,6 +8,7 @@ Endpoints (JSON in, JSON out; every error is ``{"error": "<what is wrong>"}`` wi
   per batch of new characters (one string per sample), then ``event: done`` with the samples.
 - ``GET /v1/model``: the loaded model, its vocabulary and the server's limits.
 - ``GET /healthz``: ``{"status": "ok"}`` and the engine's counters.
+- ``GET /metrics``: counters, gauges and histograms in the Prometheus text format (``metrics.py``).
 - ``GET /``: the web page (``static/``).
 """
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
@@ -33,8 +35,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..errors import CharRNNError
 from ..options import GenerationOptions, check_sampling_options
 from ..sampling import PromptCache
+from .auth import BearerAuth
 from .engine import Busy, Engine, Job
 from .limits import Limits
+from .metrics import Metrics, MetricsMiddleware
 
 STATIC = Path(__file__).parent / "static"
 _DEFAULTS = GenerationOptions()
@@ -251,13 +255,16 @@ class _Endpoints:
         return _error(500, f"internal error: {type(exc).__name__}")
 
 
-def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -> Starlette:
-    """The server for a model loaded by :func:`charrnn.load` (a run, or a Hugging Face model)."""
+def create_app(lm, limits: Limits | None = None, *, api_key: str | None = None, cors_origins=(),
+               hop_seconds: float = 0.02) -> Starlette:
+    """The server for a model loaded by :func:`charrnn.load` (a run, or a Hugging Face model); ``api_key``: the
+    key ``/v1/`` requests must carry (auth.py); ``cors_origins``: the web origins allowed to call it."""
     limits = (limits or Limits()).validate()
     if limits.prompt_cache_mb and getattr(lm.sampler, "prompt_cache", False) is None:   # a charrnn run's sampler
         lm.sampler.prompt_cache = PromptCache(limits.prompt_cache_mb << 20)
     engine = Engine(lm.sampler, batch_requests=lm.sampler.batchable, max_queue=limits.max_queue,
                     max_batch=limits.max_batch, hop_seconds=hop_seconds)
+    engine.metrics = metrics = Metrics(engine)
     ep = _Endpoints(lm, limits, engine)
     from .openai_api import OpenAIEndpoints      # it builds on this module's request helpers
 
@@ -275,6 +282,7 @@ def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -
         routes=[
             Route("/", ep.index),
             Route("/healthz", ep.healthz),
+            Route("/metrics", metrics.endpoint),
             Route("/v1/model", ep.model),
             Route("/v1/generate", ep.generate, methods=["POST"]),
             Route("/v1/generate/stream", ep.generate_stream, methods=["POST"]),
@@ -282,13 +290,20 @@ def create_app(lm, limits: Limits | None = None, *, hop_seconds: float = 0.02) -
             Route("/v1/models", oa.models),
             Mount("/static", StaticFiles(directory=STATIC), name="static"),
         ],
-        middleware=[Middleware(_HeadLimits)],
+        middleware=[*_cors(cors_origins), Middleware(MetricsMiddleware, metrics=metrics),
+                    Middleware(BearerAuth, api_key=api_key), Middleware(_HeadLimits)],
         exception_handlers={HTTPException: ep.http_error, Exception: ep.server_error},
         lifespan=lifespan,
     )
     app.state.engine = engine
     app.state.limits = limits
     return app
+
+
+def _cors(origins) -> list[Middleware]:
+    """Outermost, so that a browser's preflight (OPTIONS, without the key) is answered."""
+    return [Middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type"])] if origins else []
 
 
 async def _disconnected(request: Request) -> None:

@@ -141,6 +141,7 @@ class Engine:
         self.active: list[Job] = []
         # Counters for /healthz; peak_running is the most requests ever generated together in one batch.
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "characters": 0, "peak_running": 0}
+        self.metrics = None  # told of each job's new text: pushed(job, pieces) (see metrics.py)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -169,6 +170,7 @@ class Engine:
         """Queue ``job``; raises :class:`Busy` when ``max_queue`` requests are already held."""
         if len(self.active) + len(self.waiting) >= self.max_queue:
             raise Busy(f"the server is generating for {self.max_queue} requests already; retry shortly")
+        job.submitted = time.monotonic()
         self.waiting.append(job)
         self._wake.set()
         return job
@@ -214,6 +216,8 @@ class Engine:
                 self.active = []
                 continue
             for job, (pieces, records) in out.items():
+                if self.metrics is not None:
+                    self.metrics.pushed(job, pieces)
                 job._push(pieces, records)
                 self.stats["characters"] += sum(map(len, pieces))
             for job in [j for j in self.active if j.remaining == 0 and not j.cancelled]:

@@ -1,5 +1,6 @@
 // The page: POST the form to /v1/generate/stream, append the streamed characters, Stop aborts the request
-// (the server notices the closed connection and stops generating).
+// (the server notices the closed connection and stops generating).  A server started with an API key
+// answers /v1/ requests 401 without it: the page then asks for the key and keeps it for this tab.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -7,6 +8,29 @@ const form = $("form"), generateButton = $("generate"), stopButton = $("stop"), 
 const temperature = $("temperature"), temperatureValue = $("temperature-value");
 const outputPrompt = $("output-prompt"), outputText = $("output-text");
 let controller = null;
+const KEY = "charrnn-api-key";
+
+// The headers of a /v1/ request: these, and the key when one was given.
+function withKey(headers = {}) {
+  const key = sessionStorage.getItem(KEY);
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+}
+
+function askForKey(message) {
+  sessionStorage.removeItem(KEY);
+  $("key-form").hidden = false;
+  $("api-key").focus();
+  setStatus(message, true);
+}
+
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, $("api-key").value.trim());
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  setStatus("");
+  showModel();
+});
 
 function setStatus(text, isError = false) {
   statusLine.textContent = text;
@@ -25,7 +49,13 @@ temperature.addEventListener("input", () => {
 
 async function showModel() {
   try {
-    const info = await (await fetch("/v1/model")).json();
+    const response = await fetch("/v1/model", { headers: withKey() });
+    if (response.status === 401) {
+      $("model-info").textContent = "this server needs an API key";
+      askForKey((await response.json()).error);
+      return;
+    }
+    const info = await response.json();
     const m = info.model;
     $("model-info").textContent = info.kind === "huggingface"
       ? `${m} (Hugging Face ${info.model_type}): ${info.parameters.toLocaleString()} parameters, ` +
@@ -86,13 +116,14 @@ async function generate() {
   try {
     const response = await fetch("/v1/generate/stream", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: withKey({ "Content-Type": "application/json" }),
       body: JSON.stringify(body),
       signal: controller.signal,
     });
     if (!response.ok) {
       const problem = await response.json().catch(() => ({ error: response.statusText }));
-      setStatus(`error ${response.status}: ${problem.error}`, true);
+      if (response.status === 401) askForKey(problem.error);
+      else setStatus(`error ${response.status}: ${problem.error}`, true);
       return;
     }
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
