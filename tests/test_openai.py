@@ -104,3 +104,15 @@ def test_the_prompt_cache_drops_the_least_recently_used_past_its_size():
     cache.put("d", entry)
     assert list(cache.entries) == ["c", "a", "d"] and cache.bytes == 3 * size
     assert cache.get("b") is None and cache.misses == 1 and cache.hits == 1
+
+
+def test_a_wrong_key_is_the_clients_authentication_error(lm):
+    with serving(uvicorn.Config(create_app(lm, api_key="s3cret"), log_level="warning")) as port:
+        url = f"http://127.0.0.1:{port}/v1"
+        wrong = openai.OpenAI(base_url=url, api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.completions.create(model="run", prompt="a", max_tokens=5)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert len(right.completions.create(model="run", prompt="a", max_tokens=5).choices[0].text) == 5

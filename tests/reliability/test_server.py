@@ -140,7 +140,7 @@ def test_a_stream_ends_with_error_when_its_last_event_cannot_be_sent(lm):
 
     async def events():
         job = Job("\ud800", 3, streaming=True)   # a prompt no request can carry (the server refuses it first)
-        job._push(["abc"])
+        job._push(["abc"], [[]])
         job._finish()
         return [chunk.decode() async for chunk in _events(job)]
 
