@@ -23,9 +23,10 @@ from . import distributed
 from .config import build_config
 from .corpus import load_corpus
 from .errors import CharRNNError
-from .dynamic import Adapter, DynamicOptions, dynamic_evaluate, gradient_rms
+from .dynamic import Adapter, dynamic_evaluate, gradient_rms
 from .evaluation import evaluate, held_out_ids, training_ids
 from .hardware import resolve_device
+from .options import DynamicOptions
 from .sampling import Completion, Sampler
 
 if TYPE_CHECKING:  # the training code is imported by train() alone: loading a run for inference needs none of it
@@ -107,8 +108,7 @@ class Generator:
                  **options) -> list[Completion]:
         """As :meth:`generate`, with why each sample ended and its log-probability records
         (:class:`charrnn.sampling.Completion`)."""
-        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        return self.sampler.complete(prompts, length, **options)
+        return self.sampler.complete(prompt, length, num_samples, **options)
 
     def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
                **options) -> Iterator[list[str]]:

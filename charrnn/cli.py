@@ -13,7 +13,7 @@ import sys
 from . import __version__
 from .config import PRESET_HELP, PRESETS, TrainConfig, default_of, option_fields, option_names, value_type
 from .errors import CharRNNError, OptionError, flag
-from .options import GenerationOptions
+from .options import DynamicOptions, GenerationOptions
 
 RULE = "-" * 72
 MODEL_HELP = ("run directory written by `charrnn train`, or a Hugging Face causal language model: a directory "
@@ -129,6 +129,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--beam-width", type=int, help="print the K most likely continuations (beam search) with their "
                                                   "total log-probabilities instead of sampling")
     g = p.add_argument_group("run directories only")
+    g.add_argument("--adapt", metavar="FILE", help="first adapt (a copy of) the model to this UTF-8 text by dynamic "
+                                                   "evaluation, e.g. a sample of the style to continue in")
+    add_options(g, DynamicOptions)
     g.add_argument("--weights", choices=["best", "latest"], help="default best")
     g.add_argument("--int8", action="store_true",
                    help="run each sampling step with int8 weights (CPU): faster, especially at small batches, "
@@ -148,6 +151,18 @@ def _is_exported(path: str) -> bool:
     return path.lower().endswith(".onnx")
 
 
+def _read_text(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CharRNNError(f"{flag} {path}: no such file; give a UTF-8 text file") from None
+    except IsADirectoryError:
+        raise CharRNNError(f"{flag} {path} is a directory; give a UTF-8 text file") from None
+    except UnicodeDecodeError as e:
+        raise CharRNNError(f"{flag} {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv") from None
+
+
 def _generator(args, o: GenerationOptions):
     """The model to generate from and the decoding options (an .onnx file brings its own defaults), checked."""
     from .options import check_beam_width, check_sampling_options
@@ -162,6 +177,7 @@ def _generator(args, o: GenerationOptions):
     if args.logprobs is not None and not (args.json and 0 <= args.logprobs <= 20):
         raise OptionError("logprobs", "is the number of alternatives per token (0 to 20) and goes with --json, got "
                                       "{value}", value=args.logprobs)
+    dynamic = _dynamic_options(args)          # checked even when --adapt is left out
     if not _is_exported(args.run):
         from .api import load
 
@@ -171,12 +187,17 @@ def _generator(args, o: GenerationOptions):
                 raise CharRNNError(f"{decoding_only[0]} applies to sampling and greedy decoding, not to --beam-width; "
                                    "drop one of them")
         lm = load(args.run, weights=args.weights or "best", device=args.device or "cpu", int8=args.int8)
+        if args.adapt is not None:
+            if not hasattr(lm, "adapted"):
+                raise CharRNNError("--adapt applies to charrnn runs; drop it for a Hugging Face model")
+            lm = lm.adapted(_read_text(args.adapt, "--adapt"), dynamic)
         return lm, options
     # An exported file: onnxruntime and NumPy only (this path never imports torch).
     from .runtime import load as load_exported
 
     run_only = [name for name, value in (("--weights", args.weights), ("--device", args.device),
-                                         ("--int8", args.int8), ("--beam-width", args.beam_width)) if value]
+                                         ("--int8", args.int8), ("--beam-width", args.beam_width),
+                                         ("--adapt", args.adapt)) if value]
     run_only += [name for name in decoding_only if name != "--repetition-penalty"]
     if run_only:
         one = len(run_only) == 1
@@ -265,6 +286,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help='print {"loss", "perplexity"} per token, {"bpc", "nats_per_char"} per character, {"tokens", '
                         '"chars"}')
+    p.add_argument("--dynamic", action="store_true",
+                   help="also read the text with dynamic evaluation (the model adapts as it reads; charrnn runs): "
+                        "both losses are printed")
+    add_options(p, DynamicOptions)
     g = p.add_argument_group("Hugging Face models only")
     g.add_argument("--window", type=int, metavar="N", help="tokens the model reads at once (default: its context)")
     g.add_argument("--stride", type=int, metavar="N", help="tokens between the starts of two windows; each token is "
@@ -273,12 +298,18 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def _dynamic_options(args):
+    return DynamicOptions(**{name: getattr(args, name) for name in option_names(DynamicOptions)
+                             if getattr(args, name) is not None}).validate()
+
+
 def cmd_eval(args) -> int:
     from .api import load
 
     if args.val_fraction is not None and (args.corpus is None or not 0 < args.val_fraction < 1):
         raise OptionError("val_fraction", "must be in (0, 1) and goes with --corpus, got {value}",
                           value=args.val_fraction)
+    dynamic = _dynamic_options(args)          # checked even when --dynamic is left out
     windows = {k: getattr(args, k) for k in ("window", "stride") if getattr(args, k) is not None}
     for name, value in windows.items():
         if value < 1:
@@ -287,10 +318,19 @@ def cmd_eval(args) -> int:
     if windows and not hasattr(lm, "tokenizer"):
         raise CharRNNError(f"--{next(iter(windows))} applies to Hugging Face models; a recurrent run reads the whole "
                            "text with its state carried: drop it")
+    if args.dynamic:
+        if hasattr(lm, "tokenizer"):
+            raise CharRNNError("--dynamic applies to charrnn runs; drop it for a Hugging Face model")
+        windows["dynamic"] = dynamic
     r = lm.evaluate(args.corpus, val_fraction=args.val_fraction, **windows)
     if args.json:
         print(json.dumps(r))
         return 0
+    if args.dynamic:
+        d = r["dynamic"]
+        print(f"dynamic evaluation (lr {d['dynamic_lr']:g}, decay {d['dynamic_decay']:g}, segments of "
+              f"{d['dynamic_segment']}): {d['bpc']:.4f} bits/char ({d['nats_per_char']:.4f} nats/char), against "
+              f"{r['bpc']:.4f} static")
     where = args.corpus or "validation split"
     where += f" (last {args.val_fraction:g})" if args.val_fraction else ""
     weights = f"windows of {r['window']} tokens, stride {r['stride']}" if "window" in r else lm.run.weights

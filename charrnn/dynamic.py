@@ -17,32 +17,16 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import POSITIVE_INT, check_fields, option
 from .evaluation import LN2
 from .models.charlm import CharLM
+from .options import DynamicOptions
 
 EPS = 1e-5
-
-
-@dataclass
-class DynamicOptions:
-    """The options of dynamic evaluation (``charrnn eval --dynamic``, ``charrnn generate --adapt``)."""
-
-    dynamic_lr: float = option(1e-4, "step size of the adaptation, in units of the training gradients' RMS",
-                               metavar="LR", check=(lambda v: 0 < v < 1, "must be in (0, 1)"))
-    dynamic_decay: float = option(1e-3, "pull back toward the trained weights per segment",
-                                  metavar="D", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
-    dynamic_segment: int = option(50, "ids read between two adaptation steps", metavar="N", check=POSITIVE_INT)
-
-    def validate(self) -> "DynamicOptions":
-        check_fields(self)
-        return self
 
 
 def gradient_rms(model: CharLM, train_ids: np.ndarray, segment: int, batches: int = 20, rows: int = 16,

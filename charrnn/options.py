@@ -48,6 +48,21 @@ class GenerationOptions:
         return self
 
 
+@dataclass
+class DynamicOptions:
+    """The options of dynamic evaluation (``charrnn eval --dynamic``, ``charrnn generate --adapt``)."""
+
+    dynamic_lr: float = option(1e-4, "step size of the adaptation, in units of the training gradients' RMS",
+                               metavar="LR", check=(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    dynamic_decay: float = option(1e-3, "pull back toward the trained weights per segment",
+                                  metavar="D", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    dynamic_segment: int = option(50, "ids read between two adaptation steps", metavar="N", check=POSITIVE_INT)
+
+    def validate(self) -> "DynamicOptions":
+        check_fields(self)
+        return self
+
+
 def check_sampling_options(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                            length: int = 1, num_samples: int = 1, seed: int | None = None, *,
                            repetition_penalty: float = 1.0, presence_penalty: float = 0.0,

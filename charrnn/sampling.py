@@ -373,10 +373,9 @@ class Sampler:
                  interrupted: Callable[[], bool] | None = None, **options) -> list[str]:
         """Complete texts (prompt + continuation), one per sample; shorter when ``interrupted()`` turns true
         (asked after each step).  ``options``: see :class:`charrnn.decoding.Decoding`."""
-        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
         if self.vocab.kind != "char" or options.get("stop") or options.get("logprobs") is not None:
-            return [c.text for c in self.complete(prompts, length, interrupted, **options)]
-        decoding = self._checked(prompts, length, options)
+            return [c.text for c in self.complete(prompt, length, num_samples, interrupted, **options)]
+        prompts, decoding = self._checked(prompt, length, num_samples, options)
         # Kept on the device: on a GPU the host waits once, not per character.
         ids = torch.empty(len(prompts), length, dtype=torch.long, device=self.device)
         done = 0
@@ -387,10 +386,10 @@ class Sampler:
         return [p + self.vocab.decode(r) for p, r in zip(prompts, ids[:, :done].tolist())]
 
     @torch.inference_mode()
-    def complete(self, prompts: Sequence[str], length: int, interrupted: Callable[[], bool] | None = None,
-                 **options) -> list[Completion]:
-        """One :class:`Completion` per prompt: its text, why it ended and its log-probability records."""
-        decoding = self._checked(prompts, length, options)
+    def complete(self, prompt: str | Sequence[str], length: int, num_samples: int = 1,
+                 interrupted: Callable[[], bool] | None = None, **options) -> list[Completion]:
+        """One :class:`Completion` per sample: its text, why it ended and its log-probability records."""
+        prompts, decoding = self._checked(prompt, length, num_samples, options)
         texts, records = list(prompts), [[] for _ in prompts]
         for new, recs in self.decode(prompts, decoding):
             texts = [t + n for t, n in zip(texts, new)]
@@ -399,12 +398,17 @@ class Sampler:
                 break
         return [Completion(t, f or "length", r) for t, f, r in zip(texts, decoding.finish, records)]
 
-    def _checked(self, prompts: Sequence[str], length: int, options: dict) -> Decoding:
-        """The decoding of ``prompts``, its options checked and the batch checked to fit in memory."""
-        decoding = Decoding(self, prompts, length, **options)
-        self.check_fits("num_samples", len(prompts), len(prompts))
-        self.check_fits("length", length, len(prompts), length)
-        return decoding
+    def _checked(self, prompt: str | Sequence[str], length: int, num_samples: int,
+                 options: dict) -> tuple[list[str], Decoding]:
+        """The prompts of a batch and their decoding, once the options are checked and the batch is known to
+        fit in memory (before anything of its size is made)."""
+        rows = num_samples if isinstance(prompt, str) else len(prompt)
+        sampling = {k: v for k, v in options.items() if k not in ("stop", "logprobs", "steps")}
+        check_sampling_options(length=length, num_samples=rows, **sampling)
+        self.check_fits("num_samples", rows, rows)
+        self.check_fits("length", length, rows, length)
+        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
+        return prompts, Decoding(self, prompts, length, **options)
 
     @torch.inference_mode()
     def beam(self, prompt: str, length: int, beam_width: int) -> list[tuple[str, float]]:

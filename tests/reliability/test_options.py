@@ -206,8 +206,13 @@ def walk_cases(values) -> list[tuple[str, list[str]]]:
         if flag in argv:
             i = argv.index(flag)
             del argv[i:i + 2]
-        cases += [(flag, argv + [flag, value]) for value in values]
+        cases += [(flag, argv + [flag, NEGATIVE_VALID.get(flag, value) if value == "-1" else value])
+                  for value in values]
     return cases
+
+
+# Options for which -1 is a valid value (the OpenAI API's penalties, -2 to 2): the walk gives -3 instead.
+NEGATIVE_VALID = {"--presence-penalty": "-3", "--frequency-penalty": "-3"}
 
 
 def walk(cases: list[tuple[str, list[str]]], places: dict, seconds: float, backstop: bool = False) -> list[dict]:
