@@ -3,8 +3,8 @@
     python benchmarks/serve_load.py [--clients 1 8 50] [--length 300] [--run DIR] [--int8]
     python benchmarks/serve_load.py --api completions [--clients 1 16 64]
 
-With ``--api completions`` the clients stream through the OpenAI-compatible ``POST /v1/completions``
-instead: per client count, aggregate characters per second, the p50 / p99 time to first character and
+With ``--api completions`` the clients stream through the OpenAI-compatible ``POST /v1/completions`` of
+a `charrnn serve` process instead: per client count, aggregate characters per second, the p50 / p99 time to first character and
 the p50 / p99 time between characters (a chunk's wait shared by its characters); then the time to
 first character for a 2,000-character prompt read cold and from the prompt cache (medians of 5).
 
@@ -92,10 +92,12 @@ async def stream_load(url, clients, length):
         wall = time.perf_counter() - t
     firsts = sorted(g[0] for g in got)
     waits = sorted(w for g in got for w in g[1])
-    pick = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    def ms(xs, q, digits):
+        return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], digits) if xs else None
+
     return {"chars_per_s": round(sum(g[2] for g in got) / wall),
-            "first_char_ms_p50": round(1000 * pick(firsts, 0.5), 1), "first_char_ms_p99": round(1000 * pick(firsts, 0.99), 1),
-            "char_gap_ms_p50": round(1000 * pick(waits, 0.5), 2), "char_gap_ms_p99": round(1000 * pick(waits, 0.99), 2)}
+            "first_char_ms_p50": ms(firsts, 0.5, 1), "first_char_ms_p99": ms(firsts, 0.99, 1),
+            "char_gap_ms_p50": ms(waits, 0.5, 2), "char_gap_ms_p99": ms(waits, 0.99, 2)}
 
 
 async def cache_first_char(url) -> dict:
@@ -109,6 +111,28 @@ async def cache_first_char(url) -> dict:
             cached.append((await stream_one(client, body))[0])
     return {"prompt_chars": 2000, "cold_first_char_ms": round(1000 * statistics.median(cold), 2),
             "cached_first_char_ms": round(1000 * statistics.median(cached), 2)}
+
+
+def streamed(run: str, args) -> dict:
+    """The streaming figures, against `charrnn serve` in a process of its own: a client parsing thousands of
+    events in the server's process would take its interpreter lock from the generation loop."""
+    import re
+    import subprocess
+
+    server = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", run, "--port", "0", "--log-level", "error",
+                               "--max-queue", str(max(args.clients) + 10), "--max-batch",
+                               str(max(64, max(args.clients)))] + (["--int8"] if args.int8 else []),
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        url = re.search(r"http://[^/]+", line).group(0)
+        asyncio.run(stream_load(url, 1, 20))  # warm-up
+        results = {str(n): asyncio.run(stream_load(url, n, args.length)) for n in args.clients}
+        results["prompt_cache"] = asyncio.run(cache_first_char(url))
+        return results
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def main():
@@ -135,8 +159,7 @@ def main():
         try:
             asyncio.run(load(url, 1, 20))  # warm-up
             if args.api == "completions":
-                results = {str(n): asyncio.run(stream_load(url, n, args.length)) for n in args.clients}
-                results["prompt_cache"] = asyncio.run(cache_first_char(url))
+                results = streamed(run, args)
             for n in args.clients if args.api == "generate" else []:
                 t = time.perf_counter()
                 for seed in range(n):
