@@ -169,6 +169,25 @@ def test_stream_delivers_text_before_generation_ends(server):
     assert health(url)["completed"] == before
 
 
+def test_a_new_request_gets_its_first_character_after_one_step(lm):
+    """The hop that primes a request ends after one step: its first character does not wait a whole hop."""
+    import asyncio
+
+    from charrnn.serve.engine import Engine, Job
+
+    async def first_update():
+        engine = Engine(lm.sampler, hop_seconds=10.0)     # a later hop would run for up to 10 s
+        await engine.start()
+        try:
+            job = engine.submit(Job("ROMEO:", 500, num_samples=2, seed=3, streaming=True))
+            return await asyncio.wait_for(job.updates.get(), 5)
+        finally:
+            await engine.stop()
+
+    pieces, _ = asyncio.run(first_update())
+    assert [len(p) for p in pieces] == [1, 1]
+
+
 # ----- limits: every one answered with a 4xx and a JSON error ------------------------------------------------
 
 BAD_REQUESTS = [

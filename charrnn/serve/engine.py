@@ -2,7 +2,8 @@
 
 Generation is CPU-bound PyTorch work, so it never runs on the event loop.  One
 scheduler coroutine owns every job's bookkeeping; the numeric work runs in a
-single worker thread, one *hop* at a time (about 20 ms of characters), while the
+single worker thread, one *hop* at a time (about 20 ms of characters; a hop that
+admits a request ends after one step, so its first character goes out at once), while the
 event loop keeps accepting requests and streaming what is done.  Between hops
 the scheduler admits waiting requests, drops cancelled ones (a client that went
 away) and hands each job its new characters, so a request joins a running batch
@@ -242,7 +243,8 @@ class Engine:
                 log.exception("priming a request failed")
                 job.error, job.remaining = f"generation failed: {type(e).__name__}: {e}", 0
         chosen: dict[Job, list[torch.Tensor]] = {job: [] for job in jobs}   # ids, read once the hop is over
-        deadline = time.perf_counter() + self.hop_seconds
+        # A hop that primed new requests ends after one step, so that their first characters go out at once.
+        deadline = time.perf_counter() + (0.0 if new else self.hop_seconds)
         while True:
             live = [j for j in jobs if j.remaining > 0 and not j.cancelled]
             if not live:
