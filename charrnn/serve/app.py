@@ -62,6 +62,7 @@ class GenerateRequest(BaseModel):
     presence_penalty: float = _DEFAULTS.presence_penalty
     frequency_penalty: float = _DEFAULTS.frequency_penalty
     stop: list[str] = Field(default_factory=list, max_length=4)
+    logprobs: int | None = Field(None, ge=0, le=20)
     num_samples: int = _DEFAULTS.num_samples
     seed: int | None = Field(_DEFAULTS.seed, ge=0, lt=2**63)
 
@@ -200,7 +201,7 @@ class _Endpoints:
         return Job(req.prompt, req.length, req.num_samples, req.temperature, req.top_k, req.top_p, req.seed,
                    streaming=streaming, repetition_penalty=req.repetition_penalty,
                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                   stop=tuple(req.stop))
+                   stop=tuple(req.stop), logprobs=req.logprobs)
 
     async def submit(self, request: Request, streaming: bool) -> Job | JSONResponse:
         try:
@@ -229,7 +230,9 @@ class _Endpoints:
             return _error(499, "the client closed the request")
         if job.error:
             return _error(job.error_status, job.error)
-        return JSONResponse({"samples": job.samples, "finish_reasons": job.finish_reasons, "seed": job.seed})
+        logprobs = {"logprobs": job.records} if job.logprobs is not None else {}
+        return JSONResponse({"samples": job.samples, "finish_reasons": job.finish_reasons, "seed": job.seed,
+                             **logprobs})
 
     async def generate_stream(self, request: Request):
         job = await self.submit(request, streaming=True)
