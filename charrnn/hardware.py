@@ -104,7 +104,12 @@ def check_sampling_fits(config, device: torch.device, option: str, value: int, r
     of ``config`` (a :class:`charrnn.config.ModelConfig`) that ``device``'s memory cannot hold: each row's
     recurrent state and logits (float32, a few copies) and its characters.  The error names ``option``."""
     state = config.layers * config.hidden * (2 if config.arch == "lstm" else 1)
-    per_row = 4 * 4 * (state + config.vocab_size) + CHAR_BYTES * length
+    check_rows_fit(device, option, value, rows, 4 * 4 * (state + config.vocab_size) + CHAR_BYTES * length)
+
+
+def check_rows_fit(device: torch.device, option: str, value: int, rows: int, per_row: int) -> None:
+    """Refuse ``rows`` of ``per_row`` bytes each that ``device``'s memory cannot hold; the error names
+    ``option``."""
     have = memory_bytes(device)
     if have is not None and rows * per_row > have:
         raise OptionError(option, "is {value:,}: that needs about {need}, more than the {have} of memory here; "

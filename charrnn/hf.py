@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from .api import Generator
 from .errors import CharRNNError, OptionError
 from .evaluation import LN2, held_out_text
+from .hardware import check_rows_fit
 from .sampling import Sampler
 
 INSTALL = 'pip install -e ".[hf]"'
@@ -185,6 +186,7 @@ class PretrainedStepper:
         self.cache_arg = "cache" if "cache" in takes else "past_key_values"     # renamed in transformers 5.25
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.config = config
         self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         self._banned = torch.tensor(vocab.banned, dtype=torch.long)
 
@@ -276,7 +278,13 @@ class PretrainedSampler(Sampler):
         return self.vocab.tokenizer.decode([i - 1]) if i else "[UNK]"
 
     def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
-        """No memory estimate for a transformer: the context length bounds a sample (see PretrainedStepper)."""
+        """Refuse a batch whose key/value caches, filled to the model's context, and logits (float32, a few
+        copies) could not fit in the device's memory."""
+        config = self.stepper.config
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+        width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 1)
+        per_row = 4 * (2 * layers * width * (self.stepper.context or 1024) + 4 * len(self.vocab)) + 4 * length
+        check_rows_fit(self.device, option, value, rows, per_row)
 
     @torch.inference_mode()
     def prime(self, prompts) -> tuple[torch.Tensor, KVState]:

@@ -139,6 +139,7 @@ def test_commands(capsys, model_dir, text_file):
     (["generate", "{m}", "--beam-width", 2, "--repetition-penalty", 1.2], "not to --beam-width"),
     (["generate", "{m}", "--repetition-penalty", 0], "--repetition-penalty must be > 0"),
     (["generate", "no-such/model-here"], "the Hugging Face hub is out of reach"),
+    (["generate", "{m}", "--num-samples", 10**10], "--num-samples is 10,000,000,000: that needs about"),
 ])
 def test_bad_input_is_one_line(capsys, model_dir, text_file, monkeypatch, args, says):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")      # the hub-id case must not wait for the network
