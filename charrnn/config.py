@@ -25,8 +25,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from .errors import CharRNNError, OptionError
 
-ARCHS = ("gru", "lstm", "rnn")
-GATES = {"gru": 3, "lstm": 4, "rnn": 1}   # gate blocks of each recurrent cell's weights
+ARCHS = ("gru", "lstm", "rnn", "mingru", "minlstm")
+GATES = {"gru": 3, "lstm": 4, "rnn": 1, "mingru": 2, "minlstm": 3}   # gate blocks of each cell's weights
+INPUT_ONLY = ("mingru", "minlstm")       # cells whose gates read the input only (no recurrent weights)
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -117,7 +118,8 @@ class ModelConfig:
     """
 
     vocab_size: int | None = option(None, check=POSITIVE_INT)
-    arch: str = option("gru", "recurrent cell", choices=ARCHS)
+    arch: str = option("gru", "recurrent cell (mingru, minlstm: gates on the input only, trained with a parallel "
+                              "scan)", choices=ARCHS)
     embed: int = option(256, "embedding size, 0 for one-hot inputs",
                         check=(NON_NEGATIVE_INT[0], "must be positive (or 0 for one-hot inputs)"))
     hidden: int = option(1024, "units per recurrent layer", check=POSITIVE_INT)
@@ -130,7 +132,13 @@ class ModelConfig:
         if self.vocab_size is None:
             raise OptionError("vocab_size", "must be given: the number of ids the model reads and predicts")
         check_fields(self)
+        self.check_weight_drop()
         return self
+
+    def check_weight_drop(self) -> None:
+        if self.weight_drop and self.arch in INPUT_ONLY:
+            raise OptionError("weight_drop", "drops recurrent weights, which --arch {arch} has none of (its gates "
+                                             "read the input only); use --dropout", arch=self.arch)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,7 +147,8 @@ class ModelConfig:
         """The parameter count of the model these options build (as ``CharLM.num_parameters()``)."""
         gates = GATES[self.arch] * self.hidden
         width = self.embed or self.vocab_size
-        recurrent = gates * (width + self.hidden + 2) + (self.layers - 1) * gates * (2 * self.hidden + 2)
+        hh = 0 if self.arch in INPUT_ONLY else self.hidden + 1      # recurrent weights and their bias
+        recurrent = gates * (width + 1 + hh) + (self.layers - 1) * gates * (self.hidden + 1 + hh)
         return self.vocab_size * self.embed + recurrent + self.hidden * self.vocab_size + self.vocab_size
 
     def training_bytes(self, batch_size: int, seq_len: int) -> int:
@@ -241,6 +250,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         check_fields(self.model, skip=("vocab_size",))  # not known until the corpus is read
+        self.model.check_weight_drop()
         check_fields(self)
         if self.stateful and (self.window_step not in (None, self.seq_len) or self.loss_on != "all"):
             raise OptionError("stateful", "reads contiguous streams: it cannot be combined with {window_step} or "

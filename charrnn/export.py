@@ -41,6 +41,7 @@ import torch
 from . import __version__
 from . import checkpoint as ckpt
 from .errors import CharRNNError
+from .config import GATES, INPUT_ONLY
 from .fileio import atomic_write_bytes
 from .models.charlm import CharLM
 from .ops.table import input_table
@@ -95,6 +96,19 @@ class _Graph:
         return self.op("Add", self.op("MatMul", x, w), b)
 
 
+def _min_cell(g: _Graph, arch: str, gi: str, h: str, split: str) -> str:
+    """One minGRU / minLSTM step (charrnn.models.minrnn.step): the new h."""
+    parts = g.op("Split", gi, split, axis=1, outputs=2 if arch == "mingru" else 3)
+    k = parts[-1]
+    zero, half = g.const(f"zero_{len(g.nodes)}", np.float32(0)), g.const(f"half_{len(g.nodes)}", np.float32(0.5))
+    cand = g.op("Where", g.op("GreaterOrEqual", k, zero), g.op("Add", k, half), g.op("Sigmoid", k))
+    if arch == "mingru":
+        z = g.op("Sigmoid", parts[0])
+        return g.op("Add", h, g.op("Mul", z, g.op("Sub", cand, h)))          # (1 - z) h + z h~
+    f, i = g.op("Sigmoid", parts[0]), g.op("Sigmoid", parts[1])
+    return g.op("Div", g.op("Add", g.op("Mul", f, h), g.op("Mul", i, cand)), g.op("Add", f, i))
+
+
 def _cell(g: _Graph, arch: str, gi: str, gh: str, h: str, layer: str, split: str) -> tuple[str, str | None]:
     """One layer's gate arithmetic (PyTorch's equations): the new h, and the new c for LSTM."""
     if arch == "gru":
@@ -119,8 +133,7 @@ def _layers(g: _Graph, model: CharLM) -> tuple[str, list[str], list[str]]:
         w0, b0 = rnn.weight_ih_l0.float().cpu(), rnn.bias_ih_l0.float().cpu()
         embedding = model.embedding.weight.float().cpu() if model.embedding is not None else None
         table = g.const("input_table", input_table(w0, b0, embedding).contiguous().numpy())  # as Stepper's
-    gates = {"gru": 3, "lstm": 4, "rnn": 1}[c.arch]
-    split = g.const("gate_split", np.full(gates, c.hidden, dtype=np.int64))
+    split = g.const("gate_split", np.full(GATES[c.arch], c.hidden, dtype=np.int64))
     x = None
     new_h, new_c = [], []
     for i in range(c.layers):
@@ -128,8 +141,11 @@ def _layers(g: _Graph, model: CharLM) -> tuple[str, list[str], list[str]]:
         gi = (g.op("Gather", table, "ids", axis=0) if i == 0
               else g.linear(x, getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), f"rnn.ih{i}"))
         h = g.op("Gather", "h", layer, axis=0)  # (batch, hidden)
-        gh = g.linear(h, getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), f"rnn.hh{i}")
-        x, cell = _cell(g, c.arch, gi, gh, h, layer, split)
+        if c.arch in INPUT_ONLY:
+            x, cell = _min_cell(g, c.arch, gi, h, split), None
+        else:
+            gh = g.linear(h, getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), f"rnn.hh{i}")
+            x, cell = _cell(g, c.arch, gi, gh, h, layer, split)
         new_h.append(x)
         if cell is not None:
             new_c.append(cell)

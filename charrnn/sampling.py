@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from . import native, ops
 from .errors import CharRNNError
 from .hardware import check_sampling_fits
+from .models import minrnn
 from .models.charlm import CharLM, State
+from .models.minrnn import MIN_ARCHS
 from .ops import gru
 from .ops.table import input_table
 from .options import GREEDY_BELOW, check_beam_width, check_sampling_options, start_text  # noqa: F401
@@ -122,8 +124,8 @@ class Stepper:
             self.table = input_table(rnn.weight_ih_l0, rnn.bias_ih_l0, embedding).float().contiguous()
             self.lin_ih = [None] + [_Linear(getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), int8)
                                     for i in range(1, c.layers)]
-            self.lin_hh = [_Linear(getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), int8)
-                           for i in range(c.layers)]
+            self.lin_hh = [] if c.arch in MIN_ARCHS else [
+                _Linear(getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), int8) for i in range(c.layers)]
             self.head = _Linear(model.head.weight, model.head.bias, int8)
         self._native = None
         if backend != "python":
@@ -136,7 +138,7 @@ class Stepper:
         self.backend = "native" if self._native is not None else "python"
 
     def _build_native(self):
-        if self.table.device.type != "cpu":
+        if self.table.device.type != "cpu" or self.arch in MIN_ARCHS:     # minGRU / minLSTM: the PyTorch step
             return None
         module = ops.backend.compiled()
         if module is None:
@@ -176,7 +178,10 @@ class Stepper:
         x = None
         for i in range(self.layers):
             gi = F.embedding(ids, self.table) if i == 0 else self.lin_ih[i](x)
-            if self.arch == "gru":
+            if self.arch in MIN_ARCHS:
+                h = minrnn.step(self.arch, gi, state[i])
+                new_state.append(h)
+            elif self.arch == "gru":
                 h = state[i].contiguous()
                 rz, n, h_out = h.new_empty(h.shape[0], 2 * H), torch.empty_like(h), torch.empty_like(h)
                 h = gru.cell(gi, self.lin_hh[i](h), h, n, h_out, rz, _tanh_)

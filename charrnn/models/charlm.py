@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import ops
 from ..config import ARCHS, ModelConfig  # noqa: F401 (re-exported)
+from .minrnn import MIN_ARCHS, MinRNN
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -16,7 +17,7 @@ class CharLM(nn.Module):
     """``forward(ids (batch, time), state) -> (logits (batch, time, vocab), state)``.
 
     The recurrent stack is ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` (fused kernels, cuDNN on
-    GPU).  ``state`` is ``(layers, batch, hidden)``, or a pair of those for LSTM; ``None``
+    GPU), or a minGRU / minLSTM stack (:mod:`charrnn.models.minrnn`, a parallel scan over time).  ``state`` is ``(layers, batch, hidden)``, or a pair of those for LSTM; ``None``
     means zeros.  Dropout (if any) is applied between recurrent layers and to the output of
     the last one, not to the embedding (which keeps the first layer's input projection a
     table lookup on the CPU training path).  ``weight_drop`` drops entries of the recurrent
@@ -31,9 +32,12 @@ class CharLM(nn.Module):
         c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed) if c.embed else None
         in_size = c.embed or c.vocab_size
-        rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[c.arch]
-        self.rnn = rnn_cls(in_size, c.hidden, num_layers=c.layers, batch_first=True,
-                           dropout=c.dropout if c.layers > 1 else 0.0)
+        dropout = c.dropout if c.layers > 1 else 0.0
+        if c.arch in MIN_ARCHS:
+            self.rnn = MinRNN(c.arch, in_size, c.hidden, num_layers=c.layers, dropout=dropout)
+        else:
+            rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[c.arch]
+            self.rnn = rnn_cls(in_size, c.hidden, num_layers=c.layers, batch_first=True, dropout=dropout)
         self.drop = ops.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
 
