@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import os
 import re
@@ -60,8 +61,6 @@ def is_pretrained(name) -> bool:
     path = Path(name)
     if path.is_dir():
         try:
-            import json
-
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
             return False

@@ -133,15 +133,16 @@ async def _read_json(request: Request, limits: Limits) -> dict:
     return data
 
 
-def _check_limits(req: GenerateRequest, limits: Limits) -> None:
-    if len(req.prompt) > limits.max_prompt_chars:
-        raise RequestError(422, f"prompt: {len(req.prompt)} characters; this server accepts at most "
+def _check_limits(prompt: str, length: int, num_samples: int, limits: Limits) -> None:
+    """Refuse (422) a request over ``limits``: its prompt's characters, the characters and samples it asks for."""
+    if len(prompt) > limits.max_prompt_chars:
+        raise RequestError(422, f"prompt: {len(prompt)} characters; this server accepts at most "
                                 f"{limits.max_prompt_chars} (--max-prompt-chars)")
-    if req.length > limits.max_length:
-        raise RequestError(422, f"length: {req.length}; this server generates at most {limits.max_length} "
+    if length > limits.max_length:
+        raise RequestError(422, f"length: {length}; this server generates at most {limits.max_length} "
                                 "characters per sample (--max-length)")
-    if req.num_samples > limits.max_samples:
-        raise RequestError(422, f"num_samples: {req.num_samples}; this server generates at most "
+    if num_samples > limits.max_samples:
+        raise RequestError(422, f"num_samples: {num_samples}; this server generates at most "
                                 f"{limits.max_samples} samples per request (--max-samples)")
 
 
@@ -190,7 +191,7 @@ class _Endpoints:
         except ValidationError as e:
             raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
                                               for err in e.errors())) from None
-        _check_limits(req, self.limits)
+        _check_limits(req.prompt, req.length, req.num_samples, self.limits)
         try:
             check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples,
                                    repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
@@ -236,7 +237,7 @@ class _Endpoints:
 
     async def generate_stream(self, request: Request):
         job = await self.submit(request, streaming=True)
-        return _JobStream(job, _events(job)) if isinstance(job, Job) else job
+        return JobStream([job], _events(job)) if isinstance(job, Job) else job
 
     async def model(self, request: Request):
         return JSONResponse(describe_model(self.lm, self.limits))
@@ -317,13 +318,13 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-class _JobStream(StreamingResponse):
-    """An event stream that cancels its job however the response ends (finished, client gone, error)."""
+class JobStream(StreamingResponse):
+    """An event stream that cancels its jobs however the response ends (finished, client gone, error)."""
 
-    def __init__(self, job: Job, content):
+    def __init__(self, jobs: list[Job], content):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.job = job
+        self.jobs = jobs
 
     async def __call__(self, scope, receive, send):
         try:
@@ -331,7 +332,8 @@ class _JobStream(StreamingResponse):
         except ClientDisconnect:
             pass
         finally:
-            self.job.cancel()
+            for job in self.jobs:
+                job.cancel()
 
 
 class _HeadLimits:

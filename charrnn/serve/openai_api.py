@@ -19,11 +19,11 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
 from ..errors import CharRNNError
 from ..options import check_sampling_options
-from .app import RequestError, _check_limits, _disconnected, _read_json
+from .app import JobStream, RequestError, _check_limits, _disconnected, _read_json
 from .engine import Busy, Job
 
 
@@ -97,7 +97,7 @@ class OpenAIEndpoints:
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.model}
         if req.stream:
-            return _Stream(jobs, self._events(req, jobs, meta))
+            return JobStream(jobs, self._events(req, jobs, meta))
         return await self._answer(request, req, jobs, meta)
 
     async def _parse(self, request: Request) -> CompletionRequest:
@@ -135,7 +135,7 @@ class OpenAIEndpoints:
                       streaming=req.stream, repetition_penalty=req.repetition_penalty,
                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                       stop=req.stops(), logprobs=req.logprobs)
-            _check_limits(_AsLimits(job), self.limits)
+            _check_limits(job.prompt, job.length, job.num_samples, self.limits)
             jobs.append(job)
         return jobs
 
@@ -200,13 +200,6 @@ class OpenAIEndpoints:
         yield b"data: [DONE]\n\n"
 
 
-class _AsLimits:
-    """A job seen as the request :func:`charrnn.serve.app._check_limits` checks (prompt, length, samples)."""
-
-    def __init__(self, job: Job):
-        self.prompt, self.length, self.num_samples = job.prompt, job.length, job.num_samples
-
-
 def _logprobs(records: list[dict], offset: int) -> dict:
     """Log-probability records in the Completions API's shape, text offsets counted from ``offset``."""
     offsets, at = [], offset
@@ -240,21 +233,3 @@ async def _merged(jobs: list[Job]):
     finally:
         for task in tasks:
             task.cancel()
-
-
-class _Stream(StreamingResponse):
-    """An event stream that cancels its jobs however the response ends (finished, client gone, error)."""
-
-    def __init__(self, jobs: list[Job], content):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.jobs = jobs
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        except ClientDisconnect:
-            pass
-        finally:
-            for job in self.jobs:
-                job.cancel()
