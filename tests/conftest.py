@@ -140,3 +140,13 @@ def serving(config):
         thread.join(15)
         sock.close()
         assert not thread.is_alive(), "the server did not shut down"
+
+
+@contextmanager
+def running(app):
+    """Serve ``app`` (from :func:`charrnn.serve.create_app`) with uvicorn in a thread on a free localhost port;
+    yields the base URL."""
+    import uvicorn
+
+    with serving(uvicorn.Config(app, log_level="warning")) as port:
+        yield f"http://127.0.0.1:{port}"

@@ -117,17 +117,16 @@ def test_cli_stop_and_logprobs(capsys, tmp_path):
 @pytest.mark.slow
 def test_generate_endpoint_takes_stop_and_logprobs(tmp_path_factory):
     import httpx
-    import uvicorn
 
     import charrnn
     from charrnn.serve import create_app
 
-    from .conftest import serving, train_tiny_run
+    from .conftest import running, train_tiny_run
 
     lm = charrnn.load(train_tiny_run(tmp_path_factory, "stops", 40))
     want = lm.complete("the ", 80, num_samples=3, seed=2, stop=["e"], logprobs=1)
-    with serving(uvicorn.Config(create_app(lm), log_level="warning")) as port:
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate",
+    with running(create_app(lm)) as url:
+        r = httpx.post(f"{url}/v1/generate",
                        json={"prompt": "the ", "length": 80, "num_samples": 3, "seed": 2, "stop": ["e"], "logprobs": 1})
     body = r.json()
     assert r.status_code == 200 and body["samples"] == [c.text for c in want]

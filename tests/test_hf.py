@@ -13,7 +13,7 @@ import torch  # noqa: E402
 import charrnn  # noqa: E402
 from charrnn.errors import CharRNNError  # noqa: E402
 
-from .conftest import cli, make_text, serving  # noqa: E402
+from .conftest import cli, make_text, running  # noqa: E402
 from .hf_models import tiny_gpt2  # noqa: E402
 
 pytestmark = pytest.mark.slow     # transformers takes seconds to import
@@ -184,13 +184,11 @@ def test_repetition_penalty_is_transformers_own(lm):
 
 def test_serve_answers_the_same_endpoints(model_dir, lm):
     import httpx
-    import uvicorn
 
     from charrnn.serve import create_app
 
     app = create_app(lm)
-    with serving(uvicorn.Config(app, log_level="warning")) as port:
-        url = f"http://127.0.0.1:{port}"
+    with running(app) as url:
         info = httpx.get(f"{url}/v1/model").json()
         assert info["kind"] == "huggingface" and info["model_type"] == "gpt2" and info["context"] == 128
         body = {"prompt": "the ", "length": 40, "num_samples": 2, "seed": 5, "top_p": 0.9}

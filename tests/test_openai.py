@@ -4,12 +4,11 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-import uvicorn  # noqa: E402
 
 import charrnn  # noqa: E402
 from charrnn.serve import create_app  # noqa: E402
 
-from .conftest import serving, train_tiny_run  # noqa: E402
+from .conftest import running, train_tiny_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +18,8 @@ def lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(lm):
-    with serving(uvicorn.Config(create_app(lm), log_level="warning")) as port:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    with running(create_app(lm)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
 def test_models_lists_the_served_model(client):
@@ -107,8 +106,8 @@ def test_the_prompt_cache_drops_the_least_recently_used_past_its_size():
 
 
 def test_a_wrong_key_is_the_clients_authentication_error(lm):
-    with serving(uvicorn.Config(create_app(lm, api_key="s3cret"), log_level="warning")) as port:
-        url = f"http://127.0.0.1:{port}/v1"
+    with running(create_app(lm, api_key="s3cret")) as url:
+        url = f"{url}/v1"
         wrong = openai.OpenAI(base_url=url, api_key="guess", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.completions.create(model="run", prompt="a", max_tokens=5)

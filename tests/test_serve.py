@@ -15,18 +15,16 @@ import subprocess
 import sys
 import time
 import types
-from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
 import charrnn
 from charrnn.cli import main
 from charrnn.errors import CharRNNError
 from charrnn.serve import Limits, create_app
 
-from .conftest import serving, train_tiny_run
+from .conftest import running, train_tiny_run
 
 LIMITS = Limits(max_prompt_chars=100, max_length=200_000, max_samples=4, max_queue=64, max_batch=16)
 
@@ -40,12 +38,6 @@ def run_dir(tmp_path_factory):
 def lm(run_dir):
     return charrnn.load(run_dir)
 
-
-@contextmanager
-def running(app):
-    """Serve ``app`` with uvicorn in a thread on a free localhost port; yields the base URL."""
-    with serving(uvicorn.Config(app, log_level="warning")) as port:
-        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 import charrnn
@@ -24,7 +23,7 @@ from charrnn.errors import CharRNNError
 from charrnn.serve import Limits, create_app
 from charrnn.serve.auth import resolve_api_key
 
-from .conftest import serving, train_tiny_run
+from .conftest import running, train_tiny_run
 
 KEY = "s3cret-key"
 ORIGIN = "https://example.com"
@@ -40,11 +39,6 @@ def run_dir(tmp_path_factory):
 def lm(run_dir):
     return charrnn.load(run_dir)
 
-
-@contextmanager
-def running(app):
-    with serving(uvicorn.Config(app, log_level="warning")) as port:
-        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
