@@ -74,16 +74,11 @@ def held_out_ids(run_config: dict, vocab, corpus: str | None = None,
     the validation split of the corpus it was trained on (``run_config`` is its config.json), or all of
     ``corpus`` (its last ``val_fraction`` when given, split as training splits it); normalised as in
     training."""
-    norm = run_config.get("training", {})
-    lower, nl = norm.get("lowercase", False), norm.get("newlines_to_spaces", False)
     if corpus is None:
-        name = run_config.get("corpus", {}).get("name")
-        if not name:
-            raise CharRNNError("this run does not record its corpus; pass --corpus")
-        corpus, val_fraction = recorded_corpus(name), norm.get("val_fraction", 0.1)
+        corpus, val_fraction = _recorded(run_config, "pass --corpus")
         if not val_fraction:
             raise CharRNNError("the run has no validation split (--val-fraction 0); pass --corpus")
-    data = load_corpus(corpus, lowercase=lower, newlines_to_spaces=nl)
+    data = _load(corpus, run_config)
     if vocab.kind == "char":
         ids = data.reencode(vocab)
         ids = split_train_val(ids, val_fraction)[1] if val_fraction else ids
@@ -109,14 +104,24 @@ def held_out_text(corpus: str, val_fraction: float | None = None) -> str:
 
 def training_ids(run_config: dict, vocab) -> np.ndarray:
     """The training split of the corpus a run was trained on, as ids of its ``vocab``."""
-    norm = run_config.get("training", {})
-    name = run_config.get("corpus", {}).get("name")
-    if not name:
-        raise CharRNNError("this run does not record its corpus, whose training split sets the scale of dynamic "
-                           "evaluation's steps; train it with this charrnn")
-    data = load_corpus(recorded_corpus(name), lowercase=norm.get("lowercase", False),
-                       newlines_to_spaces=norm.get("newlines_to_spaces", False))
-    fraction = norm.get("val_fraction", 0.1)
+    corpus, fraction = _recorded(run_config, "its training split sets the scale of dynamic evaluation's steps; "
+                                             "train it with this charrnn")
+    data = _load(corpus, run_config)
     if vocab.kind == "char":
         return split_train_val(data.reencode(vocab), fraction)[0]
     return tokenized.split(data, fraction, vocab.kind, vocab=vocab).train
+
+
+def _recorded(run_config: dict, fix: str) -> tuple[str, float]:
+    """The corpus a run was trained on and its validation fraction; ``fix`` ends the error when it is not recorded."""
+    name = run_config.get("corpus", {}).get("name")
+    if not name:
+        raise CharRNNError(f"this run does not record its corpus; {fix}")
+    return recorded_corpus(name), run_config.get("training", {}).get("val_fraction", 0.1)
+
+
+def _load(corpus: str, run_config: dict):
+    """``corpus`` normalised as the run's training normalised its text."""
+    norm = run_config.get("training", {})
+    return load_corpus(corpus, lowercase=norm.get("lowercase", False),
+                       newlines_to_spaces=norm.get("newlines_to_spaces", False))
