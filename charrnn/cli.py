@@ -326,11 +326,6 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(r))
         return 0
-    if args.dynamic:
-        d = r["dynamic"]
-        print(f"dynamic evaluation (lr {d['dynamic_lr']:g}, decay {d['dynamic_decay']:g}, segments of "
-              f"{d['dynamic_segment']}): {d['bpc']:.4f} bits/char ({d['nats_per_char']:.4f} nats/char), against "
-              f"{r['bpc']:.4f} static")
     where = args.corpus or "validation split"
     where += f" (last {args.val_fraction:g})" if args.val_fraction else ""
     weights = f"windows of {r['window']} tokens, stride {r['stride']}" if "window" in r else lm.run.weights
@@ -341,6 +336,11 @@ def cmd_eval(args) -> int:
         print(f"{where}: {r['bpc']:.4f} bits/char ({r['nats_per_char']:.4f} nats/char) over {r['chars']:,} "
               f"characters; loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f} over "
               f"{r['tokens']:,} {lm.vocab.kind} tokens ({weights})")
+    if args.dynamic:
+        d = r["dynamic"]
+        print(f"dynamic evaluation (lr {d['dynamic_lr']:g}, decay {d['dynamic_decay']:g}, segments of "
+              f"{d['dynamic_segment']}): {d['bpc']:.4f} bits/char ({d['nats_per_char']:.4f} nats/char), against "
+              f"{r['bpc']:.4f} static")
     return 0
 
 
