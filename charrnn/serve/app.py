@@ -15,7 +15,6 @@ Endpoints (JSON in, JSON out; every error is ``{"error": "<what is wrong>"}`` wi
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -39,6 +38,9 @@ from .auth import BearerAuth
 from .engine import Busy, Engine, Job
 from .limits import Limits
 from .metrics import Metrics, MetricsMiddleware
+from .openai_api import OpenAIEndpoints
+from .protocol import (JobStream, RequestError, check_limits, disconnected, error_response, pieces, read_json,
+                       sse)
 
 STATIC = Path(__file__).parent / "static"
 _DEFAULTS = GenerationOptions()
@@ -67,114 +69,21 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(_DEFAULTS.seed, ge=0, lt=2**63)
 
 
-class RequestError(Exception):
-    """A request refused with ``status``; ``close``: the body may be unread, so the connection is closed."""
-
-    def __init__(self, status: int, message: str, close: bool = False):
-        super().__init__(message)
-        self.status, self.message = status, message
-        self.headers = {"Connection": "close"} if close else None
-
-
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def _sse(data: dict, event: str | None = None) -> bytes:
-    """One server-sent event, encoded; the payload is JSON so that newlines in the text survive."""
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
-
-
 def describe_model(lm, limits: Limits) -> dict:
     return {**lm.describe(), "limits": limits.to_dict(), "defaults": GenerateRequest().model_dump()}
-
-
-async def _read_body(request: Request, limits: Limits) -> bytes:
-    """The request body, refused unread past the bytes a prompt of ``max_prompt_chars`` can take."""
-    max_body = limits.max_body()
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_body:
-            raise RequestError(413, f"the request body is over {max_body} bytes; the prompt may be at most "
-                                    f"{limits.max_prompt_chars} characters (--max-prompt-chars)", close=True)
-    return bytes(body)
-
-
-def _parse_json(body: bytes):
-    """``body`` as JSON, refused (400) when a JSON parser would refuse it or it could not be sent back."""
-    try:
-        data = json.loads(body)
-        json.dumps(data, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") has no UTF-8
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RequestError(400, f"the request body is not valid JSON ({e})") from None
-    except UnicodeEncodeError as e:
-        raise RequestError(400, f"the request body holds a lone surrogate (\\u{ord(e.object[e.start]):04x}), which is "
-                                "not a character; escape one past U+FFFF as a surrogate pair") from None
-    except RecursionError:
-        raise RequestError(400, "the request body is JSON nested too deeply; a request is one flat object, "
-                                "e.g. {\"prompt\": \"ROMEO:\"}") from None
-    except ValueError:  # an integer past Python's digits limit
-        raise RequestError(400, "the request body holds a number with too many digits") from None
-    return data
-
-
-async def _read_json(request: Request, limits: Limits) -> dict:
-    """The request body as a JSON object; it must arrive within ``max_read_seconds``."""
-    try:
-        body = await asyncio.wait_for(_read_body(request, limits), limits.max_read_seconds)
-    except asyncio.TimeoutError:
-        raise RequestError(408, f"the request body did not arrive within {limits.max_read_seconds} seconds "
-                                "(--max-read-seconds)", close=True) from None
-    data = _parse_json(body)
-    if not isinstance(data, dict):
-        raise RequestError(400, "the request body must be a JSON object, e.g. {\"prompt\": \"ROMEO:\"}")
-    return data
-
-
-def _check_limits(prompt: str, length: int, num_samples: int, limits: Limits) -> None:
-    """Refuse (422) a request over ``limits``: its prompt's characters, the characters and samples it asks for."""
-    if len(prompt) > limits.max_prompt_chars:
-        raise RequestError(422, f"prompt: {len(prompt)} characters; this server accepts at most "
-                                f"{limits.max_prompt_chars} (--max-prompt-chars)")
-    if length > limits.max_length:
-        raise RequestError(422, f"length: {length}; this server generates at most {limits.max_length} "
-                                "characters per sample (--max-length)")
-    if num_samples > limits.max_samples:
-        raise RequestError(422, f"num_samples: {num_samples}; this server generates at most "
-                                f"{limits.max_samples} samples per request (--max-samples)")
-
-
-async def _pieces(job: Job):
-    """A streaming job's new text (one string per sample) and log-probability records, what has piled up
-    sent as one."""
-    while True:
-        update = await job.updates.get()
-        finished = update is None
-        while not finished and not job.updates.empty():
-            more = job.updates.get_nowait()
-            if more is None:
-                finished = True
-            else:
-                update = tuple([a + b for a, b in zip(old, new)] for old, new in zip(update, more))
-        if update is not None and any(update[0]):
-            yield update
-        if finished:
-            return
 
 
 async def _events(job: Job):
     """A streaming job's server-sent events: the new characters, then the samples; always ends with ``done``
     or ``error``."""
     try:
-        async for pieces, _ in _pieces(job):
-            yield _sse({"text": pieces})
-        last = (_sse({"error": job.error}, event="error") if job.error else
-                _sse({"samples": job.samples, "finish_reasons": job.finish_reasons, "seed": job.seed}, event="done"))
+        async for texts, _ in pieces(job):
+            yield sse({"text": texts})
+        last = (sse({"error": job.error}, event="error") if job.error else
+                sse({"samples": job.samples, "finish_reasons": job.finish_reasons, "seed": job.seed}, event="done"))
     except Exception as e:  # a bug, not a user error: the client still learns that the stream has ended
         log.exception("streaming failed")
-        last = _sse({"error": f"streaming failed: {type(e).__name__}"}, event="error")
+        last = sse({"error": f"streaming failed: {type(e).__name__}"}, event="error")
     yield last
 
 
@@ -185,13 +94,13 @@ class _Endpoints:
         self.lm, self.limits, self.engine = lm, limits, engine
 
     async def parse(self, request: Request, streaming: bool) -> Job:
-        data = await _read_json(request, self.limits)
+        data = await read_json(request, self.limits)
         try:
             req = GenerateRequest.model_validate(data)
         except ValidationError as e:
             raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
                                               for err in e.errors())) from None
-        _check_limits(req.prompt, req.length, req.num_samples, self.limits)
+        check_limits(req.prompt, req.length, req.num_samples, self.limits)
         try:
             check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples,
                                    repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
@@ -208,11 +117,11 @@ class _Endpoints:
         try:
             return self.engine.submit(await self.parse(request, streaming))
         except RequestError as e:
-            return _error(e.status, e.message, headers=e.headers)
+            return error_response(e.status, e.message, headers=e.headers)
         except ClientDisconnect:  # gone while sending the body: nobody reads the answer
-            return _error(499, "the client closed the request")
+            return error_response(499, "the client closed the request")
         except Busy as e:
-            return _error(503, str(e), headers={"Retry-After": "1"})
+            return error_response(503, str(e), headers={"Retry-After": "1"})
 
     async def generate(self, request: Request):
         job = await self.submit(request, streaming=False)
@@ -220,7 +129,7 @@ class _Endpoints:
             return job
         # Wait for the samples, or for the client to hang up (then stop generating for it).
         waiter = asyncio.ensure_future(job.done.wait())
-        hangup = asyncio.ensure_future(_disconnected(request))
+        hangup = asyncio.ensure_future(disconnected(request))
         try:
             await asyncio.wait([waiter, hangup], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -228,9 +137,9 @@ class _Endpoints:
             waiter.cancel()
             job.cancel()  # no-op when finished
         if not job.done.is_set() or job.cancelled:
-            return _error(499, "the client closed the request")
+            return error_response(499, "the client closed the request")
         if job.error:
-            return _error(job.error_status, job.error)
+            return error_response(job.error_status, job.error)
         logprobs = {"logprobs": job.records} if job.logprobs is not None else {}
         return JSONResponse({"samples": job.samples, "finish_reasons": job.finish_reasons, "seed": job.seed,
                              **logprobs})
@@ -252,11 +161,11 @@ class _Endpoints:
         return FileResponse(STATIC / "index.html")
 
     async def http_error(self, request: Request, exc: HTTPException):
-        return _error(exc.status_code, exc.detail)
+        return error_response(exc.status_code, exc.detail)
 
     async def server_error(self, request: Request, exc: Exception):
         """A bug, not a user error: answered in the usual shape (uvicorn logs the traceback)."""
-        return _error(500, f"internal error: {type(exc).__name__}")
+        return error_response(500, f"internal error: {type(exc).__name__}")
 
 
 def create_app(lm, limits: Limits | None = None, *, api_key: str | None = None, cors_origins=(),
@@ -270,8 +179,6 @@ def create_app(lm, limits: Limits | None = None, *, api_key: str | None = None, 
                     max_batch=limits.max_batch, hop_seconds=hop_seconds)
     engine.metrics = metrics = Metrics(engine)
     ep = _Endpoints(lm, limits, engine)
-    from .openai_api import OpenAIEndpoints      # it builds on this module's request helpers
-
     oa = OpenAIEndpoints(lm, limits, engine)
 
     @asynccontextmanager
@@ -310,32 +217,6 @@ def _cors(origins) -> list[Middleware]:
                        allow_headers=["Authorization", "Content-Type"])] if origins else []
 
 
-async def _disconnected(request: Request) -> None:
-    """Return when the client disconnects (the body has been read, so only ``http.disconnect`` is left)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-class JobStream(StreamingResponse):
-    """An event stream that cancels its jobs however the response ends (finished, client gone, error)."""
-
-    def __init__(self, jobs: list[Job], content):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.jobs = jobs
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        except ClientDisconnect:
-            pass
-        finally:
-            for job in self.jobs:
-                job.cancel()
-
-
 class _HeadLimits:
     """Refuses a request whose target is over ``MAX_URL_BYTES`` (414) or whose head is over ``MAX_HEAD_BYTES``
     (431) before any route sees it (uvicorn's h11 only caps a head that is still arriving)."""
@@ -347,10 +228,11 @@ class _HeadLimits:
         if scope["type"] == "http":
             url = len(scope["raw_path"]) + len(scope["query_string"])
             head = url + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
-            if url > MAX_URL_BYTES:
-                return await _error(414, f"the URL is over {MAX_URL_BYTES} bytes")(scope, receive, send)
-            if head > MAX_HEAD_BYTES:
-                return await _error(431, f"the request's headers are over {MAX_HEAD_BYTES} bytes")(scope, receive, send)
+            refusal = (error_response(414, f"the URL is over {MAX_URL_BYTES} bytes") if url > MAX_URL_BYTES else
+                       error_response(431, f"the request's headers are over {MAX_HEAD_BYTES} bytes")
+                       if head > MAX_HEAD_BYTES else None)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
 
 

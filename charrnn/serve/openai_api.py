@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import CharRNNError
 from ..options import check_sampling_options
-from .app import JobStream, RequestError, _check_limits, _disconnected, _read_json
+from .protocol import JobStream, RequestError, check_limits, disconnected, pieces, read_json
 from .engine import Busy, Job
 
 
@@ -101,7 +101,7 @@ class OpenAIEndpoints:
         return await self._answer(request, req, jobs, meta)
 
     async def _parse(self, request: Request) -> CompletionRequest:
-        data = await _read_json(request, self.limits)
+        data = await read_json(request, self.limits)
         try:
             req = CompletionRequest.model_validate(data)
         except ValidationError as e:
@@ -135,13 +135,13 @@ class OpenAIEndpoints:
                       streaming=req.stream, repetition_penalty=req.repetition_penalty,
                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                       stop=req.stops(), logprobs=req.logprobs)
-            _check_limits(job.prompt, job.length, job.num_samples, self.limits)
+            check_limits(job.prompt, job.length, job.num_samples, self.limits)
             jobs.append(job)
         return jobs
 
     async def _answer(self, request: Request, req: CompletionRequest, jobs: list[Job], meta: dict):
         waiter = asyncio.ensure_future(asyncio.gather(*(job.done.wait() for job in jobs)))
-        hangup = asyncio.ensure_future(_disconnected(request))
+        hangup = asyncio.ensure_future(disconnected(request))
         try:
             await asyncio.wait([waiter, hangup], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -180,8 +180,8 @@ class OpenAIEndpoints:
             for p, job in enumerate(jobs):
                 for s in range(job.num_samples):
                     yield chunk(p * req.n + s, job.prompt)
-        async for p, (pieces, records) in _merged(jobs):
-            for s, text in enumerate(pieces):
+        async for p, (texts, records) in _merged(jobs):
+            for s, text in enumerate(texts):
                 index = p * req.n + s
                 if text or records[s]:
                     yield chunk(index, text, records=records[s] if req.logprobs is not None else None,
@@ -211,13 +211,11 @@ def _logprobs(records: list[dict], offset: int) -> dict:
 
 
 async def _merged(jobs: list[Job]):
-    """``(job index, (pieces, records))`` from every job's stream as they come."""
-    from .app import _pieces
-
+    """``(job index, (texts, records))`` from every job's stream as they come."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(p: int, job: Job):
-        async for update in _pieces(job):
+        async for update in pieces(job):
             await queue.put((p, update))
         await queue.put(None)
 
