@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import uvicorn
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -39,7 +39,7 @@ from .engine import Busy, Engine, Job
 from .limits import Limits
 from .metrics import Metrics, MetricsMiddleware
 from .openai_api import OpenAIEndpoints
-from .protocol import (JobStream, RequestError, check_limits, disconnected, error_response, pieces, read_json,
+from .protocol import (JobStream, RequestError, check_limits, disconnected, error_response, pieces, read_request,
                        sse)
 
 STATIC = Path(__file__).parent / "static"
@@ -94,12 +94,7 @@ class _Endpoints:
         self.lm, self.limits, self.engine = lm, limits, engine
 
     async def parse(self, request: Request, streaming: bool) -> Job:
-        data = await read_json(request, self.limits)
-        try:
-            req = GenerateRequest.model_validate(data)
-        except ValidationError as e:
-            raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
-                                              for err in e.errors())) from None
+        req = await read_request(request, self.limits, GenerateRequest)
         check_limits(req.prompt, req.length, req.num_samples, self.limits)
         try:
             check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples,
@@ -228,10 +223,11 @@ class _HeadLimits:
         if scope["type"] == "http":
             url = len(scope["raw_path"]) + len(scope["query_string"])
             head = url + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
-            refusal = (error_response(414, f"the URL is over {MAX_URL_BYTES} bytes") if url > MAX_URL_BYTES else
-                       error_response(431, f"the request's headers are over {MAX_HEAD_BYTES} bytes")
-                       if head > MAX_HEAD_BYTES else None)
-            if refusal is not None:
+            if url > MAX_URL_BYTES:
+                refusal = error_response(414, f"the URL is over {MAX_URL_BYTES} bytes")
+                return await refusal(scope, receive, send)
+            if head > MAX_HEAD_BYTES:
+                refusal = error_response(431, f"the request's headers are over {MAX_HEAD_BYTES} bytes")
                 return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
 

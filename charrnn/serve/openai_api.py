@@ -17,14 +17,14 @@ import json
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from ..errors import CharRNNError
 from ..options import check_sampling_options
-from .protocol import JobStream, RequestError, check_limits, disconnected, pieces, read_json
 from .engine import Busy, Job
+from .protocol import JobStream, RequestError, check_limits, disconnected, pieces, read_request
 
 
 class CompletionRequest(BaseModel):
@@ -101,12 +101,7 @@ class OpenAIEndpoints:
         return await self._answer(request, req, jobs, meta)
 
     async def _parse(self, request: Request) -> CompletionRequest:
-        data = await read_json(request, self.limits)
-        try:
-            req = CompletionRequest.model_validate(data)
-        except ValidationError as e:
-            raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
-                                              for err in e.errors())) from None
+        req = await read_request(request, self.limits, CompletionRequest)
         unsupported = [name for name, given in (("best_of", req.best_of not in (None, req.n)), ("suffix", req.suffix),
                                                 ("logit_bias", req.logit_bias)) if given]
         if unsupported:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
@@ -73,6 +74,17 @@ async def read_json(request: Request, limits: Limits) -> dict:
     if not isinstance(data, dict):
         raise RequestError(400, "the request body must be a JSON object, e.g. {\"prompt\": \"ROMEO:\"}")
     return data
+
+
+async def read_request(request: Request, limits: Limits, schema: type[BaseModel]):
+    """The request body read by :func:`read_json` and validated as ``schema``; refused (422) with every field
+    that does not fit it."""
+    data = await read_json(request, limits)
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
+                                          for err in e.errors())) from None
 
 
 def check_limits(prompt: str, length: int, num_samples: int, limits: Limits) -> None:
