@@ -174,6 +174,7 @@ def _generator(args, o: GenerationOptions):
         ("--repetition-penalty", o.repetition_penalty != 1), ("--presence-penalty", o.presence_penalty != 0),
         ("--frequency-penalty", o.frequency_penalty != 0), ("--stop", args.stop),
         ("--logprobs", args.logprobs is not None)) if given]
+    check_sampling_options(stop=options["stop"])          # before a model is loaded (and adapted)
     if args.logprobs is not None and not (args.json and 0 <= args.logprobs <= 20):
         raise OptionError("logprobs", "is the number of alternatives per token (0 to 20) and goes with --json, got "
                                       "{value}", value=args.logprobs)

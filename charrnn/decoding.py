@@ -135,7 +135,7 @@ class Decoding:
                  stop: Sequence[str] = (), logprobs: int | None = None, steps: int | None = None):
         check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed,
                                repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                               frequency_penalty=frequency_penalty)
+                               frequency_penalty=frequency_penalty, stop=stop)
         self.temperature, self.top_k, self.top_p, self.logprobs = temperature, top_k, top_p, logprobs
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator(device=sampler.device)

@@ -6,6 +6,7 @@ same messages as ``charrnn generate RUN``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .config import NON_NEGATIVE_INT, POSITIVE_INT, SEED, check_fields, option
@@ -66,11 +67,14 @@ class DynamicOptions:
 def check_sampling_options(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                            length: int = 1, num_samples: int = 1, seed: int | None = None, *,
                            repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                           frequency_penalty: float = 0.0) -> None:
+                           frequency_penalty: float = 0.0, stop: Sequence[str] = ()) -> None:
     """Raises :class:`charrnn.errors.OptionError` for a bad value."""
     GenerationOptions(length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples,
                       seed=seed, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                       frequency_penalty=frequency_penalty).validate()
+    if "" in stop:
+        raise OptionError("stop", "is an empty text, which every text starts with; give stop texts of one character "
+                                  "or more")
 
 
 def check_beam_width(beam_width) -> None:

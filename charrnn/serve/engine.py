@@ -123,6 +123,12 @@ def _split_state(state: list, sizes: list[int]) -> list[list]:
     return [list(per_job) for per_job in zip(*layers)]
 
 
+def _fail(job: Job, e: Exception) -> None:
+    """End ``job`` with a 500 for an error of its own (a bug, not a user error); the other jobs go on."""
+    log.exception("generating a request failed")
+    job.error, job.error_status, job.remaining = f"generation failed: {type(e).__name__}: {e}", 500, 0
+
+
 class Engine:
     """Queues :class:`Job` s and generates them in batches on one worker thread.
 
@@ -169,12 +175,19 @@ class Engine:
 
     def submit(self, job: Job) -> Job:
         """Queue ``job``; raises :class:`Busy` when ``max_queue`` requests are already held."""
-        if len(self.active) + len(self.waiting) >= self.max_queue:
-            raise Busy(f"the server is generating for {self.max_queue} requests already; retry shortly")
-        job.submitted = time.monotonic()
-        self.waiting.append(job)
+        return self.submit_all([job])[0]
+
+    def submit_all(self, jobs: list[Job]) -> list[Job]:
+        """Queue all of ``jobs`` (one request's), or none: raises :class:`Busy` when they do not all fit in
+        ``max_queue``."""
+        if len(self.active) + len(self.waiting) + len(jobs) > self.max_queue:
+            raise Busy(f"the server is generating for {len(self.active) + len(self.waiting)} of the {self.max_queue} "
+                       "requests it holds at once; retry shortly")
+        for job in jobs:
+            job.submitted = time.monotonic()
+        self.waiting.extend(jobs)
         self._wake.set()
-        return job
+        return jobs
 
     def status(self) -> dict:
         return {"running": len(self.active), "waiting": len(self.waiting), **self.stats}
@@ -240,8 +253,7 @@ class Engine:
                 if job.remaining > 0:
                     job.logits, job.state = self.sampler.prime(prompts)
             except Exception as e:  # a bug, not a user error: fail this request only
-                log.exception("priming a request failed")
-                job.error, job.remaining = f"generation failed: {type(e).__name__}: {e}", 0
+                _fail(job, e)
         chosen: dict[Job, list[torch.Tensor]] = {job: [] for job in jobs}   # ids, read once the hop is over
         # A hop that primed new requests ends after one step, so that their first characters go out at once.
         deadline = time.perf_counter() + (0.0 if new else self.hop_seconds)
@@ -250,8 +262,11 @@ class Engine:
             if not live:
                 break
             for job in live:
-                chosen[job].append(job.decoding.choose(job.logits))
-                job.remaining = job.decoding.steps_left
+                try:
+                    chosen[job].append(job.decoding.choose(job.logits))
+                    job.remaining = job.decoding.steps_left
+                except Exception as e:  # one request's decoding: it fails alone, the batch goes on
+                    _fail(job, e)
             stepping = [j for j in live if j.remaining > 0]
             groups = [stepping] if self.batch_requests else [[j] for j in stepping]
             for group in filter(None, groups):
@@ -265,7 +280,11 @@ class Engine:
         out = {}
         for job, steps in chosen.items():
             if steps:
-                out[job] = job.decoding.read(torch.stack(steps).tolist())    # (steps, samples)
+                try:
+                    out[job] = job.decoding.read(torch.stack(steps).tolist())    # (steps, samples)
+                except Exception as e:
+                    _fail(job, e)
+                    continue
                 if job.decoding.done:
                     job.remaining = 0
         return out
