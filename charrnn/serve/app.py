@@ -95,11 +95,11 @@ class _Endpoints:
 
     async def parse(self, request: Request, streaming: bool) -> Job:
         req = await read_request(request, self.limits, GenerateRequest)
-        check_limits(req.prompt, req.length, req.num_samples, self.limits)
+        check_limits([req.prompt], req.length, req.num_samples, self.limits)
         try:
             check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples,
                                    repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                                   frequency_penalty=req.frequency_penalty)
+                                   frequency_penalty=req.frequency_penalty, stop=req.stop)
             self.lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
         except CharRNNError as e:
             raise RequestError(422, str(e)) from None  # an OptionError names the field: "top_p must be ..."
@@ -208,8 +208,19 @@ def create_app(lm, limits: Limits | None = None, *, api_key: str | None = None, 
 
 def _cors(origins) -> list[Middleware]:
     """Outermost, so that a browser's preflight (OPTIONS, without the key) is answered."""
-    return [Middleware(CORSMiddleware, allow_origins=list(origins), allow_methods=["GET", "POST"],
+    return [Middleware(_CORS, allow_origins=list(origins), allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"])] if origins else []
+
+
+class _CORS(CORSMiddleware):
+    """Starlette's CORS middleware, with a refused preflight answered as a JSON error, as every other error is."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        return error_response(response.status_code, response.body.decode(), headers=headers)
 
 
 class _HeadLimits:

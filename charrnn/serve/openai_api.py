@@ -6,8 +6,9 @@ BPE or transformer model generates tokens until the text has that many character
 as ``--length`` does; ``/v1/models`` says so.  ``logprobs`` gives, per generated token, its
 log-probability under the model's own distribution and the likeliest alternatives.  ``echo`` puts the
 prompt in front of the text.  ``best_of``, ``suffix``, ``logit_bias`` and token-id prompts are refused
-(400).  Errors have the OpenAI body ``{"error": {"message", "type", "param", "code"}}``, with the
-statuses of charrnn's own endpoints.
+(400); ``null`` for a field is its default.  Errors have the OpenAI body ``{"error": {"message", "type",
+"param", "code"}}``; an invalid request is 400 with ``param`` the field at fault, named as the API names it
+(``max_tokens``, ``n``), the other statuses those of charrnn's own endpoints.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import json
 import time
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from ..errors import CharRNNError
+from ..errors import CharRNNError, OptionError
 from ..options import check_sampling_options
 from .engine import Busy, Job
 from .protocol import JobStream, RequestError, check_limits, disconnected, pieces, read_request
@@ -53,14 +54,26 @@ class CompletionRequest(BaseModel):
     logit_bias: dict | None = None
     user: str | None = None      # accepted, ignored
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
-            raise RequestError(422, "stop: at most 4 stop texts")
+            raise RequestError(422, "stop: at most 4 stop texts", param="stop")
         return tuple(stops)
 
 
+# The request's names for the options charrnn names otherwise, and for the fields the server's limits bound.
+API_NAMES = {"length": "max_tokens", "num_samples": "n"}
+LIMITED_FIELDS = {"prompt": "prompt", "length": "max_tokens", "samples": "n"}
+
+
 def openai_error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    """OpenAI's error body; an invalid request (charrnn's 422) is 400, as OpenAI answers it."""
+    status = 400 if status == 422 else status
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
                         status_code=status, headers=headers)
@@ -87,9 +100,9 @@ class OpenAIEndpoints:
     async def completions(self, request: Request):
         try:
             req = await self._parse(request)
-            jobs = [self.engine.submit(job) for job in self._jobs(req)]
+            jobs = self.engine.submit_all(self._jobs(req))
         except RequestError as e:
-            return openai_error(e.status, e.message, headers=e.headers)
+            return openai_error(e.status, e.message, e.param, headers=e.headers)
         except ClientDisconnect:
             return openai_error(499, "the client closed the request")
         except Busy as e:
@@ -105,22 +118,25 @@ class OpenAIEndpoints:
         unsupported = [name for name, given in (("best_of", req.best_of not in (None, req.n)), ("suffix", req.suffix),
                                                 ("logit_bias", req.logit_bias)) if given]
         if unsupported:
-            raise RequestError(400, f"{unsupported[0]} is not supported by charrnn; leave it out")
-        req.stops()
+            raise RequestError(400, f"{unsupported[0]} is not supported by charrnn; leave it out", param=unsupported[0])
+        prompts = self._prompts(req)
+        check_limits(prompts, req.max_tokens, req.n, self.limits, LIMITED_FIELDS)
         try:
             check_sampling_options(req.temperature, req.top_k, req.top_p, req.max_tokens, req.n, req.seed,
                                    repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                                   frequency_penalty=req.frequency_penalty)
-            for prompt in self._prompts(req):
+                                   frequency_penalty=req.frequency_penalty, stop=req.stops())
+            for prompt in prompts:
                 self.lm.sampler.encode_prompt(prompt)
-        except CharRNNError as e:
-            raise RequestError(422, str(e)) from None
+        except OptionError as e:
+            raise RequestError(422, e.render(_api_name), param=_api_name(e.option)) from None
+        except CharRNNError as e:      # what the tokenizer makes of a prompt
+            raise RequestError(422, str(e), param="prompt") from None
         return req
 
     def _prompts(self, req: CompletionRequest) -> list[str]:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
-            raise RequestError(422, "prompt: give a string or a list of strings")
+            raise RequestError(422, "prompt: give a string or a list of strings", param="prompt")
         return prompts
 
     def _jobs(self, req: CompletionRequest) -> list[Job]:
@@ -130,7 +146,6 @@ class OpenAIEndpoints:
                       streaming=req.stream, repetition_penalty=req.repetition_penalty,
                       presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                       stop=req.stops(), logprobs=req.logprobs)
-            check_limits(job.prompt, job.length, job.num_samples, self.limits)
             jobs.append(job)
         return jobs
 
@@ -175,6 +190,7 @@ class OpenAIEndpoints:
             for p, job in enumerate(jobs):
                 for s in range(job.num_samples):
                     yield chunk(p * req.n + s, job.prompt)
+                    shown[p * req.n + s] = len(job.prompt)     # the text's offsets count the prompt, as unstreamed
         async for p, (texts, records) in _merged(jobs):
             for s, text in enumerate(texts):
                 index = p * req.n + s
@@ -193,6 +209,10 @@ class OpenAIEndpoints:
             if (req.stream_options or {}).get("include_usage"):
                 yield f"data: {json.dumps({**meta, 'choices': [], 'usage': self._usage(jobs)})}\n\n".encode()
         yield b"data: [DONE]\n\n"
+
+
+def _api_name(option: str) -> str:
+    return API_NAMES.get(option, option)
 
 
 def _logprobs(records: list[dict], offset: int) -> dict:

@@ -15,11 +15,12 @@ from .limits import Limits
 
 
 class RequestError(Exception):
-    """A request refused with ``status``; ``close``: the body may be unread, so the connection is closed."""
+    """A request refused with ``status``; ``param``: the request's field at fault, if one is; ``close``: the body
+    may be unread, so the connection is closed."""
 
-    def __init__(self, status: int, message: str, close: bool = False):
+    def __init__(self, status: int, message: str, close: bool = False, param: str | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.param = status, message, param
         self.headers = {"Connection": "close"} if close else None
 
 
@@ -83,21 +84,38 @@ async def read_request(request: Request, limits: Limits, schema: type[BaseModel]
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
-                                          for err in e.errors())) from None
+        errors = e.errors()
+        raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors),
+                           param=next((str(err["loc"][0]) for err in errors if err["loc"]), None)) from None
 
 
-def check_limits(prompt: str, length: int, num_samples: int, limits: Limits) -> None:
-    """Refuse (422) a request over ``limits``: its prompt's characters, the characters and samples it asks for."""
-    if len(prompt) > limits.max_prompt_chars:
-        raise RequestError(422, f"prompt: {len(prompt)} characters; this server accepts at most "
-                                f"{limits.max_prompt_chars} (--max-prompt-chars)")
+# The fields of charrnn's own request (/v1/generate) that the limits bound; the OpenAI endpoint names its own.
+OWN_FIELDS = {"prompt": "prompt", "length": "length", "samples": "num_samples"}
+
+
+def check_limits(prompts: list[str], length: int, samples: int, limits: Limits, fields: dict = OWN_FIELDS) -> None:
+    """Refuse (422) a request over ``limits``: its prompts' characters, the characters asked per sample, the
+    samples of all its prompts together, and more prompts than the queue holds.  ``fields``: the request's
+    names for its prompt, length and samples per prompt (charrnn's own also names the server's options)."""
+    def refuse(field: str, message: str, option: str):
+        hint = f" ({option})" if fields is OWN_FIELDS else ""
+        raise RequestError(422, f"{fields[field]}: {message}{hint}", param=fields[field])
+
+    longest = max(map(len, prompts), default=0)
+    if longest > limits.max_prompt_chars:
+        refuse("prompt", f"{longest} characters; this server accepts at most {limits.max_prompt_chars}",
+               "--max-prompt-chars")
     if length > limits.max_length:
-        raise RequestError(422, f"length: {length}; this server generates at most {limits.max_length} "
-                                "characters per sample (--max-length)")
-    if num_samples > limits.max_samples:
-        raise RequestError(422, f"num_samples: {num_samples}; this server generates at most "
-                                f"{limits.max_samples} samples per request (--max-samples)")
+        refuse("length", f"{length}; this server generates at most {limits.max_length} characters per sample",
+               "--max-length")
+    total = len(prompts) * samples
+    if total > limits.max_samples:
+        asked = f"{samples}" if len(prompts) == 1 else f"{len(prompts)} prompts x {samples} = {total} samples"
+        refuse("prompt" if len(prompts) > limits.max_samples else "samples",
+               f"{asked}; this server generates at most {limits.max_samples} samples per request", "--max-samples")
+    if len(prompts) > limits.max_queue:
+        refuse("prompt", f"{len(prompts)} prompts; this server holds at most {limits.max_queue} requests at once",
+               "--max-queue")
 
 
 async def pieces(job: Job):
