@@ -261,10 +261,15 @@ class PretrainedSampler(Sampler):
         self.stepper = PretrainedStepper(model, vocab)
 
     def prompt_ids(self, prompt: str) -> torch.Tensor:
-        """The shifted ids the model reads for ``prompt`` (an empty prompt starts after a newline)."""
+        """The shifted ids the model reads for ``prompt`` (an empty prompt starts after a newline), leaving room in
+        the model's context for a token to be generated."""
         ids = self.vocab.encode(prompt or "\n")
         if len(ids) == 0:
             raise OptionError("prompt", "gives no tokens with this model's tokenizer; give some text to continue")
+        context = self.stepper.context
+        if context is not None and len(ids) >= context:
+            raise OptionError("prompt", "is {tokens} tokens with this model's tokenizer, and its context holds {n}, "
+                                        "generated tokens included; give a shorter one", tokens=len(ids), n=context)
         return ids
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
