@@ -151,6 +151,28 @@ PROBES = [
           "the server goes on"),
     Probe("server-memory-flat", "server", "2,000 mixed valid and abusive requests",
           "the server's RSS within 30 MB of where it started (printed with `-s`)"),
+    # -- request fields (test_endpoints.py) --
+    Probe("server-empty-stop", "server", "an empty stop text (`\"stop\": [\"\"]`) while four requests generate, on "
+          "`/v1/generate` and `/v1/completions`; `generate --stop \"\"`",
+          "refused (422, and 400 naming `stop` in OpenAI's shape; one line, exit 2); the four finish with their "
+          "seeded texts"),
+    Probe("server-job-error-isolated", "server", "one request's decoding raising (an injected bug) while four "
+          "generate beside it", "a 500 for that request alone; the four finish with their seeded texts"),
+    Probe("server-prompt-list-queue", "server", "`{\"prompt\": [\"\"] * 5000, \"n\": 16}`; 16 prompts when the "
+          "queue has room for 14", "400 naming `prompt`, or 503: nothing of the request queued, nothing left "
+          "running, the next client served"),
+    Probe("server-prompt-list-samples", "server", "`--max-samples 4` and `{\"prompt\": [\"\"] * 250, \"n\": 4}`",
+          "400 naming `prompt` (or `n`): prompts x n count against `--max-samples`"),
+    Probe("openai-error-shape", "server", "23 invalid `/v1/completions` bodies through the official `openai` client",
+          "`openai.BadRequestError` (400, `invalid_request_error`) with `param` in the API's names, no CLI flag"),
+    Probe("openai-null-fields", "server", "`null` for every optional field of `/v1/completions`",
+          "each field takes its default, as OpenAI's API does"),
+    Probe("openai-echo-offsets", "server", "`echo` with `logprobs`, streamed and plain",
+          "the same tokens and `text_offset`s, counted from the start of the echoed prompt"),
+    Probe("server-cors-json", "server", "a CORS preflight from an origin not allowed",
+          "400 with a JSON error, like every other error"),
+    Probe("server-key-file-fifo", "server", "`serve --api-key-file FIFO`",
+          "refused in one line, exit 2, at once (it blocked reading the FIFO)"),
 
 ]
 
