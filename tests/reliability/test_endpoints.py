@@ -56,16 +56,16 @@ def wait_until(predicate, seconds: float = 20):
 
 
 def beside(url: str, engine, bad: tuple[str, dict], good: tuple[str, dict]):
-    """Four ``good`` requests (seeds 0-3) generating, then the ``bad`` one: (bad's response, the four's); the four
-    are still generating once it is answered."""
+    """Four ``good`` requests (seeds 0-3) generating, then the ``bad`` one: (bad's response, the four's, whether
+    the four were still unanswered when it was answered)."""
     async def main():
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             others = [asyncio.ensure_future(client.post(good[0], json={**good[1], "seed": i})) for i in range(4)]
             while len(engine.active) < 4:
                 await asyncio.sleep(0.005)
             answer = await client.post(bad[0], json=bad[1])
-            assert not any(o.done() for o in others), "the four ended before the bad request was answered"
-            return answer, await asyncio.gather(*others)
+            pending = not any(o.done() for o in others)
+            return answer, await asyncio.gather(*others), pending
 
     return asyncio.run(main())
 
@@ -87,16 +87,17 @@ def texts(endpoint: str, response) -> list[str]:
 def test_an_empty_stop_text_is_refused_and_the_requests_beside_it_finish(server, lm, endpoint):
     url, engine = server
     failed = engine.stats["failed"]
-    bad, others = beside(url, engine, (endpoint, EMPTY_STOP[endpoint]), (endpoint, GOOD[endpoint]))
+    bad, others, pending = beside(url, engine, (endpoint, EMPTY_STOP[endpoint]), (endpoint, GOOD[endpoint]))
+    for seed, answer in enumerate(others):
+        assert answer.status_code == 200, answer.text
+        assert texts(endpoint, answer) == lm.generate("the ", LONG, seed=seed)
     assert bad.status_code in (400, 422), bad.text
     error = bad.json()["error"]
     if endpoint == "/v1/completions":
         assert bad.status_code == 400 and error["param"] == "stop" and error["type"] == "invalid_request_error"
     else:
         assert error.startswith("stop is an empty text"), error
-    for seed, answer in enumerate(others):
-        assert answer.status_code == 200, answer.text
-        assert texts(endpoint, answer) == lm.generate("the ", LONG, seed=seed)
+    assert pending, "the four finished before the bad request was answered: nothing was tried beside them"
     assert engine.stats["failed"] == failed and held(engine) == 0
 
 
@@ -137,12 +138,13 @@ def test_a_decoding_error_fails_its_request_alone(server, lm, monkeypatch, where
 
     monkeypatch.setattr(engine_module, "Decoding", Faulty)
     failed = engine.stats["failed"]
-    bad, others = beside(url, engine, ("/v1/generate", {"prompt": "boom", "length": 50}),
+    bad, others, _ = beside(url, engine, ("/v1/generate", {"prompt": "boom", "length": 50}),
                          ("/v1/generate", GOOD["/v1/generate"]))
-    assert bad.status_code == 500 and bad.json()["error"] == "generation failed: RuntimeError: injected"
-    assert beside_it == [5]
     for seed, answer in enumerate(others):
-        assert answer.status_code == 200 and answer.json()["samples"] == lm.generate("the ", LONG, seed=seed)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["samples"] == lm.generate("the ", LONG, seed=seed)
+    assert bad.status_code == 500 and bad.json()["error"] == "generation failed: RuntimeError: injected"
+    assert beside_it == [5], "the fault was not raised beside the four"
     assert engine.stats["failed"] == failed + 1 and held(engine) == 0
 
 
