@@ -165,6 +165,10 @@ PROBES = [
           "400 naming `prompt` (or `n`): prompts x n count against `--max-samples`"),
     Probe("openai-error-shape", "server", "23 invalid `/v1/completions` bodies through the official `openai` client",
           "`openai.BadRequestError` (400, `invalid_request_error`) with `param` in the API's names, no CLI flag"),
+    Probe("server-request-walk", "server", "every field of `/v1/generate` and `/v1/completions` sent as a wrong "
+          "type, null, huge, negative, NaN / Infinity, an empty string or list, a long string or list",
+          "a 4xx JSON error naming the field (400 with `param` on `/v1/completions`) or the request honoured; never a "
+          "500 or a hang; the server goes on"),
     Probe("openai-null-fields", "server", "`null` for every optional field of `/v1/completions`",
           "each field takes its default, as OpenAI's API does"),
     Probe("openai-echo-offsets", "server", "`echo` with `logprobs`, streamed and plain",
