@@ -163,6 +163,9 @@ PROBES = [
           "running, the next client served"),
     Probe("server-prompt-list-samples", "server", "`--max-samples 4` and `{\"prompt\": [\"\"] * 250, \"n\": 4}`",
           "400 naming `prompt` (or `n`): prompts x n count against `--max-samples`"),
+    Probe("server-hf-context", "server", "a prompt longer than a Hugging Face model's context, served and in "
+          "`generate`", "refused when the request is read (400 naming `prompt` / 422; `--prompt` in one line, exit "
+          "2), nothing queued; it was a 500 after queueing"),
     Probe("openai-error-shape", "server", "23 invalid `/v1/completions` bodies through the official `openai` client",
           "`openai.BadRequestError` (400, `invalid_request_error`) with `param` in the API's names, no CLI flag"),
     Probe("server-request-walk", "server", "every field of `/v1/generate` and `/v1/completions` sent as a wrong "

@@ -198,6 +198,37 @@ def test_prompts_times_n_count_against_max_samples(lm):
         assert len(r.choices) == 4
 
 
+# ----- moderate 3: a Hugging Face model's context ------------------------------------------------------------------
+
+
+@pytest.mark.slow    # transformers takes seconds to import
+@pytest.mark.probe("server-hf-context")
+def test_a_prompt_past_a_hugging_face_models_context_is_refused_when_read(capsys, tmp_path_factory):
+    pytest.importorskip("transformers")
+    from ..hf_models import tiny_gpt2
+
+    folder = tiny_gpt2(tmp_path_factory.mktemp("hf") / "tiny-gpt2", make_text(6000), context=64)
+    lm = charrnn.load(folder)
+    prompt = make_text(600, seed=4)
+    tokens = len(lm.vocab.encode(prompt))
+    assert tokens > lm.context == 64
+    message = f"prompt is {tokens} tokens with this model's tokenizer, and its context holds 64"
+    app = create_app(lm)
+    with running(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match=message) as e:
+            client.completions.create(model="tiny-gpt2", prompt=["the", prompt], max_tokens=5)
+        assert e.value.body["param"] == "prompt"
+        r = httpx.post(f"{url}/v1/generate", json={"prompt": prompt, "length": 5}, timeout=30)
+        assert r.status_code == 422 and r.json()["error"].startswith(message), r.text
+        assert app.state.engine.stats["failed"] == 0 and held(app.state.engine) == 0
+        ok = client.completions.create(model="tiny-gpt2", prompt="the", max_tokens=5)
+        assert len(ok.choices[0].text) == 5
+    capsys.readouterr()                      # (save_pretrained's progress bars)
+    code, out, err = cli(capsys, "generate", folder, "--prompt", prompt, "--length", 5)
+    one_line_error(code, err, f"--{message}")
+
+
 # ----- moderate 8: OpenAI's error shape ---------------------------------------------------------------------------
 
 INVALID = [  # (extra fields of a completion request, the param named)
