@@ -66,9 +66,8 @@ class CompletionRequest(BaseModel):
         return tuple(stops)
 
 
-# The request's names for the options charrnn names otherwise, and for the fields the server's limits bound.
+# The request's names for the options charrnn names otherwise.
 API_NAMES = {"length": "max_tokens", "num_samples": "n"}
-LIMITED_FIELDS = {"prompt": "prompt", "length": "max_tokens", "samples": "n"}
 
 
 def openai_error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -120,7 +119,7 @@ class OpenAIEndpoints:
         if unsupported:
             raise RequestError(400, f"{unsupported[0]} is not supported by charrnn; leave it out", param=unsupported[0])
         prompts = self._prompts(req)
-        check_limits(prompts, req.max_tokens, req.n, self.limits, LIMITED_FIELDS)
+        check_limits(prompts, req.max_tokens, req.n, self.limits, _api_name)
         try:
             check_sampling_options(req.temperature, req.top_k, req.top_p, req.max_tokens, req.n, req.seed,
                                    repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect, Request
@@ -85,21 +86,20 @@ async def read_request(request: Request, limits: Limits, schema: type[BaseModel]
         return schema.model_validate(data)
     except ValidationError as e:
         errors = e.errors()
-        raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in errors),
+        raise RequestError(422, "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}"
+                                          for err in errors),
                            param=next((str(err["loc"][0]) for err in errors if err["loc"]), None)) from None
 
 
-# The fields of charrnn's own request (/v1/generate) that the limits bound; the OpenAI endpoint names its own.
-OWN_FIELDS = {"prompt": "prompt", "length": "length", "samples": "num_samples"}
-
-
-def check_limits(prompts: list[str], length: int, samples: int, limits: Limits, fields: dict = OWN_FIELDS) -> None:
+def check_limits(prompts: list[str], length: int, num_samples: int, limits: Limits,
+                 name: Callable[[str], str] | None = None) -> None:
     """Refuse (422) a request over ``limits``: its prompts' characters, the characters asked per sample, the
-    samples of all its prompts together, and more prompts than the queue holds.  ``fields``: the request's
-    names for its prompt, length and samples per prompt (charrnn's own also names the server's options)."""
+    samples of all its prompts together, and more prompts than the queue holds.  ``name``: the request's name
+    for each field (``length``, ``num_samples``) where its API names them otherwise; its messages then leave
+    out the server's options (``--max-length``), which charrnn's own API names."""
     def refuse(field: str, message: str, option: str):
-        hint = f" ({option})" if fields is OWN_FIELDS else ""
-        raise RequestError(422, f"{fields[field]}: {message}{hint}", param=fields[field])
+        shown = name(field) if name else field
+        raise RequestError(422, f"{shown}: {message}" + ("" if name else f" ({option})"), param=shown)
 
     longest = max(map(len, prompts), default=0)
     if longest > limits.max_prompt_chars:
@@ -108,10 +108,10 @@ def check_limits(prompts: list[str], length: int, samples: int, limits: Limits, 
     if length > limits.max_length:
         refuse("length", f"{length}; this server generates at most {limits.max_length} characters per sample",
                "--max-length")
-    total = len(prompts) * samples
+    total = len(prompts) * num_samples
     if total > limits.max_samples:
-        asked = f"{samples}" if len(prompts) == 1 else f"{len(prompts)} prompts x {samples} = {total} samples"
-        refuse("prompt" if len(prompts) > limits.max_samples else "samples",
+        asked = f"{num_samples}" if len(prompts) == 1 else f"{len(prompts)} prompts x {num_samples} = {total} samples"
+        refuse("prompt" if len(prompts) > limits.max_samples else "num_samples",
                f"{asked}; this server generates at most {limits.max_samples} samples per request", "--max-samples")
     if len(prompts) > limits.max_queue:
         refuse("prompt", f"{len(prompts)} prompts; this server holds at most {limits.max_queue} requests at once",
