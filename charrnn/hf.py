@@ -136,6 +136,8 @@ def _file_problem(path: Path) -> str | None:
     if path.suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            return f"it cannot be read: {e.strerror or _first_line(e)}"
         except (ValueError, RecursionError) as e:      # not UTF-8, or not JSON
             return f"not JSON: {_first_line(e)}"
         return None if isinstance(data, dict) else f"it holds a JSON {type(data).__name__}, not an object"
@@ -170,8 +172,9 @@ def load(name, *, device: torch.device) -> PretrainedModel:
     name = str(name)
     with _errors_only(transformers):
         config = _from_pretrained(transformers.AutoConfig, name, "config.json")
-        if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING or config.is_encoder_decoder:
-            raise _not_causal(name, config, "transformers has no decoder-only class for it")
+        if config.is_encoder_decoder or type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise _not_causal(name, config, "an encoder-decoder" if config.is_encoder_decoder else
+                              "transformers has no causal language model class for it")
         tokenizer = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer")
         _check_tokenizer(name, tokenizer)
         model, info = _from_pretrained(transformers.AutoModelForCausalLM, name, "model weights", config=config,
