@@ -29,17 +29,16 @@ def gpt(tmp_path_factory):
 
 
 @pytest.fixture
-def copy_of(gpt, tmp_path):
-    def copy(name="model"):
-        return shutil.copytree(gpt, tmp_path / name)
-    return copy
+def model(gpt, tmp_path):
+    """A copy of the tiny GPT-2 folder, for a test to damage."""
+    return shutil.copytree(gpt, tmp_path / "model")
 
 
 def refusals(model, naming: str, corpus) -> list[str]:
     """What is wrong with `generate`, `eval` and `serve` of ``model``: each must exit 2 with one error line that
     names ``naming``, before it serves anything."""
     cases = [(naming, [arg.replace("{", "{{").replace("}", "}}") for arg in map(str, argv)]) for argv in (
-        ["generate", model, "--length", 5], ["eval", model, "--corpus", corpus], ["serve", model, "--port", 0])]
+        ["generate", model, "--prompt", "the", "--length", 5], ["eval", model, "--corpus", corpus], ["serve", model, "--port", 0])]
     results = walk(cases, {}, seconds=60)
     return [f"charrnn {' '.join(r['argv'])}: {problem}" for r in results
             if (problem := refusal_problem(r) or (None if r["code"] == 2 else "it ran"))]
@@ -56,8 +55,7 @@ def _garbled(path):
 @pytest.mark.probe("hf-damaged-file")
 @pytest.mark.parametrize("name, damage", [("tokenizer.json", _truncated), ("model.safetensors", _truncated),
                                           ("config.json", _garbled), ("tokenizer_config.json", _truncated)])
-def test_a_damaged_file_of_a_model_folder_is_named_in_one_line(copy_of, small_corpus, name, damage):
-    model = copy_of()
+def test_a_damaged_file_of_a_model_folder_is_named_in_one_line(model, small_corpus, name, damage):
     damage(model / name)
     before = (model / name).read_bytes()
     problems = refusals(model, f"{model / name} is damaged", small_corpus)
@@ -66,10 +64,9 @@ def test_a_damaged_file_of_a_model_folder_is_named_in_one_line(copy_of, small_co
 
 
 @pytest.mark.probe("hf-damaged-file")
-def test_weights_that_lack_a_tensor_are_refused_rather_than_filled_with_random_numbers(copy_of, small_corpus):
+def test_weights_that_lack_a_tensor_are_refused_rather_than_filled_with_random_numbers(model, small_corpus):
     from safetensors.torch import load_file, save_file
 
-    model = copy_of()
     tensors = load_file(model / "model.safetensors")
     del tensors["transformer.h.1.mlp.c_fc.weight"]
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
@@ -87,8 +84,7 @@ def test_an_encoder_is_refused_and_a_causal_bert_generates(tmp_path, small_corpu
 
 
 @pytest.mark.probe("hf-tokenizer-ids")
-def test_a_tokenizer_with_more_ids_than_the_model_embeds_is_refused_at_load(copy_of, tmp_path, small_corpus):
-    model = copy_of()
+def test_a_tokenizer_with_more_ids_than_the_model_embeds_is_refused_at_load(model, tmp_path, small_corpus):
     bigger = tiny_gpt2(tmp_path / "bigger", TEXT, vocab_size=400)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(bigger / name, model / name)
@@ -97,8 +93,7 @@ def test_a_tokenizer_with_more_ids_than_the_model_embeds_is_refused_at_load(copy
 
 
 @pytest.mark.probe("hf-no-tokenizer")
-def test_a_folder_without_tokenizer_files_is_refused_at_load(copy_of, small_corpus):
-    model = copy_of()
+def test_a_folder_without_tokenizer_files_is_refused_at_load(model, small_corpus):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (model / name).unlink()
     problems = refusals(model, "has no tokenizer files (none of tokenizer.json", small_corpus)
@@ -116,8 +111,17 @@ def test_beams_as_long_as_the_context_allows_score_their_own_tokens(gpt, monkeyp
     lm = charrnn.load(gpt)
     searched, steps = [], []
     search, step = charrnn.beam.search, lm.sampler.stepper.step
-    monkeypatch.setattr(charrnn.beam, "search", lambda *a, **kw: searched.append(search(*a, **kw)) or searched[-1])
-    monkeypatch.setattr(lm.sampler.stepper, "step", lambda *a: steps.append(1) or step(*a))
+
+    def recorded_search(*args, **kwargs):
+        searched.append(search(*args, **kwargs))
+        return searched[-1]
+
+    def counted_step(*args):
+        steps.append(1)
+        return step(*args)
+
+    monkeypatch.setattr(charrnn.beam, "search", recorded_search)
+    monkeypatch.setattr(lm.sampler.stepper, "step", counted_step)
     beams = lm.sampler.beam("to be", length, 3)
     assert len(beams) == 3 and all(t.startswith("to be") and len(t) <= len("to be") + length for t, _ in beams)
     hyps = searched[0][0]
