@@ -37,8 +37,9 @@ def model(gpt, tmp_path):
 def refusals(model, naming: str, corpus) -> list[str]:
     """What is wrong with `generate`, `eval` and `serve` of ``model``: each must exit 2 with one error line that
     names ``naming``, before it serves anything."""
-    cases = [(naming, [arg.replace("{", "{{").replace("}", "}}") for arg in map(str, argv)]) for argv in (
-        ["generate", model, "--prompt", "the", "--length", 5], ["eval", model, "--corpus", corpus], ["serve", model, "--port", 0])]
+    commands = (["generate", model, "--prompt", "the", "--length", 5], ["eval", model, "--corpus", corpus],
+                ["serve", model, "--port", 0])
+    cases = [(naming, [arg.replace("{", "{{").replace("}", "}}") for arg in map(str, argv)]) for argv in commands]
     results = walk(cases, {}, seconds=60)
     return [f"charrnn {' '.join(r['argv'])}: {problem}" for r in results
             if (problem := refusal_problem(r) or (None if r["code"] == 2 else "it ran"))]
