@@ -20,6 +20,7 @@ How a transformer fits that sampler:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -43,6 +44,7 @@ INSTALL = 'pip install -e ".[hf]"'
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CONTEXT_TOKENS = 8      # prompt tokens decoded before a continuation (see DecodeStream)
 HUB_TIMEOUT_S = 3
+TOKENIZER_CONFIG = "tokenizer_config.json"    # written by every tokenizer's save_pretrained, never by charrnn
 
 
 def _transformers():
@@ -63,8 +65,10 @@ def is_pretrained(name) -> bool:
         try:
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
-            return False
-        return isinstance(config, dict) and "model_type" in config
+            config = None
+        if isinstance(config, dict):
+            return "model_type" in config
+        return (path / TOKENIZER_CONFIG).is_file()     # a model folder whose config.json is damaged
     import importlib.util
 
     return (not path.exists() and bool(HUB_ID.match(str(name))) and not str(name).lower().endswith(".onnx")
@@ -96,10 +100,12 @@ def _from_pretrained(cls, name: str, what: str, **kw):
     local = Path(name).is_dir()
     try:
         return cls.from_pretrained(name, local_files_only=True, **kw)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file raises whatever its parser raises
         if local:
-            raise CharRNNError(f"{name} has no {what} a Hugging Face library can load ({_first_line(e)}); give a "
-                               "directory written by save_pretrained, with its tokenizer") from None
+            raise _unloadable(Path(name), what, e) from None
+        if not isinstance(e, OSError):     # in the cache, but damaged
+            raise CharRNNError(f"the {what} of {name} in the Hugging Face cache cannot be loaded "
+                               f"({type(e).__name__}: {_first_line(e)}); download it again") from None
     problem = _hub_problem()
     if problem:
         save = (f"python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
@@ -113,19 +119,113 @@ def _from_pretrained(cls, name: str, what: str, **kw):
                            f"({_first_line(e)}); check the name") from None
 
 
+def _unloadable(folder: Path, what: str, e: Exception) -> CharRNNError:
+    """The one-line error for a model folder whose ``what`` did not load (``e``): the file that is damaged, where
+    one is."""
+    for path in sorted(folder.iterdir()):
+        problem = _file_problem(path)
+        if problem:
+            return CharRNNError(f"{path} is damaged ({problem}); download the model again, or save it again with "
+                                "save_pretrained")
+    return CharRNNError(f"{folder} has no {what} a Hugging Face library can load ({_first_line(e)}); give a "
+                        "directory written by save_pretrained, with its tokenizer")
+
+
+def _file_problem(path: Path) -> str | None:
+    """What is wrong with a JSON or safetensors file of a model folder (None: nothing, or another kind of file)."""
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            return f"it cannot be read: {e.strerror or _first_line(e)}"
+        except (ValueError, RecursionError) as e:      # not UTF-8, or not JSON
+            return f"not JSON: {_first_line(e)}"
+        return None if isinstance(data, dict) else f"it holds a JSON {type(data).__name__}, not an object"
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt"):
+                return None
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+            return f"not a safetensors file: {_first_line(e)}"
+    return None
+
+
+@contextlib.contextmanager
+def _errors_only(transformers):
+    """transformers' warnings silenced (a refused model is one line, not a load report and a line)."""
+    logging = transformers.utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 def load(name, *, device: torch.device) -> PretrainedModel:
-    """A Hugging Face causal language model (directory or hub id) on ``device``."""
+    """A Hugging Face causal language model (directory or hub id) on ``device``, after checking that it is one:
+    a decoder, with a tokenizer whose ids all fit its embedding, and every weight in its files."""
     transformers = _transformers()
     transformers.utils.logging.disable_progress_bar()      # charrnn prints one line per command, not bars
     name = str(name)
-    config = _from_pretrained(transformers.AutoConfig, name, "config.json")
+    with _errors_only(transformers):
+        config = _from_pretrained(transformers.AutoConfig, name, "config.json")
+        if config.is_encoder_decoder or type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+            raise _not_causal(name, config, "an encoder-decoder" if config.is_encoder_decoder else
+                              "transformers has no causal language model class for it")
+        tokenizer = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer")
+        _check_tokenizer(name, tokenizer)
+        model, info = _from_pretrained(transformers.AutoModelForCausalLM, name, "model weights", config=config,
+                                       output_loading_info=True, ignore_mismatched_sizes=True)
+    _check_weights(name, info)
+    model = model.to(device).eval()
+    if _sees_ahead(model):
+        raise _not_causal(name, config, "its predictions see the tokens they predict: an encoder")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise CharRNNError(f"{name}'s tokenizer has {len(tokenizer)} tokens but its model embeds {rows}: a text with "
+                           f"a token from id {rows} on cannot be read; the tokenizer belongs to another model, give "
+                           "the model's own")
+    return PretrainedModel(name, model, tokenizer, device)
+
+
+def _not_causal(name: str, config, why: str) -> CharRNNError:
+    return CharRNNError(f"{name} is a {config.model_type} model, not a causal language model ({why}); give a model "
+                        "that generates text, such as gpt2")
+
+
+def _check_tokenizer(name: str, tokenizer) -> None:
+    """Refuse a tokenizer with no tokens but its special ones (a folder without tokenizer files loads as one), and
+    one that cannot read a word (files of valid JSON but wrong values)."""
+    special = set(tokenizer.all_special_ids)
+    if all(i in special for i in tokenizer.get_vocab().values()):
+        files = ", ".join(dict.fromkeys(["tokenizer.json", *type(tokenizer).vocab_files_names.values()]))
+        raise CharRNNError(f"{name} has no tokenizer files (none of {files}): its tokenizer would read no text; "
+                           "save the model's tokenizer into it with save_pretrained")
     try:
-        model = _from_pretrained(transformers.AutoModelForCausalLM, name, "model weights")
-    except ValueError as e:              # "Unrecognized configuration class ... for this kind of AutoModel"
-        raise CharRNNError(f"{name} is a {config.model_type} model, not a causal language model ({_first_line(e)}); "
-                           "give a model that generates text, such as gpt2") from None
-    tokenizer = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer")
-    return PretrainedModel(name, model.to(device).eval(), tokenizer, device)
+        tokenizer("The end.", verbose=False)
+    except Exception as e:  # noqa: BLE001 - whatever a damaged setting makes the tokenizer raise
+        raise CharRNNError(f"{name}'s tokenizer cannot read text ({type(e).__name__}: {_first_line(e)}): its files "
+                           "are damaged; download the model again, or save it again with save_pretrained") from None
+
+
+def _check_weights(name: str, info: dict) -> None:
+    """Refuse weight files that lack some of the model's tensors or hold them in other shapes (transformers would
+    fill those with random numbers)."""
+    wrong = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
+    if wrong:
+        raise CharRNNError(f"{name}'s weights lack {len(wrong)} of its model's tensors or hold them in other shapes "
+                           f"(first: {wrong[0]}): they are damaged or another model's; download the model again")
+
+
+@torch.inference_mode()
+def _sees_ahead(model) -> bool:
+    """Whether the model's prediction at the first position changes with the token after it (attention that
+    looks both ways, as an encoder's): a causal language model's never does."""
+    logits = model(input_ids=torch.tensor([[0, 0], [0, 1]], device=model.device)).logits[:, 0].float()
+    return not torch.allclose(logits[0], logits[1], rtol=1e-3, atol=1e-3 * float(logits.abs().max()))
 
 
 class PretrainedVocab:

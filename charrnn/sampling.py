@@ -447,16 +447,18 @@ class Sampler:
 
     def _beam_tokens(self, step, start, state, first, prompt: str, length: int) -> int:
         """How many tokens a beam search runs for ``length`` characters: as many as the greedy continuation
-        needs (``length`` for a character model)."""
-        from .beam import greedy_search
+        needs (``length`` for a character model), read on a copy of ``state`` (a transformer's step grows its
+        cache in place)."""
+        from .beam import greedy_search, select_state
 
         if self.vocab.kind == "char":
             return length
-        most = self.vocab.steps_for(length)
-        ids = greedy_search(step, start, state, most, banned=(UNK_ID,), first_log_probs=first)[0].ids
         text = self.text_stream([prompt], length)
-        for n, i in enumerate(ids, 1):
-            text.push([i])
-            if text.done:
-                return n
-        return most
+
+        def reached(ids: torch.Tensor) -> bool:
+            text.push(ids.tolist())
+            return text.done
+
+        found = greedy_search(step, start, select_state(state, start), self.vocab.steps_for(length),
+                              banned=(UNK_ID,), first_log_probs=first, until=reached)
+        return len(found[0].ids)

@@ -26,3 +26,25 @@ def tiny_gpt2(folder, text: str, *, vocab_size: int = 300, layers: int = 2, widt
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_bert(folder, text: str, *, decoder: bool = False, width: int = 32, seed: int = 0) -> Path:
+    """A BERT with random weights (an encoder; with ``decoder``, BERT made causal by ``is_decoder``) and a
+    word-level tokenizer trained on ``text``, written to ``folder`` with ``save_pretrained``."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    special = ["[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], trainers.WordLevelTrainer(special_tokens=special, show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                        sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * width, max_position_embeddings=128, is_decoder=decoder)
+    folder = Path(folder)
+    BertForMaskedLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -117,6 +117,23 @@ PROBES = [
     Probe("sample-prompt", "options", "an empty `--sample-prompt` on a corpus without a newline; a sample that "
           "fails at the end of training",
           "refused before training, naming --sample-prompt; the final checkpoint is written before the last sample"),
+    Probe("hf-damaged-file", "hugging face models", "a model folder's `tokenizer.json`, `model.safetensors` or "
+          "`tokenizer_config.json` truncated, its `config.json` garbled, weights that lack a tensor, against "
+          "`generate`, `eval` and `serve`",
+          "one line naming the file (or the missing tensor), exit 2, nothing served; never random weights in place"),
+    Probe("hf-encoder", "hugging face models", "a BERT folder (an encoder) given as a language model",
+          "refused at load in one line: its predictions see the tokens they predict; a BERT made causal "
+          "(`is_decoder`) generates"),
+    Probe("hf-tokenizer-ids", "hugging face models", "a tokenizer with more ids than the model's embedding has rows",
+          "refused at load in one line giving both sizes, before a rare word can crash generation"),
+    Probe("hf-no-tokenizer", "hugging face models", "a model folder without its tokenizer files",
+          "refused at load in one line naming the files that are missing; `serve` does not start"),
+    Probe("hf-beam-length", "hugging face models", "`--beam-width 3` for 40 characters after a prompt, on a model "
+          "with a 128-token context", "answered: the pass counting the beams' tokens stops at the length, and each "
+          "beam's score is the model's log-probability of its tokens"),
+    Probe("option-walk-hf", "hugging face models", "every numeric option of `generate`, `eval` and `serve` with NaN, "
+          "±inf, -1, 0, 10**23 and 1e30, given a Hugging Face model folder",
+          "refused in one line naming the option (exit 2) or honoured; no traceback, no hang"),
     Probe("int8-nan", "numerics", "a NaN or infinite activation in the int8 sampling step (AVX2 and portable "
           "kernels)", "every output of that sample is NaN, as in the PyTorch reference: no NaN hidden"),
 
