@@ -438,7 +438,8 @@ class Sampler:
         first = torch.log_softmax(logits.float(), -1)
         start = torch.zeros(1, dtype=torch.long, device=self.device)
         tokens = self._beam_tokens(step, start, state, first, prompt, length)
-        hyps = search(step, start, state, tokens, beam_width, banned=(UNK_ID,), first_log_probs=first)[0]
+        hyps = search(step, start, state, tokens, beam_width, banned=(UNK_ID, *self.vocab.banned),
+                      first_log_probs=first)[0]
         texts = []
         for h in hyps:
             text = self.text_stream([prompt], length)
@@ -453,7 +454,8 @@ class Sampler:
         if self.vocab.kind == "char":
             return length
         most = self.vocab.steps_for(length)
-        ids = greedy_search(step, start, state, most, banned=(UNK_ID,), first_log_probs=first)[0].ids
+        ids = greedy_search(step, start, state, most, banned=(UNK_ID, *self.vocab.banned),
+                            first_log_probs=first)[0].ids
         text = self.text_stream([prompt], length)
         for n, i in enumerate(ids, 1):
             text.push([i])
