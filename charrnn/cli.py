@@ -148,7 +148,8 @@ def _warn_unknown(lm, text: str) -> None:
 
 
 def _print_json(obj) -> None:
-    """``obj`` as a line of JSON, which is UTF-8: a prompt's bytes that were not (lone surrogates) become U+FFFD."""
+    """``obj`` as a line of JSON, which is UTF-8: the bytes of a prompt that were not (kept as lone surrogates)
+    become U+FFFD."""
     from .tokens import UNDECODABLE
 
     print(UNDECODABLE.sub("\ufffd", json.dumps(obj, ensure_ascii=False)))

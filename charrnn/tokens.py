@@ -256,8 +256,8 @@ class TokenVocab:
             raise CharRNNError(f"vocab.json describes a {kind!r} vocabulary of version {version!r}, which this "
                                "charrnn cannot read; upgrade charrnn")
         if _digest(kind, unseen, tokenizer_json, version) != meta.get("sha256"):
-            raise CharRNNError(f"{TOKENIZER_FILE} is not the one this run was trained with (its checksum differs "
-                               "from vocab.json's); restore the run's own file or retrain")
+            raise CharRNNError(f"{TOKENIZER_FILE} or vocab.json is not the one this run was trained with (vocab.json's "
+                               "checksum differs); restore the run's own files or retrain")
         try:
             tokenizer = _library().Tokenizer.from_str(tokenizer_json)
         except Exception as e:
