@@ -147,6 +147,14 @@ def _warn_unknown(lm, text: str) -> None:
               file=sys.stderr)
 
 
+def _print_json(obj) -> None:
+    """``obj`` as a line of JSON, which is UTF-8: the bytes of a prompt that were not (kept as lone surrogates)
+    become U+FFFD."""
+    from .tokens import UNDECODABLE
+
+    print(UNDECODABLE.sub("\ufffd", json.dumps(obj, ensure_ascii=False)))
+
+
 def _is_exported(path: str) -> bool:
     return path.lower().endswith(".onnx")
 
@@ -222,19 +230,18 @@ def cmd_generate(args) -> int:
     if args.beam_width is not None:
         beams = lm.sampler.beam(o.prompt, o.length, args.beam_width)
         if args.json:
-            print(json.dumps({"beams": [{"text": t, "log_prob": lp} for t, lp in beams]}, ensure_ascii=False))
+            _print_json({"beams": [{"text": t, "log_prob": lp} for t, lp in beams]})
         else:
             print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
         return 0
     if args.json and _is_exported(args.run):
-        print(json.dumps({"samples": lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)},
-                         ensure_ascii=False))
+        _print_json({"samples": lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)})
     elif args.json:
         done = lm.complete(o.prompt, o.length, num_samples=o.num_samples, **options)
         out = {"samples": [c.text for c in done], "finish_reasons": [c.finish_reason for c in done]}
         if args.logprobs is not None:
             out["logprobs"] = [c.logprobs for c in done]
-        print(json.dumps(out, ensure_ascii=False))
+        _print_json(out)
     elif o.num_samples == 1:
         out = sys.stdout
         out.write(o.prompt)

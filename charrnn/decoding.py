@@ -144,6 +144,8 @@ class Decoding:
         self.penalties = (Penalties([sampler.prompt_ids(p) for p in prompts], len(sampler.vocab), sampler.device,
                                     repetition_penalty, presence_penalty, frequency_penalty)
                           if Penalties.wanted(repetition_penalty, presence_penalty, frequency_penalty) else None)
+        banned = sampler.vocab.banned
+        self.banned = torch.tensor(banned, dtype=torch.long, device=sampler.device) if len(banned) else None
         self.text = sampler.text_stream(prompts, length)
         self.stops = StopText(stop, len(prompts)) if stop else None
         self.token_text = sampler.token_text
@@ -162,6 +164,8 @@ class Decoding:
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """The next id of every row ``(batch,)`` from the model's ``logits`` ``(batch, vocab)``."""
         scored = self.penalties(logits) if self.penalties is not None else logits
+        if self.banned is not None:     # as [UNK]: bytes a BPE model never saw in training
+            scored = scored.index_fill(1, self.banned, float("-inf"))
         ids = choose(scored, self.temperature, self.top_k, self.top_p, self.generator, compiled=self.compiled)
         if self.penalties is not None:
             self.penalties.add(ids)

@@ -222,6 +222,7 @@ class ExportedModel:
         for i in range(length):
             if seen is not None:
                 logits = penalize(logits, seen, repetition_penalty)
+            logits[:, self.vocab.banned] = -np.inf      # as [UNK]: bytes a BPE model never saw in training
             ids = choose(logits, temperature, top_k, top_p, rng)
             if seen is not None:
                 seen[np.arange(len(ids)), ids] = True

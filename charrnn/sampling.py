@@ -438,7 +438,8 @@ class Sampler:
         first = torch.log_softmax(logits.float(), -1)
         start = torch.zeros(1, dtype=torch.long, device=self.device)
         tokens = self._beam_tokens(step, start, state, first, prompt, length)
-        hyps = search(step, start, state, tokens, beam_width, banned=(UNK_ID,), first_log_probs=first)[0]
+        hyps = search(step, start, state, tokens, beam_width, banned=(UNK_ID, *self.vocab.banned),
+                      first_log_probs=first)[0]
         texts = []
         for h in hyps:
             text = self.text_stream([prompt], length)
@@ -460,5 +461,5 @@ class Sampler:
             return text.done
 
         found = greedy_search(step, start, select_state(state, start), self.vocab.steps_for(length),
-                              banned=(UNK_ID,), first_log_probs=first, until=reached)
+                              banned=(UNK_ID, *self.vocab.banned), first_log_probs=first, until=reached)
         return len(found[0].ids)

@@ -6,7 +6,9 @@ text, and :attr:`Splits.val_chars` turns their per-token losses into losses per 
 
 A word or BPE vocabulary is trained on the training split only; it and the ids it gives are cached
 under ``$CHARRNN_HOME/encoded/tokens/`` (keyed by the corpus, the tokenizer and the split), so a second
-run on the same corpus starts at once.
+run on the same corpus starts at once.  Cached ids are checked as the character cache is (corpus.py):
+``PART.json`` beside ``PART.npy`` names the vocabulary, the corpus and the span they encode, their length
+and checksum; ids that fail any check are encoded again.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .corpus import EncodedCorpus, charrnn_home
 from .data import split_train_val
 from .errors import CharRNNError, OptionError
 from .fileio import atomic_save, atomic_write_json
-from .tokens import TokenVocab
+from .tokens import VERSION, TokenVocab
 from .vocab import Vocab
 
 
@@ -52,9 +54,10 @@ def target_chars(vocab, ids: np.ndarray, chars: int) -> int:
 
 
 def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", size: int | None = None,
-          vocab: TokenVocab | None = None) -> Splits:
+          vocab: TokenVocab | None = None, progress: bool = False) -> Splits:
     """The corpus as ids of ``vocab`` (a run's own, on resume) or of a new ``tokenizer`` vocabulary of
-    ``size`` ids (--max-vocab; default: every word, or BPE_VOCAB subwords) learned from the training split."""
+    ``size`` ids (--max-vocab; default: every word, or BPE_VOCAB subwords) learned from the training split
+    (``progress``: with the library's progress bars)."""
     train, val = split_train_val(corpus.ids, val_fraction)
     if tokenizer == "char":
         return Splits(corpus.vocab, train, val, max(len(val) - 1, 0), len(train))
@@ -62,7 +65,7 @@ def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", s
     key = _key(corpus, tokenizer, size, val_fraction)
     if vocab is None:
         target = size or (BPE_VOCAB if tokenizer == "bpe" else 1 << 31)     # word: every token
-        vocab = _cached_vocab(key) or _train_vocab(key, tokenizer, corpus_text(corpus, 0, cut), target)
+        vocab = _cached_vocab(key) or _train_vocab(key, tokenizer, corpus_text(corpus, 0, cut), target, progress)
         if size is not None and len(vocab) < size:
             raise OptionError("max_vocab", "is {value:,}, but the training split gives only {n:,} {kind} ids "
                                            "([UNK] included); give at most {n:,}, or leave it out",
@@ -81,13 +84,14 @@ def _key(corpus: EncodedCorpus, *parts) -> str:
 def _cached_vocab(key: str) -> TokenVocab | None:
     path = charrnn_home() / "encoded" / "tokens" / key / "vocab.json"
     try:
-        return TokenVocab.load(path, json.loads(path.read_text(encoding="utf-8")))
+        vocab = TokenVocab.load(path, json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, CharRNNError):     # missing or damaged: learn it again
         return None
+    return vocab if vocab.version == VERSION else None      # an older charrnn's: learn it as this one does
 
 
-def _train_vocab(key: str, kind: str, text: str, size: int) -> TokenVocab:
-    vocab = TokenVocab.train(kind, text, size)
+def _train_vocab(key: str, kind: str, text: str, size: int, progress: bool) -> TokenVocab:
+    vocab = TokenVocab.train(kind, text, size, progress)
     folder = charrnn_home() / "encoded" / "tokens" / key
     folder.mkdir(parents=True, exist_ok=True)
     vocab.save(folder / "vocab.json")
@@ -95,15 +99,31 @@ def _train_vocab(key: str, kind: str, text: str, size: int) -> TokenVocab:
 
 
 def _cached_ids(folder: Path, part: str, vocab: TokenVocab, corpus: EncodedCorpus, span) -> np.ndarray:
+    """Characters ``span`` of ``corpus`` as ids of ``vocab``: the cached ``part``, or encoded (again)."""
     path = folder / f"{part}.npy"
-    try:
-        ids = np.load(path, mmap_mode="r")
-        if ids.dtype == vocab.dtype:
-            return ids
-    except (OSError, ValueError):
-        pass
-    ids = vocab.encode(corpus_text(corpus, *span))
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_save(path, lambda f: np.save(f, ids))
-    atomic_write_json(folder / "meta.json", {"vocab": vocab.to_json(), "corpus": corpus.describe()})
+    meta = {"vocab": vocab.sha256(), "corpus": corpus.describe(), "span": list(span)}
+    ids = _read_ids(path, meta, vocab)
+    if ids is None:                  # not encoded yet, or a damaged cache
+        ids = vocab.encode(corpus_text(corpus, *span))
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_save(path, lambda f: np.save(f, ids))
+        atomic_write_json(path.with_suffix(".json"), {**meta, "length": len(ids), "sha256": _checksum(ids)})
     return ids
+
+
+def _checksum(ids: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(ids)).hexdigest()
+
+
+def _read_ids(path: Path, meta: dict, vocab: TokenVocab) -> np.ndarray | None:
+    """The memory-mapped ids at ``path`` if its ``.json`` is ``meta`` (the vocabulary, corpus and span they
+    encode) and they have the length, the range and the checksum it records; else None."""
+    try:
+        saved = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+        good = ({key: saved[key] for key in meta} == meta and ids.ndim == 1 and ids.dtype == vocab.dtype
+                and len(ids) == saved["length"] and (len(ids) == 0 or int(ids.max()) < len(vocab))
+                and _checksum(ids) == saved["sha256"])
+    except (OSError, ValueError, EOFError, RecursionError, KeyError, TypeError):
+        return None
+    return ids if good else None

@@ -178,7 +178,7 @@ class Trainer:
             self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by the session
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         saved_vocab = dist.on_rank0(lambda: resumed_vocab(self.run_dir, cfg)) if resume else None
-        splits, self.batches = split_data(corpus, cfg, dist, saved_vocab)
+        splits, self.batches = split_data(corpus, cfg, dist, saved_vocab, progress)
         self.vocab, self.train_ids, self.val_ids = splits.vocab, splits.train, splits.val
         self.val_chars, self.chars_per_token = splits.val_chars, splits.chars_per_token
         check_sampled_softmax(cfg, len(self.vocab))
@@ -220,9 +220,11 @@ class Trainer:
     def _open_run(self) -> dict:
         config, state = ckpt.open_for_resume(self.run_dir, self.vocab, self.model_cfg, self.cfg.batch_size,
                                              self.optimizer)
+        check_data_position(self.batches, state, self.run_dir, self.corpus.name)
         if config.get("corpus", {}).get("sha256") != self.corpus.sha256:
-            self.log(f"warning: the corpus differs from the one {self.run_dir} was trained on "
-                     "(same characters); continuing")
+            kind = self.vocab.kind
+            how = "same characters" if kind == "char" else f"read with the run's own {kind} vocabulary"
+            self.log(f"warning: the corpus differs from the one {self.run_dir} was trained on ({how}); continuing")
         ckpt.write_config(self.run_dir, self._config_json())
         ckpt.truncate_metrics(self.run_dir, state["step"])
         return state
@@ -383,13 +385,13 @@ def unigram_proposal(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
     return q / q.sum()
 
 
-def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None):
+def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None, progress: bool = False):
     """(the training and validation ids and vocabulary, the batches cut from the training ids); ``vocab``
-    is a resumed run's own word or BPE vocabulary."""
+    is a resumed run's own word or BPE vocabulary; ``progress`` shows the progress of learning a new one."""
     if len(set(dist.all_objects(corpus.sha256))) > 1:
         raise CharRNNError("the processes read different corpora (their sha256 differ); give every machine "
                            "the same corpus file")
-    splits = tokenized.split(corpus, cfg.val_fraction, cfg.tokenizer, cfg.max_vocab, vocab)
+    splits = tokenized.split(corpus, cfg.val_fraction, cfg.tokenizer, cfg.max_vocab, vocab, progress)
     if cfg.val_fraction > 0 and len(splits.val) < 2:
         raise CharRNNError(f"the validation split ({len(splits.val)} tokens) is too short; "
                            "use a longer corpus or a larger --val-fraction")
@@ -398,6 +400,17 @@ def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None):
     else:
         batches = WindowBatches(splits.train, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step)
     return splits, batches
+
+
+def check_data_position(batches, state: dict, run_dir: Path, corpus: str) -> None:
+    """Refuse to resume a run whose saved data position (a step of an epoch) lies past the end of that epoch
+    here: another corpus, or a larger --batch-size / --seq-len, can make an epoch shorter."""
+    epoch, step = state.get("epoch", 0), state.get("step_in_epoch", 0)
+    steps = batches.steps_in_epoch(epoch)
+    if step >= steps:
+        raise CharRNNError(f"the run in {run_dir} stopped after step {step:,} of epoch {epoch + 1}, but that epoch "
+                           f"has only {steps:,} steps of this corpus ({corpus}) and batch; resume with the "
+                           "corpus, --batch-size and --seq-len the run was trained with")
 
 
 def planned_steps(cfg: TrainConfig, batches) -> int | None:

@@ -30,6 +30,7 @@ class Vocab:
     """Characters in id order; id 0 is ``[UNK]`` and is never a real character."""
 
     kind: ClassVar[str] = "char"
+    banned: ClassVar[tuple] = ()     # ids never generated besides [UNK] (none: every character is the corpus's)
     chars: list[str]
     _codes: np.ndarray = field(init=False, repr=False)
     _table: np.ndarray | None = field(init=False, repr=False, default=None)

@@ -75,6 +75,26 @@ PROBES = [
     Probe("onnx-metadata", "run files", "an `.onnx` file whose charrnn metadata is another run's (vocabulary, "
           "model), unparsable or wrongly typed; a damaged `.onnx` file",
           "refused in one line naming the file, nothing printed on stdout"),
+    Probe("token-cache", "tokenizers", "the token-id cache of a word or BPE run (`$CHARRNN_HOME/encoded/tokens/`) "
+          "garbled, emptied, truncated, its ids rewritten in range or out of range, or another corpus's",
+          "detected (meta, span, length, range, checksum) and encoded again: the same ids and the same `eval` loss"),
+    Probe("resume-other-corpus", "tokenizers", "`train --resume` of a char, word or BPE run on a corpus too short "
+          "for its data position; on another corpus that holds it",
+          "refused in one line, exit 2, before anything is written (the run byte for byte as it was); a corpus "
+          "that holds the position trains on, warning how it is read"),
+    Probe("undecodable-prompt", "tokenizers", "a prompt that is not UTF-8 (`$'ROMEO \\xf0\\x9f'`) to a word or BPE "
+          "run and its `.onnx` file; `--json` with it",
+          "each undecodable byte read as [UNK] with the usual warning, as a character run reads it; the JSON is "
+          "UTF-8 (U+FFFD for those bytes)"),
+    Probe("bpe-long-word", "tokenizers", "a BPE vocabulary learned from 400,000 letters without a space (27 s; "
+          "a megabyte took 195 s, silently)",
+          "pieces cut at 64 bytes: learned in about a second; the library's progress bars on a terminal"),
+    Probe("unseen-bytes", "tokenizers", "a BPE model pushed toward ESC, a byte its training text never held, "
+          "sampled, greedy, beam search and from its `.onnx` file",
+          "never generated: only bytes of the training text come out"),
+    Probe("vocab-kind", "tokenizers", "`vocab.json`'s `kind` changed (word <-> bpe), in its current format and in "
+          "the first one (checksum of the tokenizer only)",
+          "refused in one line naming tokenizer.json, the run unchanged; an older run's vocab.json still reads"),
     Probe("seed-range", "options", "`--seed 99999999999999999999999`, `--seed -1` and `2**63` for `train`, and for "
           "`generate` from a run and from an `.onnx` file",
           "refused in one line naming `--seed` and its range [0, 2**63); the largest seed generates"),
