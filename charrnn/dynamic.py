@@ -80,7 +80,7 @@ class Adapter:
                 p -= self.lr * p.grad / (self.rms[n] + EPS)
                 if self.pull[n] is not None:
                     p += self.pull[n] * (self.start[n] - p)
-        return float(losses[y != UNK_ID].sum()), _detach(state)
+        return float(losses.detach()[y != UNK_ID].sum()), _detach(state)
 
 
     def read_all(self, ids) -> float:
