@@ -399,7 +399,8 @@ def not_finite(loss: float, step: int) -> str:
     if step == 1:       # before any update: not a learning rate too high
         return (f"the loss was {loss} at the first step, before any update: a defect or an input the model cannot "
                 "read, not a divergence; please report it with the command line")
-    return f"the training loss became {loss} at step {step}; lower --lr or set --clip (the last good checkpoint is kept)"
+    return (f"the training loss became {loss} at step {step}; lower --lr or set --clip (the last good checkpoint is "
+            "kept)")
 
 
 def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None):

@@ -106,11 +106,12 @@ PROBES = [
     Probe("word-unk-bits-per-char", "tokenizers", "`--tokenizer word --max-vocab 2` on random letters, every word "
           "`[UNK]`; `eval`, its `--json`, training's validation and loss",
           "bits/char only over the text the model predicts (`[UNK]` targets and their characters left out: one bit "
-          "a separator, not 0.2 bits/char), the unscored share printed and in `--json`; training reports eval's figure"),
+          "a separator, not 0.2 bits/char), the unscored share printed and in `--json`; training reports eval's "
+          "figure"),
     Probe("word-sampled-softmax", "tokenizers", "`--tokenizer word --max-vocab 12 --sampled-softmax 6` (`[UNK]` a "
           "frequent target), and a loss NaN at the first step",
-          "trains (it was NaN at step 1: `[UNK]` had no proposal mass); its estimate tested against the full softmax; a "
-          "first-step NaN is called a defect or bad input, not a divergence"),
+          "trains (it was NaN at step 1: `[UNK]` had no proposal mass); its estimate tested against the full "
+          "softmax; a first-step NaN is called a defect or bad input, not a divergence"),
 
     Probe("option-walk", "options", "NaN, inf, -inf, -1, 0, 10**23 and 1e30 for every numeric option of every "
           "command (train, generate, serve, the tasks), the list read from the parser",
