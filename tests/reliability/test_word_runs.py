@@ -180,3 +180,24 @@ def test_a_loss_that_is_nan_at_the_first_step_is_not_called_a_divergence(capsys,
     assert code == 2 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: the loss was nan at the first step, before any update") and "--lr" not in line
+
+
+@pytest.mark.probe("word-unk-bits-per-char")
+def test_a_validation_text_of_unknown_words_only_is_refused_before_anything_is_written(capsys, tmp_path):
+    corpus = tmp_path / "text.txt"                   # trained on "x x x ...": [UNK] and "x"; validated on other words
+    corpus.write_text("x " * 4000 + "\n" + "\n".join(random_letters(1200).split()), encoding="utf-8")
+    code, _, err = cli(capsys, "train", corpus, "--out", tmp_path / "run", "--max-vocab", 2, *map(str, TRAIN))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "no target of it is scored" in lines[0] and "--max-vocab" in lines[0], err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.probe("word-unk-bits-per-char")
+def test_eval_of_a_text_of_unknown_words_only_says_so_in_one_line(capsys, letters_run, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("qwerty-uiop;asdf", encoding="utf-8")         # no space, no newline: every token is [UNK]
+    code, out, err = cli(capsys, "eval", letters_run[0], "--corpus", other)
+    assert code == 2 and out == "" and err.strip() == ("error: every token of the text is [UNK] (outside the run's "
+                                                       "vocabulary): nothing to score; evaluate on text in the run's "
+                                                       "own words"), err
