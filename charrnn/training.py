@@ -125,8 +125,8 @@ def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: to
     training starts the next batch from it).  ``last_only`` puts the loss on each window's last
     character only (the Keras recipe).  ``params`` (default: the model's) are the ones clipped.  ``sampled``
     = ``(proposal, k)`` trains the output layer with a sampled softmax of ``k`` negatives (ops/sampled_softmax.py).
-    ``scored`` (two numbers) gets the loss summed over the targets bits per character scores, every one but
-    ``[UNK]`` (which training learns as any other), and their number added.
+    ``scored`` (a tensor of two numbers) gets added the summed loss of the targets that bits per character
+    scores, every one but ``[UNK]`` (which training learns as any other), and their number.
     """
     if last_only:
         y = y[:, -1:]
@@ -411,9 +411,9 @@ def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None):
                            "the same corpus file")
     splits = tokenized.split(corpus, cfg.val_fraction, cfg.tokenizer, cfg.max_vocab, vocab)
     if cfg.val_fraction > 0 and not np.any(np.asarray(splits.val[1:]) != UNK_ID):
-        raise CharRNNError(f"the validation split ({len(splits.val)} tokens) is too short: it has no target to score "
-                           "([UNK] is not scored); use a longer corpus or a larger --val-fraction"
-                           + ("" if cfg.tokenizer == "char" else " or --max-vocab"))
+        raise CharRNNError(f"the validation split ({len(splits.val)} tokens) is too short: no target of it is scored; "
+                           "use a longer corpus or a larger --val-fraction"
+                           + ("" if cfg.tokenizer == "char" else " or --max-vocab ([UNK] targets are not scored)"))
     if cfg.stateful:
         batches = StreamBatches(splits.train, cfg.seq_len, cfg.batch_size, cfg.seed)
     else:
