@@ -6,8 +6,11 @@
 The first form trains one model per tokenizer for --budget seconds each (the same model size, batch and
 sequence length in tokens), then evaluates the best weights on the validation split, which is the same
 text for every tokenizer; it prints one JSON object per run: vocabulary size, steps, tokens/s and
-characters/s of training, validation bits/char and loss per token.  The second form times one training
-step of a word-sized model (30,000 ids) with the full softmax and with --sampled-softmax 1024.
+characters/s of training, validation bits/char and loss per token over the text the model predicts, and
+the share of the validation characters inside [UNK] tokens (words outside a word vocabulary), which are
+not scored: runs with different tokenizers score the same characters only where that share is 0.  The
+second form times one training step of a word-sized model (30,000 ids) with the full softmax and with
+--sampled-softmax 1024.
 """
 
 import argparse
@@ -40,12 +43,13 @@ def train_one(corpus: str, name: str, budget: float, args) -> dict:
         lm = charrnn.load(f"{tmp}/run")
         r = lm.evaluate()
         sample = lm.generate("\n", length=300, seed=1, temperature=0.8)[0]
-    chars_per_token = r["chars"] / r["tokens"]          # of the validation text, as the training text
+    chars_per_token = (r["chars"] + r["unk_chars"]) / (r["tokens"] + r["unk_tokens"])   # of all the validation text
     tokens_per_s = result.chars_seen / result.train_time
     return {"benchmark": "tokenizers", "corpus": corpus, "config": name, "vocab": len(lm.vocab),
             "budget_s": budget, "steps": result.step, "tokens_per_s": round(tokens_per_s),
             "chars_per_s": round(tokens_per_s * chars_per_token), "val_bpc": round(r["bpc"], 4),
-            "val_loss_per_token": round(r["loss"], 4), "chars_per_token": round(chars_per_token, 3),
+            "val_unk_share": round(r["unk_share"], 4), "val_loss_per_token": round(r["loss"], 4),
+            "chars_per_token": round(chars_per_token, 3),
             "hidden": args.hidden, "embed": args.embed, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "sample": sample, **machine()}
 

@@ -28,6 +28,7 @@ from .evaluation import evaluate, held_out_ids, training_ids
 from .hardware import resolve_device
 from .options import DynamicOptions
 from .sampling import Completion, Sampler
+from .tokenized import unknown
 
 if TYPE_CHECKING:  # the training code is imported by train() alone: loading a run for inference needs none of it
     from .training import TrainResult
@@ -152,13 +153,17 @@ class LanguageModel(Generator):
                  n_streams: int = 16, dynamic: DynamicOptions | None = None) -> dict:
         """Loss on the run's validation split, or on all of ``corpus`` (its last ``val_fraction`` when given):
         ``{loss, perplexity}`` per token, ``{bpc, nats_per_char}`` per character (comparable across
-        tokenizers and model kinds), ``{tokens, chars}``.  With ``dynamic`` options, also ``"dynamic"``: the
+        tokenizers and model kinds), ``{tokens, chars}``, all over the text the model predicts: ``[UNK]`` targets
+        (words outside a word vocabulary) are not scored, and ``{unk_tokens, unk_chars, unk_share}`` say how
+        much of the text they cover.  With ``dynamic`` options, also ``"dynamic"``: the
         same text read once more with dynamic evaluation (:mod:`charrnn.dynamic`)."""
         ids, chars = held_out_ids(self.config, self.vocab, corpus, val_fraction)
-        result = evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars)
+        unk_chars = unknown(self.vocab, ids[1:], chars)[1]
+        result = evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars,
+                          unk_chars=unk_chars)
         if dynamic is not None:
             rms = gradient_rms(self.model, training_ids(self.config, self.vocab), dynamic.dynamic_segment)
-            result["dynamic"] = dynamic_evaluate(self.model, ids, rms, dynamic, chars)
+            result["dynamic"] = dynamic_evaluate(self.model, ids, rms, dynamic, chars, unk_chars)
         return result
 
     def adapted(self, text: str, options: DynamicOptions | None = None) -> LanguageModel:

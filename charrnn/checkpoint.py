@@ -50,7 +50,8 @@ STATE = "trainer-state.pt"
 METRICS = "metrics.jsonl"
 SAMPLES = "samples"
 RUN_FILES = (CONFIG, VOCAB, TOKENIZER_FILE, LATEST, BEST, STATE, METRICS)
-METRIC_NUMBERS = ("step", "epoch", "time", "loss", "bpc", "val_loss", "val_bpc", "epoch_loss", "lr", "chars_per_s")
+METRIC_NUMBERS = ("step", "epoch", "time", "loss", "bpc", "val_loss", "val_bpc", "val_unk_share", "epoch_loss", "lr",
+                  "chars_per_s")
 LOCK = ".lock"         # held by the one process that trains into the directory (see writer_lock)
 
 

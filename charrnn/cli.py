@@ -293,7 +293,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
     p.add_argument("--json", action="store_true",
                    help='print {"loss", "perplexity"} per token, {"bpc", "nats_per_char"} per character, {"tokens", '
-                        '"chars"}')
+                        '"chars"} scored, and {"unk_tokens", "unk_chars", "unk_share"}: the [UNK] tokens (words '
+                        'outside a word vocabulary), which are not scored')
     p.add_argument("--dynamic", action="store_true",
                    help="also read the text with dynamic evaluation (the model adapts as it reads; charrnn runs): "
                         "both losses are printed")
@@ -313,6 +314,7 @@ def _dynamic_options(args):
 
 def cmd_eval(args) -> int:
     from .api import load
+    from .evaluation import unscored_note
 
     if args.val_fraction is not None and (args.corpus is None or not 0 < args.val_fraction < 1):
         raise OptionError("val_fraction", "must be in (0, 1) and goes with --corpus, got {value}",
@@ -339,11 +341,11 @@ def cmd_eval(args) -> int:
     weights = f"windows of {r['window']} tokens, stride {r['stride']}" if "window" in r else lm.run.weights
     if lm.vocab.kind == "char":
         print(f"{where}: loss {r['loss']:.4f} nats/char, {r['bpc']:.4f} bits/char, perplexity "
-              f"{r['perplexity']:.3f} over {r['chars']:,} characters ({weights})")
+              f"{r['perplexity']:.3f} over {r['chars']:,} characters ({weights}){unscored_note(r)}")
     else:
         print(f"{where}: {r['bpc']:.4f} bits/char ({r['nats_per_char']:.4f} nats/char) over {r['chars']:,} "
               f"characters; loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f} over "
-              f"{r['tokens']:,} {lm.vocab.kind} tokens ({weights})")
+              f"{r['tokens']:,} {lm.vocab.kind} tokens ({weights}){unscored_note(r)}")
     if args.dynamic:
         d = r["dynamic"]
         print(f"dynamic evaluation (lr {d['dynamic_lr']:g}, decay {d['dynamic_decay']:g}, segments of "

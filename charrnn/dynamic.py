@@ -16,15 +16,15 @@ changed, on disk or in memory.
 from __future__ import annotations
 
 import copy
-import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluation import LN2
+from .evaluation import scores
 from .models.charlm import CharLM
 from .options import DynamicOptions
+from .vocab import UNK_ID
 
 EPS = 1e-5
 
@@ -69,18 +69,18 @@ class Adapter:
 
     def read(self, x: torch.Tensor, y: torch.Tensor, state=None) -> tuple[float, object]:
         """Score ``y`` after ``x`` (ids ``(t,)``) with the current weights, then take one adaptation step on
-        them; the summed loss (nats) and the state after ``x``."""
+        them; the summed loss (nats) of its scored targets (all but ``[UNK]``) and the state after ``x``."""
         self.model.zero_grad()
         with torch.enable_grad():
             logits, state = self.model(x[None], state)
-            loss = F.cross_entropy(logits[0].float(), y, reduction="sum")
-            (loss / len(y)).backward()
+            losses = F.cross_entropy(logits[0].float(), y, reduction="none")
+            losses.mean().backward()         # learning from every target, [UNK] too, as training does
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p -= self.lr * p.grad / (self.rms[n] + EPS)
                 if self.pull[n] is not None:
                     p += self.pull[n] * (self.start[n] - p)
-        return loss.item(), _detach(state)
+        return float(losses.detach()[y != UNK_ID].sum()), _detach(state)
 
 
     def read_all(self, ids) -> float:
@@ -101,13 +101,11 @@ def _detach(state):
 
 
 def dynamic_evaluate(model: CharLM, ids: np.ndarray, rms: dict[str, torch.Tensor], options: DynamicOptions,
-                     chars: int | None = None) -> dict:
-    """The loss of ``ids`` (every id but the first, each scored once) read with dynamic evaluation:
-    ``{"loss", "perplexity"}`` per id, ``{"bpc", "nats_per_char"}`` over ``chars`` characters (default one
-    per id), ``{"tokens", "chars"}``, and the options used."""
+                     chars: int | None = None, unk_chars: int | None = None) -> dict:
+    """The loss of ``ids`` (every id but the first, each scored once, but ``[UNK]``) read with dynamic evaluation:
+    :func:`charrnn.evaluation.scores` (``chars`` and ``unk_chars`` as :func:`charrnn.evaluation.evaluate` takes
+    them) and the options used."""
     total = Adapter(model, rms, options).read_all(ids)
-    count = len(ids) - 1
-    chars = chars or count
-    return {"loss": total / count, "perplexity": math.exp(min(total / count, 700)), "bpc": total / chars / LN2,
-            "nats_per_char": total / chars, "tokens": count, "chars": chars, "dynamic_lr": options.dynamic_lr,
+    unk_tokens = int(np.count_nonzero(np.asarray(ids[1:]) == UNK_ID))
+    return {**scores(total, len(ids) - 1, unk_tokens, chars, unk_chars), "dynamic_lr": options.dynamic_lr,
             "dynamic_decay": options.dynamic_decay, "dynamic_segment": options.dynamic_segment}

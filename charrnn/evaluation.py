@@ -20,22 +20,56 @@ from .errors import CharRNNError
 from .hardware import autocast
 from . import ops
 from .models.charlm import CharLM
+from .vocab import UNK_ID
 
 LN2 = math.log(2)
 LOGITS_BYTES = 256 << 20  # the most memory one evaluation chunk's float32 logits take
 
 
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy of ``logits (..., V)`` summed over the ``targets`` that are scored, and their number:
+    every target but ``[UNK]`` (no model predicts the text an unknown word stands for) and padding (-100)."""
+    targets = targets.reshape(-1).masked_fill(targets.reshape(-1) == UNK_ID, -100)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=-100, reduction="sum")
+    return total, (targets >= 0).sum()
+
+
+def scores(total: float, targets: int, unk_tokens: int, chars: int | None = None, unk_chars: int | None = None
+           ) -> dict:
+    """The figures of a text's loss ``total`` (nats), summed over its ``targets`` but the ``unk_tokens`` of them
+    that are ``[UNK]``, which are not scored: ``{"loss", "perplexity"}`` per scored token, ``{"bpc",
+    "nats_per_char"}`` per scored character (the ``chars`` the targets cover less the ``unk_chars`` inside
+    ``[UNK]``; default one character per target, a character model); the counts ``{"tokens", "chars"}`` scored,
+    ``{"unk_tokens", "unk_chars"}`` not, and ``"unk_share"``, the share of the characters not scored."""
+    tokens, chars = targets - unk_tokens, chars or targets
+    unk_chars = unk_tokens if unk_chars is None else unk_chars
+    if not tokens:
+        raise CharRNNError("every token of the text is [UNK] (outside the run's vocabulary): nothing to score; "
+                           "evaluate on text in the run's own words")
+    scored = chars - unk_chars
+    return {"loss": total / tokens, "bpc": total / scored / LN2, "nats_per_char": total / scored,
+            "perplexity": math.exp(min(total / tokens, 700)), "tokens": tokens, "chars": scored,
+            "unk_tokens": unk_tokens, "unk_chars": unk_chars, "unk_share": unk_chars / chars}
+
+
+def unscored_note(r: dict) -> str:
+    """What a bits/char figure leaves out, as a clause to print after it ("" when it scores everything)."""
+    if not r.get("unk_chars"):
+        return ""
+    return (f"; {r['unk_share']:.1%} of the characters ({r['unk_chars']:,}) lie in {r['unk_tokens']:,} [UNK] tokens "
+            "and are not scored")
+
+
 @torch.no_grad()
 def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int = 16,
              device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-             dist: Dist = SINGLE, chars: int | None = None) -> dict:
-    """Mean loss over every id of ``ids`` (but the first), each predicted once.
+             dist: Dist = SINGLE, chars: int | None = None, unk_chars: int | None = None) -> dict:
+    """The loss of every id of ``ids`` (but the first), each predicted once, but ``[UNK]``.
 
     The text is cut into ``n_streams`` contiguous streams that run side by side; each
     is read in chunks of ``seq_len`` with the recurrent state carried between chunks,
-    as char-rnn evaluates.  Returns ``{"loss", "perplexity"}`` per id (per token), ``{"bpc",
-    "nats_per_char"}`` over ``chars``, the characters those ids spell (default: one per id, a character
-    model), and the counts ``{"tokens", "chars"}``.
+    as char-rnn evaluates.  Returns :func:`scores`: ``chars`` are the characters the targets cover,
+    ``unk_chars`` those inside ``[UNK]`` targets (default: one per target).
 
     Under data parallelism (``dist`` active; every rank calls this) each rank reads its own
     share of the streams and the loss sums are added up over the ranks, so every rank gets
@@ -45,8 +79,8 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     was_training = model.training
     model.eval()
     x, y = eval_streams(ids, n_streams)
+    targets, unk_tokens = int((y >= 0).sum()), int((y == UNK_ID).sum())
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = int((y >= 0).sum())
     mine = dist.share(x.shape[0])
     x, y = x[mine], y[mine]
     state = None
@@ -58,14 +92,11 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
             yb = y[:, t : t + seq_len].to(device=device, dtype=torch.int64)
             with autocast(device, amp_dtype), ops.evaluation():
                 logits, state = model(xb, state)
-            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yb.reshape(-1),
-                                     ignore_index=-100, reduction="sum").double()
+            total += loss_sum(logits, yb)[0].double()
     finally:
         model.train(was_training)
     dist.sum_(total)
-    loss, chars = float(total) / count, chars or count
-    return {"loss": loss, "bpc": float(total) / chars / LN2, "nats_per_char": float(total) / chars,
-            "perplexity": math.exp(min(loss, 700)), "tokens": count, "chars": chars}
+    return scores(float(total), targets, unk_tokens, chars, unk_chars)
 
 
 def held_out_ids(run_config: dict, vocab, corpus: str | None = None,

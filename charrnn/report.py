@@ -187,6 +187,8 @@ def write_report(run, out, force: bool = False, weights: str = "best") -> Path:
     unit = "char" if lm.vocab.kind == "char" else "token"
     best_bpc = f"{bits_per_char(best, 'val_'):.4f} bits/char" if best else "n/a"
     best_text = f"{best['val_loss']:.4f} nats/{unit} = {best_bpc}" if best else "n/a"
+    if best and best.get("val_unk_share"):
+        best_text += f" over the text outside [UNK] ({best['val_unk_share']:.1%} of the characters, not scored)"
     facts = [
         ("best validation loss", best_bpc),
         ("parameters", f"{n_params:,}"),

@@ -26,7 +26,9 @@ from .data import split_train_val
 from .errors import CharRNNError, OptionError
 from .fileio import atomic_save, atomic_write_json
 from .tokens import VERSION, TokenVocab
-from .vocab import Vocab
+from .vocab import UNK_ID, Vocab
+
+CHUNK_IDS = 1 << 24     # ids counted at a time (a corpus's ids may be a memory-mapped file)
 
 
 @dataclass
@@ -51,6 +53,24 @@ def corpus_text(corpus: EncodedCorpus, start: int = 0, stop: int | None = None) 
 def target_chars(vocab, ids: np.ndarray, chars: int) -> int:
     """The characters covered by ``ids[1:]`` of a text of ``chars`` characters."""
     return chars - len(vocab.decode(ids[:1])) if len(ids) else 0
+
+
+def id_counts(ids: np.ndarray, size: int) -> np.ndarray:
+    """How often each of the ``size`` ids occurs in ``ids``."""
+    counts = np.zeros(size, dtype=np.int64)
+    for i in range(0, len(ids), CHUNK_IDS):
+        counts += np.bincount(np.asarray(ids[i : i + CHUNK_IDS]), minlength=size)
+    return counts
+
+
+def unknown(vocab, ids: np.ndarray, chars: int) -> tuple[int, int]:
+    """(the ``[UNK]`` ids among ``ids``, the characters they stand for, of the ``chars`` that ``ids`` spell): text
+    no model predicts, which losses and bits per character leave out."""
+    if not any(np.any(np.asarray(ids[i : i + CHUNK_IDS]) == UNK_ID) for i in range(0, len(ids), CHUNK_IDS)):
+        return 0, 0                                  # most texts: a pass far cheaper than counting every id
+    counts = id_counts(ids, len(vocab))
+    lengths = np.array([len(b.decode("utf-8", errors="replace")) for b in vocab.token_bytes])
+    return int(counts[UNK_ID]), chars - int(counts @ lengths)
 
 
 def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", size: int | None = None,

@@ -13,7 +13,8 @@ event           when                     info
 ``after_log``   after a logged step      the record written to metrics.jsonl: ``step``, ``epoch``,
                                          ``time``, ``loss``, ``bpc``, ``lr``, ``chars_per_s``
 ``after_eval``  after an evaluation      the record written: ``step``, ``epoch``, ``time``,
-                                         ``val_loss``, ``val_bpc``
+                                         ``val_loss``, ``val_bpc``, ``val_unk_share`` (the share of
+                                         the characters in ``[UNK]`` tokens, not scored)
 ``epoch_end``   at the end of an epoch   the record written: ``step``, ``epoch``, ``time``,
                                          ``epoch_loss`` (the epoch's mean training loss)
 ``train_end``   after the last step      ``{"step", "stop_reason"}``
@@ -55,7 +56,7 @@ from .corpus import EncodedCorpus
 from .data import StreamBatches, WindowBatches
 from .distributed import SINGLE, Dist, rank_seed
 from .errors import CharRNNError, OptionError
-from .evaluation import LN2, evaluate
+from .evaluation import LN2, evaluate, unscored_note
 from .fileio import atomic_write_text
 from .hardware import autocast, check_model_fits, check_sampling_fits, resolve_device, resolve_precision
 from .models.charlm import CharLM, State
@@ -116,24 +117,32 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Itera
 def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, clip: float | None,
                device: torch.device, amp_dtype: torch.dtype | None, params: list | None = None,
                state: State | None = None, last_only: bool = False,
-               sampled: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, State]:
+               sampled: tuple[torch.Tensor, int] | None = None,
+               scored: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
     """One full step (forward, loss, backward, clip, update) from the recurrent ``state`` (None: zeros).
 
     Returns the loss (not synchronised) and the final state, detached from the graph (stateful
     training starts the next batch from it).  ``last_only`` puts the loss on each window's last
     character only (the Keras recipe).  ``params`` (default: the model's) are the ones clipped.  ``sampled``
     = ``(proposal, k)`` trains the output layer with a sampled softmax of ``k`` negatives (ops/sampled_softmax.py).
+    ``scored`` (a tensor of two numbers) gets added the summed loss of the targets that bits per character
+    scores, every one but ``[UNK]`` (which training learns as any other), and their number.
     """
     if last_only:
         y = y[:, -1:]
     with autocast(device, amp_dtype):
         out, state = model(x, state, last_only=last_only, features=sampled is not None)
+    reduction = "mean" if scored is None else "none"
     if sampled is None:
-        loss = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1))
+        losses = F.cross_entropy(out.float().reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
     else:
         head = getattr(model, "module", model).head
-        loss = sampled_softmax_loss(out.float().reshape(-1, out.shape[-1]), head.weight, head.bias, y.reshape(-1),
-                                    *sampled)
+        losses = sampled_softmax_loss(out.float().reshape(-1, out.shape[-1]), head.weight, head.bias, y.reshape(-1),
+                                      *sampled, reduction=reduction)
+    loss = losses.mean()
+    if scored is not None:
+        keep = y.reshape(-1) != UNK_ID
+        scored += torch.stack([(losses.detach() * keep).sum(), keep.sum().to(scored.dtype)])
     optimizer_step(opt, loss, params if params is not None else model.parameters(), clip)
     state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
     return loss.detach(), state
@@ -181,6 +190,11 @@ class Trainer:
         splits, self.batches = split_data(corpus, cfg, dist, saved_vocab, progress)
         self.vocab, self.train_ids, self.val_ids = splits.vocab, splits.train, splits.val
         self.val_chars, self.chars_per_token = splits.val_chars, splits.chars_per_token
+        self.val_unk_chars = tokenized.unknown(self.vocab, self.val_ids[1:], self.val_chars)[1]
+        # Bits/char leaves [UNK] targets and their characters out, as validation does (tokenized.unknown).
+        unk_tokens, unk_chars = tokenized.unknown(self.vocab, self.train_ids, splits.train_chars)
+        self.scores_unk = unk_tokens > 0
+        self.chars_per_scored_token = (splits.train_chars - unk_chars) / max(len(self.train_ids) - unk_tokens, 1)
         check_sampled_softmax(cfg, len(self.vocab))
         self.proposal = unigram_proposal(self.train_ids, len(self.vocab)) if cfg.sampled_softmax else None
         self.model_cfg = cfg.model_config(len(self.vocab))
@@ -309,19 +323,19 @@ class Trainer:
             group["lr"] = lr
         loss, carried = train_step(step_model, self.optimizer, x, y, cfg.clip, self.device, self.amp_dtype,
                                    state=self.stream_state, last_only=cfg.loss_on == "last",
-                                   sampled=(self.proposal, cfg.sampled_softmax) if cfg.sampled_softmax else None)
+                                   sampled=(self.proposal, cfg.sampled_softmax) if cfg.sampled_softmax else None,
+                                   scored=self.losses.scored if self.scores_unk else None)
         if cfg.stateful:
             self.stream_state = carried
         s.step, s.step_in_epoch, s.epoch_loss_count = s.step + 1, s.step_in_epoch + 1, s.epoch_loss_count + 1
         s.chars_seen += cfg.batch_size * cfg.seq_len
         self.losses.add(loss, cfg.batch_size * cfg.seq_len)  # tokens
         if s.step % cfg.log_every == 0 or s.step == 1:
-            mean, tokens_per_s = self.losses.window_mean()
+            mean, scored_mean, tokens_per_s = self.losses.window_mean()
             if not math.isfinite(mean):
-                raise CharRNNError(f"the training loss became {mean} at step {s.step}; lower --lr or set --clip "
-                                   "(the last good checkpoint is kept)")
-            self._emit("after_log", {"step": s.step, "epoch": s.epoch, "time": round(self.clock(), 3),
-                                     "loss": mean, "bpc": mean / LN2 / self.chars_per_token, "lr": lr,
+                raise CharRNNError(not_finite(mean, s.step))
+            self._emit("after_log", {"step": s.step, "epoch": s.epoch, "time": round(self.clock(), 3), "loss": mean,
+                                     "bpc": scored_mean / LN2 / self.chars_per_scored_token, "lr": lr,
                                      "chars_per_s": round(tokens_per_s * self.chars_per_token, 1)})
         epoch_done = s.step_in_epoch >= self.batches.steps_in_epoch(s.epoch)
         if epoch_done:
@@ -376,13 +390,19 @@ def resumed_vocab(run_dir: Path, cfg: TrainConfig):
 
 
 def unigram_proposal(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
-    """Sampled softmax's proposal: the training ids' frequencies, ``[UNK]`` (never a target worth learning) aside."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for i in range(0, len(ids), 1 << 24):
-        counts += np.bincount(np.asarray(ids[i : i + (1 << 24)]), minlength=vocab_size)
-    q = unigram(torch.from_numpy(counts))
-    q[UNK_ID] = 0.0
-    return q / q.sum()
+    """Sampled softmax's proposal: the training ids' frequencies (add-one smoothed), ``[UNK]``'s included: with a
+    capped --max-vocab it is a frequent target, which the full softmax trains as any other (the model learns how
+    often a word is unknown; evaluation leaves ``[UNK]`` targets unscored) and so must the sampled one."""
+    return unigram(torch.from_numpy(tokenized.id_counts(ids, vocab_size)))
+
+
+def not_finite(loss: float, step: int) -> str:
+    """What to say when the training loss logged at ``step`` is NaN or infinite."""
+    if step == 1:       # before any update: not a learning rate too high
+        return (f"the loss was {loss} at the first step, before any update: a defect or an input the model cannot "
+                "read, not a divergence; please report it with the command line")
+    return (f"the training loss became {loss} at step {step}; lower --lr or set --clip (the last good checkpoint is "
+            "kept)")
 
 
 def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None, progress: bool = False):
@@ -392,9 +412,10 @@ def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None, 
         raise CharRNNError("the processes read different corpora (their sha256 differ); give every machine "
                            "the same corpus file")
     splits = tokenized.split(corpus, cfg.val_fraction, cfg.tokenizer, cfg.max_vocab, vocab, progress)
-    if cfg.val_fraction > 0 and len(splits.val) < 2:
-        raise CharRNNError(f"the validation split ({len(splits.val)} tokens) is too short; "
-                           "use a longer corpus or a larger --val-fraction")
+    if cfg.val_fraction > 0 and not np.any(np.asarray(splits.val[1:]) != UNK_ID):
+        raise CharRNNError(f"the validation split ({len(splits.val)} tokens) is too short: no target of it is scored; "
+                           "use a longer corpus or a larger --val-fraction"
+                           + ("" if cfg.tokenizer == "char" else " or --max-vocab ([UNK] targets are not scored)"))
     if cfg.stateful:
         batches = StreamBatches(splits.train, cfg.seq_len, cfg.batch_size, cfg.seed)
     else:
@@ -457,6 +478,7 @@ class LossTracker:
         self.dist = dist
         self.window = torch.zeros((), device=device)  # since the last log line
         self.window_n = 0
+        self.scored = torch.zeros(2, device=device)   # train_step's: the loss of the scored targets and their number
         self.window_start, self.window_tokens = time.perf_counter(), 0
         self.epoch = torch.zeros((), dtype=torch.float64, device=device)  # not yet in TrainState.epoch_loss_sum
 
@@ -466,15 +488,18 @@ class LossTracker:
         self.window_tokens += tokens
         self.epoch += loss
 
-    def window_mean(self) -> tuple[float, float]:
-        """(mean loss, tokens per second) since the last call."""
+    def window_mean(self) -> tuple[float, float, float]:
+        """(mean loss, mean loss of the scored targets (without ``[UNK]``; the mean loss when none were
+        counted), tokens per second) since the last call."""
         mean = float(self.dist.sum_(self.window)) / self.dist.world / self.window_n
+        total, count = self.dist.sum_(self.scored).tolist()
+        self.scored.zero_()
         now = time.perf_counter()
         tokens_per_s = self.window_tokens / max(now - self.window_start, 1e-9)
         self.window_start, self.window_tokens = now, 0
         self.window.zero_()
         self.window_n = 0
-        return mean, tokens_per_s
+        return mean, total / count if count else mean, tokens_per_s
 
     def flush_epoch(self, state: ckpt.TrainState) -> None:
         state.epoch_loss_sum += float(self.dist.sum_(self.epoch)) / self.dist.world
@@ -588,7 +613,8 @@ class Validation:
         if t.cfg.val_fraction == 0:
             return
         result = evaluate(t.model, t.val_ids, seq_len=max(t.cfg.seq_len, 256), n_streams=t.cfg.eval_streams,
-                          device=t.device, amp_dtype=t.amp_dtype, dist=t.dist, chars=t.val_chars)
+                          device=t.device, amp_dtype=t.amp_dtype, dist=t.dist, chars=t.val_chars,
+                          unk_chars=t.val_unk_chars)
         loss = s.last_val = result["loss"]
         if s.best_val is None or loss < s.best_val:
             s.best_val = loss
@@ -596,9 +622,9 @@ class Validation:
                 ckpt.save_weights(t.run_dir / ckpt.BEST, t.model, s.step)
         unit = "char" if t.vocab.kind == "char" else "token"
         t.console.write(f"step {s.step} ({why}): val loss {loss:.4f} nats/{unit}, {result['bpc']:.4f} bits/char"
-                        + (" (best)" if loss == s.best_val else ""))
+                        + (" (best)" if loss == s.best_val else "") + unscored_note(result))
         t._emit("after_eval", {"step": s.step, "epoch": s.epoch, "time": round(s.train_time, 3),
-                               "val_loss": loss, "val_bpc": result["bpc"]})
+                               "val_loss": loss, "val_bpc": result["bpc"], "val_unk_share": result["unk_share"]})
 
 
 class Samples:

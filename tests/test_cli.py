@@ -62,7 +62,9 @@ def test_eval_json_and_on_another_corpus(capsys, trained_run, tmp_path):
     code, out, _ = cli(capsys, "eval", run, "--json")
     assert code == 0
     r = json.loads(out)
-    assert set(r) == {"loss", "bpc", "nats_per_char", "perplexity", "tokens", "chars"}
+    assert set(r) == {"loss", "bpc", "nats_per_char", "perplexity", "tokens", "chars", "unk_tokens", "unk_chars",
+                      "unk_share"}
+    assert r["unk_tokens"] == r["unk_chars"] == r["unk_share"] == 0         # its own text has no [UNK]
     assert r["chars"] == r["tokens"] == 2_000 - 1 and r["loss"] < 1.5      # a character model: one and the same
     assert r["nats_per_char"] == r["loss"] and r["bpc"] == pytest.approx(r["loss"] / 0.693147, rel=1e-5)
     other = tmp_path / "other.txt"

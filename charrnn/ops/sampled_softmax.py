@@ -40,13 +40,14 @@ def full_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def sampled_softmax_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
-                         proposal: torch.Tensor, num_sampled: int, generator: torch.Generator | None = None
-                         ) -> torch.Tensor:
-    """Mean sampled-softmax cross-entropy; the negatives are drawn with replacement, shared by all positions."""
+                         proposal: torch.Tensor, num_sampled: int, generator: torch.Generator | None = None,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Sampled-softmax cross-entropy, the mean (``reduction="none"``: each position's); the negatives are drawn with
+    replacement, shared by all positions."""
     sampled = torch.multinomial(proposal, num_sampled, replacement=True, generator=generator).to(hidden.device)
     log_kq = torch.log(proposal.to(hidden.device) * num_sampled)
     true_logit = (hidden * weight[targets]).sum(-1) + bias[targets] - log_kq[targets]
     sampled_logits = F.linear(hidden, weight[sampled], bias[sampled]) - log_kq[sampled]
     sampled_logits = sampled_logits.masked_fill(sampled.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([true_logit.unsqueeze(1), sampled_logits], dim=1).float()
-    return F.cross_entropy(logits, torch.zeros_like(targets))
+    return F.cross_entropy(logits, torch.zeros_like(targets), reduction=reduction)

@@ -123,6 +123,16 @@ PROBES = [
           "trains, in under 1 GiB of memory (encoded in chunks)"),
     Probe("corpus-huge-vocab", "corpora", "a corpus of 100,000 distinct characters",
           "trains, in under 1.5 GiB of memory: evaluation cuts its logits into chunks (it took 3.7 GB)"),
+    Probe("word-unk-bits-per-char", "tokenizers", "`--tokenizer word --max-vocab 2` on random letters, every word "
+          "`[UNK]`; `eval`, its `--json`, training's validation and loss; a validation split or `eval --corpus` "
+          "text of `[UNK]` only",
+          "bits/char only over the text the model predicts (`[UNK]` targets and their characters left out: one bit "
+          "a separator, not 0.2 bits/char), the unscored share printed and in `--json`; training reports eval's "
+          "figure; nothing to score is refused in one line, before anything is written"),
+    Probe("word-sampled-softmax", "tokenizers", "`--tokenizer word --max-vocab 12 --sampled-softmax 6` (`[UNK]` a "
+          "frequent target), and a loss NaN at the first step",
+          "trains (it was NaN at step 1: `[UNK]` had no proposal mass); its estimate tested against the full "
+          "softmax; a first-step NaN is called a defect or bad input, not a divergence"),
 
     Probe("option-walk", "options", "NaN, inf, -inf, -1, 0, 10**23 and 1e30 for every numeric option of every "
           "command (train, generate, serve, the tasks), the list read from the parser",
