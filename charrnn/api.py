@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -28,6 +30,7 @@ from .evaluation import evaluate, held_out_ids, training_ids
 from .hardware import resolve_device
 from .options import DynamicOptions
 from .sampling import Completion, Sampler
+from .vocab import UNK_ID
 
 if TYPE_CHECKING:  # the training code is imported by train() alone: loading a run for inference needs none of it
     from .training import TrainResult
@@ -155,22 +158,32 @@ class LanguageModel(Generator):
         tokenizers and model kinds), ``{tokens, chars}``.  With ``dynamic`` options, also ``"dynamic"``: the
         same text read once more with dynamic evaluation (:mod:`charrnn.dynamic`)."""
         ids, chars = held_out_ids(self.config, self.vocab, corpus, val_fraction)
+        # The step sizes first: they refuse a segment the memory or the training split cannot hold.
+        rms = self._gradient_rms(dynamic) if dynamic is not None else None
         result = evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars)
         if dynamic is not None:
-            rms = gradient_rms(self.model, training_ids(self.config, self.vocab), dynamic.dynamic_segment)
             result["dynamic"] = dynamic_evaluate(self.model, ids, rms, dynamic, chars)
         return result
 
-    def adapted(self, text: str, options: DynamicOptions | None = None) -> LanguageModel:
+    def _gradient_rms(self, options: DynamicOptions) -> dict[str, torch.Tensor]:
+        return gradient_rms(self.model, training_ids(self.config, self.vocab), options.dynamic_segment)
+
+    def adapted(self, text: str, options: DynamicOptions | None = None, *, progress: bool = False,
+                log: Callable[[str], None] | None = None) -> LanguageModel:
         """A copy of this model adapted to ``text`` (a style sample, a user's own writing) by reading it with
-        dynamic evaluation; this model and the run's files are not changed."""
+        dynamic evaluation; this model and the run's files are not changed.  ``progress`` shows a progress bar
+        on a text that takes a while; ``log(message)`` receives the warning for a text of which the model knows
+        nothing (default: stderr)."""
         options = (options or DynamicOptions()).validate()
         ids = self.vocab.encode(text)
         if len(ids) < 2:
             raise CharRNNError("the text to adapt to is shorter than two tokens; give a longer one")
-        rms = gradient_rms(self.model, training_ids(self.config, self.vocab), options.dynamic_segment)
-        adapter = Adapter(self.model, rms, options)
-        adapter.read_all(ids)
+        adapter = Adapter(self.model, self._gradient_rms(options), options)
+        if not np.any(ids != UNK_ID):
+            log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+            log(f"warning: no {'character' if self.vocab.kind == 'char' else 'token'} of the text to adapt to is in "
+                "the model's vocabulary (all are read as [UNK]): the model learns nothing from it about what to write")
+        adapter.read_all(ids, progress=progress)
         return LanguageModel(dataclasses.replace(self.run, model=adapter.model), self.device, int8=self.int8)
 
 
