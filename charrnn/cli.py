@@ -216,9 +216,9 @@ def cmd_generate(args) -> int:
         else:
             print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
         return 0
-    if args.json and _is_exported(args.run):
-        print(json.dumps({"samples": lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)},
-                         ensure_ascii=False))
+    if args.json and _is_exported(args.run):        # no stop texts here: every sample runs to its length
+        samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)
+        print(json.dumps({"samples": samples, "finish_reasons": ["length"] * len(samples)}, ensure_ascii=False))
     elif args.json:
         done = lm.complete(o.prompt, o.length, num_samples=o.num_samples, **options)
         out = {"samples": [c.text for c in done], "finish_reasons": [c.finish_reason for c in done]}
