@@ -119,6 +119,29 @@ PROBES = [
           "refused before training, naming --sample-prompt; the final checkpoint is written before the last sample"),
     Probe("int8-nan", "numerics", "a NaN or infinite activation in the int8 sampling step (AVX2 and portable "
           "kernels)", "every output of that sample is NaN, as in the PyTorch reference: no NaN hidden"),
+    # -- dynamic evaluation, --adapt, the min cells and sampling's edges (test_dynamic_and_cells.py) --
+    Probe("dynamic-segment", "dynamic evaluation", "`eval --dynamic` and `generate --adapt` with a "
+          "`--dynamic-segment` at, past or just below the training split, or past the memory here",
+          "refused in one line naming the largest segment the run allows (or the memory needed) before any work; "
+          "the largest allowed is read"),
+    Probe("adapt-file", "dynamic evaluation", "`generate --adapt` with a FIFO, `/dev/zero`, `/dev/null`, a folder, "
+          "a missing file; a text of characters the model never saw; a long text",
+          "regular files only, checked as a corpus file is: refused in one line without opening them; a warning "
+          "for a text the model knows nothing of; a progress bar once adapting takes a while"),
+    Probe("min-cells-bf16", "numerics", "minGRU / minLSTM under bf16 autocast (what `--precision auto` picks on "
+          "CPUs with native bf16), over 1,000 steps",
+          "the parallel scan equals the step-by-step recurrence (it was 100% off by step 1,000); training's "
+          "validation loss is what `charrnn eval` gives"),
+    Probe("huge-temperature", "options", "`--temperature 1e39` or `inf` (a run, an `.onnx` file, the library, "
+          "both endpoints, `--sample-temperatures`)",
+          "refused in one line (400 / 422 naming `temperature`) everywhere alike; 1e38 samples"),
+    Probe("beam-length", "options", "`generate --beam-width` on word and BPE vocabularies",
+          "every beam has the `--length` asked for (they had as many tokens as the greedy text, and fewer "
+          "characters)"),
+    Probe("onnx-finish-reasons", "options", "`generate FILE.onnx --json`",
+          "`finish_reasons` as `generate RUN --json` gives them"),
+    Probe("weights-bytes", "runs", "the same weights saved twenty times",
+          "the same bytes each time: safetensors' metadata written sorted (its order was random)"),
 
     # -- server abuse (test_server.py) --
     Probe("server-hostile-json", "server", "bodies with a 5,000-deep JSON array, a 5,001-digit integer, a lone "
