@@ -169,20 +169,20 @@ class LanguageModel(Generator):
         return gradient_rms(self.model, training_ids(self.config, self.vocab), options.dynamic_segment)
 
     def adapted(self, text: str, options: DynamicOptions | None = None, *, progress: bool = False,
-                log: Callable[[str], None] | None = None) -> LanguageModel:
+                log: Callable[[str], None] | None = None, what: str = "the text to adapt to") -> LanguageModel:
         """A copy of this model adapted to ``text`` (a style sample, a user's own writing) by reading it with
         dynamic evaluation; this model and the run's files are not changed.  ``progress`` shows a progress bar
         on a text that takes a while; ``log(message)`` receives the warning for a text of which the model knows
-        nothing (default: stderr)."""
+        nothing (default: stderr); ``what`` names the text in the messages."""
         options = (options or DynamicOptions()).validate()
         ids = self.vocab.encode(text)
         if len(ids) < 2:
-            raise CharRNNError("the text to adapt to is shorter than two tokens; give a longer one")
+            raise CharRNNError(f"{what} is shorter than two tokens; give a longer one")
         adapter = Adapter(self.model, self._gradient_rms(options), options)
         if not np.any(ids != UNK_ID):
             log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-            log(f"warning: no {'character' if self.vocab.kind == 'char' else 'token'} of the text to adapt to is in "
-                "the model's vocabulary (all are read as [UNK]): the model learns nothing from it about what to write")
+            log(f"warning: no {'character' if self.vocab.kind == 'char' else 'token'} of {what} is in the model's "
+                "vocabulary (all are read as [UNK]): the model learns nothing from it about what to write")
         adapter.read_all(ids, progress=progress)
         return LanguageModel(dataclasses.replace(self.run, model=adapter.model), self.device, int8=self.int8)
 

@@ -181,7 +181,7 @@ def _generator(args, o: GenerationOptions):
         if style is not None:
             if not hasattr(lm, "adapted"):
                 raise CharRNNError("--adapt applies to charrnn runs; drop it for a Hugging Face model")
-            lm = lm.adapted(style, dynamic, progress=True)
+            lm = lm.adapted(style, dynamic, progress=True, what=f"--adapt {args.adapt}")
         return lm, options
     # An exported file: onnxruntime and NumPy only (this path never imports torch).
     from .runtime import load as load_exported

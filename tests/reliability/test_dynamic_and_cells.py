@@ -106,7 +106,7 @@ def test_adapting_to_a_text_the_model_knows_nothing_of_warns(capsys, run_dir, tm
     foreign.write_text("日本語の文章です。" * 20, encoding="utf-8")
     code, out, err = cli(capsys, "generate", run_dir, "--adapt", foreign, "--length", 5, "--seed", 1,
                          "--dynamic-segment", 5)
-    assert code == 0 and err.splitlines()[0] == ("warning: no character of the text to adapt to is in the model's "
+    assert code == 0 and err.splitlines()[0] == (f"warning: no character of --adapt {foreign} is in the model's "
                                                  "vocabulary (all are read as [UNK]): the model learns nothing from "
                                                  "it about what to write"), err
 
