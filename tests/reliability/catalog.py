@@ -105,9 +105,12 @@ PROBES = [
           "trains, in under 1.5 GiB of memory: evaluation cuts its logits into chunks (it took 3.7 GB)"),
 
     Probe("option-walk", "options", "NaN, inf, -inf, -1, 0, 10**23 and 1e30 for every numeric option of every "
-          "command (train, generate, serve, the tasks), the list read from the parser",
-          "each refused in one line naming the option (exit 2) or honoured (exit 0): no traceback, no hang, nothing "
-          "past an 8 GiB address-space limit; NaN and -1 always refused before any work"),
+          "command (train, generate, eval, serve, the tasks; `--dynamic-*` also with `eval --dynamic` and `generate "
+          "--adapt`), the list read from the parser; `eval --corpus` and `generate --adapt` given a FIFO, "
+          "`/dev/zero`, `/dev/null`, a folder, a missing, a Latin-1 or an empty file",
+          "each refused in one line naming the option or its file (exit 2) or honoured (exit 0): no traceback, no "
+          "hang, nothing past an 8 GiB address-space limit; NaN, -1 and the hostile files always refused, NaN and -1 "
+          "before any work"),
     Probe("model-size", "options", "`--hidden 10000000`, `--layers 100000`, `--layers 10**23`",
           "refused before anything is allocated, with the memory a training step needs and the memory here"),
     Probe("sample-length", "options", "`--sample-length` past the memory here; SIGTERM while a long training "
