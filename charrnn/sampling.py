@@ -434,11 +434,11 @@ class Sampler:
         end = logits.shape[-1]          # one more id, the beams' end: "this text has its length"
 
         def scored(out: torch.Tensor, text) -> torch.Tensor:
-            """The log-probabilities of the next ids and of the end, which is all a finished text may take."""
+            """The next ids' log-probabilities and the end's: a text that has its length takes the end alone, at
+            no cost; the others cannot take it."""
             lp = torch.log_softmax(out.float(), -1)
             finished = torch.tensor([c >= length for c in text.chars], device=lp.device)[:, None]
-            lp = torch.cat([lp.masked_fill(finished, float("-inf")), torch.zeros_like(lp[:, :1])], 1)
-            return lp.masked_fill(~finished & (torch.arange(end + 1, device=lp.device) == end), float("-inf"))
+            return torch.cat([lp.masked_fill(finished, float("-inf")), torch.where(finished, 0.0, float("-inf"))], 1)
 
         def step(ids, beams: _Beams):
             ids = ids.clamp(max=end - 1)       # a finished beam reads any id: its text is complete
