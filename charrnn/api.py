@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
@@ -159,23 +161,33 @@ class LanguageModel(Generator):
         same text read once more with dynamic evaluation (:mod:`charrnn.dynamic`)."""
         ids, chars = held_out_ids(self.config, self.vocab, corpus, val_fraction)
         unk_chars = unknown(self.vocab, ids[1:], chars)[1]
+        # The step sizes first: they refuse a segment the memory or the training split cannot hold.
+        rms = self._gradient_rms(dynamic) if dynamic is not None else None
         result = evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars,
                           unk_chars=unk_chars)
         if dynamic is not None:
-            rms = gradient_rms(self.model, training_ids(self.config, self.vocab), dynamic.dynamic_segment)
             result["dynamic"] = dynamic_evaluate(self.model, ids, rms, dynamic, chars, unk_chars)
         return result
 
-    def adapted(self, text: str, options: DynamicOptions | None = None) -> LanguageModel:
+    def _gradient_rms(self, options: DynamicOptions) -> dict[str, torch.Tensor]:
+        return gradient_rms(self.model, training_ids(self.config, self.vocab), options.dynamic_segment)
+
+    def adapted(self, text: str, options: DynamicOptions | None = None, *, progress: bool = False,
+                log: Callable[[str], None] | None = None, what: str = "the text to adapt to") -> LanguageModel:
         """A copy of this model adapted to ``text`` (a style sample, a user's own writing) by reading it with
-        dynamic evaluation; this model and the run's files are not changed."""
+        dynamic evaluation; this model and the run's files are not changed.  ``progress`` shows a progress bar
+        on a text that takes a while; ``log(message)`` receives the warning for a text of which the model knows
+        nothing (default: stderr); ``what`` names the text in the messages."""
         options = (options or DynamicOptions()).validate()
         ids = self.vocab.encode(text)
         if len(ids) < 2:
-            raise CharRNNError("the text to adapt to is shorter than two tokens; give a longer one")
-        rms = gradient_rms(self.model, training_ids(self.config, self.vocab), options.dynamic_segment)
-        adapter = Adapter(self.model, rms, options)
-        adapter.read_all(ids)
+            raise CharRNNError(f"{what} is shorter than two tokens; give a longer one")
+        adapter = Adapter(self.model, self._gradient_rms(options), options)
+        if not np.any(ids != UNK_ID):
+            log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+            log(f"warning: no {'character' if self.vocab.kind == 'char' else 'token'} of {what} is in the model's "
+                "vocabulary (all are read as [UNK]): the model learns nothing from it about what to write")
+        adapter.read_all(ids, progress=progress)
         return LanguageModel(dataclasses.replace(self.run, model=adapter.model), self.device, int8=self.int8)
 
 

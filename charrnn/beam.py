@@ -75,13 +75,11 @@ def _mask(log_probs: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
 
 @torch.inference_mode()
 def greedy_search(step: StepFn, start_ids: torch.Tensor, state, max_len: int, *, eos_id: int | None = None,
-                  banned: Sequence[int] = (), first_log_probs: torch.Tensor | None = None,
-                  until: Callable[[torch.Tensor], bool] | None = None) -> list[Hypothesis]:
+                  banned: Sequence[int] = (), first_log_probs: torch.Tensor | None = None) -> list[Hypothesis]:
     """The most likely token at every step, for a batch; one :class:`Hypothesis` per batch row.
 
     ``first_log_probs`` (batch, vocab), if given, are the first step's log-probabilities
     (``start_ids`` is then not used): a language model primed with its prompt has them already.
-    ``until``, if given, sees each step's tokens ``(batch,)``; the search ends once it returns True.
     """
     n = start_ids.shape[0] if first_log_probs is None else first_log_probs.shape[0]
     ids = start_ids
@@ -101,8 +99,6 @@ def greedy_search(step: StepFn, start_ids: torch.Tensor, state, max_len: int, *,
             done |= ids.cpu() == eos_id
             if bool(done.all()):
                 break
-        if until is not None and until(ids):
-            break
     seqs = torch.stack(out, 1).tolist() if out else [[] for _ in range(n)]
     result = []
     for row, score in zip(seqs, scores.tolist()):

@@ -250,8 +250,19 @@ def start_run(path, cfg: dict, vocab: Vocab) -> None:
 
 
 def save_weights(path, model: CharLM, step: int) -> None:
+    atomic_write_bytes(path, weights_bytes(model, {"format": "pt", "step": str(step)}))
+
+
+def weights_bytes(model: torch.nn.Module, metadata: dict[str, str]) -> bytes:
+    """The model's weights as a safetensors file, the same bytes for the same weights: safetensors writes
+    ``__metadata__`` in a random order (safetensors/safetensors#584), so the header is written again sorted."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(tensors, metadata={"format": "pt", "step": str(step)}))
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return data[:8] + text.ljust(n) + data[8 + n:] if len(text) <= n else data
 
 
 # --------------------------------------------------------------------------- the trainer state (exact resume)

@@ -159,18 +159,6 @@ def _is_exported(path: str) -> bool:
     return path.lower().endswith(".onnx")
 
 
-def _read_text(path: str, flag: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise CharRNNError(f"{flag} {path}: no such file; give a UTF-8 text file") from None
-    except IsADirectoryError:
-        raise CharRNNError(f"{flag} {path} is a directory; give a UTF-8 text file") from None
-    except UnicodeDecodeError as e:
-        raise CharRNNError(f"{flag} {path} is not UTF-8 (byte {e.start}); convert it, e.g. with iconv") from None
-
-
 def _generator(args, o: GenerationOptions):
     """The model to generate from and the decoding options (an .onnx file brings its own defaults), checked."""
     from .options import check_beam_width, check_sampling_options
@@ -195,11 +183,14 @@ def _generator(args, o: GenerationOptions):
             if decoding_only:
                 raise CharRNNError(f"{decoding_only[0]} applies to sampling and greedy decoding, not to --beam-width; "
                                    "drop one of them")
+        from .corpus import read_text_file
+
+        style = read_text_file(args.adapt, "--adapt") if args.adapt is not None else None
         lm = load(args.run, weights=args.weights or "best", device=args.device or "cpu", int8=args.int8)
-        if args.adapt is not None:
+        if style is not None:
             if not hasattr(lm, "adapted"):
                 raise CharRNNError("--adapt applies to charrnn runs; drop it for a Hugging Face model")
-            lm = lm.adapted(_read_text(args.adapt, "--adapt"), dynamic)
+            lm = lm.adapted(style, dynamic, progress=True, what=f"--adapt {args.adapt}")
         return lm, options
     # An exported file: onnxruntime and NumPy only (this path never imports torch).
     from .runtime import load as load_exported
@@ -234,8 +225,9 @@ def cmd_generate(args) -> int:
         else:
             print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
         return 0
-    if args.json and _is_exported(args.run):
-        _print_json({"samples": lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)})
+    if args.json and _is_exported(args.run):        # no stop texts here: every sample runs to its length
+        samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)
+        _print_json({"samples": samples, "finish_reasons": ["length"] * len(samples)})
     elif args.json:
         done = lm.complete(o.prompt, o.length, num_samples=o.num_samples, **options)
         out = {"samples": [c.text for c in done], "finish_reasons": [c.finish_reason for c in done]}

@@ -53,6 +53,9 @@ POSITIVE_NUMBER: Check = (lambda v: _number(v) and v > 0, "must be a positive nu
 NON_NEGATIVE: Check = (lambda v: _number(v) and v >= 0, "must be >= 0")
 SEED: Check = (lambda v: _integer(v) and 0 <= v < 2**63, "must be an integer from 0 to 2**63 - 1")
 DROP_PROBABILITY: Check = (lambda v: _number(v) and 0 <= v < 1, "must be in [0, 1)")
+# Sampling divides float32 logits by the temperature: float32 ends at 3.4e38, past which T is infinite there and
+# turns the -inf of banned ids into NaN (any T past about 100 samples all but uniformly anyway).
+TEMPERATURE: Check = (lambda v: _number(v) and 0 <= v <= 1e38, "must be >= 0 (0 means greedy) and at most 1e38")
 
 
 def option(default=MISSING, help: str = "", *, factory=MISSING, choices=None, check: Check | None = None,
@@ -234,7 +237,8 @@ class TrainConfig:
     sample_temperatures: list[float] = _samples(
         help="one sample per temperature", factory=lambda: [0.2, 0.5, 1.0, 1.2], metavar="T1,T2,...",
         parse=_temperatures,
-        check=(lambda ts: bool(ts) and all(_number(t) and t >= 0 for t in ts), "must be numbers >= 0 (0 is greedy)"))
+        check=(lambda ts: bool(ts) and all(TEMPERATURE[0](t) for t in ts),
+               "must be numbers >= 0 (0 is greedy) and at most 1e38"))
     sample_length: int = _samples(200, "characters per sample", check=POSITIVE_INT)
     sample_prompt: str | None = _samples(None, "text the samples continue",
                                          default_text="the first 40 characters of the validation text")

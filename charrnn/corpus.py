@@ -323,6 +323,18 @@ def read_text(spec: str, lowercase: bool = False, newlines_to_spaces: bool = Fal
     return "".join(_iter_text(files, lowercase, newlines_to_spaces))
 
 
+def read_text_file(path: str, option: str) -> str:
+    """The text of the UTF-8 file ``path`` that the command-line ``option`` names, checked as a corpus file is:
+    a regular file only (a FIFO would block, a device never end)."""
+    kind = _path_kind(Path(path).expanduser())
+    if kind is None:
+        raise CharRNNError(f"{option} {path}: no such file; give a UTF-8 text file")
+    if kind != "file":
+        raise CharRNNError(f"{option} {path} is {'a directory' if kind == 'directory' else kind}, not a regular "
+                           "file; give a UTF-8 text file")
+    return "".join(_iter_text([Path(path).expanduser()], False, False))
+
+
 # --------------------------------------------------------------------------- encoded corpora
 
 

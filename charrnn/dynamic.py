@@ -21,19 +21,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import OptionError
 from .evaluation import scores
+from .hardware import check_rows_fit
 from .models.charlm import CharLM
 from .options import DynamicOptions
 from .vocab import UNK_ID
 
 EPS = 1e-5
+PROGRESS_AFTER = 2.0    # seconds: reading a text that takes longer than this shows a progress bar
 
 
 def gradient_rms(model: CharLM, train_ids: np.ndarray, segment: int, batches: int = 20, rows: int = 16,
                  seed: int = 0) -> dict[str, torch.Tensor]:
     """√MS_g: the root mean squared gradient of each weight over ``batches`` batches of ``rows`` random
-    training segments (the normalisation the adaptation steps use)."""
+    training segments (the normalisation the adaptation steps use).  A ``segment`` (``--dynamic-segment``)
+    whose backward pass the memory here cannot hold, or that ``rows`` times over is longer than the training
+    split, is refused before any work."""
     device = next(model.parameters()).device
+    check_rows_fit(device, "dynamic_segment", segment, 1, model.config.training_bytes(rows, segment))
+    most = max(1, (len(train_ids) - 1) // rows)
+    if segment > most:
+        raise OptionError("dynamic_segment", "must be at most {most:,} for this run: the step sizes are measured on "
+                                             "{rows} segments of its training split ({ids:,} ids) at a time; got "
+                                             "{value:,}", most=most, rows=rows, ids=len(train_ids), value=segment)
     rng = np.random.default_rng(seed)
     squares = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     was_training = model.training
@@ -83,16 +94,21 @@ class Adapter:
         return float(losses.detach()[y != UNK_ID].sum()), _detach(state)
 
 
-    def read_all(self, ids) -> float:
+    def read_all(self, ids, progress: bool = False) -> float:
         """Read ``ids`` in order, a segment at a time (each scored, then learned from); the summed loss of
-        every id but the first."""
+        every id but the first.  ``progress``: a progress bar on stderr once it takes a while."""
+        from tqdm import tqdm
+
         device = next(self.model.parameters()).device
         seq = torch.from_numpy(np.asarray(ids).astype(np.int64)).to(device)
         total, state, seg = 0.0, None, self.segment
-        for start in range(0, len(seq) - 1, seg):
-            x, y = seq[start:start + seg], seq[start + 1:start + seg + 1]
-            loss, state = self.read(x[:len(y)], y, state)
-            total += loss
+        with tqdm(total=len(seq) - 1, unit="token", desc="adapting", delay=PROGRESS_AFTER,
+                  disable=not progress) as bar:
+            for start in range(0, len(seq) - 1, seg):
+                x, y = seq[start:start + seg], seq[start + 1:start + seg + 1]
+                loss, state = self.read(x[:len(y)], y, state)
+                total += loss
+                bar.update(len(y))
         return total
 
 

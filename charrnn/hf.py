@@ -348,6 +348,15 @@ class DecodeStream:
     def done(self) -> bool:
         return all(c >= self.length for c in self.chars)
 
+    def select_rows(self, index) -> DecodeStream:
+        """A stream of the rows ``index`` of this one, each where it is (beam search re-orders its beams)."""
+        rows = [int(r) for r in index]
+        new = copy.copy(self)
+        new.contexts, new.starts = [self.contexts[r] for r in rows], [self.starts[r] for r in rows]
+        new.ids = [list(self.ids[r]) for r in rows]
+        new.chars, new.held = [self.chars[r] for r in rows], [self.held[r] for r in rows]
+        return new
+
 
 class PretrainedSampler(Sampler):
     """:class:`charrnn.sampling.Sampler` over a transformer: its generation, streaming and beam search,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .config import NON_NEGATIVE_INT, POSITIVE_INT, SEED, check_fields, option
+from .config import NON_NEGATIVE_INT, POSITIVE_INT, SEED, TEMPERATURE, check_fields, option
 from .errors import OptionError
 
 # Temperatures below this sample as greedily as 0 does: the distribution is one-hot long before, and
@@ -28,7 +28,7 @@ class GenerationOptions:
     prompt: str = option("", "text to continue", default_text="start after a newline")
     length: int = option(1000, "characters to generate per sample", check=NON_NEGATIVE_INT)
     temperature: float = option(1.0, f"0 (or below {GREEDY_BELOW:g}) is greedy; lower is safer, higher wilder",
-                                check=(lambda v: v >= 0, "must be >= 0 (0 means greedy)"),
+                                check=TEMPERATURE,
                                 default_text="1, or the default stored in an .onnx file")
     top_k: int | None = option(None, "sample only among the K most likely characters", metavar="K",
                                check=POSITIVE_INT)

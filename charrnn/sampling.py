@@ -420,7 +420,8 @@ class Sampler:
         """The ``beam_width`` most likely continuations of ``prompt`` (``length`` characters each, ``[UNK]``
         excluded), as ``(prompt + continuation, total log-probability of the continuation)``, best first.
 
-        Beam search from :mod:`charrnn.beam` over :class:`Stepper` (all beams in one batched step).
+        Beam search from :mod:`charrnn.beam` over :class:`Stepper` (all beams in one batched step); a beam
+        ends once its text has ``length`` characters (its last token may reach past them, and is cut).
         """
         from .beam import search
 
@@ -430,36 +431,39 @@ class Sampler:
         if length == 0:
             return [(prompt, 0.0)]
         logits, state = self.prime([prompt])
+        end = logits.shape[-1]          # one more id, the beams' end: "this text has its length"
 
-        def step(ids, st):
-            out, st = self.stepper.step(ids, st)
-            return torch.log_softmax(out.float(), -1), st
+        def scored(out: torch.Tensor, text) -> torch.Tensor:
+            """The next ids' log-probabilities and the end's: a text that has its length takes the end alone, at
+            no cost; the others cannot take it."""
+            lp = torch.log_softmax(out.float(), -1)
+            finished = torch.tensor([c >= length for c in text.chars], device=lp.device)[:, None]
+            return torch.cat([lp.masked_fill(finished, float("-inf")), torch.where(finished, 0.0, float("-inf"))], 1)
 
-        first = torch.log_softmax(logits.float(), -1)
+        def step(ids, beams: _Beams):
+            ids = ids.clamp(max=end - 1)       # a finished beam reads any id: its text is complete
+            beams.text.push(ids.tolist())
+            out, st = self.stepper.step(ids, beams.state)
+            return scored(out, beams.text), _Beams(st, beams.text)
+
         start = torch.zeros(1, dtype=torch.long, device=self.device)
-        tokens = self._beam_tokens(step, start, state, first, prompt, length)
-        hyps = search(step, start, state, tokens, beam_width, banned=(UNK_ID, *self.vocab.banned),
-                      first_log_probs=first)[0]
+        beams = _Beams(state, self.text_stream([prompt], length))
+        hyps = search(step, start, beams, self.vocab.steps_for(length) + 1, beam_width, eos_id=end,
+                      banned=(UNK_ID, *self.vocab.banned), first_log_probs=scored(logits, beams.text))[0]
         texts = []
         for h in hyps:
             text = self.text_stream([prompt], length)
             texts.append(prompt + "".join(text.push([i])[0] for i in h.ids))
         return list(zip(texts, [h.log_prob for h in hyps]))
 
-    def _beam_tokens(self, step, start, state, first, prompt: str, length: int) -> int:
-        """How many tokens a beam search runs for ``length`` characters: as many as the greedy continuation
-        needs (``length`` for a character model), read on a copy of ``state`` (a transformer's step grows its
-        cache in place)."""
-        from .beam import greedy_search, select_state
 
-        if self.vocab.kind == "char":
-            return length
-        text = self.text_stream([prompt], length)
+class _Beams:
+    """Beam search's state: the model's, and each beam's text so far (to know when it has its length)."""
 
-        def reached(ids: torch.Tensor) -> bool:
-            text.push(ids.tolist())
-            return text.done
+    def __init__(self, state, text):
+        self.state, self.text = state, text
 
-        found = greedy_search(step, start, select_state(state, start), self.vocab.steps_for(length),
-                              banned=(UNK_ID, *self.vocab.banned), first_log_probs=first, until=reached)
-        return len(found[0].ids)
+    def select_rows(self, index: torch.Tensor) -> _Beams:
+        from .beam import select_state
+
+        return _Beams(select_state(self.state, index), self.text.select_rows(index.tolist()))

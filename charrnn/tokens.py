@@ -305,6 +305,16 @@ class TextStream:
     def done(self) -> bool:
         return all(c >= self.length for c in self.chars)
 
+    def select_rows(self, index) -> TextStream:
+        """A stream of the rows ``index`` of this one, each where it is (beam search re-orders its beams)."""
+        import copy
+
+        rows = [int(r) for r in index]
+        new = copy.copy(self)
+        new.decoders = [copy.copy(self.decoders[r]) for r in rows]
+        new.skip, new.chars = [self.skip[r] for r in rows], [self.chars[r] for r in rows]
+        return new
+
 
 class StopText:
     """Rows of streamed text that end before the first of the ``stops`` texts.

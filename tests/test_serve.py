@@ -232,7 +232,8 @@ def test_option_errors_name_the_json_field_not_the_flag(server):
     url, _ = server
     with httpx.Client(base_url=url) as client:
         for body, message in (({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
-                              ({"temperature": -0.5}, "temperature must be >= 0 (0 means greedy), got -0.5"),
+                              ({"temperature": -0.5},
+                               "temperature must be >= 0 (0 means greedy) and at most 1e38, got -0.5"),
                               ({"top_k": 0}, "top_k must be a positive integer, got 0")):
             r = client.post("/v1/generate", json=body)
             assert r.status_code == 422 and r.json()["error"] == message, r.text

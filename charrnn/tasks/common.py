@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
-from ..checkpoint import CONFIG, FORMAT_VERSION, VOCAB, prepare_new_run_dir
+from ..checkpoint import CONFIG, FORMAT_VERSION, VOCAB, prepare_new_run_dir, weights_bytes
 from ..config import POSITIVE_INT, POSITIVE_NUMBER, SEED
 from ..errors import CharRNNError, OptionError
 from ..fileio import atomic_write_bytes, atomic_write_json
@@ -168,8 +168,7 @@ def save_run(out, task: str, cfg: dict, vocab: Vocab, model: torch.nn.Module,
     vocab.save(out / VOCAB)
     if target_vocab is not None:
         target_vocab.save(out / TARGET_VOCAB)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out / WEIGHTS, save(tensors, metadata={"format": "pt", "task": task}))
+    atomic_write_bytes(out / WEIGHTS, weights_bytes(model, {"format": "pt", "task": task}))
     atomic_write_json(out / CONFIG, {"format_version": FORMAT_VERSION, "task": task, **cfg})
 
 

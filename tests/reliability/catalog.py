@@ -135,9 +135,12 @@ PROBES = [
           "softmax; a first-step NaN is called a defect or bad input, not a divergence"),
 
     Probe("option-walk", "options", "NaN, inf, -inf, -1, 0, 10**23 and 1e30 for every numeric option of every "
-          "command (train, generate, serve, the tasks), the list read from the parser",
-          "each refused in one line naming the option (exit 2) or honoured (exit 0): no traceback, no hang, nothing "
-          "past an 8 GiB address-space limit; NaN and -1 always refused before any work"),
+          "command (train, generate, eval, serve, the tasks; `--dynamic-*` also with `eval --dynamic` and `generate "
+          "--adapt`), the list read from the parser; `eval --corpus` and `generate --adapt` given a FIFO, "
+          "`/dev/zero`, `/dev/null`, a folder, a missing, a Latin-1 or an empty file",
+          "each refused in one line naming the option or its file (exit 2) or honoured (exit 0): no traceback, no "
+          "hang, nothing past an 8 GiB address-space limit; NaN, -1 and the hostile files always refused, NaN and -1 "
+          "before any work"),
     Probe("model-size", "options", "`--hidden 10000000`, `--layers 100000`, `--layers 10**23`",
           "refused before anything is allocated, with the memory a training step needs and the memory here"),
     Probe("sample-length", "options", "`--sample-length` past the memory here; SIGTERM while a long training "
@@ -166,6 +169,29 @@ PROBES = [
           "refused in one line naming the option (exit 2) or honoured; no traceback, no hang"),
     Probe("int8-nan", "numerics", "a NaN or infinite activation in the int8 sampling step (AVX2 and portable "
           "kernels)", "every output of that sample is NaN, as in the PyTorch reference: no NaN hidden"),
+    # -- dynamic evaluation, --adapt, the min cells and sampling's edges (test_dynamic_and_cells.py) --
+    Probe("dynamic-segment", "dynamic evaluation", "`eval --dynamic` and `generate --adapt` with a "
+          "`--dynamic-segment` at, past or just below the training split, or past the memory here",
+          "refused in one line naming the largest segment the run allows (or the memory needed) before any work; "
+          "the largest allowed is read"),
+    Probe("adapt-file", "dynamic evaluation", "`generate --adapt` with a FIFO, `/dev/zero`, `/dev/null`, a folder, "
+          "a missing file; a text of characters the model never saw; a long text",
+          "regular files only, checked as a corpus file is: refused in one line without opening them; a warning "
+          "for a text the model knows nothing of; a progress bar once adapting takes a while"),
+    Probe("min-cells-bf16", "numerics", "minGRU / minLSTM under bf16 autocast (what `--precision auto` picks on "
+          "CPUs with native bf16), over 1,000 steps",
+          "the parallel scan equals the step-by-step recurrence (it was 100% off by step 1,000); training's "
+          "validation loss is what `charrnn eval` gives"),
+    Probe("huge-temperature", "options", "`--temperature 1e39` or `inf` (a run, an `.onnx` file, the library, "
+          "both endpoints, `--sample-temperatures`)",
+          "refused in one line (400 / 422 naming `temperature`) everywhere alike; 1e38 samples"),
+    Probe("beam-length", "options", "`generate --beam-width` on word and BPE vocabularies",
+          "every beam has the `--length` asked for (they had as many tokens as the greedy text, and fewer "
+          "characters)"),
+    Probe("onnx-finish-reasons", "options", "`generate FILE.onnx --json`",
+          "`finish_reasons` as `generate RUN --json` gives them"),
+    Probe("weights-bytes", "runs", "the same weights saved twenty times",
+          "the same bytes each time: safetensors' metadata written sorted (its order was random)"),
 
     # -- server abuse (test_server.py) --
     Probe("server-hostile-json", "server", "bodies with a 5,000-deep JSON array, a 5,001-digit integer, a lone "

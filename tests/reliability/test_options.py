@@ -10,7 +10,7 @@ import pytest
 
 import charrnn
 
-from ..conftest import TINY, TINY_KW, cli
+from ..conftest import TINY, TINY_KW, cli, make_text
 
 
 def _fingerprint(run) -> dict:
@@ -195,20 +195,56 @@ BASE = {
 }
 
 
+# Options that act only beside another one: walked once more on a command line that turns them on.
+TURNED_ON = {"eval": ("--dynamic-", "eval {run} --corpus {corpus} --dynamic --json"),
+             "generate": ("--dynamic-", "generate {run} --adapt {style} --length 5 --json")}
+
+
 def walk_cases(values) -> list[tuple[str, list[str]]]:
-    """``(flag, argv)`` for each numeric option and value, from :data:`BASE` (with {placeholders})."""
+    """``(flag, argv)`` for each numeric option and value, from :data:`BASE` and :data:`TURNED_ON` (with
+    {placeholders})."""
     import shlex
 
     cases = []
     for path, flag in numeric_options():
         assert path in BASE, f"`charrnn {path}` has numeric options: give it a command line in BASE"
-        argv = shlex.split(BASE[path])
-        if flag in argv:
-            i = argv.index(flag)
-            del argv[i:i + 2]
-        cases += [(flag, argv + [flag, NEGATIVE_VALID.get(flag, value) if value == "-1" else value])
-                  for value in values]
+        prefix, turned_on = TURNED_ON.get(path, (None, None))
+        for base in [BASE[path]] + ([turned_on] if prefix and flag.startswith(prefix) else []):
+            argv = shlex.split(base)
+            if flag in argv:
+                i = argv.index(flag)
+                del argv[i:i + 2]
+            cases += [(flag, argv + [flag, NEGATIVE_VALID.get(flag, value) if value == "-1" else value])
+                      for value in values]
     return cases
+
+
+# Options that name a file to read, each on the command line it is walked on, with hostile files: no regular
+# file, or one that is not UTF-8 text, or empty ({fifo}, {folder}, ...: made by hostile_files).
+FILE_OPTIONS = {"--corpus": "eval {run} --json", "--adapt": "generate {run} --length 5 --json"}
+HOSTILE_FILES = ("{fifo}", "/dev/null", "{folder}", "{missing}", "{latin1}", "{empty}")
+ENDLESS = "/dev/zero"    # walked in the child process alone, under its address-space limit
+
+
+def file_cases(paths) -> list[tuple[str, list[str]]]:
+    """``(flag, argv)`` for each option of :data:`FILE_OPTIONS` and path."""
+    import shlex
+
+    return [(flag, shlex.split(base) + [flag, path]) for flag, base in FILE_OPTIONS.items() for path in paths]
+
+
+def hostile_files(folder) -> dict:
+    """The places of :data:`HOSTILE_FILES`, made in ``folder``, and {style}: a text to adapt to."""
+    import os
+
+    os.mkfifo(folder / "fifo")
+    (folder / "folder").mkdir()
+    (folder / "latin1.txt").write_bytes("déjà vu\n".encode("latin-1") * 20)
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "style.txt").write_text(make_text(500), encoding="utf-8")
+    files = {"fifo": "fifo", "folder": "folder", "latin1": "latin1.txt", "empty": "empty.txt",
+             "missing": "missing.txt", "style": "style.txt"}
+    return {name: str(folder / file) for name, file in files.items()}
 
 
 # Options for which -1 is a valid value (the OpenAI API's penalties, -2 to 2): the walk gives -3 instead.
@@ -267,14 +303,15 @@ def refusal_problem(r: dict) -> str | None:
     if r["code"] != 2:
         return f"exit {r['code']}: {r['err'][-300:]}"
     errors = [line for line in lines if line.startswith("error: ")]
-    if errors != lines[-1:] or r["flag"] not in errors[0]:
-        return f"not one error line naming {r['flag']}: {lines[-3:]}"
+    names = [r["flag"]] + ([r["argv"][-1]] if r["flag"] in FILE_OPTIONS else [])    # a file option: or its file
+    if errors != lines[-1:] or not any(name in errors[0] for name in names):
+        return f"not one error line naming {' or '.join(names)}: {lines[-3:]}"
     return None
 
 
 def _places(tmp_path, small_corpus, trained) -> dict:
     return dict(corpus=str(small_corpus), run=str(trained), out=str(tmp_path / "out"),
-                reber=str(tmp_path / "reber"), dates=str(tmp_path / "dates"))
+                reber=str(tmp_path / "reber"), dates=str(tmp_path / "dates"), style=str(tmp_path / "style.txt"))
 
 
 def _problems(results) -> list[str]:
@@ -286,6 +323,16 @@ def test_nan_and_negative_values_of_every_numeric_option_are_refused_up_front(sm
     """The cheap half of the walk, in this process: NaN and -1 are never a valid size, rate or seed, and are
     refused before any work: the runs named here do not even exist."""
     results = walk(walk_cases(("nan", "-1")), _places(tmp_path, small_corpus, tmp_path / "run"), seconds=30)
+    assert not _problems(results), "\n".join(_problems(results))
+    assert all(r["code"] == 2 for r in results), [r["argv"] for r in results if r["code"] != 2]
+
+
+@pytest.mark.probe("option-walk")
+def test_hostile_files_given_to_eval_and_generate_are_refused_in_one_line(small_corpus, trained, tmp_path):
+    """`eval --corpus` and `generate --adapt` given a FIFO (it blocked `--adapt`), a device, a folder, a missing,
+    a Latin-1 or an empty file: one line naming the option or the file, exit 2, never a hang."""
+    places = {**_places(tmp_path, small_corpus, trained), **hostile_files(tmp_path)}
+    results = walk(file_cases(HOSTILE_FILES), places, seconds=30)
     assert not _problems(results), "\n".join(_problems(results))
     assert all(r["code"] == 2 for r in results), [r["argv"] for r in results if r["code"] != 2]
 
@@ -304,13 +351,13 @@ def walk_in_child(folder: str) -> None:
 
     here = Path(folder)
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    places = _places(here, here / "small.txt", here / "run")
+    places = {**_places(here, here / "small.txt", here / "run"), **hostile_files(here)}
     for argv in (f"train {places['corpus']} --out {places['run']} --max-steps 3 {' '.join(TINY)}",
                  f"task reber train --out {places['reber']} --train-size 20 --val-size 10 --epochs 1 --hidden 8",
                  f"task dates train --out {places['dates']} --train-size 20 --val-size 10 --epochs 1 --hidden 8 "
                  "--embed 4"):
         assert main(argv.split()) == 0, argv
-    results = walk(walk_cases(HOSTILE), places, seconds=120, backstop=True)
+    results = walk(walk_cases(HOSTILE) + file_cases(HOSTILE_FILES + (ENDLESS,)), places, seconds=120, backstop=True)
     (here / "results.json").write_text(json.dumps(results))
 
 
@@ -329,10 +376,10 @@ def test_every_numeric_option_of_every_command_with_hostile_values(small_corpus,
                           cwd=root, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results) == len(numeric_options()) * len(HOSTILE)
+    assert len(results) == len(walk_cases(HOSTILE)) + len(FILE_OPTIONS) * (len(HOSTILE_FILES) + 1)
     assert not _problems(results), "\n".join(_problems(results))
-    nan = [r for r in results if r["argv"][-1] in ("nan", "-1")]
-    assert all(r["code"] == 2 for r in nan), [r["argv"] for r in nan if r["code"] != 2]
+    refused = [r for r in results if r["argv"][-1] in ("nan", "-1") or r["flag"] in FILE_OPTIONS]
+    assert all(r["code"] == 2 for r in refused), [r["argv"] for r in refused if r["code"] != 2]
 
 
 # --------------------------------------------------------------------------- sizes, seeds and samples
