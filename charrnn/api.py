@@ -31,6 +31,7 @@ from .hardware import resolve_device
 from .options import DynamicOptions
 from .sampling import Completion, Sampler
 from .tokenized import unknown
+from .vocab import UNK_ID
 
 if TYPE_CHECKING:  # the training code is imported by train() alone: loading a run for inference needs none of it
     from .training import TrainResult
