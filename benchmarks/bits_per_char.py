@@ -8,7 +8,8 @@ sequence length in tokens), then evaluates the best weights on the validation sp
 text for every tokenizer; it prints one JSON object per run: vocabulary size, steps, tokens/s and
 characters/s of training, validation bits/char and loss per token over the text the model predicts, and
 the share of the validation characters inside [UNK] tokens (words outside a word vocabulary), which are
-not scored: runs with different tokenizers score the same characters only where that share is 0.  The
+not scored: runs with different tokenizers score the same characters only where that share is 0, so the
+character run also reports its bits/char over the characters a word run scores (val_bpc_outside_word_unk).  The
 second form times one training step of a word-sized model (30,000 ids) with the full softmax and with
 --sampled-softmax 1024.
 """
@@ -19,12 +20,15 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine, median_ms  # noqa: E402
 
 import charrnn  # noqa: E402
+from charrnn import tokenized  # noqa: E402
+from charrnn.vocab import UNK_ID  # noqa: E402
 
 CONFIGS = {
     "char": dict(tokenizer="char"),
@@ -42,6 +46,7 @@ def train_one(corpus: str, name: str, budget: float, args) -> dict:
                                **CONFIGS[name])
         lm = charrnn.load(f"{tmp}/run")
         r = lm.evaluate()
+        same = {"val_bpc_outside_word_unk": round(outside_word_unk(lm, corpus), 4)} if name == "char" else {}
         sample = lm.generate("\n", length=300, seed=1, temperature=0.8)[0]
     chars_per_token = (r["chars"] + r["unk_chars"]) / (r["tokens"] + r["unk_tokens"])   # of all the validation text
     tokens_per_s = result.chars_seen / result.train_time
@@ -51,7 +56,23 @@ def train_one(corpus: str, name: str, budget: float, args) -> dict:
             "val_unk_share": round(r["unk_share"], 4), "val_loss_per_token": round(r["loss"], 4),
             "chars_per_token": round(chars_per_token, 3),
             "hidden": args.hidden, "embed": args.embed, "seq_len": args.seq_len, "batch_size": args.batch_size,
-            "sample": sample, **machine()}
+            **same, "sample": sample, **machine()}
+
+
+def outside_word_unk(lm, corpus: str) -> float:
+    """A character run's validation bits/char over the characters a word run (its default vocabulary) scores:
+    all but those of the validation words it reads as ``[UNK]``, so that the two figures score the same text."""
+    from charrnn.corpus import load_corpus
+    from charrnn.evaluation import evaluate, held_out_ids
+
+    ids, _ = held_out_ids(lm.config, lm.vocab)
+    words = tokenized.split(load_corpus(corpus), lm.config["training"]["val_fraction"], "word").vocab
+    found = words.tokenizer.encode(lm.vocab.decode_array(ids), add_special_tokens=False)
+    scored = np.ones(len(ids), dtype=bool)
+    for (a, b), i in zip(found.offsets, found.ids):
+        if i == UNK_ID:
+            scored[a:b] = False
+    return evaluate(lm.model, ids, device=lm.device, scored=scored)["bpc"]
 
 
 def step_time(args) -> None:

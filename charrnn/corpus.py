@@ -323,15 +323,20 @@ def read_text(spec: str, lowercase: bool = False, newlines_to_spaces: bool = Fal
     return "".join(_iter_text(files, lowercase, newlines_to_spaces))
 
 
-def read_text_file(path: str, option: str) -> str:
-    """The text of the UTF-8 file ``path`` that the command-line ``option`` names, checked as a corpus file is:
-    a regular file only (a FIFO would block, a device never end)."""
-    kind = _path_kind(Path(path).expanduser())
+def check_regular_file(path: Path, option: str, fix: str = "give a UTF-8 text file") -> None:
+    """Refuse, in one line naming the command-line ``option``, a ``path`` that is not a regular file: missing, a
+    folder, or a FIFO or device (which would block, or never end)."""
+    kind = _path_kind(path)
     if kind is None:
-        raise CharRNNError(f"{option} {path}: no such file; give a UTF-8 text file")
+        raise CharRNNError(f"{option} {path}: no such file; {fix}")
     if kind != "file":
         raise CharRNNError(f"{option} {path} is {'a directory' if kind == 'directory' else kind}, not a regular "
-                           "file; give a UTF-8 text file")
+                           f"file; {fix}")
+
+
+def read_text_file(path: str, option: str) -> str:
+    """The text of the UTF-8 file ``path`` that the command-line ``option`` names, checked as a corpus file is."""
+    check_regular_file(Path(path).expanduser(), option)
     return "".join(_iter_text([Path(path).expanduser()], False, False))
 
 

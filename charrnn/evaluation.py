@@ -63,13 +63,16 @@ def unscored_note(r: dict) -> str:
 @torch.no_grad()
 def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int = 16,
              device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
-             dist: Dist = SINGLE, chars: int | None = None, unk_chars: int | None = None) -> dict:
+             dist: Dist = SINGLE, chars: int | None = None, unk_chars: int | None = None,
+             scored: np.ndarray | None = None) -> dict:
     """The loss of every id of ``ids`` (but the first), each predicted once, but ``[UNK]``.
 
     The text is cut into ``n_streams`` contiguous streams that run side by side; each
     is read in chunks of ``seq_len`` with the recurrent state carried between chunks,
     as char-rnn evaluates.  Returns :func:`scores`: ``chars`` are the characters the targets cover,
-    ``unk_chars`` those inside ``[UNK]`` targets (default: one per target).
+    ``unk_chars`` those inside ``[UNK]`` targets (default: one per target).  ``scored``, a boolean per id, leaves
+    the targets where it is False out as ``[UNK]`` targets are (a character model scored over the characters a
+    word model predicts: benchmarks/bits_per_char.py).
 
     Under data parallelism (``dist`` active; every rank calls this) each rank reads its own
     share of the streams and the loss sums are added up over the ranks, so every rank gets
@@ -79,6 +82,8 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     was_training = model.training
     model.eval()
     x, y = eval_streams(ids, n_streams)
+    if scored is not None:              # laid out as the targets: 2 scored, 1 not (padding -100)
+        y = y.masked_fill(eval_streams(np.asarray(scored, dtype=np.int32) + 1, n_streams)[1] == 1, UNK_ID)
     targets, unk_tokens = int((y >= 0).sum()), int((y == UNK_ID).sum())
     total = torch.zeros((), dtype=torch.float64, device=device)
     mine = dist.share(x.shape[0])

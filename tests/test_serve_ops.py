@@ -197,7 +197,7 @@ def test_key_errors_are_one_line(run_dir, tmp_path, capsys, monkeypatch):
     empty.write_text("\n")
     cases = [
         (["--api-key-file", empty], f"the API key from --api-key-file {empty} is empty"),
-        (["--api-key-file", tmp_path / "missing"], "does not exist"),
+        (["--api-key-file", tmp_path / "missing"], "no such file"),
         (["--api-key", ""], "the API key from --api-key is empty"),
         (["--api-key", "a b"], "printable ASCII without spaces"),
         (["--api-key", "k", "--api-key-file", empty], "not both"),

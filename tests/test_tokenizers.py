@@ -122,3 +122,28 @@ def test_the_server_streams_characters_of_a_token_model(run):
         body = {"prompt": "the qui", "length": 40, "num_samples": 2, "seed": 4, "temperature": 0}
         got = client.post("/v1/generate", json=body).json()["samples"]
         assert got == charrnn.load(run[1]).generate("the qui", length=40, num_samples=2, temperature=0)
+
+
+def test_evaluation_scores_only_the_targets_it_is_told_to():
+    """evaluate(scored=...) (a character model over the characters a word model predicts) sums the loss of the
+    scored targets alone, over their characters, with the context of every character."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from charrnn.evaluation import evaluate
+    from charrnn.models import CharLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(vocab_size=11, embed=8, hidden=16))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 11, 300)
+    scored = rng.random(300) < 0.6
+    with torch.no_grad():
+        logits, _ = model(torch.from_numpy(ids[:-1])[None])
+        losses = F.cross_entropy(logits[0], torch.from_numpy(ids[1:]), reduction="none").numpy()
+    r = evaluate(model, ids, seq_len=50, n_streams=1, scored=scored)
+    assert r["chars"] == scored[1:].sum() and r["unk_chars"] == (~scored[1:]).sum()
+    assert r["nats_per_char"] == pytest.approx(losses[scored[1:]].mean(), rel=1e-5)
+    assert evaluate(model, ids, seq_len=50, n_streams=1, scored=np.ones(300, bool))["loss"] == pytest.approx(
+        losses.mean(), rel=1e-5)

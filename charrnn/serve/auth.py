@@ -13,7 +13,7 @@ from pathlib import Path
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from ..corpus import _path_kind
+from ..corpus import check_regular_file
 from ..errors import CharRNNError
 
 ENV = "CHARRNN_API_KEY"
@@ -44,14 +44,9 @@ def resolve_api_key(api_key: str | None = None, api_key_file: str | None = None)
 
 
 def _first_line(path: Path) -> str:
-    kind = _path_kind(path)
-    if kind not in ("file", None):            # a FIFO or a device would block or never end
-        raise CharRNNError(f"--api-key-file {path} is {'a directory' if kind == 'directory' else kind}, not a "
-                           "regular file; give a file holding the key")
+    check_regular_file(path, "--api-key-file", "give a file holding the key")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise CharRNNError(f"--api-key-file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CharRNNError(f"cannot read --api-key-file {path} ({e})") from None
     return lines[0] if lines else ""

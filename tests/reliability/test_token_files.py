@@ -24,6 +24,7 @@ from charrnn.errors import CharRNNError
 from charrnn.tokens import TokenVocab, load_vocab
 
 from ..conftest import TINY_KW, cli, make_text
+from .test_files import fingerprint, one_line_error
 
 KINDS = ("word", "bpe")
 MAX_STEPS = 4
@@ -51,19 +52,6 @@ def copy(runs, tmp_path, request):
     kind = request.node.callspec.params["kind"]
     shutil.copytree(runs / kind, tmp_path / kind)
     return tmp_path / kind
-
-
-def fingerprint(run) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run.iterdir())
-            if p.is_file() and p.name != ".lock"}
-
-
-def one_line_error(code, err, *names):
-    assert code == 2 and "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for name in names:
-        assert name in lines[0], err
 
 
 # -- the token-id cache (severe 4) ---------------------------------------------------------------------------
