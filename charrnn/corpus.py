@@ -428,7 +428,7 @@ def _read_cache(cache: Path) -> tuple[dict, Vocab, np.ndarray] | None:
         good = (meta["format"] == ENCODING_FORMAT and isinstance(meta["sha256"], str) and ids.ndim == 1
                 and ids.dtype == vocab.dtype and len(ids) == meta["length"]
                 and (len(ids) == 0 or int(ids.max()) < len(vocab)))
-    except (OSError, ValueError, RecursionError, KeyError, TypeError, CharRNNError):
+    except (OSError, ValueError, EOFError, RecursionError, KeyError, TypeError, CharRNNError):
         return None
     return (meta, vocab, ids) if good else None
 

@@ -289,6 +289,7 @@ CACHE_DAMAGES = {
     "meta-emptied": lambda c: (c / "meta.json").write_bytes(b""),
     "meta-chars-of-another-corpus": lambda c: _json(c / "meta.json", lambda m: _set(m, ["chars"], "ab")),
     "ids-truncated": lambda c: (c / "ids.npy").write_bytes((c / "ids.npy").read_bytes()[:200]),
+    "ids-emptied": lambda c: (c / "ids.npy").write_bytes(b""),
     "ids-garbled": lambda c: (c / "ids.npy").write_bytes(random.Random(0).randbytes(500)),
     "ids-out-of-range": lambda c: np.save(c / "ids.npy", np.full(20_000, 250, dtype=np.uint8)),
     "ids-missing": lambda c: (c / "ids.npy").unlink(),
