@@ -25,7 +25,7 @@ from common import emit, machine  # noqa: E402
 from charrnn import native  # noqa: E402
 from charrnn import ops  # noqa: E402
 from charrnn.ops.matmul import Product  # noqa: E402
-from charrnn.sampling import _Linear  # noqa: E402
+from charrnn.stepper import _Linear  # noqa: E402
 
 
 def median_s(fn, repeats, inner):

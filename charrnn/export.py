@@ -1,7 +1,7 @@
 """Export a run's one-step generator to ONNX: a file that :mod:`charrnn.runtime` (onnxruntime and
 NumPy, no torch) generates from.
 
-The graph is one step of :class:`charrnn.sampling.Stepper`, the cell the PyTorch sampler runs::
+The graph is one step of :class:`charrnn.stepper.Stepper`, the cell the PyTorch sampler runs::
 
     inputs   ids    int64   (batch,)                  the current character of every sample
              h      float32 (layers, batch, hidden)   recurrent state

@@ -274,7 +274,7 @@ class KVState:
 
 
 class PretrainedStepper:
-    """``step(ids (batch,), state) -> (logits (batch, vocab + 1), state)``, as :class:`charrnn.sampling.Stepper`."""
+    """``step(ids (batch,), state) -> (logits (batch, vocab + 1), state)``, as :class:`charrnn.stepper.Stepper`."""
 
     backend = "python"
 

@@ -39,7 +39,7 @@ def process_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int | No
                    top_p: float | None = None) -> np.ndarray:
     """Scaled, filtered logits ``(batch, vocab)`` (float64; filtered-out entries are ``-inf``).
 
-    :func:`charrnn.sampling.process_logits` in NumPy: ``[UNK]`` always removed, ``top_k`` keeps
+    :func:`charrnn.decoding.process_logits` in NumPy: ``[UNK]`` always removed, ``top_k`` keeps
     the k largest, ``top_p`` the smallest set of most likely characters whose mass reaches p.
     """
     logits = logits.astype(np.float64) / temperature
@@ -71,7 +71,7 @@ def choose(logits: np.ndarray, temperature: float, top_k, top_p, rng: np.random.
 
 
 def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
-    """:func:`charrnn.sampling.penalize` in NumPy: CTRL's repetition penalty on the ids ``seen``."""
+    """:func:`charrnn.decoding.penalize` in NumPy: CTRL's repetition penalty on the ids ``seen``."""
     logits = logits.astype(np.float32)
     return np.where(seen, np.where(logits > 0, logits / penalty, logits * penalty), logits).astype(np.float32)
 

@@ -17,7 +17,8 @@ from charrnn import runtime
 from charrnn.errors import CharRNNError
 from charrnn.export import export_onnx
 from charrnn.models import CharLM, ModelConfig
-from charrnn.sampling import Sampler, process_logits
+from charrnn.decoding import process_logits
+from charrnn.sampling import Sampler
 from charrnn.vocab import UNK_ID, Vocab
 
 from .conftest import TINY_KW, cli, make_text
@@ -150,7 +151,7 @@ def test_logits_processing_matches_the_pytorch_sampler():
 
 
 def test_repetition_penalty_is_the_pytorch_samplers(trained):
-    from charrnn.sampling import penalize
+    from charrnn.decoding import penalize
 
     rng = np.random.default_rng(0)
     logits, seen = rng.normal(size=(4, 30)).astype(np.float32) * 3, rng.random((4, 30)) < 0.3

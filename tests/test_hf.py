@@ -169,7 +169,7 @@ def test_without_transformers_the_error_says_what_to_install(model_dir, monkeypa
 def test_repetition_penalty_is_transformers_own(lm):
     from transformers import RepetitionPenaltyLogitsProcessor
 
-    from charrnn.sampling import penalize
+    from charrnn.decoding import penalize
 
     torch.manual_seed(0)
     logits, ids = torch.randn(2, 50), torch.tensor([[3, 7, 7, 20], [0, 1, 2, 49]])

@@ -8,7 +8,7 @@ import torch
 from charrnn.errors import CharRNNError
 from charrnn.models import CharLM, ModelConfig
 from charrnn.models.minrnn import MinRNN, step
-from charrnn.sampling import Stepper
+from charrnn.stepper import Stepper
 
 MODES = ["mingru", "minlstm"]
 

@@ -7,7 +7,10 @@ import torch
 
 from charrnn.errors import CharRNNError
 from charrnn.models import CharLM, ModelConfig
-from charrnn.sampling import Sampler, Stepper, check_sampling_options, choose, process_logits
+from charrnn.decoding import choose, process_logits
+from charrnn.options import check_sampling_options
+from charrnn.sampling import Sampler
+from charrnn.stepper import Stepper
 from charrnn.vocab import UNK_ID, Vocab
 
 

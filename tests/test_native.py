@@ -15,7 +15,7 @@ import torch
 from charrnn import native
 from charrnn.errors import CharRNNError
 from charrnn.models import CharLM, ModelConfig
-from charrnn.sampling import Stepper
+from charrnn.stepper import Stepper
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -92,7 +92,7 @@ def test_a_cached_prompt_gives_the_uncached_text(client, lm, tmp_path_factory):
 def test_the_prompt_cache_drops_the_least_recently_used_past_its_size():
     import torch
 
-    from charrnn.sampling import PromptCache
+    from charrnn.prompt_cache import PromptCache
 
     entry = (torch.zeros(1, 10), torch.zeros(1, 1, 10))
     size = PromptCache.size(entry) + 4

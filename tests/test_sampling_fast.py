@@ -11,7 +11,9 @@ import torch
 from charrnn import ops
 from charrnn.errors import CharRNNError
 from charrnn.models import CharLM, ModelConfig
-from charrnn.sampling import Sampler, Stepper, _Linear, choose
+from charrnn.decoding import choose
+from charrnn.sampling import Sampler
+from charrnn.stepper import Stepper, _Linear
 from charrnn.vocab import Vocab
 
 

@@ -141,7 +141,7 @@ class Step {
   Linear head_;
 };
 
-// The next ids (B,) from logits (B, V), as charrnn.sampling.choose draws them.
+// The next ids (B,) from logits (B, V), as charrnn.decoding.choose draws them.
 Tensor sample(const Tensor& logits_in, c10::optional<at::Generator> gen, double temperature);
 
 // ---------------------------------------------------------------- panels.cpp: fp32 recurrent products

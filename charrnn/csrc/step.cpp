@@ -205,7 +205,7 @@ std::pair<Tensor, std::vector<Tensor>> Step::step(const Tensor& ids_in, const st
   return {head_(x), out};
 }
 
-// The next ids (B,) from logits (B, V), as charrnn.sampling.choose does for a temperature > 0
+// The next ids (B,) from logits (B, V), as charrnn.decoding.choose does for a temperature > 0
 // without top-k / top-p, with the same operations: logits / T, [UNK] (id 0) -> -inf, softmax,
 // cumsum, u ~ U[0, 1) drawn from the generator as torch.rand((B, 1)), the first id whose
 // cumulative probability exceeds u * total.

@@ -22,7 +22,7 @@ def cell(gi, gh, h, n, h_out, rz=None, tanh_=torch.Tensor.tanh_):
     columns, overwritten) gets ``[r, z]`` from ``gh`` (B, 3H) = W_hh h + b_hh and ``gi``, ``n`` the new
     gate and ``h_out`` the new state ``(h - n) * z + n``.  ``tanh_`` applies tanh in place (the sampling
     step passes its own form).  Shared by the training loop below and
-    :class:`charrnn.sampling.Stepper`'s PyTorch step, which passes a contiguous ``rz`` (ATen's sigmoid
+    :class:`charrnn.stepper.Stepper`'s PyTorch step, which passes a contiguous ``rz`` (ATen's sigmoid
     may round differently on another memory layout, and its compiled twin's results are fixed)."""
     H = h.shape[1]
     rz = torch.add(gh[:, :2 * H], gi[:, :2 * H], out=gh[:, :2 * H] if rz is None else rz).sigmoid_()

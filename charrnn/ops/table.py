@@ -2,7 +2,7 @@
 
 :func:`input_table` is the one place that folds the embedding (or the one-hot inputs) into the first
 recurrent layer's input weights; training (:mod:`charrnn.ops.rnn`), the sampling step
-(:class:`charrnn.sampling.Stepper`) and the ONNX export all use it.
+(:class:`charrnn.stepper.Stepper`) and the ONNX export all use it.
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import CharRNNError
 from ..options import GenerationOptions, check_sampling_options
-from ..sampling import PromptCache
+from ..prompt_cache import PromptCache
 from .auth import BearerAuth
 from .engine import Busy, Engine, Job
 from .limits import Limits

@@ -10,7 +10,7 @@ away) and hands each job its new characters, so a request joins a running batch
 within one hop and a disconnected client stops costing anything within one step.
 
 All running requests advance together: their recurrent states are concatenated
-into one batch for :class:`charrnn.sampling.Stepper`, the expensive part, while each
+into one batch for :class:`charrnn.stepper.Stepper`, the expensive part, while each
 request keeps its own options and its own seeded random generator for choosing
 characters, so a seed gives the same text as ``charrnn generate --seed`` does.
 (Batched matrix products may round differently in the last bit from unbatched

@@ -168,7 +168,7 @@ def cmd_dates_eval(args) -> int:
 
 
 def cmd_dates_convert(args) -> int:
-    from ..sampling import check_beam_width
+    from ..options import check_beam_width
     from . import dates
 
     if args.beam_width is not None:

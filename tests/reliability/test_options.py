@@ -535,7 +535,7 @@ def test_a_sample_that_fails_at_the_end_of_training_never_costs_the_final_checkp
 def test_a_nan_or_infinite_activation_makes_every_int8_output_of_its_sample_nan(compiled, portable):
     import torch
 
-    from charrnn.sampling import _Linear
+    from charrnn.stepper import _Linear
 
     if not portable and not compiled.has_avx2():
         pytest.skip("no AVX2 here")
@@ -563,7 +563,7 @@ def test_the_int8_sampling_step_carries_a_nan_state_as_the_reference_does(compil
     import torch
 
     from charrnn.models import CharLM, ModelConfig
-    from charrnn.sampling import Stepper
+    from charrnn.stepper import Stepper
 
     torch.manual_seed(0)
     model = CharLM(ModelConfig(vocab_size=20, hidden=24, embed=8, layers=2, arch=arch)).eval()
