@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,9 +27,11 @@ from .corpus import load_corpus
 from .errors import CharRNNError
 from .dynamic import Adapter, dynamic_evaluate, gradient_rms
 from .evaluation import evaluate, held_out_ids, training_ids
+from .generator import Generator
 from .hardware import resolve_device
+from .interfaces import Capabilities
 from .options import DynamicOptions
-from .sampling import Completion, Sampler
+from .sampling import Sampler
 from .tokenized import unknown
 from .vocab import UNK_ID
 
@@ -89,41 +91,11 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
         return trainer.fit()
 
 
-class Generator:
-    """Generation through ``self.sampler``: the interface every kind of model has (a run, a pretrained
-    transformer from :mod:`charrnn.hf`; :mod:`charrnn.runtime`'s exported files mirror it).
-
-    The decoding ``options`` are those of :class:`charrnn.decoding.Decoding`: ``temperature`` (0 is
-    greedy), ``top_k``, ``top_p``, ``seed``, ``repetition_penalty``, ``presence_penalty``,
-    ``frequency_penalty``, ``stop`` (texts that end a sample, never included) and, for :meth:`complete`,
-    ``logprobs`` (alternatives per token).  ``prompt`` may be a list of prompts, one sample each.
-    """
-
-    def unknown_chars(self, text: str) -> list[str]:
-        """Characters (or words) of ``text`` the model does not know (they are read as ``[UNK]``)."""
-        return self.vocab.unknown(text)
-
-    def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
-                 **options) -> list[str]:
-        """``num_samples`` texts (prompt + up to ``length`` new characters), sampled in one batch."""
-        return self.sampler.generate(prompt, length, num_samples, **options)
-
-    def complete(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
-                 **options) -> list[Completion]:
-        """As :meth:`generate`, with why each sample ended and its log-probability records
-        (:class:`charrnn.sampling.Completion`)."""
-        return self.sampler.complete(prompt, length, num_samples, **options)
-
-    def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
-               **options) -> Iterator[list[str]]:
-        """Yield the new text of every sample, step by step, until each has ``length`` characters or met a stop
-        text (the prompt is not repeated; a character model gives one character per step)."""
-        prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        return self.sampler.stream(prompts, length, **options)
-
-
 class LanguageModel(Generator):
     """A trained run, loaded for generation and evaluation."""
+
+    capabilities = Capabilities(complete=True, beam_search=True, evaluate=True, dynamic=True, serve=True,
+                                batchable=True, prompt_cache=True, int8=True, weights=True)
 
     def __init__(self, loaded: ckpt.LoadedRun, device: torch.device, int8: bool = False):
         self.run = loaded
@@ -135,6 +107,13 @@ class LanguageModel(Generator):
         if int8 and device.type != "cpu":
             raise CharRNNError("int8 sampling runs on the CPU only; drop --int8 or use --device cpu")
         self.sampler = Sampler(self.model, self.vocab, weights="int8" if int8 else "fp32")
+        # int8 quantises activations per batch: the server steps its requests one at a time.
+        self.capabilities = dataclasses.replace(self.capabilities, batchable=self.sampler.batchable)
+
+    @property
+    def label(self) -> str:
+        """The weights file loaded (the best weights' or the latest checkpoint's)."""
+        return self.run.weights
 
     def describe(self) -> dict:
         """What the server's ``/v1/model`` says about the run."""

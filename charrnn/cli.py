@@ -188,7 +188,7 @@ def _generator(args, o: GenerationOptions):
         style = read_text_file(args.adapt, "--adapt") if args.adapt is not None else None
         lm = load(args.run, weights=args.weights or "best", device=args.device or "cpu", int8=args.int8)
         if style is not None:
-            if not hasattr(lm, "adapted"):
+            if not lm.capabilities.dynamic:
                 raise CharRNNError("--adapt applies to charrnn runs; drop it for a Hugging Face model")
             lm = lm.adapted(style, dynamic, progress=True, what=f"--adapt {args.adapt}")
         return lm, options
@@ -225,7 +225,7 @@ def cmd_generate(args) -> int:
         else:
             print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
         return 0
-    if args.json and _is_exported(args.run):        # no stop texts here: every sample runs to its length
+    if args.json and not lm.capabilities.complete:      # no stop texts: every sample runs to its length
         samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)
         _print_json({"samples": samples, "finish_reasons": ["length"] * len(samples)})
     elif args.json:
@@ -317,11 +317,11 @@ def cmd_eval(args) -> int:
         if value < 1:
             raise OptionError(name, "must be a positive number of tokens, got {value}", value=value)
     lm = load(args.run, weights=args.weights, device=args.device)
-    if windows and not hasattr(lm, "tokenizer"):
+    if windows and not lm.capabilities.windows:
         raise CharRNNError(f"--{next(iter(windows))} applies to Hugging Face models; a recurrent run reads the whole "
                            "text with its state carried: drop it")
     if args.dynamic:
-        if hasattr(lm, "tokenizer"):
+        if not lm.capabilities.dynamic:
             raise CharRNNError("--dynamic applies to charrnn runs; drop it for a Hugging Face model")
         windows["dynamic"] = dynamic
     r = lm.evaluate(args.corpus, val_fraction=args.val_fraction, **windows)

@@ -1,9 +1,9 @@
 """Pretrained Hugging Face causal language models behind charrnn's commands (the ``hf`` extra).
 
 A directory written by ``save_pretrained`` (config, weights and tokenizer), or a model id on the
-Hugging Face hub, loads as a :class:`PretrainedModel`: the interface of
-:class:`charrnn.api.LanguageModel` (``generate``, ``stream``, ``evaluate``, ``sampler.beam``), run by
-charrnn's own sampler, so every option means what it means for a character RNN.
+Hugging Face hub, loads as a :class:`PretrainedModel`: the contract of :mod:`charrnn.interfaces` as
+:class:`charrnn.api.LanguageModel` has it (``generate``, ``stream``, ``evaluate``, ``sampler.beam``), run by
+charrnn's own sampler through a :class:`PretrainedReader`, so every option means what it means for a character RNN.
 
 How a transformer fits that sampler:
 
@@ -34,10 +34,11 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
-from .api import Generator
 from .errors import CharRNNError, OptionError
 from .evaluation import LN2, held_out_text
+from .generator import Generator
 from .hardware import check_rows_fit
+from .interfaces import Capabilities
 from .sampling import Sampler
 
 INSTALL = 'pip install -e ".[hf]"'
@@ -358,12 +359,14 @@ class DecodeStream:
         return new
 
 
-class PretrainedSampler(Sampler):
-    """:class:`charrnn.sampling.Sampler` over a transformer: its generation, streaming and beam search,
-    with the model read through :class:`PretrainedStepper`.  Requests are stepped one by one in the
-    server (their caches differ in length)."""
+class PretrainedReader:
+    """A transformer as :class:`charrnn.sampling.Sampler` reads it (its :class:`charrnn.interfaces.Reader`), so
+    that the sampler's generation, streaming and beam search run it: prompts padded on the left into one batch,
+    one step of :class:`PretrainedStepper` per token.  Requests are stepped one by one in the server (their
+    caches differ in length), and no prompt cache is kept."""
 
     batchable = False
+    prompt_cache = None
 
     def __init__(self, model, vocab: PretrainedVocab, device: torch.device):
         self.model, self.vocab, self.device = model, vocab, device
@@ -425,6 +428,7 @@ class PretrainedSampler(Sampler):
 class PretrainedModel(Generator):
     """A Hugging Face causal language model, loaded for generation and evaluation."""
 
+    capabilities = Capabilities(complete=True, beam_search=True, evaluate=True, windows=True, serve=True)
     int8 = False
 
     def __init__(self, name: str, model, tokenizer, device: torch.device):
@@ -432,8 +436,13 @@ class PretrainedModel(Generator):
         head = model.get_output_embeddings()
         size = head.weight.shape[0] if head is not None else model.config.vocab_size
         self.vocab = PretrainedVocab(tokenizer, size)
-        self.sampler = PretrainedSampler(model, self.vocab, device)
+        self.sampler = Sampler(PretrainedReader(model, self.vocab, device))
         self.context = self.sampler.stepper.context
+
+    @property
+    def label(self) -> str:
+        """``Hugging Face`` and the model's type (``gpt2``, ``llama``, ...)."""
+        return f"Hugging Face {self.model.config.model_type}"
 
     def describe(self) -> dict:
         """What the server's ``/v1/model`` says about the model."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CharRNNError
+from .interfaces import Capabilities
 from .options import GREEDY_BELOW, check_sampling_options, start_text
 from .tokens import TextStream, TokenVocab
 from .vocab import UNK_ID, Vocab
@@ -92,7 +93,10 @@ def session_options(threads: int | None = None):
 
 
 class ExportedModel:
-    """An exported charrnn model loaded in onnxruntime, ready to generate."""
+    """An exported charrnn model loaded in onnxruntime, ready to generate: a
+    :class:`charrnn.interfaces.TextGenerator` (sampling options alone: no stop texts or log-probabilities)."""
+
+    capabilities = Capabilities(torch_free=True)
 
     def __init__(self, path, threads: int | None = None):
         path = Path(path)
@@ -187,6 +191,18 @@ class ExportedModel:
         parts = [by_prompt[p] for p in prompts]
         state = [np.concatenate([s[k] for _, s in parts], axis=1) for k in range(len(self.state_names))]
         return np.concatenate([lg for lg, _ in parts], axis=0), state
+
+    # -- the contract of charrnn.interfaces ----------------------------------------------
+    @property
+    def label(self) -> str:
+        """``exported``, and the weights' precision."""
+        return f"exported, {self.weights}"
+
+    def describe(self) -> dict:
+        """The file, its model and vocabulary (as a run's ``describe``)."""
+        return {"file": self.path.name, "kind": "onnx", "model": self.config, "tokenizer": self.vocab.kind,
+                "vocabulary": "".join(self.vocab.chars) if self.vocab.kind == "char" else len(self.vocab),
+                "device": "cpu", "int8": self.weights == "int8"}
 
     # -- generation (the interface of charrnn.api.LanguageModel) -------------------------
     def unknown_chars(self, text: str) -> list[str]:

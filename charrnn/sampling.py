@@ -13,6 +13,7 @@ import torch
 from .decoding import Decoding
 from .errors import CharRNNError
 from .hardware import check_sampling_fits
+from .interfaces import Reader
 from .models.charlm import CharLM, State
 from .options import check_beam_width, check_sampling_options, start_text
 from .prompt_cache import PromptCache
@@ -35,67 +36,55 @@ class Completion:
 
 
 class Sampler:
-    """Batched, streaming text generation from a :class:`CharLM` and its vocabulary."""
+    """Batched, streaming text generation and beam search from a model read through a
+    :class:`charrnn.interfaces.Reader`: a charrnn run's (:class:`RunReader`), a pretrained transformer's
+    (:class:`charrnn.hf.PretrainedReader`).  The model-specific methods below hand over to the reader."""
 
-    batchable = True    # the server may step several requests as one batch (see charrnn.serve.engine)
+    def __init__(self, model: CharLM | Reader, vocab: Vocab | None = None, weights: str = "fp32",
+                 backend: str = "auto"):
+        """Over a :class:`CharLM` and its ``vocab`` (``weights`` and ``backend``: see :class:`Stepper`), or over
+        any :class:`charrnn.interfaces.Reader` given alone (a pretrained transformer's, :mod:`charrnn.hf`)."""
+        self.reader: Reader = model if vocab is None else RunReader(model, vocab, weights, backend)
+        # What generation, decoding and the server's engine read of the model; fixed for the sampler's life.
+        self.model, self.vocab, self.device = self.reader.model, self.reader.vocab, self.reader.device
+        self.stepper = self.reader.stepper
+        self.batchable = self.reader.batchable    # the server may step several requests as one batch
 
-    def __init__(self, model: CharLM, vocab: Vocab, weights: str = "fp32", backend: str = "auto"):
-        """``weights`` and ``backend``: see :class:`Stepper`."""
-        if model.config.vocab_size != len(vocab):
-            raise CharRNNError(f"model has {model.config.vocab_size} ids but the vocabulary {len(vocab)}; "
-                               "the run directory is inconsistent, retrain it")
-        self.model = model.eval()
-        self.vocab = vocab
-        self.device = model.head.weight.device
-        self.stepper = Stepper(model, weights, backend)
-        self.batchable = weights == "fp32"    # int8 quantises activations per batch: one request at a time
-        self.prompt_cache: PromptCache | None = None     # off unless asked for (the server turns it on)
+    @property
+    def prompt_cache(self) -> PromptCache | None:
+        """The reader's cache of the states after prompts read before: off unless asked for (the server
+        turns it on)."""
+        return self.reader.prompt_cache
+
+    @prompt_cache.setter
+    def prompt_cache(self, cache: PromptCache | None) -> None:
+        self.reader.prompt_cache = cache
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
         """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).
 
         An empty prompt starts from a newline when the vocabulary has one.
         """
-        prompt = start_text(prompt, self.vocab.chars)
-        ids = torch.from_numpy(self.vocab.encode(prompt).astype("int64"))
-        return ids, self.vocab.unknown(prompt)
+        return self.reader.encode_prompt(prompt)
 
     def healed(self, prompt: str) -> tuple[torch.Tensor, bytes]:
         """The ids the model reads for ``prompt`` and the bytes its first generated token must start with
         (token healing: a word or BPE prompt may end inside a token; see :meth:`TokenVocab.heal`)."""
-        ids, tail = self.vocab.heal(start_text(prompt, self.vocab.chars))
-        return torch.from_numpy(ids), tail
+        return self.reader.healed(prompt)
 
     def prompt_ids(self, prompt: str) -> torch.Tensor:
         """The ids the model reads for ``prompt`` (what a repetition penalty counts as seen)."""
-        return self.healed(prompt)[0]
+        return self.reader.prompt_ids(prompt)
 
-    @torch.inference_mode()
     def prime(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list]:
         """Run each prompt through the model; the last logits ``(batch, vocab)`` and the state.
 
         After token healing the logits allow only the ids that start with the prompt's last token."""
-        logits, states = [], []
-        by_prompt: dict[str, tuple] = {}
-        for p in prompts:
-            if p not in by_prompt:
-                by_prompt[p] = self.prompt_cache.get(p) if self.prompt_cache is not None else None
-                if by_prompt[p] is None:
-                    by_prompt[p] = self._read_prompt(p)
-                    if self.prompt_cache is not None:
-                        self.prompt_cache.put(p, by_prompt[p])
-            out, st = by_prompt[p]
-            logits.append(out)
-            states.append(st)
-        if self.model.config.arch == "lstm":
-            state = (torch.cat([s[0] for s in states], 1), torch.cat([s[1] for s in states], 1))
-        else:
-            state = torch.cat(states, 1)
-        return torch.cat(logits, 0), self.stepper.from_module_state(state)
+        return self.reader.prime(prompts)
 
     def token_text(self, i: int) -> str:
         """The text of id ``i`` alone (the alternatives of a log-probability record)."""
-        return self.vocab.token_bytes[i].decode("utf-8", errors="replace")
+        return self.reader.token_text(i)
 
     @torch.inference_mode()
     def steps(self, prompts: Sequence[str], decoding: Decoding) -> Iterator[torch.Tensor]:
@@ -116,24 +105,9 @@ class Sampler:
         :class:`charrnn.decoding.Decoding`)."""
         return self.steps(prompts, Decoding(self, prompts, length, steps=length, **options))
 
-    def _read_prompt(self, prompt: str) -> tuple[torch.Tensor, State]:
-        """The logits after ``prompt`` ``(1, vocab)`` and the model's state; after token healing the logits
-        allow only the ids that start with the prompt's last token."""
-        ids, tail = self.healed(prompt)
-        st = None
-        # In pieces, so that a long prompt costs its ids, not a row of activations per character.
-        for piece in ids.to(self.device).split(PRIME_CHUNK):
-            out, st = self.model(piece[None], st)
-        out = out[:, -1]
-        if tail:            # token healing: the first token completes the prompt's last one
-            allowed = torch.from_numpy(self.vocab.starting_with(tail)).to(out.device)
-            out = out.masked_fill(~allowed, float("-inf"))
-        return out, st
-
     def text_stream(self, prompts: Sequence[str], length: int) -> TextStream:
         """What turns the generated ids of ``prompts`` into their ``length`` characters of text."""
-        skip = [len(self.healed(p)[1]) for p in prompts]
-        return TextStream(self.vocab.token_bytes, len(prompts), length, skip)
+        return self.reader.text_stream(prompts, length)
 
     def decode(self, prompts: Sequence[str], decoding: Decoding) -> Iterator[tuple[list[str], list[list[dict]]]]:
         """Yield every sample's new text (and log-probability records), one step at a time, until every sample
@@ -153,7 +127,7 @@ class Sampler:
 
     def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
         """:func:`charrnn.hardware.check_sampling_fits` for this model and device."""
-        check_sampling_fits(self.model.config, self.device, option, value, rows, length)
+        self.reader.check_fits(option, value, rows, length)
 
     @torch.inference_mode()
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, num_samples: int = 1,
@@ -237,6 +211,93 @@ class Sampler:
             text = self.text_stream([prompt], length)
             texts.append(prompt + "".join(text.push([i])[0] for i in h.ids))
         return list(zip(texts, [h.log_prob for h in hyps]))
+
+
+class RunReader:
+    """A charrnn run's :class:`CharLM` and vocabulary as :class:`Sampler` reads them (its
+    :class:`charrnn.interfaces.Reader`): prompts through the fused recurrent kernel, then one step of
+    :class:`Stepper` per token."""
+
+    def __init__(self, model: CharLM, vocab: Vocab, weights: str = "fp32", backend: str = "auto"):
+        """``weights`` and ``backend``: see :class:`Stepper`."""
+        if model.config.vocab_size != len(vocab):
+            raise CharRNNError(f"model has {model.config.vocab_size} ids but the vocabulary {len(vocab)}; "
+                               "the run directory is inconsistent, retrain it")
+        self.model = model.eval()
+        self.vocab = vocab
+        self.device = model.head.weight.device
+        self.stepper = Stepper(model, weights, backend)
+        self.batchable = weights == "fp32"    # int8 quantises activations per batch: one request at a time
+        self.prompt_cache: PromptCache | None = None     # off unless asked for (the server turns it on)
+
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
+        """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).
+
+        An empty prompt starts from a newline when the vocabulary has one.
+        """
+        prompt = start_text(prompt, self.vocab.chars)
+        ids = torch.from_numpy(self.vocab.encode(prompt).astype("int64"))
+        return ids, self.vocab.unknown(prompt)
+
+    def healed(self, prompt: str) -> tuple[torch.Tensor, bytes]:
+        """The ids the model reads for ``prompt`` and the bytes its first generated token must start with
+        (token healing: a word or BPE prompt may end inside a token; see :meth:`TokenVocab.heal`)."""
+        ids, tail = self.vocab.heal(start_text(prompt, self.vocab.chars))
+        return torch.from_numpy(ids), tail
+
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """The ids the model reads for ``prompt`` (what a repetition penalty counts as seen)."""
+        return self.healed(prompt)[0]
+
+    @torch.inference_mode()
+    def prime(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list]:
+        """Run each prompt through the model; the last logits ``(batch, vocab)`` and the state.
+
+        After token healing the logits allow only the ids that start with the prompt's last token."""
+        logits, states = [], []
+        by_prompt: dict[str, tuple] = {}
+        for p in prompts:
+            if p not in by_prompt:
+                by_prompt[p] = self.prompt_cache.get(p) if self.prompt_cache is not None else None
+                if by_prompt[p] is None:
+                    by_prompt[p] = self._read_prompt(p)
+                    if self.prompt_cache is not None:
+                        self.prompt_cache.put(p, by_prompt[p])
+            out, st = by_prompt[p]
+            logits.append(out)
+            states.append(st)
+        if self.model.config.arch == "lstm":
+            state = (torch.cat([s[0] for s in states], 1), torch.cat([s[1] for s in states], 1))
+        else:
+            state = torch.cat(states, 1)
+        return torch.cat(logits, 0), self.stepper.from_module_state(state)
+
+    def token_text(self, i: int) -> str:
+        """The text of id ``i`` alone (the alternatives of a log-probability record)."""
+        return self.vocab.token_bytes[i].decode("utf-8", errors="replace")
+
+    def _read_prompt(self, prompt: str) -> tuple[torch.Tensor, State]:
+        """The logits after ``prompt`` ``(1, vocab)`` and the model's state; after token healing the logits
+        allow only the ids that start with the prompt's last token."""
+        ids, tail = self.healed(prompt)
+        st = None
+        # In pieces, so that a long prompt costs its ids, not a row of activations per character.
+        for piece in ids.to(self.device).split(PRIME_CHUNK):
+            out, st = self.model(piece[None], st)
+        out = out[:, -1]
+        if tail:            # token healing: the first token completes the prompt's last one
+            allowed = torch.from_numpy(self.vocab.starting_with(tail)).to(out.device)
+            out = out.masked_fill(~allowed, float("-inf"))
+        return out, st
+
+    def text_stream(self, prompts: Sequence[str], length: int) -> TextStream:
+        """What turns the generated ids of ``prompts`` into their ``length`` characters of text."""
+        skip = [len(self.healed(p)[1]) for p in prompts]
+        return TextStream(self.vocab.token_bytes, len(prompts), length, skip)
+
+    def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
+        """:func:`charrnn.hardware.check_sampling_fits` for this model and device."""
+        check_sampling_fits(self.model.config, self.device, option, value, rows, length)
 
 
 class _Beams:

@@ -94,9 +94,7 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "bes
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    what = f"{run} ({lm.run.weights})" if hasattr(lm, "run") else f"{run} (Hugging Face {lm.describe()['model_type']})"
-    print(f"serving {what} on http://{shown}:{bound_port}/ (Ctrl-C to stop)",
-          file=sys.stderr, flush=True)
+    print(f"serving {run} ({lm.label}) on http://{shown}:{bound_port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
     app = web.create_app(lm, limits, api_key=api_key, cors_origins=cors_origins)
     server = GracefulServer(web.server_config(app, log_level=log_level), app.state.engine, shutdown_seconds)
     with sigterm_as_interrupt():

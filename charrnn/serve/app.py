@@ -147,7 +147,7 @@ class _Endpoints:
         return JSONResponse(describe_model(self.lm, self.limits))
 
     async def healthz(self, request: Request):
-        cache = getattr(self.lm.sampler, "prompt_cache", None)
+        cache = self.lm.sampler.prompt_cache
         more = {"prompt_cache": {"entries": len(cache.entries), "bytes": cache.bytes, "hits": cache.hits,
                                  "misses": cache.misses}} if cache is not None else {}
         return JSONResponse({"status": "ok", **self.engine.status(), **more})
@@ -168,9 +168,9 @@ def create_app(lm, limits: Limits | None = None, *, api_key: str | None = None, 
     """The server for a model loaded by :func:`charrnn.load` (a run, or a Hugging Face model); ``api_key``: the
     key ``/v1/`` requests must carry (auth.py); ``cors_origins``: the web origins allowed to call it."""
     limits = (limits or Limits()).validate()
-    if limits.prompt_cache_mb and getattr(lm.sampler, "prompt_cache", False) is None:   # a charrnn run's sampler
+    if limits.prompt_cache_mb and lm.capabilities.prompt_cache:
         lm.sampler.prompt_cache = PromptCache(limits.prompt_cache_mb << 20)
-    engine = Engine(lm.sampler, batch_requests=lm.sampler.batchable, max_queue=limits.max_queue,
+    engine = Engine(lm.sampler, batch_requests=lm.capabilities.batchable, max_queue=limits.max_queue,
                     max_batch=limits.max_batch, hop_seconds=hop_seconds)
     engine.metrics = metrics = Metrics(engine)
     ep = _Endpoints(lm, limits, engine)
