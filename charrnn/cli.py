@@ -330,7 +330,7 @@ def cmd_eval(args) -> int:
         return 0
     where = args.corpus or "validation split"
     where += f" (last {args.val_fraction:g})" if args.val_fraction else ""
-    weights = f"windows of {r['window']} tokens, stride {r['stride']}" if "window" in r else lm.run.weights
+    weights = f"windows of {r['window']} tokens, stride {r['stride']}" if "window" in r else lm.label
     if lm.vocab.kind == "char":
         print(f"{where}: loss {r['loss']:.4f} nats/char, {r['bpc']:.4f} bits/char, perplexity "
               f"{r['perplexity']:.3f} over {r['chars']:,} characters ({weights}){unscored_note(r)}")
