@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import torch
 
+from .cells import cell
 from .errors import CharRNNError, OptionError
 
 
@@ -103,7 +104,7 @@ def check_sampling_fits(config, device: torch.device, option: str, value: int, r
     """Refuse, before any work, ``rows`` samples (or beam candidates) of ``length`` characters from a model
     of ``config`` (a :class:`charrnn.config.ModelConfig`) that ``device``'s memory cannot hold: each row's
     recurrent state and logits (float32, a few copies) and its characters.  The error names ``option``."""
-    state = config.layers * config.hidden * (2 if config.arch == "lstm" else 1)
+    state = config.layers * config.hidden * len(cell(config.arch).state)
     check_rows_fit(device, option, value, rows, 4 * 4 * (state + config.vocab_size) + CHAR_BYTES * length)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cells import cell
 from .errors import CharRNNError
 from .options import GREEDY_BELOW, check_sampling_options, start_text
 from .tokens import TextStream, TokenVocab
@@ -127,11 +128,11 @@ class ExportedModel:
             self.config = json.loads(self.metadata["charrnn.model"])
             self.sampling_defaults = json.loads(self.metadata["charrnn.sampling"])
             self.arch, self.layers, self.hidden = self.config["arch"], self.config["layers"], self.config["hidden"]
+            self.state_names = list(cell(self.arch).state)   # an unknown cell: CharRNNError
             check_sampling_options(*self.sampling_options())
         except (KeyError, TypeError, AttributeError, ValueError, RecursionError, CharRNNError) as e:
             raise CharRNNError(f"{path} has damaged charrnn metadata ({e}); export the run again") from None
         self.weights = self.metadata.get("charrnn.weights", "fp32")
-        self.state_names = ["h", "c"] if self.arch == "lstm" else ["h"]
         self.input_names = ["ids", *self.state_names]
         problem = self._graph_mismatch()
         if problem:

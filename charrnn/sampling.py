@@ -87,8 +87,8 @@ class Sampler:
             out, st = by_prompt[p]
             logits.append(out)
             states.append(st)
-        if self.model.config.arch == "lstm":
-            state = (torch.cat([s[0] for s in states], 1), torch.cat([s[1] for s in states], 1))
+        if isinstance(states[0], tuple):    # a cell with several state tensors (LSTM's h and c)
+            state = tuple(torch.cat(parts, 1) for parts in zip(*states))
         else:
             state = torch.cat(states, 1)
         return torch.cat(logits, 0), self.stepper.from_module_state(state)
