@@ -131,7 +131,8 @@ class Stepper:
             return None
         ih = [[]] + [lin.native_parts() for lin in self.lin_ih[1:]]
         hh = [lin.native_parts() for lin in self.lin_hh]
-        return module.Step(self.cell.native, self.hidden, self.table, ih, hh, self.head.native_parts(), self.table.shape[0])
+        return module.Step(self.cell.native, self.hidden, self.table, ih, hh, self.head.native_parts(),
+                           self.table.shape[0])
 
     def from_module_state(self, state: State) -> list:
         if self._states > 1:

@@ -18,8 +18,8 @@ class CharLM(nn.Module):
     The recurrent stack is the one ``config.arch``'s cell builds (:mod:`charrnn.cells`): ``nn.GRU`` /
     ``nn.LSTM`` / ``nn.RNN`` (fused kernels, cuDNN on GPU), or a minGRU / minLSTM stack
     (:mod:`charrnn.models.minrnn`, a parallel scan over time).  ``state`` is ``(layers, batch, hidden)``,
-    or a tuple of those for a cell with several state tensors (LSTM's ``(h, c)``); ``None`` means zeros.  Dropout (if any) is applied between recurrent layers and to the output of
-    the last one, not to the embedding (which keeps the first layer's input projection a
+    or a tuple of those for a cell with several state tensors (LSTM's ``(h, c)``); ``None`` means zeros.
+    Dropout (if any) is applied between recurrent layers and to the output of the last one, not to the embedding (which keeps the first layer's input projection a
     table lookup on the CPU training path).  ``weight_drop`` drops entries of the recurrent
     weights (``weight_hh``), one mask per forward shared by every step and sequence
     (DropConnect, as in AWD-LSTM): it regularises the recurrence itself, which output dropout
