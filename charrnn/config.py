@@ -260,7 +260,7 @@ class TrainConfig:
             raise OptionError("stateful", "reads contiguous streams: it cannot be combined with {window_step} or "
                                           "{loss_on} last; drop one of them")
         if self.tokenizer == "char" and self.max_vocab is not None:
-            raise OptionError("max_vocab", "applies to --tokenizer word or bpe; a character vocabulary holds every "
+            raise OptionError("max_vocab", "applies to {tokenizer} word or bpe; a character vocabulary holds every "
                                            "character of the text")
         if self.tokenizer == "bpe" and (self.max_vocab or BPE_VOCAB) < 257:
             raise OptionError("max_vocab", "is {value}: a byte-level BPE vocabulary holds the 256 bytes and [UNK] at "

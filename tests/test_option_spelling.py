@@ -90,3 +90,9 @@ def test_no_cuda_names_the_device_option():
         pytest.skip("a CUDA GPU is here")
     message = api_error(lambda: resolve_device("cuda"))
     assert message == "device cuda was asked for but no CUDA GPU is available; use device cpu or auto"
+
+
+def test_a_vocabulary_size_for_characters():
+    from charrnn.config import build_config
+
+    assert api_error(lambda: build_config(max_vocab=50)).startswith("max_vocab applies to tokenizer word or bpe;")
