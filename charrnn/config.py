@@ -258,7 +258,7 @@ class TrainConfig:
             raise OptionError("stateful", "reads contiguous streams: it cannot be combined with {window_step} or "
                                           "{loss_on} last; drop one of them")
         if self.tokenizer == "char" and self.max_vocab is not None:
-            raise OptionError("max_vocab", "applies to --tokenizer word or bpe; a character vocabulary holds every "
+            raise OptionError("max_vocab", "applies to {tokenizer} word or bpe; a character vocabulary holds every "
                                            "character of the text")
         if self.tokenizer == "bpe" and (self.max_vocab or BPE_VOCAB) < 257:
             raise OptionError("max_vocab", "is {value}: a byte-level BPE vocabulary holds the 256 bytes and [UNK] at "
@@ -342,7 +342,7 @@ PRESET_HELP = {
     "tutorial-gru": "the TensorFlow tutorial's model and training (the defaults)",
     "shakespeare-20min": "a GRU of 2 x 640 with dropout 0.1 between the layers and on the output, "
                          "sequences of 200 in batches of 32, AdamW 3e-3 (weight decay 0.4) with cosine decay "
-                         "over a 20-minute --time-limit, validation read as 64 streams (half the time of 16): "
+                         "over a 20-minute --time-limit, validation read as 64 streams: "
                          "the best found for 20 CPU minutes",
     "shakespeare-20min-bf16": "shakespeare-20min with one GRU layer of 2048 and output dropout 0.25, for CPUs "
                               "that compute bf16 natively (AVX-512 BF16, AMX; there --precision auto trains in bf16): "

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 
 from .cells import cell
-from .errors import CharRNNError, OptionError
+from .errors import OptionError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -21,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise CharRNNError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise OptionError("device", "{device} cuda was asked for but no CUDA GPU is available; use {device} cpu or auto")
     return torch.device(name)
 
 
@@ -90,9 +90,9 @@ def check_model_fits(need: int, parameters: int, device: torch.device) -> None:
     :meth:`charrnn.config.ModelConfig.training_bytes`), more than ``device``'s memory."""
     have = memory_bytes(device)
     if have is not None and need > have:
-        raise CharRNNError(f"the model would have {parameters:,} parameters: a training step needs at least "
-                           f"{_gib(need)}, more than the {_gib(have)} of {device.type} memory here; choose a smaller "
-                           "--hidden, --layers, --embed, --batch-size or --seq-len")
+        raise OptionError("hidden", f"the model would have {parameters:,} parameters: a training step needs at least "
+                          f"{_gib(need)}, more than the {_gib(have)} of {device.type} memory here; choose a smaller "
+                          "{hidden}, {layers}, {embed}, {batch_size} or {seq_len}")
 
 
 # What one generated character costs until its sample is returned: its id (int64), its entries in the

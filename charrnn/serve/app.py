@@ -29,7 +29,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import CharRNNError
 from ..options import GenerationOptions, check_sampling_options
@@ -243,10 +242,10 @@ class _HeadLimits:
         await self.app(scope, receive, send)
 
 
-class _HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol, with ``timeout_keep_alive`` also the time a client has to send each request's line
-    and headers (from the connection's start or the previous response; a byte now and then does not extend it)
-    and the rest of a body its endpoint did not read."""
+class _HeadDeadline:
+    """Mixed into uvicorn's h11 protocol (:func:`http_protocol`): ``timeout_keep_alive`` is also the time a client
+    has to send each request's line and headers (from the connection's start or the previous response; a byte now
+    and then does not extend it) and the rest of a body its endpoint did not read."""
 
     deadline: asyncio.TimerHandle | None = None
 
@@ -279,10 +278,40 @@ class _HeadDeadline(H11Protocol):
         self.deadline = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
+# What _HeadDeadline extends or calls on uvicorn's H11Protocol (uvicorn.protocols.http.h11_impl), and the
+# attributes it reads that H11Protocol sets in __init__ / connection_made: uvicorn's internals, so checked.
+_H11_METHODS = ("connection_made", "data_received", "on_response_complete", "connection_lost",
+                "timeout_keep_alive_handler")
+_H11_ATTRIBUTES = ("cycle", "loop", "timeout_keep_alive", "transport")
+
+
+def http_protocol():
+    """uvicorn's h11 protocol with the head deadline (:class:`_HeadDeadline`) mixed in.  A uvicorn whose
+    ``H11Protocol`` cannot be imported, or lacks what the deadline builds on, serves without it (its own protocol,
+    so clients that trickle a request's head are dropped only by uvicorn's own timeouts), with a one-line warning."""
+    try:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError as e:
+        return _without_head_deadline(f"cannot import uvicorn.protocols.http.h11_impl.H11Protocol ({e})", "auto")
+    assigned = {name for method in (H11Protocol.__init__, H11Protocol.connection_made)
+                for name in getattr(getattr(method, "__code__", None), "co_names", ())}
+    missing = ([name for name in _H11_METHODS if not callable(getattr(H11Protocol, name, None))]
+               + [name for name in _H11_ATTRIBUTES if name not in assigned])
+    if missing:
+        return _without_head_deadline(f"uvicorn's H11Protocol has no {', '.join(missing)}", H11Protocol)
+    return type("HeadDeadlineH11Protocol", (_HeadDeadline, H11Protocol), {})
+
+
+def _without_head_deadline(why: str, protocol):
+    log.warning("uvicorn %s: %s; serving without the deadline on request heads (the uvicorn versions "
+                "charrnn[serve] asks for have it)", getattr(uvicorn, "__version__", "?"), why)
+    return protocol
+
+
 def server_config(app: Starlette, **options) -> uvicorn.Config:
     """uvicorn's configuration for ``app`` (from :func:`create_app`): slow or excess connections are dropped
     as its limits say; ``options`` go to ``uvicorn.Config``."""
     limits = app.state.limits
-    return uvicorn.Config(app, http=_HeadDeadline, timeout_keep_alive=limits.max_read_seconds,
+    return uvicorn.Config(app, http=http_protocol(), timeout_keep_alive=limits.max_read_seconds,
                           limit_concurrency=limits.max_connections, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                           **options)
