@@ -93,10 +93,11 @@ class Generator:
     """Generation through ``self.sampler``: the interface every kind of model has (a run, a pretrained
     transformer from :mod:`charrnn.hf`; :mod:`charrnn.runtime`'s exported files mirror it).
 
-    The decoding ``options`` are those of :class:`charrnn.decoding.Decoding`: ``temperature`` (0 is
-    greedy), ``top_k``, ``top_p``, ``seed``, ``repetition_penalty``, ``presence_penalty``,
-    ``frequency_penalty``, ``stop`` (texts that end a sample, never included) and, for :meth:`complete`,
-    ``logprobs`` (alternatives per token).  ``prompt`` may be a list of prompts, one sample each.
+    The decoding ``options`` are the fields of :class:`charrnn.options.SamplingParams`, as keywords or as
+    ``params=SamplingParams(...)``: ``temperature`` (0 is greedy), ``top_k``, ``top_p``, ``min_p``, ``seed``,
+    ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``stop`` (texts that end a sample,
+    never included) and, for :meth:`complete`, ``logprobs`` (alternatives per token).  ``prompt`` may be a
+    list of prompts, one sample each.
     """
 
     def unknown_chars(self, text: str) -> list[str]:
