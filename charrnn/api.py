@@ -105,7 +105,8 @@ class LanguageModel(Generator):
         self.device = device
         self.int8 = int8
         if int8 and device.type != "cpu":
-            raise CharRNNError("int8 sampling runs on the CPU only; drop --int8 or use --device cpu")
+            raise CharRNNError("int8 sampling runs on the CPU only; drop int8 (--int8) or use device cpu "
+                               "(--device cpu)")
         self.sampler = Sampler(self.model, self.vocab, weights="int8" if int8 else "fp32")
         # int8 quantises activations per batch: the server steps its requests one at a time.
         self.capabilities = dataclasses.replace(self.capabilities, batchable=self.sampler.batchable)

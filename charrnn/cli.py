@@ -160,20 +160,19 @@ def _is_exported(path: str) -> bool:
 
 
 def _generator(args, o: GenerationOptions):
-    """The model to generate from and the decoding options (an .onnx file brings its own defaults), checked."""
-    from .options import check_beam_width, check_sampling_options
+    """The model to generate from and its sampling parameters (an .onnx file brings its own defaults), checked."""
+    from .options import SamplingParams, check_beam_width
 
-    options = dict(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, seed=o.seed,
-                   repetition_penalty=o.repetition_penalty, presence_penalty=o.presence_penalty,
-                   frequency_penalty=o.frequency_penalty, stop=tuple(args.stop or ()), logprobs=args.logprobs)
+    s = o.sampling
     decoding_only = [name for name, given in (
-        ("--repetition-penalty", o.repetition_penalty != 1), ("--presence-penalty", o.presence_penalty != 0),
-        ("--frequency-penalty", o.frequency_penalty != 0), ("--stop", args.stop),
+        ("--repetition-penalty", s.repetition_penalty != 1), ("--presence-penalty", s.presence_penalty != 0),
+        ("--frequency-penalty", s.frequency_penalty != 0), ("--stop", args.stop),
         ("--logprobs", args.logprobs is not None)) if given]
-    check_sampling_options(stop=options["stop"])          # before a model is loaded (and adapted)
     if args.logprobs is not None and not (args.json and 0 <= args.logprobs <= 20):
         raise OptionError("logprobs", "is the number of alternatives per token (0 to 20) and goes with --json, got "
                                       "{value}", value=args.logprobs)
+    # The SamplingParams, checked before a model is loaded (and adapted).
+    options = SamplingParams.of(s, stop=tuple(args.stop or ()), logprobs=args.logprobs)
     dynamic = _dynamic_options(args)          # checked even when --adapt is left out
     if not _is_exported(args.run):
         from .api import load
@@ -205,18 +204,15 @@ def _generator(args, o: GenerationOptions):
                            "exported .onnx file (for int8 weights, export with `charrnn export RUN --int8`); "
                            f"drop {'it' if one else 'them'} or give the run directory")
     lm = load_exported(args.run)
-    temperature, top_k, top_p = lm.sampling_options(args.temperature, o.top_k, o.top_p)
-    check_sampling_options(temperature, top_k, top_p, o.length, o.num_samples, o.seed,
-                           repetition_penalty=o.repetition_penalty)
-    return lm, dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=o.seed,
-                    repetition_penalty=o.repetition_penalty)
+    # The flags left out (None) take the file's defaults.
+    return lm, lm.sampling_params(**{name: getattr(args, name) for name in option_names(SamplingParams)})
 
 
 def cmd_generate(args) -> int:
     # Options left out take GenerationOptions' defaults (the temperature: an .onnx file's, see _generator).
-    o = GenerationOptions(**{name: getattr(args, name) for name in option_names(GenerationOptions)
-                             if getattr(args, name) is not None}).validate()
-    lm, options = _generator(args, o)
+    o = GenerationOptions.from_dict({name: getattr(args, name) for name in option_names(GenerationOptions)
+                                     if getattr(args, name) is not None})
+    lm, params = _generator(args, o)
     _warn_unknown(lm, o.prompt)
     if args.beam_width is not None:
         beams = lm.sampler.beam(o.prompt, o.length, args.beam_width)
@@ -226,10 +222,10 @@ def cmd_generate(args) -> int:
             print(f"\n\n{RULE}\n\n".join(f"[log-probability {lp:.4f}]\n{t}" for t, lp in beams))
         return 0
     if args.json and not lm.capabilities.complete:      # no stop texts: every sample runs to its length
-        samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)
+        samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, params=params)
         _print_json({"samples": samples, "finish_reasons": ["length"] * len(samples)})
     elif args.json:
-        done = lm.complete(o.prompt, o.length, num_samples=o.num_samples, **options)
+        done = lm.complete(o.prompt, o.length, num_samples=o.num_samples, params=params)
         out = {"samples": [c.text for c in done], "finish_reasons": [c.finish_reason for c in done]}
         if args.logprobs is not None:
             out["logprobs"] = [c.logprobs for c in done]
@@ -238,12 +234,12 @@ def cmd_generate(args) -> int:
         out = sys.stdout
         out.write(o.prompt)
         out.flush()
-        for (text,) in lm.stream(o.prompt, o.length, **options):
+        for (text,) in lm.stream(o.prompt, o.length, params=params):
             out.write(text)
             out.flush()
         out.write("\n")
     else:
-        samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, **options)
+        samples = lm.generate(o.prompt, o.length, num_samples=o.num_samples, params=params)
         print(f"\n\n{RULE}\n\n".join(samples))
     return 0
 

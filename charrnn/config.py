@@ -23,11 +23,9 @@ import typing
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from .cells import ARCHS, cell
 from .errors import CharRNNError, OptionError
 
-ARCHS = ("gru", "lstm", "rnn", "mingru", "minlstm")
-GATES = {"gru": 3, "lstm": 4, "rnn": 1, "mingru": 2, "minlstm": 3}   # gate blocks of each cell's weights
-INPUT_ONLY = ("mingru", "minlstm")       # cells whose gates read the input only (no recurrent weights)
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -139,7 +137,7 @@ class ModelConfig:
         return self
 
     def check_weight_drop(self) -> None:
-        if self.weight_drop and self.arch in INPUT_ONLY:
+        if self.weight_drop and cell(self.arch).input_only:
             raise OptionError("weight_drop", "drops recurrent weights, which --arch {arch} has none of (its gates "
                                              "read the input only); use --dropout", arch=self.arch)
 
@@ -148,9 +146,9 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """The parameter count of the model these options build (as ``CharLM.num_parameters()``)."""
-        gates = GATES[self.arch] * self.hidden
+        gates = cell(self.arch).gates * self.hidden
         width = self.embed or self.vocab_size
-        hh = 0 if self.arch in INPUT_ONLY else self.hidden + 1      # recurrent weights and their bias
+        hh = 0 if cell(self.arch).input_only else self.hidden + 1     # recurrent weights and their bias
         recurrent = gates * (width + 1 + hh) + (self.layers - 1) * gates * (self.hidden + 1 + hh)
         return self.vocab_size * self.embed + recurrent + self.hidden * self.vocab_size + self.vocab_size
 
@@ -158,7 +156,7 @@ class ModelConfig:
         """The least memory a training step takes: float32 weights, gradients and two optimizer moments
         (16 bytes a parameter), and for each of the batch's characters the activations kept for the
         backward pass and their gradients (every layer's gates and output, the logits thrice)."""
-        gates = GATES[self.arch]
+        gates = cell(self.arch).gates
         per_char = 4 * (2 * self.layers * (gates + 1) * self.hidden + 3 * self.vocab_size + self.embed)
         return 16 * self.num_parameters() + batch_size * seq_len * per_char
 
@@ -260,7 +258,7 @@ class TrainConfig:
             raise OptionError("stateful", "reads contiguous streams: it cannot be combined with {window_step} or "
                                           "{loss_on} last; drop one of them")
         if self.tokenizer == "char" and self.max_vocab is not None:
-            raise OptionError("max_vocab", "applies to --tokenizer word or bpe; a character vocabulary holds every "
+            raise OptionError("max_vocab", "applies to {tokenizer} word or bpe; a character vocabulary holds every "
                                            "character of the text")
         if self.tokenizer == "bpe" and (self.max_vocab or BPE_VOCAB) < 257:
             raise OptionError("max_vocab", "is {value}: a byte-level BPE vocabulary holds the 256 bytes and [UNK] at "
@@ -344,7 +342,7 @@ PRESET_HELP = {
     "tutorial-gru": "the TensorFlow tutorial's model and training (the defaults)",
     "shakespeare-20min": "a GRU of 2 x 640 with dropout 0.1 between the layers and on the output, "
                          "sequences of 200 in batches of 32, AdamW 3e-3 (weight decay 0.4) with cosine decay "
-                         "over a 20-minute --time-limit, validation read as 64 streams (half the time of 16): "
+                         "over a 20-minute --time-limit, validation read as 64 streams: "
                          "the best found for 20 CPU minutes",
     "shakespeare-20min-bf16": "shakespeare-20min with one GRU layer of 2048 and output dropout 0.25, for CPUs "
                               "that compute bf16 natively (AVX-512 BF16, AMX; there --precision auto trains in bf16): "

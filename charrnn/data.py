@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import CharRNNError
+from .errors import OptionError
 
 
 def split_train_val(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """The first ``1 - val_fraction`` of the ids for training, the rest for validation."""
     if not 0 <= val_fraction < 1:
-        raise CharRNNError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise OptionError("val_fraction", "must be in [0, 1), got {value}", value=val_fraction)
     cut = int(len(ids) * (1 - val_fraction))
     return ids[:cut], ids[cut:]
 
@@ -51,12 +51,13 @@ class WindowBatches:
     def __post_init__(self) -> None:
         self.step = self.window_step or self.seq_len
         if self._n_windows(self.step - 1) < self.batch_size:
-            raise CharRNNError(
+            raise OptionError(
+                "batch_size",
                 f"the training text ({len(self.ids):,} characters) is shorter than one batch of "
                 f"{self.batch_size} sequences of {self.seq_len + 1}"
                 + (f" every {self.window_step}" if self.window_step else "")
-                + "; use a longer corpus or lower --batch-size / --seq-len"
-                + (" / --window-step" if self.window_step else "")
+                + "; use a longer corpus or lower {batch_size} / {seq_len}"
+                + (" / {window_step}" if self.window_step else "")
             )
         self._epoch = None
 
@@ -110,10 +111,11 @@ class StreamBatches:
 
     def __post_init__(self) -> None:
         if self._stream_len(self.seq_len - 1) < self.seq_len:
-            raise CharRNNError(
+            raise OptionError(
+                "batch_size",
                 f"the training text ({len(self.ids):,} characters) is too short for {self.batch_size} "
                 f"streams of at least {self.seq_len + 1} characters; use a longer corpus or lower "
-                "--batch-size / --seq-len"
+                "{batch_size} / {seq_len}"
             )
         self._epoch = None
 
@@ -157,7 +159,7 @@ def eval_streams(ids: np.ndarray, n_streams: int) -> tuple[torch.Tensor, torch.T
     """
     n_pred = len(ids) - 1
     if n_pred < 1:
-        raise CharRNNError("the validation text is shorter than two characters; raise --val-fraction")
+        raise OptionError("val_fraction", "the validation text is shorter than two characters; raise {val_fraction}")
     n_streams = max(1, min(n_streams, n_pred))
     length = -(-n_pred // n_streams)
     # Compact storage (a long validation split must not cost 8 bytes per character); the

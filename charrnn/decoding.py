@@ -13,18 +13,20 @@ from collections.abc import Sequence
 import torch
 
 from . import native
-from .options import GREEDY_BELOW, check_sampling_options
+from .options import GREEDY_BELOW, SamplingParams, check_shape
 from .tokens import StopText
 from .vocab import UNK_ID
 
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
+                   top_p: float | None = None, *, min_p: float | None = None) -> torch.Tensor:
     """Scaled, filtered logits ``(batch, vocab)``; filtered-out entries are ``-inf``.
 
     ``[UNK]`` is always removed.  ``temperature`` must be > 0 here (0 is handled as greedy
     by the caller).  ``top_k`` keeps the k largest; ``top_p`` keeps the smallest set of
-    most likely characters whose probability reaches p (always at least one).
+    most likely characters whose probability reaches p (always at least one); ``min_p`` (None
+    or 0: off) keeps those at least ``min_p`` times as likely as the most likely one, which
+    always stays (transformers' ``MinPLogitsWarper``, after the others as there).
     """
     logits = logits.float() / temperature
     logits[:, UNK_ID] = float("-inf")
@@ -39,11 +41,14 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
         drop_sorted[:, 0] = False  # the most likely stays, also when top_p underflows the logits' dtype to 0
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    if min_p:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
     return logits
 
 
 def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: torch.Generator | None, *,
-           compiled: bool = True) -> torch.Tensor:
+           min_p: float | None = None, compiled: bool = True) -> torch.Tensor:
     """Next ids ``(batch,)`` from logits ``(batch, vocab)``: greedy at temperature 0, else sampled.
 
     Plain temperature sampling of CPU fp32 logits runs as one call into the compiled module
@@ -52,13 +57,14 @@ def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: to
     """
     fused = native.loaded() if compiled else None
     if (fused is not None and temperature >= GREEDY_BELOW and (top_k is None or top_k >= logits.shape[-1])
-            and (top_p is None or top_p >= 1.0) and logits.dtype == torch.float32 and logits.device.type == "cpu"):
+            and (top_p is None or top_p >= 1.0) and not min_p and logits.dtype == torch.float32
+            and logits.device.type == "cpu"):
         return fused.sample(logits, generator, float(temperature))
     if temperature < GREEDY_BELOW:
         masked = logits.float().clone()
         masked[:, UNK_ID] = float("-inf")
         return masked.argmax(-1)
-    probs = process_logits(logits, temperature, top_k, top_p).softmax(-1)
+    probs = process_logits(logits, temperature, top_k, top_p, min_p=min_p).softmax(-1)
     # Inverse-CDF sampling: three small ops, a fraction of torch.multinomial's per-call cost.
     cdf = probs.cumsum(-1)
     u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
@@ -122,32 +128,31 @@ def top_logprobs(logits: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch
 class Decoding:
     """One batch of samples on its way from logits to text.
 
-    ``choose(logits)`` picks each row's next id (penalties, temperature, top-k / top-p, the seeded
-    generator) and counts a step; ``read(steps)`` turns the ids chosen since the last read into each
-    row's new text, cut at ``length`` characters or before the first ``stop`` text (never shown), with
-    ``logprobs`` records when asked.  ``finish[r]`` becomes ``"stop"`` or ``"length"``; ``done`` once every
-    row has finished (or the steps ``length`` can take are spent).
+    ``choose(logits)`` picks each row's next id as the :class:`charrnn.options.SamplingParams` ``params`` say
+    (penalties, temperature, top-k / top-p / min-p, the seeded generator) and counts a step; ``read(steps)``
+    turns the ids chosen since the last read into each row's new text, cut at ``length`` characters or before
+    the first ``stop`` text (never shown), with ``logprobs`` records when asked.  ``finish[r]`` becomes
+    ``"stop"`` or ``"length"``; ``done`` once every row has finished (or the steps ``length`` can take are
+    spent).
     """
 
-    def __init__(self, sampler, prompts: Sequence[str], length: int, *, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 stop: Sequence[str] = (), logprobs: int | None = None, steps: int | None = None):
-        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed,
-                               repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                               frequency_penalty=frequency_penalty, stop=stop)
-        self.temperature, self.top_k, self.top_p, self.logprobs = temperature, top_k, top_p, logprobs
-        self.seed = seed if seed is not None else random.SystemRandom().randrange(2**63)
+    def __init__(self, sampler, prompts: Sequence[str], length: int, params: SamplingParams = SamplingParams(), *,
+                 steps: int | None = None):
+        check_shape(length, len(prompts) or 1)      # the params checked themselves when they were made
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        self.params, self.logprobs = params, params.logprobs
+        self.seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator(device=sampler.device)
         self.generator.manual_seed(self.seed)
         self.compiled = sampler.stepper.backend == "native"
+        penalties = params.repetition_penalty, params.presence_penalty, params.frequency_penalty
         self.penalties = (Penalties([sampler.prompt_ids(p) for p in prompts], len(sampler.vocab), sampler.device,
-                                    repetition_penalty, presence_penalty, frequency_penalty)
-                          if Penalties.wanted(repetition_penalty, presence_penalty, frequency_penalty) else None)
+                                    *penalties) if Penalties.wanted(*penalties) else None)
         banned = sampler.vocab.banned
         self.banned = torch.tensor(banned, dtype=torch.long, device=sampler.device) if len(banned) else None
         self.text = sampler.text_stream(prompts, length)
-        self.stops = StopText(stop, len(prompts)) if stop else None
+        self.stops = StopText(params.stop, len(prompts)) if params.stop else None
         self.token_text = sampler.token_text
         self.length = length
         self.steps_left = sampler.vocab.steps_for(length) if steps is None else steps
@@ -166,7 +171,8 @@ class Decoding:
         scored = self.penalties(logits) if self.penalties is not None else logits
         if self.banned is not None:     # as [UNK]: bytes a BPE model never saw in training
             scored = scored.index_fill(1, self.banned, float("-inf"))
-        ids = choose(scored, self.temperature, self.top_k, self.top_p, self.generator, compiled=self.compiled)
+        p = self.params
+        ids = choose(scored, p.temperature, p.top_k, p.top_p, self.generator, min_p=p.min_p, compiled=self.compiled)
         if self.penalties is not None:
             self.penalties.add(ids)
         if self.logprobs is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class Dist:
     def check_batch(self, batch_size: int) -> None:
         """``--batch-size`` is the global batch: every rank must get the same number of its rows."""
         if batch_size % self.world:
-            raise CharRNNError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
-                               f"{self.world} processes; use a multiple of {self.world}")
+            raise OptionError("batch_size", "{value} is the global batch and must split evenly over the {world} "
+                              "processes; use a multiple of {world}", value=batch_size, world=self.world)
 
     # ------------------------------------------------------------------ collectives
 

@@ -16,7 +16,7 @@ from . import tokenized
 from .corpus import load_corpus, recorded_corpus
 from .data import eval_streams, split_train_val
 from .distributed import SINGLE, Dist
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
 from .hardware import autocast
 from . import ops
 from .models.charlm import CharLM
@@ -111,9 +111,9 @@ def held_out_ids(run_config: dict, vocab, corpus: str | None = None,
     ``corpus`` (its last ``val_fraction`` when given, split as training splits it); normalised as in
     training."""
     if corpus is None:
-        corpus, val_fraction = _recorded(run_config, "pass --corpus")
+        corpus, val_fraction = _recorded(run_config, "pass {corpus}")
         if not val_fraction:
-            raise CharRNNError("the run has no validation split (--val-fraction 0); pass --corpus")
+            raise OptionError("corpus", "the run has no validation split ({val_fraction} 0); pass {corpus}")
     data = _load(corpus, run_config)
     if vocab.kind == "char":
         ids = data.reencode(vocab)
@@ -149,10 +149,11 @@ def training_ids(run_config: dict, vocab) -> np.ndarray:
 
 
 def _recorded(run_config: dict, fix: str) -> tuple[str, float]:
-    """The corpus a run was trained on and its validation fraction; ``fix`` ends the error when it is not recorded."""
+    """The corpus a run was trained on and its validation fraction; ``fix`` ends the error when it is not recorded
+    (an :class:`OptionError` template: ``{corpus}`` names the option)."""
     name = run_config.get("corpus", {}).get("name")
     if not name:
-        raise CharRNNError(f"this run does not record its corpus; {fix}")
+        raise OptionError("corpus", "this run does not record its corpus; " + fix)
     return recorded_corpus(name), run_config.get("training", {}).get("val_fraction", 0.1)
 
 

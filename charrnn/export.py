@@ -5,14 +5,15 @@ The graph is one step of :class:`charrnn.stepper.Stepper`, the cell the PyTorch 
 
     inputs   ids    int64   (batch,)                  the current character of every sample
              h      float32 (layers, batch, hidden)   recurrent state
-             c      float32 (layers, batch, hidden)   LSTM cell state (LSTM only)
+             c      float32 (layers, batch, hidden)   LSTM cell state (LSTM only; in general the cell's
+                                                      state tensors, charrnn.cells.Cell.state)
     outputs  logits float32 (batch, vocab)            scores of the next character
              h_out, c_out                             the new state, shaped like h and c
 
 ``batch`` is a dynamic axis.  The first layer's input projection is folded into a
 ``(vocab, gates * hidden)`` table (embedding @ W_ih + b_ih), so a step is one row lookup, then
 per layer one matrix product with the recurrent weights (and the input weights above the first
-layer), the gate arithmetic (PyTorch's equations), and the output layer.
+layer), the gate arithmetic (the cell's ``onnx()``, :mod:`charrnn.cells`), and the output layer.
 
 The graph is written with ``onnx.helper`` from the weights rather than traced by ``torch.onnx``:
 in torch 2.13 the TorchScript exporter warns that it will be removed, and the ``torch.export``
@@ -38,10 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, cells
 from . import checkpoint as ckpt
 from .errors import CharRNNError
-from .config import GATES, INPUT_ONLY
 from .fileio import atomic_write_bytes
 from .models.charlm import CharLM
 from .ops.table import input_table
@@ -96,60 +96,28 @@ class _Graph:
         return self.op("Add", self.op("MatMul", x, w), b)
 
 
-def _min_cell(g: _Graph, arch: str, gi: str, h: str, split: str) -> str:
-    """One minGRU / minLSTM step (charrnn.models.minrnn.step): the new h."""
-    parts = g.op("Split", gi, split, axis=1, outputs=2 if arch == "mingru" else 3)
-    k = parts[-1]
-    zero, half = g.const(f"zero_{len(g.nodes)}", np.float32(0)), g.const(f"half_{len(g.nodes)}", np.float32(0.5))
-    cand = g.op("Where", g.op("GreaterOrEqual", k, zero), g.op("Add", k, half), g.op("Sigmoid", k))
-    if arch == "mingru":
-        z = g.op("Sigmoid", parts[0])
-        return g.op("Add", h, g.op("Mul", z, g.op("Sub", cand, h)))          # (1 - z) h + z h~
-    f, i = g.op("Sigmoid", parts[0]), g.op("Sigmoid", parts[1])
-    return g.op("Div", g.op("Add", g.op("Mul", f, h), g.op("Mul", i, cand)), g.op("Add", f, i))
-
-
-def _cell(g: _Graph, arch: str, gi: str, gh: str, h: str, layer: str, split: str) -> tuple[str, str | None]:
-    """One layer's gate arithmetic (PyTorch's equations): the new h, and the new c for LSTM."""
-    if arch == "gru":
-        i_r, i_z, i_n = g.op("Split", gi, split, axis=1, outputs=3)
-        h_r, h_z, h_n = g.op("Split", gh, split, axis=1, outputs=3)
-        r = g.op("Sigmoid", g.op("Add", i_r, h_r))
-        z = g.op("Sigmoid", g.op("Add", i_z, h_z))
-        n = g.op("Tanh", g.op("Add", i_n, g.op("Mul", r, h_n)))
-        return g.op("Add", n, g.op("Mul", z, g.op("Sub", h, n))), None  # (1 - z) * n + z * h, as torch.lerp
-    if arch == "lstm":
-        ig, fg, gg, og = g.op("Split", g.op("Add", gi, gh), split, axis=1, outputs=4)
-        cell = g.op("Gather", "c", layer, axis=0)
-        cell = g.op("Add", g.op("Mul", g.op("Sigmoid", fg), cell), g.op("Mul", g.op("Sigmoid", ig), g.op("Tanh", gg)))
-        return g.op("Mul", g.op("Sigmoid", og), g.op("Tanh", cell)), cell
-    return g.op("Tanh", g.op("Add", gi, gh)), None
-
-
-def _layers(g: _Graph, model: CharLM) -> tuple[str, list[str], list[str]]:
-    """The nodes of every layer: the last layer's output, and the new h (and c) of each layer."""
+def _layers(g: _Graph, model: CharLM) -> tuple[str, list[tuple[str, ...]]]:
+    """The nodes of every layer: the last layer's output, and each layer's new state tensors."""
     c, rnn = model.config, model.rnn
+    cell = cells.cell(c.arch)
+    nodes = cell.impl_module().onnx
     with torch.no_grad():
         w0, b0 = rnn.weight_ih_l0.float().cpu(), rnn.bias_ih_l0.float().cpu()
         embedding = model.embedding.weight.float().cpu() if model.embedding is not None else None
         table = g.const("input_table", input_table(w0, b0, embedding).contiguous().numpy())  # as Stepper's
-    split = g.const("gate_split", np.full(GATES[c.arch], c.hidden, dtype=np.int64))
+    split = g.const("gate_split", np.full(cell.gates, c.hidden, dtype=np.int64))
     x = None
-    new_h, new_c = [], []
+    new = []
     for i in range(c.layers):
         layer = g.const(f"layer_{i}", np.array(i, dtype=np.int64))
         gi = (g.op("Gather", table, "ids", axis=0) if i == 0
               else g.linear(x, getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), f"rnn.ih{i}"))
-        h = g.op("Gather", "h", layer, axis=0)  # (batch, hidden)
-        if c.arch in INPUT_ONLY:
-            x, cell = _min_cell(g, c.arch, gi, h, split), None
-        else:
-            gh = g.linear(h, getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), f"rnn.hh{i}")
-            x, cell = _cell(g, c.arch, gi, gh, h, layer, split)
-        new_h.append(x)
-        if cell is not None:
-            new_c.append(cell)
-    return x, new_h, new_c
+        state = tuple(g.op("Gather", s, layer, axis=0) for s in cell.state)  # (batch, hidden) each
+        gh = (None if cell.input_only else
+              g.linear(state[0], getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), f"rnn.hh{i}"))
+        new.append(nodes(cell, g, gi, gh, state, split))
+        x = new[-1][0]
+    return x, new
 
 
 def step_graph(model: CharLM):
@@ -159,10 +127,10 @@ def step_graph(model: CharLM):
 
     c = model.config
     g = _Graph(onnx)
-    x, new_h, new_c = _layers(g, model)
+    x, new = _layers(g, model)
     logits = g.linear(x, model.head.weight, model.head.bias, "head")
     axis0 = g.const("axis_0", np.array([0], dtype=np.int64))
-    state_names = ["h", "c"] if c.arch == "lstm" else ["h"]
+    state_names = cells.cell(c.arch).state
 
     def stacked(parts: list[str], out: str) -> None:
         ups = [g.op("Unsqueeze", p, axis0) for p in parts]
@@ -170,9 +138,8 @@ def step_graph(model: CharLM):
                                         **({} if len(ups) == 1 else {"axis": 0})))
 
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
-    stacked(new_h, "h_out")
-    if c.arch == "lstm":
-        stacked(new_c, "c_out")
+    for k, s in enumerate(state_names):
+        stacked([layer[k] for layer in new], f"{s}_out")
 
     state_shape = [c.layers, "batch", c.hidden]
     graph = helper.make_graph(

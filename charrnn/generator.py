@@ -19,10 +19,11 @@ class Generator:
     of model charrnn's sampler runs (a run, a pretrained transformer from :mod:`charrnn.hf`; the torch-free
     :mod:`charrnn.runtime` implements its own).  A subclass sets ``vocab``, ``sampler`` and ``capabilities``.
 
-    The decoding ``options`` are those of :class:`charrnn.decoding.Decoding`: ``temperature`` (0 is
-    greedy), ``top_k``, ``top_p``, ``seed``, ``repetition_penalty``, ``presence_penalty``,
-    ``frequency_penalty``, ``stop`` (texts that end a sample, never included) and, for :meth:`complete`,
-    ``logprobs`` (alternatives per token).  ``prompt`` may be a list of prompts, one sample each.
+    The decoding ``options`` are the fields of :class:`charrnn.options.SamplingParams`, as keywords or as
+    ``params=SamplingParams(...)``: ``temperature`` (0 is greedy), ``top_k``, ``top_p``, ``min_p``, ``seed``,
+    ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``stop`` (texts that end a sample,
+    never included) and, for :meth:`complete`, ``logprobs`` (alternatives per token).  ``prompt`` may be a
+    list of prompts, one sample each.
     """
 
     def unknown_chars(self, text: str) -> list[str]:

@@ -12,7 +12,8 @@ from contextlib import nullcontext
 
 import torch
 
-from .errors import CharRNNError, OptionError
+from .cells import cell
+from .errors import OptionError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -20,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise CharRNNError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
+        raise OptionError("device", "{device} cuda was asked for but no CUDA GPU is available; use {device} cpu or auto")
     return torch.device(name)
 
 
@@ -89,9 +90,9 @@ def check_model_fits(need: int, parameters: int, device: torch.device) -> None:
     :meth:`charrnn.config.ModelConfig.training_bytes`), more than ``device``'s memory."""
     have = memory_bytes(device)
     if have is not None and need > have:
-        raise CharRNNError(f"the model would have {parameters:,} parameters: a training step needs at least "
-                           f"{_gib(need)}, more than the {_gib(have)} of {device.type} memory here; choose a smaller "
-                           "--hidden, --layers, --embed, --batch-size or --seq-len")
+        raise OptionError("hidden", f"the model would have {parameters:,} parameters: a training step needs at least "
+                          f"{_gib(need)}, more than the {_gib(have)} of {device.type} memory here; choose a smaller "
+                          "{hidden}, {layers}, {embed}, {batch_size} or {seq_len}")
 
 
 # What one generated character costs until its sample is returned: its id (int64), its entries in the
@@ -103,7 +104,7 @@ def check_sampling_fits(config, device: torch.device, option: str, value: int, r
     """Refuse, before any work, ``rows`` samples (or beam candidates) of ``length`` characters from a model
     of ``config`` (a :class:`charrnn.config.ModelConfig`) that ``device``'s memory cannot hold: each row's
     recurrent state and logits (float32, a few copies) and its characters.  The error names ``option``."""
-    state = config.layers * config.hidden * (2 if config.arch == "lstm" else 1)
+    state = config.layers * config.hidden * len(cell(config.arch).state)
     check_rows_fit(device, option, value, rows, 4 * 4 * (state + config.vocab_size) + CHAR_BYTES * length)
 
 

@@ -299,8 +299,8 @@ class PretrainedStepper:
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> tuple[torch.Tensor, object]:
         """Model ids ``(batch, t)`` after ``cache`` -> the last position's raw logits and the cache."""
         if self.context is not None and mask.shape[1] > self.context:
-            raise CharRNNError(f"the text reached this model's context of {self.context} tokens; ask for a shorter "
-                               "--length or prompt")
+            raise OptionError("length", "the text reached this model's context of {n} tokens; ask for a shorter "
+                              "{length} or prompt", n=self.context)
         kw = {self.cache_arg: cache, **self.last_only}
         if self.takes_positions:
             kw["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
@@ -463,15 +463,15 @@ class PretrainedModel(Generator):
         ``window - stride`` tokens of context.
         """
         if corpus is None:
-            raise CharRNNError("a pretrained model has no validation split of its own; pass --corpus (and "
-                               "--val-fraction to evaluate on a corpus's validation split)")
+            raise OptionError("corpus", "a pretrained model has no validation split of its own; pass {corpus} (and "
+                              "{val_fraction} to evaluate on a corpus's validation split)")
         window = window or self.context or 1024
         stride = stride or max(1, window // 2)
         if not 2 <= window <= (self.context or window):
             raise OptionError("window", "must be between 2 and the model's context ({n}), got {value}",
                               value=window, n=self.context)
         if not 1 <= stride < window:
-            raise OptionError("stride", "must be at least 1 and below --window ({n}), got {value}", value=stride,
+            raise OptionError("stride", "must be at least 1 and below {window} ({n}), got {value}", value=stride,
                               n=window)
         text = held_out_text(corpus, val_fraction)
         found = self.tokenizer(text, return_offsets_mapping=True, verbose=False)

@@ -50,9 +50,9 @@ class Capabilities:
 
 @runtime_checkable
 class TextGenerator(Protocol):
-    """Sampling from a model: what every kind implements.  ``options`` are the decoding options of
-    :class:`charrnn.decoding.Decoding` (a kind without :attr:`Capabilities.complete` takes the sampling ones alone:
-    ``temperature``, ``top_k``, ``top_p``, ``seed``, ``repetition_penalty``)."""
+    """Sampling from a model: what every kind implements.  ``options`` are the fields of
+    :class:`charrnn.options.SamplingParams`, as keywords or as ``params=SamplingParams(...)`` (a kind without
+    :attr:`Capabilities.complete` refuses stop texts, log-probabilities and presence / frequency penalties)."""
 
     capabilities: Capabilities
     vocab: Any

@@ -6,7 +6,7 @@
 
 :class:`ExportedModel` has the same ``generate`` / ``stream`` / ``unknown_chars`` interface as
 :class:`charrnn.api.LanguageModel`, with the same sampling semantics as :mod:`charrnn.sampling`:
-temperature 0 is greedy, ``[UNK]`` is never produced, top-k then top-p filtering, all samples
+temperature 0 is greedy, ``[UNK]`` is never produced, top-k, top-p then min-p filtering, all samples
 of a call in one batched step, and a seed makes the text reproducible (NumPy's generator: the
 same seed gives the same text here every time, not the same text as the PyTorch sampler).
 
@@ -16,19 +16,24 @@ sampler reads it with the fused recurrent kernel: same numbers within float roun
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CharRNNError
+from .cells import cell
+from .errors import CharRNNError, OptionError
 from .interfaces import Capabilities
-from .options import GREEDY_BELOW, check_sampling_options, start_text
+from .options import GREEDY_BELOW, SamplingParams, check_shape, start_text
 from .tokens import TextStream, TokenVocab
 from .vocab import UNK_ID, Vocab
 
 FORMAT_VERSION = 1  # the export format this runtime reads (charrnn.export.FORMAT_VERSION)
+# Sampling parameters the runtime does not decode (the PyTorch sampler does): refused unless left at their defaults.
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "stop", "logprobs")
+_DEFAULT = SamplingParams()
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -37,11 +42,12 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def process_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None,
-                   top_p: float | None = None) -> np.ndarray:
+                   top_p: float | None = None, *, min_p: float | None = None) -> np.ndarray:
     """Scaled, filtered logits ``(batch, vocab)`` (float64; filtered-out entries are ``-inf``).
 
     :func:`charrnn.decoding.process_logits` in NumPy: ``[UNK]`` always removed, ``top_k`` keeps
-    the k largest, ``top_p`` the smallest set of most likely characters whose mass reaches p.
+    the k largest, ``top_p`` the smallest set of most likely characters whose mass reaches p,
+    ``min_p`` those at least ``min_p`` times as likely as the most likely one.
     """
     logits = logits.astype(np.float64) / temperature
     logits[:, UNK_ID] = -np.inf
@@ -56,16 +62,20 @@ def process_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int | No
         drop = np.empty_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         logits[drop] = -np.inf
+    if min_p:
+        probs = _softmax(logits)
+        logits[probs < min_p * probs.max(axis=-1, keepdims=True)] = -np.inf
     return logits
 
 
-def choose(logits: np.ndarray, temperature: float, top_k, top_p, rng: np.random.Generator) -> np.ndarray:
+def choose(logits: np.ndarray, temperature: float, top_k, top_p, rng: np.random.Generator, *,
+           min_p: float | None = None) -> np.ndarray:
     """Next ids ``(batch,)`` int64 from logits ``(batch, vocab)``: greedy at temperature 0, else sampled."""
     if temperature < GREEDY_BELOW:
         masked = logits.astype(np.float32, copy=True)
         masked[:, UNK_ID] = -np.inf
         return masked.argmax(axis=-1)
-    cdf = np.cumsum(_softmax(process_logits(logits, temperature, top_k, top_p)), axis=-1)
+    cdf = np.cumsum(_softmax(process_logits(logits, temperature, top_k, top_p, min_p=min_p)), axis=-1)
     u = rng.random((cdf.shape[0], 1)) * cdf[:, -1:]
     # searchsorted(cdf, u, right=True) row by row: the first id whose cumulative mass exceeds u.
     return np.minimum((cdf <= u).sum(axis=-1), cdf.shape[1] - 1).astype(np.int64)
@@ -131,11 +141,11 @@ class ExportedModel:
             self.config = json.loads(self.metadata["charrnn.model"])
             self.sampling_defaults = json.loads(self.metadata["charrnn.sampling"])
             self.arch, self.layers, self.hidden = self.config["arch"], self.config["layers"], self.config["hidden"]
-            check_sampling_options(*self.sampling_options())
+            self.state_names = list(cell(self.arch).state)   # an unknown cell: CharRNNError
+            self.sampling_params()          # the stored defaults are valid
         except (KeyError, TypeError, AttributeError, ValueError, RecursionError, CharRNNError) as e:
             raise CharRNNError(f"{path} has damaged charrnn metadata ({e}); export the run again") from None
         self.weights = self.metadata.get("charrnn.weights", "fp32")
-        self.state_names = ["h", "c"] if self.arch == "lstm" else ["h"]
         self.input_names = ["ids", *self.state_names]
         problem = self._graph_mismatch()
         if problem:
@@ -209,24 +219,35 @@ class ExportedModel:
         """Characters (or words) of ``text`` the model does not know (they are read as ``[UNK]``)."""
         return self.vocab.unknown(text)
 
-    def sampling_options(self, temperature: float | None = None, top_k: int | None = None,
-                         top_p: float | None = None) -> tuple:
-        """``(temperature, top_k, top_p)`` with each ``None`` replaced by the file's default."""
-        d = self.sampling_defaults
-        return (d.get("temperature", 1.0) if temperature is None else temperature,
-                d.get("top_k") if top_k is None else top_k, d.get("top_p") if top_p is None else top_p)
+    def sampling_params(self, params: SamplingParams | None = None, **options) -> SamplingParams:
+        """The :class:`charrnn.options.SamplingParams` of a call, checked: ``params`` as given, or the defaults
+        stored in the file (``temperature``, ``top_k``, ``top_p``: 1, none, none unless the file says otherwise)
+        under the keyword ``options`` given; an option left ``None`` is not given.  Only what this runtime
+        decodes: the OpenAI penalties, stop texts and log-probabilities are refused."""
+        given = {k: v for k, v in options.items() if v is not None}
+        if params is None:
+            names = {f.name for f in dataclasses.fields(SamplingParams)}
+            stored = {k: v for k, v in self.sampling_defaults.items() if k in names}
+            params = SamplingParams(**{**stored, **given})
+        else:
+            params = SamplingParams.of(params, **given)
+        for name in UNSUPPORTED:
+            if getattr(params, name) != getattr(_DEFAULT, name):
+                raise OptionError(name, "applies to run directories, not to an exported .onnx file; leave it out "
+                                        "or generate from the run directory")
+        return params
 
-    def stream_ids(self, prompts: Sequence[str], length: int, temperature: float | None = None,
-                   top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                   repetition_penalty: float = 1.0) -> Iterator[np.ndarray]:
+    def stream_ids(self, prompts: Sequence[str], length: int, params: SamplingParams | None = None,
+                   **options) -> Iterator[np.ndarray]:
         """Yield the next ids ``(batch,)`` ``length`` times, one batched step each.
 
-        Options left ``None`` take the defaults stored in the file (temperature 1, no top-k / top-p).
+        ``params``, or keyword ``options``; those left ``None`` take the defaults stored in the file (see
+        :meth:`sampling_params`).
         """
-        temperature, top_k, top_p = self.sampling_options(temperature, top_k, top_p)
-        check_sampling_options(temperature, top_k, top_p, length, len(prompts) or 1, seed,
-                               repetition_penalty=repetition_penalty)
-        rng = np.random.default_rng(seed)
+        params = self.sampling_params(params, **options)
+        check_shape(length, len(prompts) or 1)
+        rng = np.random.default_rng(params.seed)
+        repetition_penalty = params.repetition_penalty
         if length == 0:
             return
         logits, state = self.prime(prompts)
@@ -239,7 +260,7 @@ class ExportedModel:
             if seen is not None:
                 logits = penalize(logits, seen, repetition_penalty)
             logits[:, self.vocab.banned] = -np.inf      # as [UNK]: bytes a BPE model never saw in training
-            ids = choose(logits, temperature, top_k, top_p, rng)
+            ids = choose(logits, params.temperature, params.top_k, params.top_p, rng, min_p=params.min_p)
             if seen is not None:
                 seen[np.arange(len(ids)), ids] = True
             yield ids
@@ -247,15 +268,13 @@ class ExportedModel:
                 logits, state = self.step(ids, state)
 
     def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
-               temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-               seed: int | None = None, repetition_penalty: float = 1.0) -> Iterator[list[str]]:
+               params: SamplingParams | None = None, **options) -> Iterator[list[str]]:
         """Yield the new text of every sample, step by step, until each has ``length`` characters (the prompt is
         not repeated; a character model gives one character per step)."""
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
         text = TextStream(self.vocab.token_bytes, len(prompts), length,
                           [len(self.vocab.heal(start_text(p, self.vocab.chars))[1]) for p in prompts])
-        steps = self.stream_ids(prompts, self.vocab.steps_for(length), temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed, repetition_penalty=repetition_penalty)
+        steps = self.stream_ids(prompts, self.vocab.steps_for(length), self.sampling_params(params, **options))
         for ids in steps:
             yield text.push(ids.tolist())
             if text.done:
@@ -263,19 +282,17 @@ class ExportedModel:
                 return
 
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
+                 params: SamplingParams | None = None, **options) -> list[str]:
         """``num_samples`` texts (prompt + ``length`` new characters), sampled in one batch.
 
         ``prompt`` may also be a list of prompts (one sample each).  ``temperature=0`` is greedy;
-        options left ``None`` take the file's defaults.
+        ``params``, or keyword ``options`` (those left ``None`` take the file's defaults: :meth:`sampling_params`).
         """
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        check_sampling_options(*self.sampling_options(temperature, top_k, top_p), length, len(prompts), seed,
-                               repetition_penalty=repetition_penalty)
+        params = self.sampling_params(params, **options)
+        check_shape(length, len(prompts))
         pieces: list[list[str]] = [[p] for p in prompts]
-        for step in self.stream(prompts, length, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                repetition_penalty=repetition_penalty):
+        for step in self.stream(prompts, length, params=params):
             for piece, ch in zip(pieces, step):
                 piece.append(ch)
         return ["".join(p) for p in pieces]

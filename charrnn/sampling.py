@@ -15,7 +15,7 @@ from .errors import CharRNNError
 from .hardware import check_sampling_fits
 from .interfaces import Reader
 from .models.charlm import CharLM, State
-from .options import check_beam_width, check_sampling_options, start_text
+from .options import SamplingParams, check_beam_width, check_shape, start_text
 from .prompt_cache import PromptCache
 from .stepper import Stepper
 from .tokens import TextStream
@@ -100,10 +100,11 @@ class Sampler:
                 return
             logits, state = self.stepper.step(ids, state)
 
-    def stream_ids(self, prompts: Sequence[str], length: int, **options) -> Iterator[torch.Tensor]:
-        """Yield the next ids ``(batch,)`` ``length`` times, one batched step each (``options``: see
-        :class:`charrnn.decoding.Decoding`)."""
-        return self.steps(prompts, Decoding(self, prompts, length, steps=length, **options))
+    def stream_ids(self, prompts: Sequence[str], length: int, params: SamplingParams | None = None,
+                   **options) -> Iterator[torch.Tensor]:
+        """Yield the next ids ``(batch,)`` ``length`` times, one batched step each (``params``, or ``options`` as
+        keywords: see :class:`charrnn.options.SamplingParams`)."""
+        return self.steps(prompts, Decoding(self, prompts, length, SamplingParams.of(params, **options), steps=length))
 
     def text_stream(self, prompts: Sequence[str], length: int) -> TextStream:
         """What turns the generated ids of ``prompts`` into their ``length`` characters of text."""
@@ -119,10 +120,11 @@ class Sampler:
                 steps.close()
                 return
 
-    def stream(self, prompts: Sequence[str], length: int, **options) -> Iterator[list[str]]:
+    def stream(self, prompts: Sequence[str], length: int, params: SamplingParams | None = None,
+               **options) -> Iterator[list[str]]:
         """Yield the new text of every sample, one step (one id each) at a time, until each has ``length``
         characters (one character per step for a character model) or met a ``stop`` text."""
-        for texts, _ in self.decode(prompts, Decoding(self, prompts, length, **options)):
+        for texts, _ in self.decode(prompts, Decoding(self, prompts, length, SamplingParams.of(params, **options))):
             yield texts
 
     def check_fits(self, option: str, value: int, rows: int, length: int = 0) -> None:
@@ -131,12 +133,15 @@ class Sampler:
 
     @torch.inference_mode()
     def generate(self, prompt: str | Sequence[str] = "\n", length: int = 1000, num_samples: int = 1,
-                 interrupted: Callable[[], bool] | None = None, **options) -> list[str]:
+                 interrupted: Callable[[], bool] | None = None, params: SamplingParams | None = None,
+                 **options) -> list[str]:
         """Complete texts (prompt + continuation), one per sample; shorter when ``interrupted()`` turns true
-        (asked after each step).  ``options``: see :class:`charrnn.decoding.Decoding`."""
-        if self.vocab.kind != "char" or options.get("stop") or options.get("logprobs") is not None:
-            return [c.text for c in self.complete(prompt, length, num_samples, interrupted, **options)]
-        prompts, decoding = self._checked(prompt, length, num_samples, options)
+        (asked after each step).  ``params``, or ``options`` as keywords (``temperature=0.8, seed=1``; both: the
+        keywords replace params' fields): see :class:`charrnn.options.SamplingParams`."""
+        params = SamplingParams.of(params, **options)
+        if self.vocab.kind != "char" or params.stop or params.logprobs is not None:
+            return [c.text for c in self.complete(prompt, length, num_samples, interrupted, params)]
+        prompts, decoding = self._checked(prompt, length, num_samples, params)
         # Kept on the device: on a GPU the host waits once, not per character.
         ids = torch.empty(len(prompts), length, dtype=torch.long, device=self.device)
         done = 0
@@ -148,9 +153,10 @@ class Sampler:
 
     @torch.inference_mode()
     def complete(self, prompt: str | Sequence[str], length: int, num_samples: int = 1,
-                 interrupted: Callable[[], bool] | None = None, **options) -> list[Completion]:
+                 interrupted: Callable[[], bool] | None = None, params: SamplingParams | None = None,
+                 **options) -> list[Completion]:
         """One :class:`Completion` per sample: its text, why it ended and its log-probability records."""
-        prompts, decoding = self._checked(prompt, length, num_samples, options)
+        prompts, decoding = self._checked(prompt, length, num_samples, SamplingParams.of(params, **options))
         texts, records = list(prompts), [[] for _ in prompts]
         for new, recs in self.decode(prompts, decoding):
             texts = [t + n for t, n in zip(texts, new)]
@@ -160,16 +166,15 @@ class Sampler:
         return [Completion(t, f or "length", r) for t, f, r in zip(texts, decoding.finish, records)]
 
     def _checked(self, prompt: str | Sequence[str], length: int, num_samples: int,
-                 options: dict) -> tuple[list[str], Decoding]:
-        """The prompts of a batch and their decoding, once the options are checked and the batch is known to
-        fit in memory (before anything of its size is made)."""
+                 params: SamplingParams) -> tuple[list[str], Decoding]:
+        """The prompts of a batch and their decoding, once the batch's shape is checked and known to fit in memory
+        (before anything of its size is made)."""
         rows = num_samples if isinstance(prompt, str) else len(prompt)
-        sampling = {k: v for k, v in options.items() if k not in ("stop", "logprobs", "steps")}
-        check_sampling_options(length=length, num_samples=rows, **sampling)
+        check_shape(length, rows)
         self.check_fits("num_samples", rows, rows)
         self.check_fits("length", length, rows, length)
         prompts = [prompt] * num_samples if isinstance(prompt, str) else list(prompt)
-        return prompts, Decoding(self, prompts, length, **options)
+        return prompts, Decoding(self, prompts, length, params)
 
     @torch.inference_mode()
     def beam(self, prompt: str, length: int, beam_width: int) -> list[tuple[str, float]]:
@@ -181,7 +186,7 @@ class Sampler:
         """
         from .beam import search
 
-        check_sampling_options(length=length)
+        check_shape(length)
         check_beam_width(beam_width)
         self.check_fits("beam_width", beam_width, int(beam_width) * self.model.config.vocab_size)
         if length == 0:
@@ -266,8 +271,8 @@ class RunReader:
             out, st = by_prompt[p]
             logits.append(out)
             states.append(st)
-        if self.model.config.arch == "lstm":
-            state = (torch.cat([s[0] for s in states], 1), torch.cat([s[1] for s in states], 1))
+        if isinstance(states[0], tuple):    # a cell with several state tensors (LSTM's h and c)
+            state = tuple(torch.cat(parts, 1) for parts in zip(*states))
         else:
             state = torch.cat(states, 1)
         return torch.cat(logits, 0), self.stepper.from_module_state(state)

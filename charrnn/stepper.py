@@ -1,6 +1,6 @@
-"""The one-step cell generation runs: a hand-written GRU / LSTM / RNN step over a :class:`CharLM`'s own
-weights, in fp32 or int8, as one call into the compiled module (:mod:`charrnn.native`) or as the
-PyTorch operations it is tested against.
+"""The one-step cell generation runs: a hand-written step of the model's cell (:mod:`charrnn.cells`) over a
+:class:`CharLM`'s own weights, in fp32 or int8, as one call into the compiled module (:mod:`charrnn.native`)
+for the cells that have one (GRU / LSTM / RNN) or as the PyTorch operations it is tested against.
 
 Its first layer's input projection is folded into a ``(vocab, gates * hidden)`` table (embedding @ W_ih +
 b_ih), so a step is a row lookup, one matrix-vector product per layer and the output layer, for all
@@ -12,12 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native, ops
+from . import cells, native, ops
 from .errors import CharRNNError
-from .models import minrnn
 from .models.charlm import CharLM, State
-from .models.minrnn import MIN_ARCHS
-from .ops import gru
 from .ops.table import input_table
 
 WEIGHT_FORMATS = ("fp32", "int8")
@@ -84,8 +81,8 @@ class Stepper:
     """One character at a time from a :class:`CharLM`'s weights.
 
     ``step(ids (batch,), state) -> (logits (batch, vocab), state)`` with ``state`` a list of
-    per-layer ``(batch, hidden)`` tensors (pairs ``(h, c)`` for LSTM); every call returns new
-    tensors (callers may keep old states).
+    per-layer ``(batch, hidden)`` tensors (tuples for a cell with several state tensors: ``(h, c)`` for
+    LSTM); every call returns new tensors (callers may keep old states).
 
     The first layer's input projection is folded into a ``(vocab, gates * hidden)`` table, so
     a step is a row lookup, one matrix product per layer and the output layer.  On the CPU
@@ -103,6 +100,9 @@ class Stepper:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         c = model.config
         self.arch, self.layers, self.hidden, self.weights = c.arch, c.layers, c.hidden, weights
+        self.cell = cells.cell(c.arch)
+        self._states = len(self.cell.state)      # state tensors per layer: 1 a tensor, more a tuple
+        self._cell_step = self.cell.impl_module().step
         rnn = model.rnn
         int8 = weights == "int8"
         with torch.no_grad():
@@ -110,7 +110,7 @@ class Stepper:
             self.table = input_table(rnn.weight_ih_l0, rnn.bias_ih_l0, embedding).float().contiguous()
             self.lin_ih = [None] + [_Linear(getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), int8)
                                     for i in range(1, c.layers)]
-            self.lin_hh = [] if c.arch in MIN_ARCHS else [
+            self.lin_hh = [] if self.cell.input_only else [
                 _Linear(getattr(rnn, f"weight_hh_l{i}"), getattr(rnn, f"bias_hh_l{i}"), int8) for i in range(c.layers)]
             self.head = _Linear(model.head.weight, model.head.bias, int8)
         self._native = None
@@ -124,70 +124,46 @@ class Stepper:
         self.backend = "native" if self._native is not None else "python"
 
     def _build_native(self):
-        if self.table.device.type != "cpu" or self.arch in MIN_ARCHS:     # minGRU / minLSTM: the PyTorch step
+        if self.table.device.type != "cpu" or self.cell.native is None:     # no compiled step: the PyTorch one
             return None
         module = ops.backend.compiled()
         if module is None:
             return None
-        arch = {"gru": 0, "lstm": 1, "rnn": 2}[self.arch]
         ih = [[]] + [lin.native_parts() for lin in self.lin_ih[1:]]
         hh = [lin.native_parts() for lin in self.lin_hh]
-        return module.Step(arch, self.hidden, self.table, ih, hh, self.head.native_parts(), self.table.shape[0])
+        return module.Step(self.cell.native, self.hidden, self.table, ih, hh, self.head.native_parts(),
+                           self.table.shape[0])
 
     def from_module_state(self, state: State) -> list:
-        if self.arch == "lstm":
-            h, c = state
-            return [(h[i], c[i]) for i in range(self.layers)]
+        if self._states > 1:
+            return [tuple(t[i] for t in state) for i in range(self.layers)]
         return [state[i] for i in range(self.layers)]
 
     def to_module_state(self, state: list) -> State:
-        if self.arch == "lstm":
-            return torch.stack([h for h, _ in state]), torch.stack([c for _, c in state])
+        if self._states > 1:
+            return tuple(torch.stack(parts) for parts in zip(*state))
         return torch.stack(state)
 
     def step(self, ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         if self._native is not None:
-            if self.arch == "lstm":
-                logits, flat = self._native.step(ids, [t for hc in state for t in hc])
-                return logits, list(zip(flat[::2], flat[1::2]))
+            n = self._states
+            if n > 1:
+                logits, flat = self._native.step(ids, [t for layer in state for t in layer])
+                return logits, list(zip(*(flat[k::n] for k in range(n))))
             logits, new_state = self._native.step(ids, list(state))
             return logits, new_state
         return self._python_step(ids, state)
 
     def _python_step(self, ids: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
-        """The step in PyTorch operations; charrnn/native.py does exactly these, in this order.
-
-        ``tanh(a)`` is ``2 * sigmoid(2a) - 1`` (doubling is exact), the form the compiled step
-        uses because ATen's sigmoid costs a quarter of its tanh."""
-        H = self.hidden
+        """The step in PyTorch operations: per layer the input and recurrent products here and the cell's
+        ``step()``; charrnn/native.py does exactly these, in this order."""
         new_state = []
         x = None
         for i in range(self.layers):
             gi = F.embedding(ids, self.table) if i == 0 else self.lin_ih[i](x)
-            if self.arch in MIN_ARCHS:
-                h = minrnn.step(self.arch, gi, state[i])
-                new_state.append(h)
-            elif self.arch == "gru":
-                h = state[i].contiguous()
-                rz, n, h_out = h.new_empty(h.shape[0], 2 * H), torch.empty_like(h), torch.empty_like(h)
-                h = gru.cell(gi, self.lin_hh[i](h), h, n, h_out, rz, _tanh_)
-                new_state.append(h)
-            elif self.arch == "lstm":
-                h, c = (t.contiguous() for t in state[i])
-                g = torch.add(gi, self.lin_hh[i](h))                 # [i, f, g, o]
-                g[:, 2 * H:3 * H].mul_(2)
-                g.sigmoid_()
-                g[:, 2 * H:3 * H].mul_(2).sub_(1)
-                c = torch.mul(g[:, H:2 * H], c).add_(torch.mul(g[:, :H], g[:, 2 * H:3 * H]))
-                h = torch.mul(g[:, 3 * H:], _tanh_(c.clone()))
-                new_state.append((h, c))
-            else:
-                h = _tanh_(torch.add(gi, self.lin_hh[i](state[i].contiguous())))
-                new_state.append(h)
-            x = h
+            layer = tuple(t.contiguous() for t in (state[i] if self._states > 1 else (state[i],)))
+            gh = self.lin_hh[i](layer[0]) if self.lin_hh else None
+            layer = self._cell_step(self.cell, gi, gh, layer)
+            new_state.append(layer if self._states > 1 else layer[0])
+            x = layer[0]
         return self.head(x), new_state
-
-
-def _tanh_(a: torch.Tensor) -> torch.Tensor:
-    """``tanh(a)`` in place, as ``2 * sigmoid(2a) - 1``."""
-    return a.mul_(2).sigmoid_().mul_(2).sub_(1)

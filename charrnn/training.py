@@ -333,7 +333,7 @@ class Trainer:
         if s.step % cfg.log_every == 0 or s.step == 1:
             mean, scored_mean, tokens_per_s = self.losses.window_mean()
             if not math.isfinite(mean):
-                raise CharRNNError(not_finite(mean, s.step))
+                raise not_finite(mean, s.step)
             self._emit("after_log", {"step": s.step, "epoch": s.epoch, "time": round(self.clock(), 3), "loss": mean,
                                      "bpc": scored_mean / LN2 / self.chars_per_scored_token, "lr": lr,
                                      "chars_per_s": round(tokens_per_s * self.chars_per_token, 1)})
@@ -396,13 +396,13 @@ def unigram_proposal(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
     return unigram(torch.from_numpy(tokenized.id_counts(ids, vocab_size)))
 
 
-def not_finite(loss: float, step: int) -> str:
-    """What to say when the training loss logged at ``step`` is NaN or infinite."""
+def not_finite(loss: float, step: int) -> CharRNNError:
+    """The error to raise when the training loss logged at ``step`` is NaN or infinite."""
     if step == 1:       # before any update: not a learning rate too high
-        return (f"the loss was {loss} at the first step, before any update: a defect or an input the model cannot "
-                "read, not a divergence; please report it with the command line")
-    return (f"the training loss became {loss} at step {step}; lower --lr or set --clip (the last good checkpoint is "
-            "kept)")
+        return CharRNNError(f"the loss was {loss} at the first step, before any update: a defect or an input the "
+                            "model cannot read, not a divergence; please report it with the command line")
+    return OptionError("lr", "the training loss became {loss} at step {step}; lower {lr} or set {clip} (the last good "
+                       "checkpoint is kept)", loss=loss, step=step)
 
 
 def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None, progress: bool = False):
@@ -413,9 +413,9 @@ def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None, 
                            "the same corpus file")
     splits = tokenized.split(corpus, cfg.val_fraction, cfg.tokenizer, cfg.max_vocab, vocab, progress)
     if cfg.val_fraction > 0 and not np.any(np.asarray(splits.val[1:]) != UNK_ID):
-        raise CharRNNError(f"the validation split ({len(splits.val)} tokens) is too short: no target of it is scored; "
-                           "use a longer corpus or a larger --val-fraction"
-                           + ("" if cfg.tokenizer == "char" else " or --max-vocab ([UNK] targets are not scored)"))
+        raise OptionError("val_fraction", f"the validation split ({len(splits.val)} tokens) is too short: no target "
+                          "of it is scored; use a longer corpus or a larger {val_fraction}"
+                          + ("" if cfg.tokenizer == "char" else " or {max_vocab} ([UNK] targets are not scored)"))
     if cfg.stateful:
         batches = StreamBatches(splits.train, cfg.seq_len, cfg.batch_size, cfg.seed)
     else:
@@ -429,9 +429,10 @@ def check_data_position(batches, state: dict, run_dir: Path, corpus: str) -> Non
     epoch, step = state.get("epoch", 0), state.get("step_in_epoch", 0)
     steps = batches.steps_in_epoch(epoch)
     if step >= steps:
-        raise CharRNNError(f"the run in {run_dir} stopped after step {step:,} of epoch {epoch + 1}, but that epoch "
-                           f"has only {steps:,} steps of this corpus ({corpus}) and batch; resume with the "
-                           "corpus, --batch-size and --seq-len the run was trained with")
+        raise OptionError("batch_size", "the run in {run_dir} stopped after step {step:,} of epoch {epoch}, but that "
+                          "epoch has only {steps:,} steps of this corpus ({corpus}) and batch; resume with the "
+                          "corpus, {batch_size} and {seq_len} the run was trained with", run_dir=run_dir, step=step,
+                          epoch=epoch + 1, steps=steps, corpus=corpus)
 
 
 def planned_steps(cfg: TrainConfig, batches) -> int | None:

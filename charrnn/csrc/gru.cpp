@@ -1,4 +1,4 @@
-// GRU training steps: one time step of charrnn.models.fast_rnn's GRU around its matrix product (which
+// GRU training steps: one time step of charrnn.ops.gru's GRU around its matrix product (which
 // stays in Python, on oneDNN's packed weight): one pass over each row for all the gate arithmetic
 // instead of eight ATen calls over the batch, with the same sigmoid and tanh as the LSTM loops
 // (charrnn.h).  Forward, with a = W_hh h + b_hh and x the input projection: r = sigmoid(a_r + x_r),

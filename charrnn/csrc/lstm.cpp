@@ -1,4 +1,4 @@
-// LSTM training loops: the time loops of charrnn.models.fast_rnn's LSTM (gates [i, f, g, o]).  Per step,
+// LSTM training loops: the time loops of charrnn.ops.lstm's LSTM (gates [i, f, g, o]).  Per step,
 // one matrix product and then one pass over each row for all the gate arithmetic, instead of a dozen
 // ATen calls over the whole batch.  The activations are charrnn.h's sigmoid1 / sigmoid8 / tanh8: not
 // bit-identical to the ATen loops (the tests compare within float32 rounding); the gradients are exact

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import cells, ops
 from ..config import ARCHS, ModelConfig  # noqa: F401 (re-exported)
-from .minrnn import MIN_ARCHS, MinRNN
 
 State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -16,10 +15,11 @@ State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 class CharLM(nn.Module):
     """``forward(ids (batch, time), state) -> (logits (batch, time, vocab), state)``.
 
-    The recurrent stack is ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN`` (fused kernels, cuDNN on
-    GPU), or a minGRU / minLSTM stack (:mod:`charrnn.models.minrnn`, a parallel scan over time).  ``state`` is ``(layers, batch, hidden)``, or a pair of those for LSTM; ``None``
-    means zeros.  Dropout (if any) is applied between recurrent layers and to the output of
-    the last one, not to the embedding (which keeps the first layer's input projection a
+    The recurrent stack is the one ``config.arch``'s cell builds (:mod:`charrnn.cells`): ``nn.GRU`` /
+    ``nn.LSTM`` / ``nn.RNN`` (fused kernels, cuDNN on GPU), or a minGRU / minLSTM stack
+    (:mod:`charrnn.models.minrnn`, a parallel scan over time).  ``state`` is ``(layers, batch, hidden)``,
+    or a tuple of those for a cell with several state tensors (LSTM's ``(h, c)``); ``None`` means zeros.
+    Dropout (if any) is applied between recurrent layers and to the output of the last one, not to the embedding (which keeps the first layer's input projection a
     table lookup on the CPU training path).  ``weight_drop`` drops entries of the recurrent
     weights (``weight_hh``), one mask per forward shared by every step and sequence
     (DropConnect, as in AWD-LSTM): it regularises the recurrence itself, which output dropout
@@ -33,11 +33,8 @@ class CharLM(nn.Module):
         self.embedding = nn.Embedding(c.vocab_size, c.embed) if c.embed else None
         in_size = c.embed or c.vocab_size
         dropout = c.dropout if c.layers > 1 else 0.0
-        if c.arch in MIN_ARCHS:
-            self.rnn = MinRNN(c.arch, in_size, c.hidden, num_layers=c.layers, dropout=dropout)
-        else:
-            rnn_cls = {"gru": nn.GRU, "lstm": nn.LSTM, "rnn": nn.RNN}[c.arch]
-            self.rnn = rnn_cls(in_size, c.hidden, num_layers=c.layers, batch_first=True, dropout=dropout)
+        cell = cells.cell(c.arch)
+        self.rnn = cell.impl_module().build(cell, in_size, c.hidden, c.layers, dropout)
         self.drop = ops.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
 
@@ -101,7 +98,8 @@ class CharLM(nn.Module):
         c = self.config
         h = torch.zeros(c.layers, batch, c.hidden, device=device or self.head.weight.device,
                         dtype=dtype or self.head.weight.dtype)
-        return (h, h.clone()) if c.arch == "lstm" else h
+        n = len(cells.cell(c.arch).state)
+        return h if n == 1 else (h, *(h.clone() for _ in range(n - 1)))
 
     def summary(self) -> str:
         c = self.config

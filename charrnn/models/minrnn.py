@@ -23,9 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIN_ARCHS = ("mingru", "minlstm")
-
-
 def g(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
 

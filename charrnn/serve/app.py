@@ -2,8 +2,8 @@
 
 Endpoints (JSON in, JSON out; every error is ``{"error": "<what is wrong>"}`` with a 4xx/5xx status):
 
-- ``POST /v1/generate``: ``{prompt, length, temperature, top_k, top_p, num_samples, seed}`` ->
-  ``{samples: [...], seed}``.
+- ``POST /v1/generate``: ``{prompt, length, num_samples}`` and the sampling parameters (``temperature``,
+  ``top_k``, ``top_p``, ``min_p``, penalties, ``stop``, ``logprobs``, ``seed``) -> ``{samples: [...], seed}``.
 - ``POST /v1/generate/stream``: the same request; server-sent events, one ``data: {"text": [...]}``
   per batch of new characters (one string per sample), then ``event: done`` with the samples.
 - ``GET /v1/model``: the loaded model, its vocabulary and the server's limits.
@@ -29,10 +29,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import CharRNNError
-from ..options import GenerationOptions, check_sampling_options
+from ..options import GenerationOptions, SamplingParams, check_shape
 from ..prompt_cache import PromptCache
 from .auth import BearerAuth
 from .engine import Busy, Engine, Job
@@ -43,7 +42,7 @@ from .protocol import (JobStream, RequestError, check_limits, disconnected, erro
                        sse)
 
 STATIC = Path(__file__).parent / "static"
-_DEFAULTS = GenerationOptions()
+_DEFAULTS, _SAMPLING = GenerationOptions(), SamplingParams()
 log = logging.getLogger("charrnn.serve")
 # A request's target (path and query), and its line and headers together: past them, 414 and 431.
 MAX_URL_BYTES = 8 * 1024
@@ -57,16 +56,21 @@ class GenerateRequest(BaseModel):
 
     prompt: str = _DEFAULTS.prompt
     length: int = 200  # shorter than `charrnn generate`'s, for a page that waits for it
-    temperature: float = _DEFAULTS.temperature
-    top_k: int | None = _DEFAULTS.top_k
-    top_p: float | None = _DEFAULTS.top_p
-    repetition_penalty: float = _DEFAULTS.repetition_penalty
-    presence_penalty: float = _DEFAULTS.presence_penalty
-    frequency_penalty: float = _DEFAULTS.frequency_penalty
+    temperature: float = _SAMPLING.temperature
+    top_k: int | None = _SAMPLING.top_k
+    top_p: float | None = _SAMPLING.top_p
+    min_p: float | None = _SAMPLING.min_p
+    repetition_penalty: float = _SAMPLING.repetition_penalty
+    presence_penalty: float = _SAMPLING.presence_penalty
+    frequency_penalty: float = _SAMPLING.frequency_penalty
     stop: list[str] = Field(default_factory=list, max_length=4)
     logprobs: int | None = Field(None, ge=0, le=20)
     num_samples: int = _DEFAULTS.num_samples
-    seed: int | None = Field(_DEFAULTS.seed, ge=0, lt=2**63)
+    seed: int | None = Field(_SAMPLING.seed, ge=0, lt=2**63)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The request's sampling parameters, checked: an :class:`OptionError` names the field at fault."""
+        return SamplingParams.pick(self, stop=tuple(self.stop))
 
 
 def describe_model(lm, limits: Limits) -> dict:
@@ -97,16 +101,12 @@ class _Endpoints:
         req = await read_request(request, self.limits, GenerateRequest)
         check_limits([req.prompt], req.length, req.num_samples, self.limits)
         try:
-            check_sampling_options(req.temperature, req.top_k, req.top_p, req.length, req.num_samples,
-                                   repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                                   frequency_penalty=req.frequency_penalty, stop=req.stop)
+            check_shape(req.length, req.num_samples)
+            params = req.to_sampling_params()
             self.lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
         except CharRNNError as e:
             raise RequestError(422, str(e)) from None  # an OptionError names the field: "top_p must be ..."
-        return Job(req.prompt, req.length, req.num_samples, req.temperature, req.top_k, req.top_p, req.seed,
-                   streaming=streaming, repetition_penalty=req.repetition_penalty,
-                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                   stop=tuple(req.stop), logprobs=req.logprobs)
+        return Job(req.prompt, req.length, req.num_samples, params, streaming=streaming)
 
     async def submit(self, request: Request, streaming: bool) -> Job | JSONResponse:
         try:
@@ -135,7 +135,7 @@ class _Endpoints:
             return error_response(499, "the client closed the request")
         if job.error:
             return error_response(job.error_status, job.error)
-        logprobs = {"logprobs": job.records} if job.logprobs is not None else {}
+        logprobs = {"logprobs": job.records} if job.params.logprobs is not None else {}
         return JSONResponse({"samples": job.samples, "finish_reasons": job.finish_reasons, "seed": job.seed,
                              **logprobs})
 
@@ -243,10 +243,10 @@ class _HeadLimits:
         await self.app(scope, receive, send)
 
 
-class _HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol, with ``timeout_keep_alive`` also the time a client has to send each request's line
-    and headers (from the connection's start or the previous response; a byte now and then does not extend it)
-    and the rest of a body its endpoint did not read."""
+class _HeadDeadline:
+    """Mixed into uvicorn's h11 protocol (:func:`http_protocol`): ``timeout_keep_alive`` is also the time a client
+    has to send each request's line and headers (from the connection's start or the previous response; a byte now
+    and then does not extend it) and the rest of a body its endpoint did not read."""
 
     deadline: asyncio.TimerHandle | None = None
 
@@ -279,10 +279,40 @@ class _HeadDeadline(H11Protocol):
         self.deadline = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
 
+# What _HeadDeadline extends or calls on uvicorn's H11Protocol (uvicorn.protocols.http.h11_impl), and the
+# attributes it reads that H11Protocol sets in __init__ / connection_made: uvicorn's internals, so checked.
+_H11_METHODS = ("connection_made", "data_received", "on_response_complete", "connection_lost",
+                "timeout_keep_alive_handler")
+_H11_ATTRIBUTES = ("cycle", "loop", "timeout_keep_alive", "transport")
+
+
+def http_protocol():
+    """uvicorn's h11 protocol with the head deadline (:class:`_HeadDeadline`) mixed in.  A uvicorn whose
+    ``H11Protocol`` cannot be imported, or lacks what the deadline builds on, serves without it (its own protocol,
+    so clients that trickle a request's head are dropped only by uvicorn's own timeouts), with a one-line warning."""
+    try:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError as e:
+        return _without_head_deadline(f"cannot import uvicorn.protocols.http.h11_impl.H11Protocol ({e})", "auto")
+    assigned = {name for method in (H11Protocol.__init__, H11Protocol.connection_made)
+                for name in getattr(getattr(method, "__code__", None), "co_names", ())}
+    missing = ([name for name in _H11_METHODS if not callable(getattr(H11Protocol, name, None))]
+               + [name for name in _H11_ATTRIBUTES if name not in assigned])
+    if missing:
+        return _without_head_deadline(f"uvicorn's H11Protocol has no {', '.join(missing)}", H11Protocol)
+    return type("HeadDeadlineH11Protocol", (_HeadDeadline, H11Protocol), {})
+
+
+def _without_head_deadline(why: str, protocol):
+    log.warning("uvicorn %s: %s; serving without the deadline on request heads (the uvicorn versions "
+                "charrnn[serve] asks for have it)", getattr(uvicorn, "__version__", "?"), why)
+    return protocol
+
+
 def server_config(app: Starlette, **options) -> uvicorn.Config:
     """uvicorn's configuration for ``app`` (from :func:`create_app`): slow or excess connections are dropped
     as its limits say; ``options`` go to ``uvicorn.Config``."""
     limits = app.state.limits
-    return uvicorn.Config(app, http=_HeadDeadline, timeout_keep_alive=limits.max_read_seconds,
+    return uvicorn.Config(app, http=http_protocol(), timeout_keep_alive=limits.max_read_seconds,
                           limit_concurrency=limits.max_connections, h11_max_incomplete_event_size=MAX_HEAD_BYTES,
                           **options)

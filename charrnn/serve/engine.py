@@ -22,6 +22,7 @@ another instead, so that one request's text never depends on its neighbours.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -32,6 +33,7 @@ import torch
 
 from ..errors import CharRNNError
 from ..decoding import Decoding
+from ..options import SamplingParams
 from ..sampling import Sampler
 
 log = logging.getLogger("charrnn.serve")
@@ -43,21 +45,16 @@ class Busy(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request: what to generate, and (filled in by the engine) what has been generated."""
+    """One request: what to generate, how (its checked :class:`charrnn.options.SamplingParams`, made from the
+    request body by the endpoint), and (filled in by the engine) what has been generated.  ``seed``: the seed used,
+    the params' or, when neither gives one, drawn here (``seed`` given here replaces the params')."""
 
     prompt: str
     length: int
     num_samples: int = 1
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
     streaming: bool = False
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
+    seed: int | None = None
 
     texts: list[str] = field(default_factory=list)  # the continuation of each sample so far
     error: str | None = None
@@ -65,8 +62,12 @@ class Job:
     cancelled: bool = False
 
     def __post_init__(self) -> None:
+        if self.seed is None:
+            self.seed = self.params.seed
         if self.seed is None:  # below 2**53, so that a JavaScript client can read it back exactly
             self.seed = random.SystemRandom().randrange(2**53)
+        if self.params.seed != self.seed:
+            self.params = dataclasses.replace(self.params, seed=self.seed)
         self.texts = [""] * self.num_samples
         self.records: list[list[dict]] = [[] for _ in range(self.num_samples)]   # log-probabilities, when asked
         self.remaining = self.length
@@ -76,11 +77,6 @@ class Job:
         self.decoding: Decoding | None = None
         self.logits: torch.Tensor | None = None
         self.state: list | None = None
-
-    def decoding_options(self) -> dict:
-        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-                    repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                    frequency_penalty=self.frequency_penalty, stop=self.stop, logprobs=self.logprobs)
 
     @property
     def finish_reasons(self) -> list[str]:
@@ -248,7 +244,7 @@ class Engine:
         for job in new:
             try:
                 prompts = [job.prompt] * job.num_samples
-                job.decoding = Decoding(self.sampler, prompts, job.length, **job.decoding_options())
+                job.decoding = Decoding(self.sampler, prompts, job.length, job.params)
                 job.remaining = job.decoding.steps_left
                 if job.remaining > 0:
                     job.logits, job.state = self.sampler.prime(prompts)

@@ -23,13 +23,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from ..errors import CharRNNError, OptionError
-from ..options import check_sampling_options
+from ..options import SamplingParams, check_shape
 from .engine import Busy, Job
 from .protocol import JobStream, RequestError, check_limits, disconnected, pieces, read_request
 
 
 class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``; ``top_k`` and ``repetition_penalty`` are charrnn's additions."""
+    """The body of ``POST /v1/completions``; ``top_k``, ``min_p`` and ``repetition_penalty`` are charrnn's additions
+    (as vLLM accepts them)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -39,6 +40,7 @@ class CompletionRequest(BaseModel):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
+    min_p: float | None = None
     n: int = 1
     stream: bool = False
     stream_options: dict | None = None
@@ -64,6 +66,11 @@ class CompletionRequest(BaseModel):
         if len(stops) > 4:
             raise RequestError(422, "stop: at most 4 stop texts", param="stop")
         return tuple(stops)
+
+    def to_sampling_params(self) -> SamplingParams:
+        """The request's sampling parameters, checked: an :class:`OptionError` names the field at fault (a
+        :class:`RequestError` past 4 stop texts)."""
+        return SamplingParams.pick(self, stop=self.stops())
 
 
 # The request's names for the options charrnn names otherwise.
@@ -98,8 +105,8 @@ class OpenAIEndpoints:
 
     async def completions(self, request: Request):
         try:
-            req = await self._parse(request)
-            jobs = self.engine.submit_all(self._jobs(req))
+            req, params = await self._parse(request)
+            jobs = self.engine.submit_all(self._jobs(req, params))
         except RequestError as e:
             return openai_error(e.status, e.message, e.param, headers=e.headers)
         except ClientDisconnect:
@@ -112,7 +119,7 @@ class OpenAIEndpoints:
             return JobStream(jobs, self._events(req, jobs, meta))
         return await self._answer(request, req, jobs, meta)
 
-    async def _parse(self, request: Request) -> CompletionRequest:
+    async def _parse(self, request: Request) -> tuple[CompletionRequest, SamplingParams]:
         req = await read_request(request, self.limits, CompletionRequest)
         unsupported = [name for name, given in (("best_of", req.best_of not in (None, req.n)), ("suffix", req.suffix),
                                                 ("logit_bias", req.logit_bias)) if given]
@@ -121,16 +128,15 @@ class OpenAIEndpoints:
         prompts = self._prompts(req)
         check_limits(prompts, req.max_tokens, req.n, self.limits, _api_name)
         try:
-            check_sampling_options(req.temperature, req.top_k, req.top_p, req.max_tokens, req.n, req.seed,
-                                   repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                                   frequency_penalty=req.frequency_penalty, stop=req.stops())
+            check_shape(req.max_tokens, req.n)
+            params = req.to_sampling_params()
             for prompt in prompts:
                 self.lm.sampler.encode_prompt(prompt)
         except OptionError as e:
             raise RequestError(422, e.render(_api_name), param=_api_name(e.option)) from None
         except CharRNNError as e:      # what the tokenizer makes of a prompt
             raise RequestError(422, str(e), param="prompt") from None
-        return req
+        return req, params
 
     def _prompts(self, req: CompletionRequest) -> list[str]:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -138,15 +144,8 @@ class OpenAIEndpoints:
             raise RequestError(422, "prompt: give a string or a list of strings", param="prompt")
         return prompts
 
-    def _jobs(self, req: CompletionRequest) -> list[Job]:
-        jobs = []
-        for prompt in self._prompts(req):
-            job = Job(prompt, req.max_tokens, req.n, req.temperature, req.top_k, req.top_p, req.seed,
-                      streaming=req.stream, repetition_penalty=req.repetition_penalty,
-                      presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                      stop=req.stops(), logprobs=req.logprobs)
-            jobs.append(job)
-        return jobs
+    def _jobs(self, req: CompletionRequest, params: SamplingParams) -> list[Job]:
+        return [Job(prompt, req.max_tokens, req.n, params, streaming=req.stream) for prompt in self._prompts(req)]
 
     async def _answer(self, request: Request, req: CompletionRequest, jobs: list[Job], meta: dict):
         waiter = asyncio.ensure_future(asyncio.gather(*(job.done.wait() for job in jobs)))

@@ -40,6 +40,10 @@ PROBES = [
           "refused up front in one line naming the option and the memory here"),
     Probe("tiny-temperature", "options", "`--temperature 1e-7` and `1e-45`",
           "sampled greedily, exactly as `--temperature 0`"),
+    Probe("min-p-hostile", "options", "`min_p` as NaN, an infinity, negative, past 1, huge, a string, a boolean, "
+          "a list, through the library, `--min-p` (a run and an .onnx file), the runtime, `/v1/generate` and "
+          "`/v1/completions`",
+          "refused naming the option (one line, exit 2; 422; 400 with `param` `min_p`); 0, 1 and null honoured"),
     # -- crash consistency and full disks (test_crash.py) --
     Probe("kill-9", "crashes and disks",
           "`kill -9` of `train --resume --checkpoint-every 1` at 30 seeded random moments, mid-write included",

@@ -282,6 +282,55 @@ def test_long_urls_and_headers_are_refused_and_the_server_goes_on(port):
     assert healthy(port)["status"] == "ok"
 
 
+def head_deadline_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "charrnn.serve" and "request heads" in r.getMessage()]
+
+
+def test_a_connection_that_sends_no_head_is_dropped_after_max_read_seconds(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        start = time.monotonic()
+        assert read_to_close(s, READ_SECONDS + 3) == b""
+        assert time.monotonic() - start < READ_SECONDS + 1.5
+
+
+def test_a_uvicorn_without_h11protocol_serves_without_the_head_deadline(lm, monkeypatch, caplog):
+    """uvicorn's H11Protocol is its internals: where it cannot be imported, the server runs on uvicorn's own
+    protocol with one line of warning, and answers as usual (only slow heads are no longer cut short)."""
+    import types
+
+    import uvicorn.protocols.http.auto  # noqa: F401  (uvicorn's own choice, imported while it still can be)
+
+    monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.h11_impl",
+                        types.ModuleType("uvicorn.protocols.http.h11_impl"))  # no H11Protocol in it
+    with caplog.at_level("WARNING", logger="charrnn.serve"):
+        config = server_config(create_app(lm, LIMITS), log_level="critical")
+    [warning] = head_deadline_warnings(caplog)
+    assert "cannot import uvicorn.protocols.http.h11_impl.H11Protocol" in warning and "\n" not in warning
+    assert config.http == "auto"
+    with serving(config) as port:
+        assert healthy(port)["status"] == "ok"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json={"prompt": "a", "length": 5}, timeout=10)
+        assert r.status_code == 200 and len(r.json()["samples"]) == 1
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # a silent client is not cut short
+            s.settimeout(READ_SECONDS + 0.5)
+            with pytest.raises(socket.timeout):
+                s.recv(1)
+
+
+def test_a_uvicorn_whose_h11protocol_lacks_what_the_deadline_extends_serves_without_it(monkeypatch, caplog):
+    from uvicorn.protocols.http import h11_impl
+
+    from charrnn.serve.app import http_protocol
+
+    assert issubclass(http_protocol(), h11_impl.H11Protocol) and not head_deadline_warnings(caplog)
+    changed = type("H11Protocol", (h11_impl.H11Protocol,), {"timeout_keep_alive_handler": None})
+    monkeypatch.setattr(h11_impl, "H11Protocol", changed)
+    with caplog.at_level("WARNING", logger="charrnn.serve"):
+        assert http_protocol() is changed   # uvicorn's protocol as it is, nothing mixed in
+    [warning] = head_deadline_warnings(caplog)
+    assert "H11Protocol has no timeout_keep_alive_handler" in warning
+
+
 # ----- a real `charrnn serve` process ---------------------------------------------------------------------------
 
 SERVE_READ_SECONDS = 2
