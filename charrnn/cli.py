@@ -487,7 +487,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except CharRNNError as e:
         if not getattr(e, "from_rank0", False):  # under torchrun, rank 0's errors are printed by rank 0
-            print(f"error: {e.render(flag) if isinstance(e, OptionError) else e}", file=sys.stderr)
+            print(f"error: {e.render(flag)}", file=sys.stderr)   # options spelled as flags
         return 2
     except ModuleNotFoundError as e:
         if e.name not in ("torch", "safetensors"):

@@ -18,7 +18,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .errors import CharRNNError
+from .errors import CharRNNError, spell
 
 # Ours (".NAME.RANDOM.tmp"), and the ".tmpRANDOM" that safetensors' save_file (the tempfile crate) writes.
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-z_]+\.tmp|\.tmp[0-9A-Za-z]{6}")
@@ -39,23 +39,31 @@ def _size(n: int) -> str:
 
 
 class NoSpaceError(CharRNNError):
-    """A write that found its disk (or quota) full.  ``then`` says what to do about it;
+    """A write that found its disk (or quota) full.  ``then`` says what to do about it, a template that
+    may name options as ``{field}`` and values given in ``values`` (see :class:`charrnn.errors.OptionError`);
     :meth:`advise` gives the same error with other advice (a caller knows better how to go on)."""
 
-    def __init__(self, path, needed: int, then: str = "free some space and try again"):
-        self.path, self.needed, self.then = Path(path), needed, then
+    def __init__(self, path, needed: int, then: str = "free some space and try again", **values):
+        self.path, self.needed, self.then, self.values = Path(path), needed, then, values
         try:
-            free = _size(shutil.disk_usage(self.path.parent).free)
+            self.free = _size(shutil.disk_usage(self.path.parent).free)
         except OSError:
-            free = "unknown"
-        super().__init__(f"no space left on device writing {path}: about {_size(needed)} needed, {free} free; "
-                         f"{then}")
+            self.free = "unknown"
+        super().__init__(self.render())
 
-    def advise(self, then: str) -> NoSpaceError:
-        return NoSpaceError(self.path, self.needed, then)
+    def render(self, name=str) -> str:
+        return (f"no space left on device writing {self.path}: about {_size(self.needed)} needed, {self.free} free; "
+                f"{spell(self.then, self.values, name)}")
+
+    def advise(self, then: str, **values) -> NoSpaceError:
+        return NoSpaceError(self.path, self.needed, then, **values)
 
     def __reduce__(self):
-        return NoSpaceError, (self.path, self.needed, self.then)
+        return _no_space_error, (self.path, self.needed, self.then, self.values)
+
+
+def _no_space_error(path, needed: int, then: str, values: dict) -> NoSpaceError:
+    return NoSpaceError(path, needed, then, **values)
 
 
 @contextlib.contextmanager
