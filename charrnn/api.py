@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import build_config
 from .corpus import load_corpus
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
 from .dynamic import Adapter, dynamic_evaluate, gradient_rms
 from .evaluation import evaluate, held_out_ids, training_ids
 from .generator import Generator
@@ -105,8 +105,8 @@ class LanguageModel(Generator):
         self.device = device
         self.int8 = int8
         if int8 and device.type != "cpu":
-            raise CharRNNError("int8 sampling runs on the CPU only; drop int8 (--int8) or use device cpu "
-                               "(--device cpu)")
+            raise OptionError("int8", "{int8} sampling runs on the CPU only, not on {kind}; drop {int8} or use "
+                                      "{device} cpu", kind=device.type)
         self.sampler = Sampler(self.model, self.vocab, weights="int8" if int8 else "fp32")
         # int8 quantises activations per batch: the server steps its requests one at a time.
         self.capabilities = dataclasses.replace(self.capabilities, batchable=self.sampler.batchable)
@@ -186,7 +186,7 @@ def load(model: str | Path, *, weights: str = "best", device: str = "cpu", int8:
     if hf.is_pretrained(model):
         extra = [name for name, given in (("weights", weights != "best"), ("int8", int8)) if given]
         if extra:
-            raise CharRNNError(f"--{extra[0]} applies only to charrnn runs; a Hugging Face model has one set of "
-                               "float weights: drop it")
+            raise OptionError(extra[0], "applies only to charrnn runs; a Hugging Face model has one set of float "
+                                        "weights: drop it")
         return hf.load(model, device=dev)
     return LanguageModel(ckpt.load_run(model, weights=weights, device=dev), dev, int8=int8)

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save
 
 from .config import build_config
 from .distributed import Dist, rank_seed
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError, options_error
 from .fileio import (NoSpaceError, append_text, atomic_write_bytes, atomic_write_json, atomic_write_text,
                      is_temp_name, reporting_full_disk)
 from .models.charlm import CharLM, ModelConfig, State
@@ -61,7 +61,7 @@ def is_run_dir(path) -> bool:
 
 def _refuse_a_file(path: Path) -> None:
     if path.exists() and not path.is_dir():
-        raise CharRNNError(f"--out {path} is a file, not a directory; choose another --out")
+        raise OptionError("out", "{out} {path} is a file, not a directory; choose another {out}", path=path)
 
 
 @contextlib.contextmanager
@@ -91,8 +91,8 @@ def writer_lock(path, create: bool = True):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            raise CharRNNError(f"{path} is being trained by another charrnn process (pid {holder}); wait for it "
-                               "to finish or stop it, or choose another --out") from None
+            raise OptionError("out", "{path} is being trained by another charrnn process (pid {holder}); wait for "
+                              "it to finish or stop it, or choose another {out}", path=path, holder=holder) from None
         os.ftruncate(fd, 0)
         try:
             with reporting_full_disk(path / LOCK, len(pid)):
@@ -126,9 +126,10 @@ def out_of_space_advice(path, corpus):
         yield
     except NoSpaceError as e:
         if (Path(path) / STATE).is_file():
-            raise e.advise(f"free some space, then continue with `charrnn train {shlex.quote(str(corpus))} --out "
-                           f"{shlex.quote(str(path))} --resume`") from None
-        again = " with --force" if (Path(path) / CONFIG).exists() else ""
+            raise e.advise("free some space, then continue with `{command}`",   # a command line, as typed
+                           command=f"charrnn train {shlex.quote(str(corpus))} --out {shlex.quote(str(path))} "
+                                   "--resume") from None
+        again = " with {force}" if (Path(path) / CONFIG).exists() else ""
         raise e.advise(f"free some space and start the run again{again}") from None
 
 
@@ -141,11 +142,11 @@ def check_new_run_dir(path, force: bool = False) -> Path:
     if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         if not force:
             what = "a run" if is_run_dir(path) else "files"
-            raise CharRNNError(f"{path} already holds {what}; use --resume to continue it, --force to "
-                               "overwrite it, or choose another --out")
+            raise OptionError("resume", "{path} already holds {what}; use {resume} to continue it, {force} to "
+                              "overwrite it, or choose another {out}", path=path, what=what)
         if not is_run_dir(path) and not (path / STATE).exists():
-            raise CharRNNError(f"{path} holds files that are not a charrnn run; --force only replaces runs, "
-                               "choose another --out")
+            raise OptionError("force", "{path} holds files that are not a charrnn run; {force} only replaces runs, "
+                              "choose another {out}", path=path)
     return path
 
 
@@ -166,8 +167,10 @@ def prepare_new_run_dir(path, force: bool = False) -> Path:
 
 
 def damaged(path, problem: str, fix: str = "train the run again") -> CharRNNError:
-    """The one-line error for a run file that cannot be used: which file, what is wrong, what to do."""
-    return CharRNNError(f"{path} is damaged ({problem}); {fix}")
+    """The one-line error for a run file that cannot be used: which file, what is wrong, what to do.
+    ``fix`` names options as ``{field}`` (``start the run again with {force}``), spelled as the caller
+    spells them (see :func:`charrnn.errors.options_error`)."""
+    return options_error("{path} is damaged ({problem}); " + fix, path=path, problem=problem)
 
 
 def _first_line(e: BaseException) -> str:
@@ -335,7 +338,7 @@ def restore_checkpoint(state: dict, model: CharLM, optimizer: torch.optim.Optimi
     try:
         return _restore(state, model, optimizer, device, dist, rows, seed)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise damaged(STATE, f"it does not fit this run: {_first_line(e)}", "start the run again with --force") \
+        raise damaged(STATE, f"it does not fit this run: {_first_line(e)}", "start the run again with {force}") \
             from None
 
 
@@ -364,15 +367,16 @@ def load_trainer_state(run) -> dict:
     object is refused, never run), and checked to have the shape :func:`save_checkpoint` gives it."""
     path = Path(run) / STATE
     if not path.is_file():
-        raise CharRNNError(f"run directory {run} has no {STATE} to resume from; start it again with --force")
+        raise OptionError("force", "run directory {run} has no {state} to resume from; start it again with {force}",
+                          run=run, state=STATE)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
-        raise CharRNNError(f"{path} cannot be read ({type(e).__name__}); the run is damaged, start it again "
-                           "with --force") from None
+        raise OptionError("force", "{path} cannot be read ({kind}); the run is damaged, start it again with {force}",
+                          path=path, kind=type(e).__name__) from None
     problem = _trainer_state_problem(state)
     if problem:
-        raise damaged(path, problem, "start the run again with --force")
+        raise damaged(path, problem, "start the run again with {force}")
     return state
 
 
@@ -389,7 +393,7 @@ def _trainer_state_problem(state) -> str | None:
     stream = state.get("stream_state")
     if stream is not None and not (isinstance(stream, (list, tuple)) and stream
                                    and all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in stream)):
-        return "its carried state (--stateful) is not a list of (layers, streams, hidden) tensors"
+        return "its carried state (stateful training) is not a list of (layers, streams, hidden) tensors"
     for f in fields(TrainState):
         value = state.get(f.name, f.default)
         kinds = (int,) if f.type == "int" else (int, float)
@@ -427,9 +431,10 @@ def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int,
     saved = read_config(run)
     saved_vocab = read_vocab(run, saved)
     if saved_vocab.kind != vocab.kind or saved_vocab.to_json() != vocab.to_json() and vocab.kind != "char":
-        raise CharRNNError(f"the run in {run} was trained with a {saved_vocab.kind} vocabulary of "
-                           f"{len(saved_vocab)} ids, not this {vocab.kind} one of {len(vocab)}; resume with the "
-                           "run's own --tokenizer and --max-vocab")
+        raise OptionError("tokenizer", "the run in {run} was trained with a {saved} vocabulary of {saved_ids} ids, "
+                          "not this {new} one of {new_ids}; resume with the run's own {tokenizer} and {max_vocab}",
+                          run=run, saved=saved_vocab.kind, saved_ids=len(saved_vocab), new=vocab.kind,
+                          new_ids=len(vocab))
     if saved_vocab.chars != vocab.chars:
         extra = sorted(set(vocab.chars) - set(saved_vocab.chars))
         missing = sorted(set(saved_vocab.chars) - set(vocab.chars))
@@ -439,9 +444,12 @@ def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int,
         )
     # Filled in with the defaults, so runs saved before an option existed still match.
     saved_model = {**ModelConfig(1).to_dict(), **saved.get("model", {})}
-    if saved_model != model_cfg.to_dict():
-        raise CharRNNError(f"the model options differ from the run's ({saved.get('model')}); resume without "
-                           "changing --arch/--hidden/--embed/--layers/--dropout/--weight-drop")
+    new_model = model_cfg.to_dict()
+    changed = [key for key in new_model if new_model[key] != saved_model.get(key)]
+    if changed:
+        raise OptionError(changed[0], "is {new} but the run in {run} was trained with {saved}; resume without "
+                                      "changing the model's options", new=new_model[changed[0]], run=run,
+                          saved=saved_model.get(changed[0]))
     state = load_trainer_state(run)
     with torch.device("meta"):               # shapes only, no memory
         problem = weights_mismatch(state["model"], CharLM(model_cfg))
@@ -449,12 +457,12 @@ def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int,
             optimizer.state_dict()):
         problem = "its optimizer state is another optimizer's"
     if problem:
-        raise damaged(run / STATE, f"it belongs to another run: {problem}", "start the run again with --force")
+        raise damaged(run / STATE, f"it belongs to another run: {problem}", "start the run again with {force}")
     read_metrics(run)                        # a garbage line is refused before anything is written
     saved_stream = state.get("stream_state")
     if saved_stream is not None and saved_stream[0].shape[1] != batch_size:
-        raise CharRNNError(f"the run carries the state of {saved_stream[0].shape[1]} streams (--stateful); "
-                           f"resume with --batch-size {saved_stream[0].shape[1]}")
+        raise OptionError("batch_size", "the run carries the state of {streams} streams ({stateful}); resume with "
+                                        "{batch_size} {streams}", streams=saved_stream[0].shape[1])
     return saved, state
 
 
@@ -528,7 +536,7 @@ class LoadedRun:
 def weights_file(run, weights: str = "best") -> Path:
     run = Path(run)
     if weights not in ("best", "latest"):
-        raise CharRNNError(f"--weights must be 'best' or 'latest', got '{weights}'")
+        raise OptionError("weights", "must be 'best' or 'latest', got {value!r}", value=weights)
     best, latest = run / BEST, run / LATEST
     if weights == "best" and best.is_file():
         return best
@@ -561,7 +569,7 @@ def load_run(run, weights: str = "best", device: str | torch.device = "cpu") -> 
 def _other_weights(path: Path) -> str:
     """What to do when the weights file ``path`` cannot be used."""
     if path.name == BEST:
-        return "use --weights latest, or delete it"
+        return "use {weights} latest, or delete it"
     if (path.parent / BEST).is_file():
-        return "use --weights best, or resume the run to write it again"
+        return "use {weights} best, or resume the run to write it again"
     return "resume the run to write it again, or train the run again"

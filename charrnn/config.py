@@ -138,8 +138,8 @@ class ModelConfig:
 
     def check_weight_drop(self) -> None:
         if self.weight_drop and cell(self.arch).input_only:
-            raise OptionError("weight_drop", "drops recurrent weights, which --arch {arch} has none of (its gates "
-                                             "read the input only); use --dropout", arch=self.arch)
+            raise OptionError("weight_drop", "drops recurrent weights, which {arch} {cell} has none of (its gates "
+                                             "read the input only); use {dropout}", cell=self.arch)
 
     def to_dict(self) -> dict:
         return asdict(self)

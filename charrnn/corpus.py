@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
 from .fileio import atomic_save, atomic_write_json
 from .vocab import Vocab, codepoints
 
@@ -209,8 +209,8 @@ def recorded_corpus(name: str) -> str:
     if Path(name).expanduser().exists() or name in NAMED_CORPORA:
         return name
     where = "" if os.path.isabs(name) else f" from {os.getcwd()}"
-    raise CharRNNError(f"the run's corpus {name} is not found{where}; pass --corpus PATH to evaluate on it "
-                       "where it is now")
+    raise OptionError("corpus", "the run's corpus {name} is not found{where}; pass {corpus} PATH to evaluate on "
+                                "it where it is now", name=name, where=where)
 
 
 def _path_kind(path: Path) -> str | None:

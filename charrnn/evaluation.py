@@ -16,7 +16,7 @@ from . import tokenized
 from .corpus import load_corpus, recorded_corpus
 from .data import eval_streams, split_train_val
 from .distributed import SINGLE, Dist
-from .errors import CharRNNError, OptionError
+from .errors import CharRNNError, OptionError, options_error
 from .hardware import autocast
 from . import ops
 from .models.charlm import CharLM
@@ -150,10 +150,10 @@ def training_ids(run_config: dict, vocab) -> np.ndarray:
 
 def _recorded(run_config: dict, fix: str) -> tuple[str, float]:
     """The corpus a run was trained on and its validation fraction; ``fix`` ends the error when it is not recorded
-    (an :class:`OptionError` template: ``{corpus}`` names the option)."""
+    (a template that may name options: ``{corpus}``)."""
     name = run_config.get("corpus", {}).get("name")
     if not name:
-        raise OptionError("corpus", "this run does not record its corpus; " + fix)
+        raise options_error("this run does not record its corpus; " + fix)
     return recorded_corpus(name), run_config.get("training", {}).get("val_fraction", 0.1)
 
 

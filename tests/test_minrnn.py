@@ -62,7 +62,7 @@ def test_the_sampling_step_is_the_model(mode):
 
 
 def test_weight_drop_is_refused_for_input_only_gates():
-    with pytest.raises(CharRNNError, match="weight_drop drops recurrent weights, which --arch mingru has none of"):
+    with pytest.raises(CharRNNError, match="weight_drop drops recurrent weights, which arch mingru has none of"):
         ModelConfig(vocab_size=20, arch="mingru", weight_drop=0.2).validate()
 
 

@@ -92,7 +92,7 @@ def test_runs_saved_before_an_option_existed_resume(small_corpus, tmp_path):
     assert config["model"].pop("weight_drop") == 0.0 and config["training"]["model"].pop("weight_drop") == 0.0
     (tmp_path / "r" / "config.json").write_text(json.dumps(config))
     assert charrnn.train(str(small_corpus), tmp_path / "r", resume=True, max_steps=6, progress=False).step == 6
-    with pytest.raises(CharRNNError, match="--weight-drop"):
+    with pytest.raises(CharRNNError, match="weight_drop is 0.2 but the run in .* was trained with 0.0"):
         charrnn.train(str(small_corpus), tmp_path / "r", resume=True, max_steps=8, progress=False, weight_drop=0.2)
 
 
@@ -126,7 +126,7 @@ def test_time_limit_stops_cleanly_with_a_checkpoint(small_corpus, tmp_path):
 def test_existing_run_is_never_overwritten_without_force(small_corpus, tmp_path):
     charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=3, **TINY_KW)
     before = (tmp_path / "r" / "model.safetensors").read_bytes()
-    with pytest.raises(CharRNNError, match="--resume"):
+    with pytest.raises(CharRNNError, match="use resume to continue it, force to overwrite it"):
         charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=3, **TINY_KW)
     assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
     r = charrnn.train(str(small_corpus), tmp_path / "r", progress=False, max_steps=2, force=True, **TINY_KW)

@@ -312,7 +312,7 @@ def test_a_corpus_path_is_recorded_absolute_and_an_old_relative_one_is_taken_fro
     assert len(held_out_ids(old_config, c.vocab)[0]) == 200
     monkeypatch.chdir(tmp_path / "data")
     with pytest.raises(CharRNNError, match=f"the run's corpus data/small.txt is not found from {tmp_path / 'data'}; "
-                                           "pass --corpus PATH"):
+                                           "pass corpus PATH"):
         held_out_ids(old_config, c.vocab)
     assert len(held_out_ids({**old_config, "corpus": c.describe()}, c.vocab)[0]) == 200
 
