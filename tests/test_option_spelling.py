@@ -96,3 +96,82 @@ def test_a_vocabulary_size_for_characters():
     from charrnn.config import build_config
 
     assert api_error(lambda: build_config(max_vocab=50)).startswith("max_vocab applies to tokenizer word or bpe;")
+
+
+def test_an_existing_run_without_resume_or_force(capsys, unsplit_run, small_corpus, tmp_path):
+    message = api_error(lambda: charrnn.train(str(small_corpus), unsplit_run, progress=False, max_steps=1, **TINY_KW))
+    assert message == (f"{unsplit_run} already holds a run; use resume to continue it, force to overwrite it, or "
+                       "choose another out")
+    assert cli_error(capsys, "train", small_corpus, "--out", unsplit_run, *TINY, "--max-steps", "1") == (
+        f"error: {unsplit_run} already holds a run; use --resume to continue it, --force to overwrite it, or choose "
+        "another --out")
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert api_error(lambda: charrnn.train(str(small_corpus), file, progress=False, **TINY_KW)) == (
+        f"out {file} is a file, not a directory; choose another out")
+    assert cli_error(capsys, "train", small_corpus, "--out", file, *TINY) == (
+        f"error: --out {file} is a file, not a directory; choose another --out")
+
+
+def test_resuming_with_a_changed_model_option_names_it(capsys, unsplit_run, small_corpus):
+    message = api_error(lambda: charrnn.train(str(small_corpus), unsplit_run, resume=True, progress=False,
+                                              max_steps=2, hidden=64))
+    assert message == (f"hidden is 64 but the run in {unsplit_run} was trained with 48; resume without changing "
+                       "the model's options")
+    assert cli_error(capsys, "train", small_corpus, "--out", unsplit_run, "--resume", "--hidden", "64",
+                     "--max-steps", "2", "--quiet") == f"error: --{message}"
+
+
+def test_weights_that_are_neither_best_nor_latest(unsplit_run):
+    with pytest.raises(OptionError) as e:
+        charrnn.load(unsplit_run, weights="worst")
+    assert str(e.value) == "weights must be 'best' or 'latest', got 'worst'"
+    assert e.value.render(flag) == "--weights must be 'best' or 'latest', got 'worst'"   # argparse's choices, on the CLI
+
+
+def test_damaged_best_weights_name_the_weights_option(capsys, unsplit_run):
+    (unsplit_run / "best.safetensors").write_bytes(b"not weights")
+    message = api_error(lambda: charrnn.load(unsplit_run))
+    assert message.startswith(f"{unsplit_run / 'best.safetensors'} is damaged (not a safetensors file: "), message
+    assert message.endswith("; use weights latest, or delete it"), message
+    assert cli_error(capsys, "generate", unsplit_run, "--length", "5").endswith("; use --weights latest, or delete it")
+
+
+def test_int8_on_another_device_than_the_cpu(unsplit_run):
+    import torch
+
+    from charrnn.api import LanguageModel
+    from charrnn.checkpoint import load_run
+
+    with pytest.raises(OptionError) as e:   # no GPU needed: the device is refused before anything runs on it
+        LanguageModel(load_run(unsplit_run), torch.device("cuda"), int8=True)
+    assert str(e.value) == "int8 sampling runs on the CPU only, not on cuda; drop int8 or use device cpu"
+    assert e.value.render(flag) == "--int8 sampling runs on the CPU only, not on cuda; drop --int8 or use --device cpu"
+
+
+def test_the_runs_recorded_corpus_missing(capsys, tmp_path, small_corpus):
+    import json
+
+    charrnn.train(str(small_corpus), tmp_path / "run", progress=False, max_steps=1, sample_every=0, **TINY_KW)
+    small_corpus.rename(tmp_path / "moved.txt")
+    lm = charrnn.load(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["corpus"]["name"] == str(small_corpus)
+    assert api_error(lm.evaluate) == (f"the run's corpus {small_corpus} is not found; pass corpus PATH to evaluate on "
+                                      "it where it is now")
+    assert cli_error(capsys, "eval", tmp_path / "run") == (
+        f"error: the run's corpus {small_corpus} is not found; pass --corpus PATH to evaluate on it where it is now")
+
+
+def test_a_full_disk_names_the_force_option(tmp_path):
+    import pickle
+
+    from charrnn.checkpoint import CONFIG, out_of_space_advice
+    from charrnn.fileio import NoSpaceError
+
+    (tmp_path / CONFIG).write_text("{}")     # a run began there, but no checkpoint
+    with pytest.raises(NoSpaceError) as e, out_of_space_advice(tmp_path, "corpus.txt"):
+        raise NoSpaceError(tmp_path / "model.safetensors", 100)
+    assert str(e.value).endswith("; free some space and start the run again with force"), str(e.value)
+    assert e.value.render(flag).endswith("; free some space and start the run again with --force")
+    copy = pickle.loads(pickle.dumps(e.value))
+    assert type(copy) is NoSpaceError and copy.render(flag) == e.value.render(flag)
