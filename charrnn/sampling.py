@@ -18,6 +18,7 @@ from .models.charlm import CharLM, State
 from .options import SamplingParams, check_beam_width, check_shape, start_text
 from .prompt_cache import PromptCache
 from .stepper import Stepper
+from .threads import ThreadPolicy
 from .tokens import TextStream
 from .vocab import UNK_ID, Vocab
 
@@ -92,13 +93,15 @@ class Sampler:
         self.check_fits("num_samples", len(prompts), len(prompts))
         if decoding.steps_left <= 0:
             return
-        logits, state = self.prime(prompts)
-        while True:
-            ids = decoding.choose(logits)
-            yield ids
-            if decoding.steps_left <= 0:
-                return
-            logits, state = self.stepper.step(ids, state)
+        with ThreadPolicy(on=self.device.type == "cpu") as threads:
+            logits, state = self.prime(prompts)
+            while True:
+                ids = decoding.choose(logits)
+                yield ids
+                if decoding.steps_left <= 0:
+                    return
+                threads.update()
+                logits, state = self.stepper.step(ids, state)
 
     def stream_ids(self, prompts: Sequence[str], length: int, params: SamplingParams | None = None,
                    **options) -> Iterator[torch.Tensor]:

@@ -62,6 +62,7 @@ from .hardware import autocast, check_model_fits, check_sampling_fits, resolve_d
 from .models.charlm import CharLM, State
 from .ops.sampled_softmax import sampled_softmax_loss, unigram
 from .options import start_text
+from .threads import ThreadPolicy
 from .tokens import load_vocab
 from .vocab import UNK_ID
 
@@ -276,11 +277,12 @@ class Trainer:
         self.losses = LossTracker(self.device, self.dist)
         self.console.open(total_steps, self.state.step)
         self.model.train()
-        with self._signals.installed() as signals:
+        with self._signals.installed() as signals, ThreadPolicy(on=self.device.type == "cpu") as threads:
             while True:
                 reason, now = self._check_stop(signals)
                 if reason:
                     break
+                threads.update()
                 self._step(step_model, total_steps, now)
             if reason == "interrupted":
                 # Save first: a launcher (torchrun) kills its workers some seconds after passing on

@@ -35,6 +35,7 @@ from ..errors import CharRNNError
 from ..decoding import Decoding
 from ..options import SamplingParams
 from ..sampling import Sampler
+from ..threads import ThreadPolicy
 
 log = logging.getLogger("charrnn.serve")
 
@@ -148,6 +149,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._threads: ThreadPolicy | None = None     # the worker thread's (see _hop)
 
     # ----- event-loop side -------------------------------------------------------------------------------
 
@@ -241,6 +243,8 @@ class Engine:
     def _hop(self, new: list[Job], jobs: list[Job]) -> dict[Job, tuple[list[str], list[list[dict]]]]:
         """Prime ``new`` jobs, then step every job for about ``hop_seconds``; the new text (and log-probability
         records) of each job."""
+        if self._threads is None:      # made here: it sets the threads of the thread that steps
+            self._threads = ThreadPolicy(on=self.sampler.device.type == "cpu")
         for job in new:
             try:
                 prompts = [job.prompt] * job.num_samples
@@ -264,6 +268,7 @@ class Engine:
                 except Exception as e:  # one request's decoding: it fails alone, the batch goes on
                     _fail(job, e)
             stepping = [j for j in live if j.remaining > 0]
+            self._threads.update()
             groups = [stepping] if self.batch_requests else [[j] for j in stepping]
             for group in filter(None, groups):
                 try:
