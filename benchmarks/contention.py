@@ -14,8 +14,9 @@ Workloads (each measured in a process of its own, as a user runs it):
   clients), chars/s as it reports them.
 
 Prints one JSON object: per workload and weights, ``alone``, ``busy`` and ``twin`` chars/s (``twin``: the
-slower of the two), their shares of ``alone``, and for step workloads ``three_worst_step``: the slowest step
-over the median step, the worst of three equal processes.  Run it on an otherwise quiet machine.
+slower of the two), their shares of ``alone``; for step workloads ``three`` (the slowest of three equal
+processes) and ``three_worst_step`` (the slowest step over the median step, the worst of the three); for
+``train64`` also ``alone_one_thread`` (``OMP_NUM_THREADS=1``) and ``busy`` as a share of it.  Run it on an otherwise quiet machine.
 """
 
 import argparse
@@ -45,7 +46,10 @@ def _train(corpus: str, seconds: float, hidden: int, embed: int) -> dict:
         charrnn.train(corpus, os.path.join(out, "run"), hidden=hidden, embed=embed, precision="fp32", batch_size=64,
                       seq_len=100, time_limit=seconds, sample_every=0, progress=False, log=lambda msg: None,
                       hooks={"after_step": lambda trainer, info: times.append(time.perf_counter())})
-    steps = [b - a for a, b in zip(times[3:], times[4:])]
+    skip = min(3, max(0, len(times) - 3))        # a process that made few steps keeps them all but the first
+    steps = [b - a for a, b in zip(times[skip:], times[skip + 1:])]
+    if not steps:
+        raise SystemExit(f"fewer than two steps in {seconds} s: give more --seconds")
     return {"chars_per_s": 64 * 100 / statistics.median(steps), "steps": steps}
 
 
@@ -92,10 +96,10 @@ def worker(args) -> None:
 
 # ----- the scenarios ----------------------------------------------------------------------------------------
 
-def _start(workload: str, weights: str, args) -> subprocess.Popen:
+def _start(workload: str, weights: str, args, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", workload, "--weights", weights, "--seconds",
            str(args.seconds), "--corpus", args.corpus]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 
 def _results(procs: list[subprocess.Popen]) -> list[dict]:
@@ -123,6 +127,10 @@ def measure(workload: str, weights: str, args) -> dict:
            "twin": round(min(t["chars_per_s"] for t in twins))}
     row["busy_share"] = round(row["busy"] / row["alone"], 3)
     row["twin_share"] = round(row["twin"] / row["alone"], 3)
+    if workload == "train64":      # its one-thread speed, the bar beside a busy loop
+        one = _results([_start(workload, weights, args, {"OMP_NUM_THREADS": "1"})])[0]
+        row["alone_one_thread"] = round(one["chars_per_s"])
+        row["busy_of_one_thread"] = round(row["busy"] / row["alone_one_thread"], 3)
     if workload in STEP_WORKLOADS:
         three = _results([_start(workload, weights, args) for _ in range(3)])
         row["three_worst_step"] = round(max(max(t["steps"]) / statistics.median(t["steps"]) for t in three), 2)

@@ -26,6 +26,7 @@ from .evaluation import scores
 from .hardware import check_rows_fit
 from .models.charlm import CharLM
 from .options import DynamicOptions
+from .threads import ThreadPolicy
 from .vocab import UNK_ID
 
 EPS = 1e-5
@@ -103,8 +104,9 @@ class Adapter:
         seq = torch.from_numpy(np.asarray(ids).astype(np.int64)).to(device)
         total, state, seg = 0.0, None, self.segment
         with tqdm(total=len(seq) - 1, unit="token", desc="adapting", delay=PROGRESS_AFTER,
-                  disable=not progress) as bar:
+                  disable=not progress) as bar, ThreadPolicy(on=device.type == "cpu") as threads:
             for start in range(0, len(seq) - 1, seg):
+                threads.update()
                 x, y = seq[start:start + seg], seq[start + 1:start + seg + 1]
                 loss, state = self.read(x[:len(y)], y, state)
                 total += loss

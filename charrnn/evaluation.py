@@ -20,6 +20,7 @@ from .errors import CharRNNError, OptionError, options_error
 from .hardware import autocast
 from . import ops
 from .models.charlm import CharLM
+from .threads import ThreadPolicy
 from .vocab import UNK_ID
 
 LN2 = math.log(2)
@@ -92,12 +93,14 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     # Shorter chunks where the vocabulary is large: the logits of one chunk stay within LOGITS_BYTES.
     seq_len = max(1, min(seq_len, LOGITS_BYTES // (4 * max(1, len(x)) * model.config.vocab_size)))
     try:
-        for t in range(0, x.shape[1] if len(x) else 0, seq_len):
-            xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
-            yb = y[:, t : t + seq_len].to(device=device, dtype=torch.int64)
-            with autocast(device, amp_dtype), ops.evaluation():
-                logits, state = model(xb, state)
-            total += loss_sum(logits, yb)[0].double()
+        with ThreadPolicy(on=device.type == "cpu") as threads:
+            for t in range(0, x.shape[1] if len(x) else 0, seq_len):
+                threads.update()
+                xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
+                yb = y[:, t : t + seq_len].to(device=device, dtype=torch.int64)
+                with autocast(device, amp_dtype), ops.evaluation():
+                    logits, state = model(xb, state)
+                total += loss_sum(logits, yb)[0].double()
     finally:
         model.train(was_training)
     dist.sum_(total)
