@@ -4,8 +4,8 @@ PyTorch splits a CPU operation over a pool of OpenMP threads, one per core, whic
 at the end of every parallel region (spinning, then sleeping).  While another process wants one of the
 cores, one of the pool's threads is off its core for whole time slices, and every region of every step
 waits for it: a training or sampling step that is many short regions slows down by far more than the
-share of the machine it lost (docs/performance.md, "Beside other processes").  One thread fewer per
-core another process is using avoids the waits.
+share of the machine it lost (docs/contention.md).  One thread fewer per core another process is using
+avoids the waits.
 
 :class:`ThreadPolicy` decides from what the operating system says: the CPU time all processes used
 (``/proc/stat``) minus this process's own (:func:`os.times`) over the last ``interval`` seconds, and at
@@ -37,29 +37,45 @@ def threads_for(cores: int, others: float, most: int) -> int:
 
 def cpu_seconds() -> tuple[float, float] | None:
     """(CPU seconds all processes have used, of which this process's), or None where ``/proc/stat`` cannot be
-    read.  Busy time is every field of the ``cpu`` line but idle and iowait."""
+    read.  Busy time is the ``cpu`` line's user, nice, system, irq, softirq and steal time."""
     try:
         with open("/proc/stat", "rb") as f:
             fields = f.readline().split()
     except OSError:
         return None
-    if len(fields) < 5 or fields[0] != b"cpu":
+    if len(fields) < 9 or fields[0] != b"cpu":
         return None
-    ticks = [int(v) for v in fields[1:]]
-    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
+    ticks = [int(v) for v in fields[1:9]]      # user nice system idle iowait irq softirq steal (guest is in user)
+    busy = sum(ticks) - ticks[3] - ticks[4]
     own = os.times()
     return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 def runnable_others() -> int | None:
-    """Threads of other processes runnable right now (``/proc/loadavg``'s running count, less the reading one),
-    or None where it cannot be read."""
+    """Threads of other processes runnable right now (``/proc/loadavg``'s running count, less this process's
+    running threads: the reading one, and pool threads still spinning), or None where it cannot be read."""
     try:
         with open("/proc/loadavg", "rb") as f:
             running = int(f.read().split()[3].split(b"/")[0])
     except (OSError, IndexError, ValueError):
         return None
-    return max(0, running - 1)
+    return max(0, running - max(1, _own_running()))
+
+
+def _own_running() -> int:
+    """This process's threads in state R (running or runnable), from ``/proc/self/task``."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/stat", "rb") as f:
+                count += f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+        except (OSError, IndexError):
+            pass
+    return count
 
 
 class ThreadPolicy:
