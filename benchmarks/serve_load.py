@@ -5,7 +5,10 @@
 
 With ``--api completions`` the clients stream through the OpenAI-compatible ``POST /v1/completions`` of
 a `charrnn serve` process instead: per client count, aggregate characters per second, the p50 / p99 time to first character and
-the p50 / p99 time between characters (a chunk's wait shared by its characters); then the time to
+the p50 / p99 time between characters (a chunk's wait shared by its characters), and the server
+process's CPU seconds per 1,000 characters (from ``/proc``; ``event_loop`` is its main thread's share,
+the rest the engine's worker and the threads of its matrix products) beside the raw sampler's
+(``Sampler.stream_ids`` at the same batch size, in this process before the server starts, in the same sitting); then the time to
 first character for a 2,000-character prompt read cold and from the prompt cache (medians of 5).
 
 Starts the real server (uvicorn, a free localhost port) on the default model (GRU 1024,
@@ -113,12 +116,54 @@ async def cache_first_char(url) -> dict:
             "cached_first_char_ms": round(1000 * statistics.median(cached), 2)}
 
 
-def streamed(run: str, args) -> dict:
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process ``pid``, from ``/proc``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:        # the thread ended
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def server_cpu(pid: int, run, *args) -> tuple[object, dict]:
+    """``run(*args)``'s result and the server's CPU seconds while it ran: in all, and in its main thread."""
+    before = thread_cpu(pid)
+    out = run(*args)
+    after = thread_cpu(pid)
+    total = sum(after.values()) - sum(before.get(t, 0.0) for t in after)
+    return out, {"all": total, "event_loop": after.get(pid, 0.0) - before.get(pid, 0.0)}
+
+
+def raw_sampler(lm, batch: int, length: int, repeats: int = 3) -> dict:
+    """The sampler alone at ``batch`` rows of ``length`` characters: chars/s and CPU seconds per 1,000 (medians
+    of ``repeats``)."""
+    sampler = lm.sampler
+    for _ in sampler.stream_ids(["ROMEO:"] * batch, 20, seed=0):   # warm-up
+        pass
+    rates, cpus = [], []
+    for r in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        for ids in sampler.stream_ids(["ROMEO:"] * batch, length, seed=r):
+            pass
+        ids.tolist()
+        rates.append(batch * length / (time.perf_counter() - wall))
+        cpus.append(1000 * (time.process_time() - cpu) / (batch * length))
+    return {"chars_per_s": round(statistics.median(rates)), "cpu_s_per_1000_chars": round(statistics.median(cpus), 4)}
+
+
+def streamed(run: str, args, lm) -> dict:
     """The streaming figures, against `charrnn serve` in a process of its own: a client parsing thousands of
     events in the server's process would take its interpreter lock from the generation loop."""
     import re
     import subprocess
 
+    # Before the server starts: its threads (still spinning after a run) would count as a competing process.
+    raws = {n: raw_sampler(lm, n, args.length) for n in args.clients}
     server = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", run, "--port", "0", "--log-level", "error",
                                "--max-queue", str(max(args.clients) + 10), "--max-batch",
                                str(max(64, max(args.clients)))] + (["--int8"] if args.int8 else []),
@@ -127,7 +172,19 @@ def streamed(run: str, args) -> dict:
         line = server.stderr.readline()
         url = re.search(r"http://[^/]+", line).group(0)
         asyncio.run(stream_load(url, 1, 20))  # warm-up
-        results = {str(n): asyncio.run(stream_load(url, n, args.length)) for n in args.clients}
+        results = {}
+        for n in args.clients:
+            client_cpu = time.process_time()
+            got, cpu = server_cpu(server.pid, lambda: asyncio.run(stream_load(url, n, args.length)))
+            client_cpu = time.process_time() - client_cpu
+            chars = n * args.length
+            raw = raws[n]
+            per_1000 = round(1000 * cpu["all"] / chars, 4)
+            results[str(n)] = {**got, "cpu_s_per_1000_chars": per_1000,
+                               "event_loop_cpu_share": round(cpu["event_loop"] / max(cpu["all"], 1e-9), 3),
+                               "client_cpu_s_per_1000_chars": round(1000 * client_cpu / chars, 4),
+                               "raw_sampler": raw, "share_of_raw": round(got["chars_per_s"] / raw["chars_per_s"], 3),
+                               "cpu_vs_raw": round(per_1000 / raw["cpu_s_per_1000_chars"], 2)}
         results["prompt_cache"] = asyncio.run(cache_first_char(url))
         return results
     finally:
@@ -159,7 +216,7 @@ def main():
         try:
             asyncio.run(load(url, 1, 20))  # warm-up
             if args.api == "completions":
-                results = streamed(run, args)
+                results = streamed(run, args, lm)
             for n in args.clients if args.api == "generate" else []:
                 t = time.perf_counter()
                 for seed in range(n):

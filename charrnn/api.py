@@ -108,7 +108,6 @@ class LanguageModel(Generator):
             raise OptionError("int8", "{int8} sampling runs on the CPU only, not on {kind}; drop {int8} or use "
                                       "{device} cpu", kind=device.type)
         self.sampler = Sampler(self.model, self.vocab, weights="int8" if int8 else "fp32")
-        # int8 quantises activations per batch: the server steps its requests one at a time.
         self.capabilities = dataclasses.replace(self.capabilities, batchable=self.sampler.batchable)
 
     @property

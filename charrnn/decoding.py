@@ -47,18 +47,29 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
     return logits
 
 
+def plain(temperature: float, top_k, top_p, min_p, vocab_size: int) -> bool:
+    """Whether :func:`choose` draws with the temperature alone (no filter removes an id): the draw the compiled
+    module makes in one call."""
+    return (temperature >= GREEDY_BELOW and (top_k is None or top_k >= vocab_size) and (top_p is None or top_p >= 1.0)
+            and not min_p)
+
+
+def _compiled_for(logits: torch.Tensor):
+    """The compiled module, when it is loaded and ``logits`` are what it draws from (fp32 on the CPU)."""
+    fused = native.loaded()
+    return fused if fused is not None and logits.dtype == torch.float32 and logits.device.type == "cpu" else None
+
+
 def choose(logits: torch.Tensor, temperature: float, top_k, top_p, generator: torch.Generator | None, *,
            min_p: float | None = None, compiled: bool = True) -> torch.Tensor:
     """Next ids ``(batch,)`` from logits ``(batch, vocab)``: greedy at temperature 0, else sampled.
 
-    Plain temperature sampling of CPU fp32 logits runs as one call into the compiled module
+    Plain temperature sampling (:func:`plain`) of CPU fp32 logits runs as one call into the compiled module
     (:mod:`charrnn.native`) when a :class:`Stepper` has loaded it and ``compiled`` is true: the
     same operations, the same random draws, the same ids.
     """
-    fused = native.loaded() if compiled else None
-    if (fused is not None and temperature >= GREEDY_BELOW and (top_k is None or top_k >= logits.shape[-1])
-            and (top_p is None or top_p >= 1.0) and not min_p and logits.dtype == torch.float32
-            and logits.device.type == "cpu"):
+    fused = _compiled_for(logits) if compiled else None
+    if fused is not None and plain(temperature, top_k, top_p, min_p, logits.shape[-1]):
         return fused.sample(logits, generator, float(temperature))
     if temperature < GREEDY_BELOW:
         masked = logits.float().clone()
@@ -161,6 +172,10 @@ class Decoding:
         self._logprobs: list[tuple] = []        # per step chosen since the last read
         self._pending: list[list[dict]] = [[] for _ in prompts]      # records whose text is held back
         self._shown, self._given = [0] * len(prompts), [0] * len(prompts)   # characters shown / in records given
+        # Whether choose() is the compiled draw alone (nothing before it, nothing recorded): BatchChoice draws
+        # the ids of such decodings together.
+        self.fused = (self.compiled and self.penalties is None and self.banned is None and self.logprobs is None
+                      and plain(params.temperature, params.top_k, params.top_p, params.min_p, len(sampler.vocab)))
 
     @property
     def done(self) -> bool:
@@ -229,3 +244,39 @@ class Decoding:
         top = {} if top_ids is None else {self.token_text(int(i)): float(v)
                                           for i, v in zip(top_ids[row].tolist(), top_lps[row].tolist())}
         return {"token": token, "logprob": float(chosen[row]), "top": top}
+
+
+class BatchChoice:
+    """The next ids of several :class:`Decoding` s whose rows lie one after another in one batch of logits (the
+    server's requests stepped together): the rows of every :attr:`Decoding.fused` one in one call into the
+    compiled module, each group of rows drawing from its own decoding's generator at its own temperature; the
+    others through their own :meth:`Decoding.choose`.  The same ids, and the same draws from each generator, as
+    each decoding's ``choose`` on its rows alone.
+
+    A decoding whose choice raises is listed in :attr:`failed` with the error (its rows get id 0); the others'
+    ids are chosen as usual."""
+
+    def __init__(self, decodings: Sequence[Decoding]):
+        self.rows = 0
+        self.fused, self.others = [], []
+        for d in decodings:
+            (self.fused if d.fused else self.others).append((d, self.rows, len(d.finish)))
+            self.rows += len(d.finish)
+        self._groups = ([d.generator for d, _, _ in self.fused], [float(d.params.temperature) for d, _, _ in self.fused],
+                        [s for _, s, _ in self.fused], [n for _, _, n in self.fused])
+        self.failed: list[tuple[Decoding, Exception]] = []
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every row's next id ``(rows,)`` from the batch's ``logits`` ``(rows, vocab)``."""
+        ids = torch.zeros(self.rows, dtype=torch.long, device=logits.device)
+        compiled = _compiled_for(logits) if self.fused else None
+        if compiled is not None:
+            compiled.sample_rows(logits, *self._groups, ids)
+            for d, _, _ in self.fused:
+                d.steps_left -= 1
+        for d, start, n in (self.others if compiled is not None else self.fused + self.others):
+            try:
+                ids[start:start + n] = d.choose(logits[start:start + n])
+            except Exception as e:  # noqa: BLE001 - one request's decoding fails alone; the caller reports it
+                self.failed.append((d, e))
+        return ids

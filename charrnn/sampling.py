@@ -235,7 +235,7 @@ class RunReader:
         self.vocab = vocab
         self.device = model.head.weight.device
         self.stepper = Stepper(model, weights, backend)
-        self.batchable = weights == "fp32"    # int8 quantises activations per batch: one request at a time
+        self.batchable = True     # int8 too: each row's activations are quantised on their own
         self.prompt_cache: PromptCache | None = None     # off unless asked for (the server turns it on)
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:

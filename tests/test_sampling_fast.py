@@ -151,3 +151,58 @@ def test_can_be_turned_off():
             Stepper(_model(), backend="native")
     with pytest.raises(ValueError):
         Stepper(_model(), backend="fast")
+
+
+def test_compiled_draws_groups_of_rows_as_each_group_alone(compiled):
+    """sample_rows (the server's batch of requests): each group of rows, with its own generator and temperature,
+    gets the ids sample() gives it alone, and its generator moves as far."""
+    torch.manual_seed(0)
+    for trial in range(40):
+        sizes = [1 + (trial * 7 + i) % 4 for i in range(1 + trial % 6)]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        logits = torch.randn(sum(sizes), (2, 11, 66)[trial % 3]) * (trial % 5 + 0.5)
+        temperatures = [(1.0, 0.7, 1 / 3, 2.5)[(trial + i) % 4] if trial % 2 else 0.7 for i in range(len(sizes))]
+        gens = [torch.Generator().manual_seed(trial * 10 + i) for i in range(len(sizes))]
+        alone = [torch.Generator().manual_seed(trial * 10 + i) for i in range(len(sizes))]
+        ids = torch.full((sum(sizes),), -1, dtype=torch.long)
+        compiled.sample_rows(logits, gens, temperatures, starts, sizes, ids)
+        for g, a, s, n, t in zip(gens, alone, starts, sizes, temperatures):
+            assert torch.equal(ids[s:s + n], compiled.sample(logits[s:s + n].clone(), a, t))
+            assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=a))
+    untouched = torch.full((4,), -1, dtype=torch.long)        # rows in no group are left alone
+    compiled.sample_rows(torch.randn(4, 5), [None], [1.0], [1], [2], untouched)
+    assert untouched[0] == -1 and untouched[3] == -1 and (untouched[1:3] > 0).all()
+    with pytest.raises(RuntimeError, match="out of range"):
+        compiled.sample_rows(torch.randn(4, 5), [None], [1.0], [3], [2], untouched)
+
+
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_a_batch_of_decodings_chooses_what_each_would_alone(compiled, backend):
+    """BatchChoice: requests with the plain draw (drawn together) beside ones with filters, penalties and
+    log-probabilities (each its own choose()): every row's ids and every generator as when each chooses alone."""
+    from charrnn.decoding import BatchChoice, Decoding
+    from charrnn.options import SamplingParams
+
+    vocab = Vocab(list("\n abcdefgh"))
+    sampler = Sampler(_model(vocab=len(vocab)), vocab, backend=backend)
+    kinds = [dict(), dict(temperature=0.6), dict(top_k=3), dict(repetition_penalty=1.3), dict(logprobs=2),
+             dict(temperature=0.0), dict(temperature=1.4), dict(min_p=0.2)]
+    shapes = [(k, 1 + i % 3) for i, k in enumerate(kinds)]
+
+    def decodings():
+        return [Decoding(sampler, ["ab"] * n, 50, SamplingParams(seed=i, **k)) for i, (k, n) in enumerate(shapes)]
+
+    together, alone = decodings(), decodings()
+    assert [d.fused for d in together] == [backend == "native" and k in ({}, {"temperature": 0.6},
+                                           {"temperature": 1.4}) for k, _ in shapes]
+    choice = BatchChoice(together)
+    rows = sum(n for _, n in shapes)
+    for step in range(5):
+        logits = torch.randn(rows, len(vocab)) * 3
+        ids, at = choice(logits), 0
+        for d, (_, n) in zip(alone, shapes):
+            assert torch.equal(ids[at:at + n], d.choose(logits[at:at + n])), (step, d.params)
+            at += n
+    assert not choice.failed
+    for a, b in zip(together, alone):
+        assert a.steps_left == b.steps_left and torch.equal(a.generator.get_state(), b.generator.get_state())

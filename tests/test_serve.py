@@ -180,6 +180,40 @@ def test_a_new_request_gets_its_first_character_after_one_step(lm):
     assert [len(p) for p in pieces] == [1, 1]
 
 
+def test_a_request_arriving_during_a_hop_joins_at_the_next_step(lm):
+    """A hop ends early when a waiting request fits in the batch: the newcomer does not wait out a long hop."""
+    import asyncio
+
+    from charrnn.serve.engine import Engine, Job
+
+    async def second_request_first_update():
+        engine = Engine(lm.sampler, hop_seconds=30.0)     # a hop that ran to its end would take 30 s
+        await engine.start()
+        try:
+            first = engine.submit(Job("ROMEO:", 10_000_000, seed=1, streaming=True))
+            await asyncio.wait_for(first.updates.get(), 5)     # its admitting hop; a 30-second one follows
+            await asyncio.sleep(0.2)
+            second = engine.submit(Job("the ", 100, seed=2, streaming=True))
+            return await asyncio.wait_for(second.updates.get(), 3)
+        finally:
+            await engine.stop()
+
+    pieces, _ = asyncio.run(second_request_first_update())
+    assert [len(p) for p in pieces] == [1]
+
+
+def test_hops_grow_with_the_rows_so_that_events_stay_bounded(lm):
+    from charrnn.serve.engine import EVENTS_PER_S, Engine, _Rows
+
+    engine = Engine(lm.sampler, hop_seconds=0.02)
+    rows = _Rows(lm.sampler.stepper)
+    rows.jobs = [types.SimpleNamespace(num_samples=n) for n in (1, 3)]
+    engine._rows = [rows]
+    assert engine._hop_length([]) == 0.02 and engine._hop_length(rows.jobs) == 0.0     # admitting: one step
+    rows.jobs = [types.SimpleNamespace(num_samples=2)] * 64
+    assert engine._hop_length([]) == pytest.approx(128 / EVENTS_PER_S) and 128 / EVENTS_PER_S > 0.02
+
+
 # ----- limits: every one answered with a 4xx and a JSON error ------------------------------------------------
 
 BAD_REQUESTS = [
@@ -353,7 +387,7 @@ def test_50_concurrent_requests_all_answered_correctly(server, lm):
 
 
 def test_int8_requests_at_once_match_one_at_a_time(run_dir):
-    """int8 quantises activations per batch, so int8 requests take turns instead of sharing a step."""
+    """int8 rows are quantised each on its own, so int8 requests share a step and each gets its seed's text."""
     lm8 = charrnn.load(run_dir, int8=True)
     specs = [{"prompt": "the ", "length": 60, "num_samples": 1 + i % 2, "seed": i} for i in range(8)]
     expected = [lm8.generate(s["prompt"], s["length"], num_samples=s["num_samples"], seed=s["seed"]) for s in specs]

@@ -36,6 +36,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("use_panels", &use_panels, "whether a product of this many rows goes through packed_matmul");
   m.def("int8_linear", &int8_linear, released);
   m.def("sample", &sample, released);
+  m.def("sample_rows", &sample_rows, released);
   m.def("has_avx2", &has_avx2);
   m.def("set_portable", [](bool on) { g_portable = on; }, "use the portable loops instead of AVX2 (for tests)");
 }

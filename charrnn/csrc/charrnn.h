@@ -141,8 +141,12 @@ class Step {
   Linear head_;
 };
 
-// The next ids (B,) from logits (B, V), as charrnn.decoding.choose draws them.
-Tensor sample(const Tensor& logits_in, c10::optional<at::Generator> gen, double temperature);
+// The next ids (B,) from logits (B, V), as charrnn.decoding.choose draws them; sample_rows: groups of rows,
+// each with its own generator and temperature (the server's batch of requests).
+Tensor sample(const Tensor& logits, c10::optional<at::Generator> gen, double temperature);
+void sample_rows(const Tensor& logits, const std::vector<c10::optional<at::Generator>>& gens,
+                 const std::vector<double>& temperatures, const std::vector<int64_t>& starts,
+                 const std::vector<int64_t>& counts, Tensor ids);
 
 // ---------------------------------------------------------------- panels.cpp: fp32 recurrent products
 bool has_fma();                          // AVX2 and FMA: packed_matmul can run

@@ -205,28 +205,53 @@ std::pair<Tensor, std::vector<Tensor>> Step::step(const Tensor& ids_in, const st
   return {head_(x), out};
 }
 
-// The next ids (B,) from logits (B, V), as charrnn.decoding.choose does for a temperature > 0
-// without top-k / top-p, with the same operations: logits / T, [UNK] (id 0) -> -inf, softmax,
-// cumsum, u ~ U[0, 1) drawn from the generator as torch.rand((B, 1)), the first id whose
-// cumulative probability exceeds u * total.
-Tensor sample(const Tensor& logits_in, c10::optional<at::Generator> gen, double temperature) {
-  const Trace trace("charrnn::sample");
+// The next ids of rows of logits (B, V), as charrnn.decoding.choose does for a temperature > 0 without
+// top-k / top-p / min-p, with the same operations: logits / T, [UNK] (id 0) -> -inf, softmax, cumsum,
+// u ~ U[0, 1) drawn from the generator as torch.rand((rows, 1)), the first id whose cumulative
+// probability exceeds u * total.  Groups of rows (rows starts[g] .. starts[g] + counts[g] - 1) each have
+// their own generator and temperature, and draw exactly what sample() draws for them alone: softmax and
+// cumsum work row by row.  ids[row] is written for the rows of the groups; the others are left alone.
+void sample_rows(const Tensor& logits_in, const std::vector<c10::optional<at::Generator>>& gens,
+                 const std::vector<double>& temperatures, const std::vector<int64_t>& starts,
+                 const std::vector<int64_t>& counts, Tensor ids) {
+  const Trace trace("charrnn::sample_rows");
   const Tensor logits = logits_in.contiguous();
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "sample: float logits (B, V)");
-  const int64_t B = logits.size(0), V = logits.size(1);
-  Tensor x = at::div(logits, temperature);
+  const int64_t B = logits.size(0), V = logits.size(1), G = static_cast<int64_t>(gens.size());
+  TORCH_CHECK(static_cast<int64_t>(temperatures.size()) == G && static_cast<int64_t>(starts.size()) == G &&
+                  static_cast<int64_t>(counts.size()) == G, "sample_rows: one temperature, start and count per generator");
+  TORCH_CHECK(ids.dim() == 1 && ids.size(0) == B && ids.scalar_type() == at::kLong && ids.is_contiguous(),
+              "sample_rows: ids must be a contiguous int64 (B,) tensor");
+  for (int64_t g = 0; g < G; ++g)
+    TORCH_CHECK(starts[g] >= 0 && counts[g] > 0 && starts[g] + counts[g] <= B, "sample_rows: group rows out of range");
+  Tensor x = logits.clone();
+  for (int64_t g = 0; g < G;) {   // one division per run of adjacent groups at one temperature
+    int64_t end = g + 1;
+    while (end < G && temperatures[end] == temperatures[g] && starts[end] == starts[end - 1] + counts[end - 1]) ++end;
+    const int64_t rows = starts[end - 1] + counts[end - 1] - starts[g];
+    x.narrow(0, starts[g], rows).div_(temperatures[g]);
+    g = end;
+  }
   x.select(1, 0).fill_(-std::numeric_limits<float>::infinity());
   const Tensor cdf = at::softmax(x, -1).cumsum(-1);
-  const Tensor u = at::rand({B, 1}, gen, logits.options());
-  Tensor ids = at::empty({B}, logits.options().dtype(at::kLong));
   const float* c = cdf.data_ptr<float>();
-  const float* pu = u.data_ptr<float>();
   int64_t* out = ids.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    const float* row = c + b * V;
-    const float v = pu[b] * row[V - 1];
-    out[b] = std::min<int64_t>(std::upper_bound(row, row + V, v) - row, V - 1);
+  for (int64_t g = 0; g < G; ++g) {
+    const Tensor u = at::rand({counts[g], 1}, gens[g], logits.options());
+    const float* pu = u.data_ptr<float>();
+    for (int64_t i = 0; i < counts[g]; ++i) {
+      const float* row = c + (starts[g] + i) * V;
+      const float v = pu[i] * row[V - 1];
+      out[starts[g] + i] = std::min<int64_t>(std::upper_bound(row, row + V, v) - row, V - 1);
+    }
   }
+}
+
+// All rows from one generator at one temperature.
+Tensor sample(const Tensor& logits, c10::optional<at::Generator> gen, double temperature) {
+  TORCH_CHECK(logits.dim() == 2, "sample: float logits (B, V)");
+  Tensor ids = at::empty({logits.size(0)}, logits.options().dtype(at::kLong));
+  if (logits.size(0) > 0) sample_rows(logits, {gen}, {temperature}, {0}, {logits.size(0)}, ids);
   return ids;
 }
 

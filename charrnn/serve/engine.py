@@ -2,21 +2,24 @@
 
 Generation is CPU-bound PyTorch work, so it never runs on the event loop.  One
 scheduler coroutine owns every job's bookkeeping; the numeric work runs in a
-single worker thread, one *hop* at a time (about 20 ms of characters; a hop that
-admits a request ends after one step, so its first character goes out at once), while the
-event loop keeps accepting requests and streaming what is done.  Between hops
-the scheduler admits waiting requests, drops cancelled ones (a client that went
-away) and hands each job its new characters, so a request joins a running batch
-within one hop and a disconnected client stops costing anything within one step.
+single worker thread, one *hop* at a time, while the event loop keeps accepting requests and
+streaming what is done.  Between hops the scheduler admits waiting requests, drops cancelled ones
+(a client that went away) and hands each job its new characters: one event per running row per hop.
+A hop lasts ``hop_seconds`` (20 ms), longer when more rows run, so that the events stay at about
+:data:`EVENTS_PER_S` a second (each costs the server and its client about as much as a step's
+share of a row: docs/serving.md); it ends early when a waiting request fits in the batch, and after
+one step when it admitted one, so a request's first character goes out at once.  A disconnected
+client stops costing anything within one step.
 
-All running requests advance together: their recurrent states are concatenated
-into one batch for :class:`charrnn.stepper.Stepper`, the expensive part, while each
-request keeps its own options and its own seeded random generator for choosing
-characters, so a seed gives the same text as ``charrnn generate --seed`` does.
-(Batched matrix products may round differently in the last bit from unbatched
-ones; a sampled character can change only when that bit decides it.)  With int8
-weights, whose activations are quantised per batch, requests are stepped one after
-another instead, so that one request's text never depends on its neighbours.
+All running requests advance together: their rows stay in one batch (:class:`_Rows`: the logits and the
+recurrent state of every row, rows added when a request is admitted and removed when it ends) stepped by
+:class:`charrnn.stepper.Stepper`, the expensive part, while each request keeps its own options and its own
+seeded random generator for choosing characters (:class:`charrnn.decoding.BatchChoice`: the requests that
+sample with a temperature alone in one compiled call), so a seed gives the same text as ``charrnn generate
+--seed`` does.  (fp32 matrix products of a batch may round differently in the last bit from those of one row;
+a sampled character can change only when that bit decides it.  int8 products are exact and each row's
+activations are quantised on their own, so int8 rows do not depend on their neighbours.)  A model whose state
+cannot be batched (a transformer's cache) steps each request as a batch of its own.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..beam import select_state
 from ..errors import CharRNNError
-from ..decoding import Decoding
+from ..decoding import BatchChoice, Decoding
 from ..options import SamplingParams
 from ..sampling import Sampler
 from ..threads import ThreadPolicy
 
 log = logging.getLogger("charrnn.serve")
+# The events a second (one per running row per hop) past which hops grow longer than hop_seconds.
+EVENTS_PER_S = 800
 
 
 class Busy(Exception):
@@ -74,10 +80,7 @@ class Job:
         self.remaining = self.length
         self.updates: asyncio.Queue = asyncio.Queue()  # (new text, new records) per sample; None when finished
         self.done = asyncio.Event()
-        # Worker-thread state, set when the job is primed.
-        self.decoding: Decoding | None = None
-        self.logits: torch.Tensor | None = None
-        self.state: list | None = None
+        self.decoding: Decoding | None = None     # set by the worker thread when the job is primed
 
     @property
     def finish_reasons(self) -> list[str]:
@@ -113,11 +116,68 @@ def _cat_states(states: list[list]) -> list:
             for layer in zip(*states)]
 
 
-def _split_state(state: list, sizes: list[int]) -> list[list]:
-    """The inverse of :func:`_cat_states`."""
-    layers = [list(zip(*(t.split(sizes) for t in layer))) if isinstance(layer, tuple) else layer.split(sizes)
-              for layer in state]
-    return [list(per_job) for per_job in zip(*layers)]
+class _Rows:
+    """Jobs stepped as one batch: their rows (each job's samples, jobs in the order they joined), every row's
+    logits and the model's state, and how each row's next id is chosen (one :class:`BatchChoice`, made again
+    when the jobs change)."""
+
+    def __init__(self, stepper):
+        self.stepper = stepper
+        self.jobs: list[Job] = []
+        self.logits: torch.Tensor | None = None
+        self.state = None
+        self._choice: BatchChoice | None = None
+
+    def add(self, job: Job, logits: torch.Tensor, state) -> None:
+        """Append ``job``'s rows, primed: its logits ``(num_samples, vocab)`` and its state."""
+        if self.jobs:
+            self.logits, self.state = torch.cat([self.logits, logits]), _cat_states([self.state, state])
+        else:
+            self.logits, self.state = logits, state
+        self.jobs.append(job)
+        self._choice = None
+
+    def keep(self, jobs: set[Job]) -> None:
+        """Drop the rows of every job not in ``jobs``."""
+        kept = [job for job in self.jobs if job in jobs]
+        if len(kept) == len(self.jobs):
+            return
+        rows, at = [], 0
+        for job in self.jobs:
+            if job in kept:
+                rows.extend(range(at, at + job.num_samples))
+            at += job.num_samples
+        if rows:
+            index = torch.tensor(rows, device=self.logits.device)
+            self.logits, self.state = self.logits.index_select(0, index), select_state(self.state, index)
+        else:
+            self.logits = self.state = None
+        self.jobs = kept
+        self._choice = None
+
+    def choose(self) -> tuple[torch.Tensor, list[tuple[Job, Exception]]]:
+        """Every row's next id, and the jobs whose choice failed (with the error)."""
+        if self._choice is None:
+            self._choice = BatchChoice([job.decoding for job in self.jobs])
+        ids = self._choice(self.logits)
+        failed, self._choice.failed = self._choice.failed, []
+        return ids, [(next(j for j in self.jobs if j.decoding is d), e) for d, e in failed]
+
+    def step(self, ids: torch.Tensor) -> None:
+        self.logits, self.state = self.stepper.step(ids, self.state)
+
+    def read(self, steps: list[torch.Tensor]) -> dict[Job, tuple[list[str], list[list[dict]]]]:
+        """Each job's new text and records for the ids chosen this hop (``steps``: one ``(rows,)`` per step)."""
+        table = torch.stack(steps).tolist()
+        out, at = {}, 0
+        for job in self.jobs:
+            n = job.num_samples
+            try:
+                out[job] = job.decoding.read([row[at:at + n] for row in table])
+            except Exception as e:  # a bug, not a user error: this request fails alone
+                _fail(job, e)
+            at += n
+        return out
 
 
 def _fail(job: Job, e: Exception) -> None:
@@ -150,6 +210,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._threads: ThreadPolicy | None = None     # the worker thread's (see _hop)
+        self._rows: list[_Rows] = []                  # the worker thread's: the batches being stepped
 
     # ----- event-loop side -------------------------------------------------------------------------------
 
@@ -245,57 +306,76 @@ class Engine:
         records) of each job."""
         if self._threads is None:      # made here: it sets the threads of the thread that steps
             self._threads = ThreadPolicy(on=self.sampler.device.type == "cpu")
+        going = [job for job in jobs if job.remaining > 0 and not job.cancelled]
+        for rows in self._rows:
+            rows.keep(set(going))
+        self._rows = [rows for rows in self._rows if rows.jobs]
         for job in new:
-            try:
-                prompts = [job.prompt] * job.num_samples
-                job.decoding = Decoding(self.sampler, prompts, job.length, job.params)
-                job.remaining = job.decoding.steps_left
-                if job.remaining > 0:
-                    job.logits, job.state = self.sampler.prime(prompts)
-            except Exception as e:  # a bug, not a user error: fail this request only
-                _fail(job, e)
-        chosen: dict[Job, list[torch.Tensor]] = {job: [] for job in jobs}   # ids, read once the hop is over
-        # A hop that primed new requests ends after one step, so that their first characters go out at once.
-        deadline = time.perf_counter() + (0.0 if new else self.hop_seconds)
+            self._prime(job)
+        deadline = time.perf_counter() + self._hop_length(new)
+        chosen = {rows: [] for rows in self._rows}
+        budget = {rows: min(job.decoding.steps_left for job in rows.jobs) for rows in self._rows}
         while True:
-            live = [j for j in jobs if j.remaining > 0 and not j.cancelled]
-            if not live:
-                break
-            for job in live:
-                try:
-                    chosen[job].append(job.decoding.choose(job.logits))
-                    job.remaining = job.decoding.steps_left
-                except Exception as e:  # one request's decoding: it fails alone, the batch goes on
-                    _fail(job, e)
-            stepping = [j for j in live if j.remaining > 0]
-            self._threads.update()
-            groups = [stepping] if self.batch_requests else [[j] for j in stepping]
-            for group in filter(None, groups):
-                try:
-                    self._step(group, [chosen[j][-1] for j in group])
-                except CharRNNError as e:     # e.g. a transformer's context is full: these requests end here
-                    for job in group:
-                        job.error, job.error_status, job.remaining = str(e), 422, 0
-            if time.perf_counter() > deadline:
+            for rows in self._rows:
+                if budget[rows] > 0:
+                    budget[rows] = self._advance(rows, chosen[rows], budget[rows])
+            if time.perf_counter() > deadline or not any(budget.values()) or self._admissible():
                 break
         out = {}
-        for job, steps in chosen.items():
+        for rows, steps in chosen.items():
             if steps:
-                try:
-                    out[job] = job.decoding.read(torch.stack(steps).tolist())    # (steps, samples)
-                except Exception as e:
-                    _fail(job, e)
-                    continue
-                if job.decoding.done:
-                    job.remaining = 0
+                out.update(rows.read(steps))
+        for job in going:
+            if job.remaining > 0:
+                job.remaining = 0 if job.decoding.done else job.decoding.steps_left
         return out
 
-    def _step(self, group: list[Job], ids: list[torch.Tensor]) -> None:
-        stepper = self.sampler.stepper
-        if len(group) == 1:
-            group[0].logits, group[0].state = stepper.step(ids[0], group[0].state)
-            return
-        logits, state = stepper.step(torch.cat(ids), _cat_states([j.state for j in group]))
-        sizes = [j.num_samples for j in group]
-        for job, lg, st in zip(group, logits.split(sizes), _split_state(state, sizes)):
-            job.logits, job.state = lg, st
+    def _hop_length(self, new: list[Job]) -> float:
+        """0 after admitting requests (one step: their first characters go out at once); else ``hop_seconds``,
+        or the time that keeps the events at :data:`EVENTS_PER_S` when more rows run."""
+        if new:
+            return 0.0
+        rows = sum(job.num_samples for r in self._rows for job in r.jobs)
+        return max(self.hop_seconds, rows / EVENTS_PER_S)
+
+    def _admissible(self) -> bool:
+        """Whether a waiting request would be admitted now (read from the worker thread: the event loop only
+        appends to ``waiting`` while a hop runs)."""
+        waiting = self.waiting
+        if not waiting:
+            return False
+        return sum(job.num_samples for job in self.active) + waiting[0].num_samples <= self.max_batch
+
+    def _prime(self, job: Job) -> None:
+        """Read ``job``'s prompt and give its rows to a batch (the running one, when requests can share one)."""
+        try:
+            prompts = [job.prompt] * job.num_samples
+            job.decoding = Decoding(self.sampler, prompts, job.length, job.params)
+            job.remaining = job.decoding.steps_left
+            if job.remaining > 0:
+                logits, state = self.sampler.prime(prompts)
+                if not (self.batch_requests and self._rows):
+                    self._rows.append(_Rows(self.sampler.stepper))
+                self._rows[-1].add(job, logits, state)
+        except Exception as e:  # a bug, not a user error: fail this request only
+            _fail(job, e)
+
+    def _advance(self, rows: _Rows, steps: list[torch.Tensor], budget: int) -> int:
+        """Choose every row's next id and step ``rows`` with them; the steps its jobs may still take in this hop
+        (0: the hop is over for them: one of them has no steps left, failed, or was cancelled)."""
+        ids, failed = rows.choose()
+        steps.append(ids)
+        for job, e in failed:
+            _fail(job, e)
+        # Every job had at least `budget` steps left: after this one, all have some left while budget > 1.
+        more = budget > 1 or any(job.decoding.steps_left > 0 for job in rows.jobs)
+        budget = 0 if failed or any(job.cancelled for job in rows.jobs) else budget - 1
+        if more:      # the last ids need no step
+            self._threads.update()
+            try:
+                rows.step(ids)
+            except CharRNNError as e:     # e.g. a transformer's context is full: these requests end here
+                for job in rows.jobs:
+                    job.error, job.error_status, job.remaining = str(e), 422, 0
+                return 0
+        return budget

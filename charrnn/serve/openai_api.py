@@ -14,6 +14,7 @@ prompt in front of the text.  ``best_of``, ``suffix``, ``logit_bias`` and token-
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -92,7 +93,7 @@ class OpenAIEndpoints:
         self.lm, self.limits, self.engine = lm, limits, engine
         self.created = int(time.time())
 
-    @property
+    @functools.cached_property
     def model(self) -> str:
         """The served model's id: the run directory's name, or the Hugging Face model's."""
         described = self.lm.describe()
@@ -225,6 +226,10 @@ def _logprobs(records: list[dict], offset: int) -> dict:
 
 async def _merged(jobs: list[Job]):
     """``(job index, (texts, records))`` from every job's stream as they come."""
+    if len(jobs) == 1:
+        async for update in pieces(jobs[0]):
+            yield 0, update
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(p: int, job: Job):

@@ -122,6 +122,7 @@ def test_a_decoding_error_fails_its_request_alone(server, lm, monkeypatch, where
         def __init__(self, sampler, prompts, *args, **kw):
             super().__init__(sampler, prompts, *args, **kw)
             self.faulty = prompts[0] == "boom"
+            self.fused = self.fused and not self.faulty    # its ids through choose(), the others' drawn together
 
         def fault(self, place: str):
             if self.faulty and where == place:
