@@ -192,6 +192,40 @@ def streamed(run: str, args, lm) -> dict:
         server.wait(30)
 
 
+def in_process(lm, args) -> dict:
+    """``/v1/generate`` of a server in this process, against the same requests one after another."""
+    app = create_app(lm, Limits(max_queue=max(args.clients) + 10, max_batch=max(64, max(args.clients))))
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    results = {}
+    try:
+        asyncio.run(load(url, 1, 20))  # warm-up
+        for n in args.clients:
+            t = time.perf_counter()
+            for seed in range(n):
+                lm.generate("ROMEO:", args.length, seed=seed)
+            sequential = time.perf_counter() - t
+            wall, latencies = asyncio.run(load(url, n, args.length))
+            chars = n * args.length
+            results[str(n)] = {
+                "server_chars_per_s": round(chars / wall),
+                "sequential_chars_per_s": round(chars / sequential),
+                "speedup": round(sequential / wall, 2),
+                "median_latency_s": round(statistics.median(latencies), 3),
+                "max_latency_s": round(max(latencies), 3),
+                "peak_running": app.state.engine.stats["peak_running"],
+            }
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 50])
@@ -204,37 +238,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or random_run(tmp)
         lm = charrnn.load(run, int8=args.int8)
-        app = create_app(lm, Limits(max_queue=max(args.clients) + 10, max_batch=max(64, max(args.clients))))
-        sock = bind("127.0.0.1", 0)
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        results = {}
-        try:
-            asyncio.run(load(url, 1, 20))  # warm-up
-            if args.api == "completions":
-                results = streamed(run, args, lm)
-            for n in args.clients if args.api == "generate" else []:
-                t = time.perf_counter()
-                for seed in range(n):
-                    lm.generate("ROMEO:", args.length, seed=seed)
-                sequential = time.perf_counter() - t
-                wall, latencies = asyncio.run(load(url, n, args.length))
-                chars = n * args.length
-                results[str(n)] = {
-                    "server_chars_per_s": round(chars / wall),
-                    "sequential_chars_per_s": round(chars / sequential),
-                    "speedup": round(sequential / wall, 2),
-                    "median_latency_s": round(statistics.median(latencies), 3),
-                    "max_latency_s": round(max(latencies), 3),
-                    "peak_running": app.state.engine.stats["peak_running"],
-                }
-        finally:
-            server.should_exit = True
-            thread.join(10)
+        results = streamed(run, args, lm) if args.api == "completions" else in_process(lm, args)
     emit({"benchmark": "serve_load", "api": args.api, "length": args.length, "int8": args.int8,
           "model": "random default" if not args.run else args.run, "clients": results, "machine": machine()})
 

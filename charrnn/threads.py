@@ -22,9 +22,10 @@ from collections.abc import Callable
 
 import torch
 
-# A core counts as taken once other processes used more than this share of it over an interval (below it:
-# a browser's or an editor's bursts, which a thread of ours can share).
-TAKEN = 0.3
+# A core counts as taken once other processes used more than this share of it over an interval (below it: a
+# browser's or an editor's bursts, or a server's own clients, beside which two threads still beat one:
+# docs/contention.md).
+TAKEN = 0.5
 INTERVAL_S = 0.5
 
 
@@ -78,16 +79,31 @@ def _own_running() -> int:
     return count
 
 
+def leave_to_worker() -> int:
+    """From now on this thread runs its PyTorch operations on one thread; the number it had, for the one worker
+    thread that will do the process's numeric work (``torch.set_num_threads`` there).
+
+    A server's main thread calls it before it loads the model.  GNU OpenMP (PyTorch's CPU builds) keeps a pool of
+    threads for every thread that starts parallel work, and once a process has more of them than cores, it stops
+    spin-waiting at the end of each parallel region: a sampling step of many short regions then waits for sleeping
+    threads at each one (docs/serving.md).  With the main thread's operations on one thread, the worker's pool is
+    the only one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
+
+
 class ThreadPolicy:
     """Sets this thread's number of intra-op threads (``torch.set_num_threads``) to what :func:`threads_for`
     says, re-deciding at most every ``interval`` seconds: call :meth:`update` between the steps of a work loop,
     in the thread that runs them (OpenMP's thread count is per calling thread).  At most the number set when
     the policy was made; :meth:`restore` (or leaving ``with policy:``) puts that back.  ``on=False``: a policy
-    that changes nothing (GPU work)."""
+    that changes nothing (GPU work).  ``runnable=None``: start at every thread, without the guess from the
+    threads runnable right now."""
 
     def __init__(self, interval: float = INTERVAL_S, *, on: bool = True, clock: Callable[[], float] = time.monotonic,
                  sample: Callable[[], tuple[float, float] | None] = cpu_seconds,
-                 runnable: Callable[[], int | None] = runnable_others, cores: int | None = None):
+                 runnable: Callable[[], int | None] | None = runnable_others, cores: int | None = None):
         self.interval, self.clock, self.sample = interval, clock, sample
         self.most = torch.get_num_threads()
         self.cores = cores or os.cpu_count() or 1
@@ -95,7 +111,7 @@ class ThreadPolicy:
         self.enabled = on and self.most > 1 and "OMP_NUM_THREADS" not in os.environ and self.last is not None
         self.since = clock()
         self.threads = self.most
-        if self.enabled:
+        if self.enabled and runnable is not None:
             others = runnable()
             if others is not None:
                 self._use(threads_for(self.cores, others, self.most))

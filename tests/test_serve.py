@@ -203,15 +203,31 @@ def test_a_request_arriving_during_a_hop_joins_at_the_next_step(lm):
 
 
 def test_hops_grow_with_the_rows_so_that_events_stay_bounded(lm):
-    from charrnn.serve.engine import EVENTS_PER_S, Engine, _Rows
+    from charrnn.serve.engine import EVENTS_PER_S, Engine
 
     engine = Engine(lm.sampler, hop_seconds=0.02)
-    rows = _Rows(lm.sampler.stepper)
-    rows.jobs = [types.SimpleNamespace(num_samples=n) for n in (1, 3)]
-    engine._rows = [rows]
-    assert engine._hop_length([]) == 0.02 and engine._hop_length(rows.jobs) == 0.0     # admitting: one step
-    rows.jobs = [types.SimpleNamespace(num_samples=2)] * 64
-    assert engine._hop_length([]) == pytest.approx(128 / EVENTS_PER_S) and 128 / EVENTS_PER_S > 0.02
+    engine.active = [types.SimpleNamespace(num_samples=n) for n in (1, 3)]
+    assert engine._period() == 0.02
+    engine.active = [types.SimpleNamespace(num_samples=2)] * 64
+    assert engine._period() == pytest.approx(128 / EVENTS_PER_S) and 128 / EVENTS_PER_S > 0.02
+
+
+def test_a_stream_gets_an_event_per_period_and_all_its_text():
+    """Text made by short hops (ones that admitted a request) is held until half a period has passed since the
+    stream's last event, then sent with the rest; the first text and the end are never held."""
+    from charrnn.serve.engine import Job
+
+    job = Job("a", 10, num_samples=2, seed=1, streaming=True)
+    job._push(["x", "y"], [[], []], now=0.0, every=0.1)          # the first: at once
+    job._push(["b", "c"], [[{"r": 1}], []], now=0.01, every=0.1)  # a short hop later: held
+    assert job.updates.qsize() == 1
+    job._push(["d", "e"], [[], [{"r": 2}]], now=0.06, every=0.1)
+    assert job.updates.qsize() == 2
+    job._push(["f", "g"], [[], []], now=0.07, every=0.1)          # held, then sent by the end
+    job._finish()
+    got = [job.updates.get_nowait() for _ in range(4)]
+    assert got == [(["x", "y"], [[], []]), (["bd", "ce"], [[{"r": 1}], [{"r": 2}]]), (["f", "g"], [[], []]), None]
+    assert job.texts == ["xbdf", "yceg"]
 
 
 # ----- limits: every one answered with a 4xx and a JSON error ------------------------------------------------

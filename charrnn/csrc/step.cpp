@@ -224,13 +224,17 @@ void sample_rows(const Tensor& logits_in, const std::vector<c10::optional<at::Ge
               "sample_rows: ids must be a contiguous int64 (B,) tensor");
   for (int64_t g = 0; g < G; ++g)
     TORCH_CHECK(starts[g] >= 0 && counts[g] > 0 && starts[g] + counts[g] <= B, "sample_rows: group rows out of range");
-  Tensor x = logits.clone();
-  for (int64_t g = 0; g < G;) {   // one division per run of adjacent groups at one temperature
-    int64_t end = g + 1;
-    while (end < G && temperatures[end] == temperatures[g] && starts[end] == starts[end - 1] + counts[end - 1]) ++end;
-    const int64_t rows = starts[end - 1] + counts[end - 1] - starts[g];
-    x.narrow(0, starts[g], rows).div_(temperatures[g]);
-    g = end;
+  Tensor x;
+  if (G == 1 && starts[0] == 0 && counts[0] == B) {   // one generator for every row (charrnn generate)
+    x = at::div(logits, temperatures[0]);
+  } else {
+    x = logits.clone();
+    for (int64_t g = 0; g < G;) {   // one division per run of adjacent groups at one temperature
+      int64_t end = g + 1;
+      while (end < G && temperatures[end] == temperatures[g] && starts[end] == starts[end - 1] + counts[end - 1]) ++end;
+      x.narrow(0, starts[g], starts[end - 1] + counts[end - 1] - starts[g]).div_(temperatures[g]);
+      g = end;
+    }
   }
   x.select(1, 0).fill_(-std::numeric_limits<float>::infinity());
   const Tensor cdf = at::softmax(x, -1).cumsum(-1);

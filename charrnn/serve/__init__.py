@@ -81,6 +81,7 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "bes
     ``host:port`` until interrupted (Ctrl-C or SIGTERM; requests in flight get ``shutdown_seconds`` to finish).
     ``api_key`` (or the first line of ``api_key_file``, or ``$CHARRNN_API_KEY``): see :mod:`charrnn.serve.auth`."""
     from ..api import load
+    from ..threads import leave_to_worker
 
     web = _web()
     from .auth import resolve_api_key
@@ -90,12 +91,13 @@ def serve(run, *, host: str = "127.0.0.1", port: int = 8000, weights: str = "bes
     check_port(port)   # before the run is loaded
     check_shutdown_seconds(shutdown_seconds)
     api_key = resolve_api_key(api_key, api_key_file)
+    threads = leave_to_worker()     # before loading: the engine's thread is the only one with a pool of threads
     lm = load(run, weights=weights, device=device, int8=int8)
     sock = bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"serving {run} ({lm.label}) on http://{shown}:{bound_port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    app = web.create_app(lm, limits, api_key=api_key, cors_origins=cors_origins)
+    app = web.create_app(lm, limits, api_key=api_key, cors_origins=cors_origins, threads=threads)
     server = GracefulServer(web.server_config(app, log_level=log_level), app.state.engine, shutdown_seconds)
     with sigterm_as_interrupt():
         server.run(sockets=[sock])

@@ -164,14 +164,15 @@ class _Endpoints:
 
 
 def create_app(lm, limits: Limits | None = None, *, api_key: str | None = None, cors_origins=(),
-               hop_seconds: float = 0.02) -> Starlette:
+               hop_seconds: float = 0.02, threads: int | None = None) -> Starlette:
     """The server for a model loaded by :func:`charrnn.load` (a run, or a Hugging Face model); ``api_key``: the
-    key ``/v1/`` requests must carry (auth.py); ``cors_origins``: the web origins allowed to call it."""
+    key ``/v1/`` requests must carry (auth.py); ``cors_origins``: the web origins allowed to call it; ``threads``:
+    the engine's intra-op threads (see :func:`charrnn.threads.leave_to_worker`)."""
     limits = (limits or Limits()).validate()
     if limits.prompt_cache_mb and lm.capabilities.prompt_cache:
         lm.sampler.prompt_cache = PromptCache(limits.prompt_cache_mb << 20)
     engine = Engine(lm.sampler, batch_requests=lm.capabilities.batchable, max_queue=limits.max_queue,
-                    max_batch=limits.max_batch, hop_seconds=hop_seconds)
+                    max_batch=limits.max_batch, hop_seconds=hop_seconds, threads=threads)
     engine.metrics = metrics = Metrics(engine)
     ep = _Endpoints(lm, limits, engine)
     oa = OpenAIEndpoints(lm, limits, engine)

@@ -81,6 +81,8 @@ class Job:
         self.updates: asyncio.Queue = asyncio.Queue()  # (new text, new records) per sample; None when finished
         self.done = asyncio.Event()
         self.decoding: Decoding | None = None     # set by the worker thread when the job is primed
+        self._held: tuple | None = None             # new text (and records) not yet sent to the stream
+        self._sent: float | None = None             # when the stream was last sent some
 
     @property
     def finish_reasons(self) -> list[str]:
@@ -98,16 +100,35 @@ class Job:
         if not self.done.is_set():
             self.cancelled = True
 
-    def _push(self, pieces: list[str], records: list[list[dict]]) -> None:
+    def _push(self, pieces: list[str], records: list[list[dict]], now: float = 0.0, every: float = 0.0) -> None:
+        """Add new text.  A streaming job sends it on when it is the first, or when at least half of ``every``
+        seconds have passed since the last it sent (hops are about ``every`` long; a short hop that admitted a
+        request adds to what the next one sends)."""
         self.texts = [t + p for t, p in zip(self.texts, pieces)]
         self.records = [a + b for a, b in zip(self.records, records)]
-        if self.streaming:
+        if not self.streaming:
+            return
+        if self._held is not None:
+            pieces, records = _joined(self._held, (pieces, records))
+        self._held = None
+        if self._sent is None or now - self._sent >= every / 2:
             self.updates.put_nowait((pieces, records))
+            self._sent = now
+        else:
+            self._held = pieces, records
 
     def _finish(self, error: str | None = None, status: int = 500) -> None:
+        if self._held is not None:
+            self.updates.put_nowait(self._held)
+            self._held = None
         self.error, self.error_status = error, status
         self.done.set()
         self.updates.put_nowait(None)
+
+
+def _joined(old: tuple, new: tuple) -> tuple:
+    """Two updates ``(texts, records)`` (one entry per sample) as one."""
+    return tuple([a + b for a, b in zip(x, y)] for x, y in zip(old, new))
 
 
 def _cat_states(states: list[list]) -> list:
@@ -191,16 +212,18 @@ class Engine:
 
     ``max_queue`` bounds the requests held at once (running and waiting): one more
     raises :class:`Busy`.  ``max_batch`` bounds the sample rows stepped together;
-    requests beyond it wait, first come first served.
+    requests beyond it wait, first come first served.  ``threads``: the intra-op threads of the worker thread
+    (by default PyTorch's; see :func:`charrnn.threads.leave_to_worker`).
     """
 
     def __init__(self, sampler: Sampler, *, batch_requests: bool = True, max_queue: int = 256, max_batch: int = 64,
-                 hop_seconds: float = 0.02):
+                 hop_seconds: float = 0.02, threads: int | None = None):
         self.sampler = sampler
         self.batch_requests = batch_requests
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.hop_seconds = hop_seconds
+        self.threads = threads
         self.waiting: list[Job] = []
         self.active: list[Job] = []
         # Counters for /healthz; peak_running is the most requests ever generated together in one batch.
@@ -288,10 +311,11 @@ class Engine:
                     job._finish(f"generation failed: {type(e).__name__}: {e}")
                 self.active = []
                 continue
+            now, every = time.monotonic(), self._period()
             for job, (pieces, records) in out.items():
                 if self.metrics is not None:
                     self.metrics.pushed(job, pieces)
-                job._push(pieces, records)
+                job._push(pieces, records, now, every)
                 self.stats["characters"] += sum(map(len, pieces))
             for job in [j for j in self.active if j.remaining == 0 and not j.cancelled]:
                 self.active.remove(job)
@@ -305,14 +329,18 @@ class Engine:
         """Prime ``new`` jobs, then step every job for about ``hop_seconds``; the new text (and log-probability
         records) of each job."""
         if self._threads is None:      # made here: it sets the threads of the thread that steps
-            self._threads = ThreadPolicy(on=self.sampler.device.type == "cpu")
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
+            # Not from the threads runnable now: a client is, the moment it has sent its request.
+            self._threads = ThreadPolicy(on=self.sampler.device.type == "cpu", runnable=None)
         going = [job for job in jobs if job.remaining > 0 and not job.cancelled]
         for rows in self._rows:
             rows.keep(set(going))
         self._rows = [rows for rows in self._rows if rows.jobs]
         for job in new:
             self._prime(job)
-        deadline = time.perf_counter() + self._hop_length(new)
+        # A hop that primed new requests ends after one step, so that their first characters go out at once.
+        deadline = time.perf_counter() + (0.0 if new else self._period())
         chosen = {rows: [] for rows in self._rows}
         budget = {rows: min(job.decoding.steps_left for job in rows.jobs) for rows in self._rows}
         while True:
@@ -330,13 +358,11 @@ class Engine:
                 job.remaining = 0 if job.decoding.done else job.decoding.steps_left
         return out
 
-    def _hop_length(self, new: list[Job]) -> float:
-        """0 after admitting requests (one step: their first characters go out at once); else ``hop_seconds``,
-        or the time that keeps the events at :data:`EVENTS_PER_S` when more rows run."""
-        if new:
-            return 0.0
-        rows = sum(job.num_samples for r in self._rows for job in r.jobs)
-        return max(self.hop_seconds, rows / EVENTS_PER_S)
+    def _period(self) -> float:
+        """How long a hop lasts, and how often a stream gets an event: ``hop_seconds``, or the time that keeps
+        the events at :data:`EVENTS_PER_S` when more rows run.  (Read from the worker thread too: ``active``
+        does not change while a hop runs.)"""
+        return max(self.hop_seconds, sum(job.num_samples for job in self.active) / EVENTS_PER_S)
 
     def _admissible(self) -> bool:
         """Whether a waiting request would be admitted now (read from the worker thread: the event loop only
