@@ -9,7 +9,8 @@ the p50 / p99 time between characters (a chunk's wait shared by its characters),
 process's CPU seconds per 1,000 characters (from ``/proc``; ``event_loop`` is its main thread's share,
 the rest the engine's worker and the threads of its matrix products) beside the raw sampler's
 (``Sampler.stream_ids`` at the same batch size, in this process before the server starts, in the same sitting); then the time to
-first character for a 2,000-character prompt read cold and from the prompt cache (medians of 5).
+first character of 20 requests one after another (median, min, max), and of a 2,000-character prompt read
+cold and from the prompt cache (medians of 5).
 
 Starts the real server (uvicorn, a free localhost port) on the default model (GRU 1024,
 embedding 256, vocabulary 66; random weights unless --run names a trained run), sends
@@ -103,6 +104,17 @@ async def stream_load(url, clients, length):
             "char_gap_ms_p50": ms(waits, 0.5, 2), "char_gap_ms_p99": ms(waits, 0.99, 2)}
 
 
+async def first_chars(url, requests: int = 20) -> dict:
+    """Time to first character of ``requests`` streamed requests sent one after another, each on a new
+    connection (as the load's are): median and spread."""
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        times = sorted([(await stream_one(client, {"prompt": "ROMEO:", "max_tokens": 20, "seed": i}))[0]
+                        for i in range(requests)])
+    return {"requests": requests, "first_char_ms_median": round(1000 * statistics.median(times), 2),
+            "first_char_ms_min": round(1000 * times[0], 2), "first_char_ms_max": round(1000 * times[-1], 2)}
+
+
 async def cache_first_char(url) -> dict:
     """Time to first character of a 2,000-character prompt, read cold and then from the prompt cache."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
@@ -185,6 +197,7 @@ def streamed(run: str, args, lm) -> dict:
                                "client_cpu_s_per_1000_chars": round(1000 * client_cpu / chars, 4),
                                "raw_sampler": raw, "share_of_raw": round(got["chars_per_s"] / raw["chars_per_s"], 3),
                                "cpu_vs_raw": round(per_1000 / raw["cpu_s_per_1000_chars"], 2)}
+        results["first_char_1_client"] = asyncio.run(first_chars(url))
         results["prompt_cache"] = asyncio.run(cache_first_char(url))
         return results
     finally:

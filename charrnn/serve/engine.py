@@ -321,6 +321,8 @@ class Engine:
                 self.active.remove(job)
                 self.stats["failed" if job.error else "completed"] += 1
                 job._finish(job.error, job.error_status)
+            if new:     # first characters: let their streams send them before the next hop takes the cores
+                await asyncio.sleep(0)
 
     # ----- worker-thread side ----------------------------------------------------------------------------
 
