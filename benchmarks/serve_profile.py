@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine  # noqa: E402
 from serve_load import random_run, stream_load, thread_cpu  # noqa: E402
 
+from charrnn.threads import INTERVAL_S  # noqa: E402
+
 # (component, thread, frame patterns): the first whose thread matches and one of whose patterns is in a
 # frame, looking from the innermost frame out.
 COMPONENTS = [
@@ -91,6 +93,7 @@ def main():
         try:
             url = re.search(r"http://[^/]+", server.stderr.readline()).group(0)
             asyncio.run(stream_load(url, 1, 20))  # warm-up
+            time.sleep(2 * INTERVAL_S)            # past the start's guess of the threads (serve_load.py)
             raw = os.path.join(tmp, "profile.txt")
             spy = subprocess.Popen(["py-spy", "record", "--pid", str(server.pid), "--threads", "--format", "raw",
                                     "--rate", "200", "--nonblocking", "--duration", str(args.seconds), "-o", raw],

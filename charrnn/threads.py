@@ -98,12 +98,11 @@ class ThreadPolicy:
     says, re-deciding at most every ``interval`` seconds: call :meth:`update` between the steps of a work loop,
     in the thread that runs them (OpenMP's thread count is per calling thread).  At most the number set when
     the policy was made; :meth:`restore` (or leaving ``with policy:``) puts that back.  ``on=False``: a policy
-    that changes nothing (GPU work).  ``runnable=None``: start at every thread, without the guess from the
-    threads runnable right now."""
+    that changes nothing (GPU work)."""
 
     def __init__(self, interval: float = INTERVAL_S, *, on: bool = True, clock: Callable[[], float] = time.monotonic,
                  sample: Callable[[], tuple[float, float] | None] = cpu_seconds,
-                 runnable: Callable[[], int | None] | None = runnable_others, cores: int | None = None):
+                 runnable: Callable[[], int | None] = runnable_others, cores: int | None = None):
         self.interval, self.clock, self.sample = interval, clock, sample
         self.most = torch.get_num_threads()
         self.cores = cores or os.cpu_count() or 1
@@ -111,7 +110,7 @@ class ThreadPolicy:
         self.enabled = on and self.most > 1 and "OMP_NUM_THREADS" not in os.environ and self.last is not None
         self.since = clock()
         self.threads = self.most
-        if self.enabled and runnable is not None:
+        if self.enabled:
             others = runnable()
             if others is not None:
                 self._use(threads_for(self.cores, others, self.most))

@@ -6,9 +6,10 @@ single worker thread, one *hop* at a time, while the event loop keeps accepting 
 streaming what is done.  Between hops the scheduler admits waiting requests, drops cancelled ones
 (a client that went away) and hands each job its new characters: one event per running row per hop.
 A hop lasts ``hop_seconds`` (20 ms), longer when more rows run, so that the events stay at about
-:data:`EVENTS_PER_S` a second (each costs the server and its client about as much as a step's
-share of a row: docs/serving.md); it ends early when a waiting request fits in the batch, and after
-one step when it admitted one, so a request's first character goes out at once.  A disconnected
+:data:`EVENTS_PER_S` a second (an event costs the server and its client more than a row's share of a
+step: docs/serving.md); it ends early when a waiting request fits in the batch (after
+:data:`ADMIT_AFTER_S`, so that a burst of requests joins together), and after one step when it
+admitted one, so a request's first character goes out at once.  A disconnected
 client stops costing anything within one step.
 
 All running requests advance together: their rows stay in one batch (:class:`_Rows`: the logits and the
@@ -44,6 +45,9 @@ from ..threads import ThreadPolicy
 log = logging.getLogger("charrnn.serve")
 # The events a second (one per running row per hop) past which hops grow longer than hop_seconds.
 EVENTS_PER_S = 800
+# How long a request arriving during a hop waits for it to end: requests that arrive together (a burst of
+# clients) join in one admitting hop, not one each.
+ADMIT_AFTER_S = 0.002
 
 
 class Busy(Exception):
@@ -232,7 +236,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._threads: ThreadPolicy | None = None     # the worker thread's (see _hop)
+        self._threads: ThreadPolicy | None = None     # the worker thread's (see _set_threads)
         self._rows: list[_Rows] = []                  # the worker thread's: the batches being stepped
 
     # ----- event-loop side -------------------------------------------------------------------------------
@@ -240,7 +244,17 @@ class Engine:
     async def start(self) -> None:
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="charrnn-generate")
+        # The worker's threads, decided now: before any client has connected, the threads runnable on the
+        # machine are other work's (once requests run, a client is runnable the moment it has sent one).
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._set_threads)
         self._task = asyncio.create_task(self._run(), name="charrnn-scheduler")
+
+    def _set_threads(self) -> None:
+        """(Worker thread) the intra-op threads it steps with, under a :class:`ThreadPolicy` that re-decides
+        them from CPU time between steps."""
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        self._threads = ThreadPolicy(on=self.sampler.device.type == "cpu")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -330,11 +344,6 @@ class Engine:
     def _hop(self, new: list[Job], jobs: list[Job]) -> dict[Job, tuple[list[str], list[list[dict]]]]:
         """Prime ``new`` jobs, then step every job for about ``hop_seconds``; the new text (and log-probability
         records) of each job."""
-        if self._threads is None:      # made here: it sets the threads of the thread that steps
-            if self.threads is not None:
-                torch.set_num_threads(self.threads)
-            # Not from the threads runnable now: a client is, the moment it has sent its request.
-            self._threads = ThreadPolicy(on=self.sampler.device.type == "cpu", runnable=None)
         going = [job for job in jobs if job.remaining > 0 and not job.cancelled]
         for rows in self._rows:
             rows.keep(set(going))
@@ -367,10 +376,10 @@ class Engine:
         return max(self.hop_seconds, sum(job.num_samples for job in self.active) / EVENTS_PER_S)
 
     def _admissible(self) -> bool:
-        """Whether a waiting request would be admitted now (read from the worker thread: the event loop only
-        appends to ``waiting`` while a hop runs)."""
+        """Whether the first waiting request has waited :data:`ADMIT_AFTER_S` and would be admitted now (read
+        from the worker thread: the event loop only appends to ``waiting`` while a hop runs)."""
         waiting = self.waiting
-        if not waiting:
+        if not waiting or time.monotonic() - waiting[0].submitted < ADMIT_AFTER_S:
             return False
         return sum(job.num_samples for job in self.active) + waiting[0].num_samples <= self.max_batch
 
