@@ -10,8 +10,8 @@ Workloads (each measured in a process of its own, as a user runs it):
   ``after_step`` hook; the first three left out).
 - ``sample1``, ``sample64``: the default model's sampler (random weights) at batch 1 / 64, ``--weights``; one
   long generation, timed every 100 steps; chars/s from the median 100 steps.
-- ``serve16``: ``benchmarks/serve_load.py --api completions --clients 16 --length 300`` (its server and its
-  clients), chars/s as it reports them.
+- ``serve16``: `charrnn serve` (the default model, random weights) and 16 clients streaming 300 characters each
+  from ``/v1/completions`` (serve_load.py's), round after round for ``--seconds``; chars/s of the median round.
 
 Prints one JSON object: per workload and weights, ``alone``, ``busy`` and ``twin`` chars/s (``twin``: the
 slower of the two), their shares of ``alone``; for step workloads ``three`` (the slowest of three equal
@@ -75,11 +75,19 @@ def _sample(seconds: float, batch: int, weights: str) -> dict:
     return {"chars_per_s": batch * chunk / statistics.median(steps), "steps": steps}
 
 
-def _serve(weights: str) -> dict:
-    cmd = [sys.executable, os.path.join(HERE, "serve_load.py"), "--api", "completions", "--clients", "16",
-           "--length", "300"] + (["--int8"] if weights == "int8" else [])
-    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    return {"chars_per_s": out["clients"]["16"]["chars_per_s"], "steps": []}
+def _serve(seconds: float, weights: str) -> dict:
+    """16 clients streaming 300 characters each from `charrnn serve`, again and again for ``seconds``: chars/s
+    of each round (so that twins overlap for most of their time)."""
+    import asyncio
+
+    from serve_load import random_run, served, stream_load
+
+    rates = []
+    with tempfile.TemporaryDirectory() as tmp, served(random_run(tmp), 16, weights == "int8") as (_, url):
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            rates.append(asyncio.run(stream_load(url, 16, 300))["chars_per_s"])
+    return {"chars_per_s": statistics.median(rates), "steps": []}
 
 
 def worker(args) -> None:
@@ -90,7 +98,7 @@ def worker(args) -> None:
     elif args.worker in ("sample1", "sample64"):
         result = _sample(args.seconds, int(args.worker[6:]), args.weights[0])
     else:
-        result = _serve(args.weights[0])
+        result = _serve(args.seconds, args.weights[0])
     print(json.dumps(result))
 
 

@@ -10,11 +10,9 @@ second: the cached encoding is memory-mapped), and prints each run's wall time a
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,7 +54,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
     corpus = os.path.join(args.dir, f"big-{args.size_mb}mb.txt")
-    t = time.perf_counter()
     build(corpus, args.size_mb << 20, args.source)
     home = os.path.join(args.dir, "home")
     # A small model and a small validation split: this measures the data path, not the model.

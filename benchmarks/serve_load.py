@@ -23,9 +23,12 @@ slowest request latency.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -169,25 +172,30 @@ def raw_sampler(lm, batch: int, length: int, repeats: int = 3) -> dict:
     return {"chars_per_s": round(statistics.median(rates)), "cpu_s_per_1000_chars": round(statistics.median(cpus), 4)}
 
 
-def streamed(run: str, args, lm) -> dict:
-    """The streaming figures, against `charrnn serve` in a process of its own: a client parsing thousands of
-    events in the server's process would take its interpreter lock from the generation loop."""
-    import re
-    import subprocess
-
-    # Before the server starts: its threads (still spinning after a run) would count as a competing process.
-    raws = {n: raw_sampler(lm, n, args.length) for n in args.clients}
+@contextlib.contextmanager
+def served(run: str, clients: int, int8: bool):
+    """`charrnn serve RUN` in a process of its own (a client parsing thousands of events in the server's process
+    would take its interpreter lock from the generation loop), warmed up and past its start: ``(process, url)``."""
     server = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", run, "--port", "0", "--log-level", "error",
-                               "--max-queue", str(max(args.clients) + 10), "--max-batch",
-                               str(max(64, max(args.clients)))] + (["--int8"] if args.int8 else []),
-                              stderr=subprocess.PIPE, text=True)
+                               "--max-queue", str(clients + 10), "--max-batch", str(max(64, clients))]
+                              + (["--int8"] if int8 else []), stderr=subprocess.PIPE, text=True)
     try:
-        line = server.stderr.readline()
-        url = re.search(r"http://[^/]+", line).group(0)
+        url = re.search(r"http://[^/]+", server.stderr.readline()).group(0)
         asyncio.run(stream_load(url, 1, 20))  # warm-up
         # A server runs for long: measure past its start, whose thread count is a guess from the threads runnable
         # then (this benchmark's warm-up client among them) until the engine's policy re-decides from CPU time.
         time.sleep(2 * INTERVAL_S)
+        yield server, url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def streamed(run: str, args, lm) -> dict:
+    """The streaming figures, against `charrnn serve` in a process of its own (:func:`served`)."""
+    # Before the server starts: its threads (still spinning after a run) would count as a competing process.
+    raws = {n: raw_sampler(lm, n, args.length) for n in args.clients}
+    with served(run, max(args.clients), args.int8) as (server, url):
         results = {}
         for n in args.clients:
             client_cpu = time.process_time()
@@ -204,9 +212,6 @@ def streamed(run: str, args, lm) -> dict:
         results["first_char_1_client"] = asyncio.run(first_chars(url))
         results["prompt_cache"] = asyncio.run(cache_first_char(url))
         return results
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def in_process(lm, args) -> dict:

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import collections
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,9 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine  # noqa: E402
-from serve_load import random_run, stream_load, thread_cpu  # noqa: E402
-
-from charrnn.threads import INTERVAL_S  # noqa: E402
+from serve_load import random_run, served, stream_load, thread_cpu  # noqa: E402
 
 # (component, thread, frame patterns): the first whose thread matches and one of whose patterns is in a
 # frame, looking from the innermost frame out.
@@ -86,14 +83,7 @@ def main():
         sys.exit("serve_profile.py needs py-spy: pip install py-spy")
     with tempfile.TemporaryDirectory() as tmp:
         run = random_run(tmp)
-        server = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", run, "--port", "0", "--log-level",
-                                   "error", "--max-queue", str(args.clients + 10), "--max-batch",
-                                   str(max(64, args.clients))] + (["--int8"] if args.int8 else []),
-                                  stderr=subprocess.PIPE, text=True)
-        try:
-            url = re.search(r"http://[^/]+", server.stderr.readline()).group(0)
-            asyncio.run(stream_load(url, 1, 20))  # warm-up
-            time.sleep(2 * INTERVAL_S)            # past the start's guess of the threads (serve_load.py)
+        with served(run, args.clients, args.int8) as (server, url):
             raw = os.path.join(tmp, "profile.txt")
             spy = subprocess.Popen(["py-spy", "record", "--pid", str(server.pid), "--threads", "--format", "raw",
                                     "--rate", "200", "--nonblocking", "--duration", str(args.seconds), "-o", raw],
@@ -105,9 +95,6 @@ def main():
             after = thread_cpu(server.pid)
             spy.wait()
             shares, samples = components(raw)
-        finally:
-            server.terminate()
-            server.wait(30)
     used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
     main_s = used.pop(server.pid, 0.0)
     # The worker is the busiest thread besides the main one; the rest are its OpenMP pool (and idle threads).
