@@ -2,10 +2,11 @@
 ``.onnx`` file (:class:`charrnn.runtime.ExportedModel`) and a Hugging Face model (:class:`charrnn.hf.PretrainedModel`).
 
 Every kind is a :class:`TextGenerator` and :class:`Described`, and declares what else it can do in its
-:class:`Capabilities` (the class attribute ``capabilities``, which an instance may narrow to what its reader can do).  The command line and the server read those flags; they never probe a model for a
-method.  A kind that generates with charrnn's own :class:`charrnn.sampling.Sampler` gives it a :class:`Reader`,
-the model-specific half (reading prompts, one step, ids back to text); the sampler does the rest (decoding
-options, stop texts, log-probabilities, beam search) the same way for every kind.
+:class:`Capabilities` (the class attribute ``capabilities``, which an instance may narrow to what its reader can
+do).  The command line and the server read those flags; they never probe a model for a method.  A kind that
+generates with charrnn's own :class:`charrnn.sampling.Sampler` gives it a :class:`Reader`, the model-specific half
+(reading prompts, one step, ids back to text); the sampler does the rest (decoding options, stop texts,
+log-probabilities, beam search) the same way for every kind.
 
 This module imports neither torch nor NumPy: the torch-free runtime implements it too.
 """
