@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, sources
 from .config import build_config
 from .corpus import load_corpus
 from .errors import CharRNNError, OptionError
@@ -58,6 +59,8 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
     from .training import Trainer
 
     out = Path(out)
+    if isinstance(options.get("init_from"), os.PathLike):
+        options = {**options, "init_from": os.fspath(options["init_from"])}
     with ExitStack() as held, distributed.session() as d:
         held.enter_context(ckpt.out_of_space_advice(out, corpus))   # outermost: it sees every write's failure
         loaded = []
@@ -69,10 +72,14 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
             if resume:
                 saved = ckpt.read_config(out)
                 values = dict(saved.get("training", {}))
+                sources.check_resume(values.get("init_from"), options.get("init_from"), out)
                 values.update({k: v for k, v in options.items() if v is not None})
                 cfg = build_config(None, **values)
             else:
                 cfg = build_config(preset, **options)
+                if cfg.init_from is not None:       # the source's architecture and tokenizer
+                    cfg = build_config(preset, **sources.options(options, sources.config(cfg.init_from),
+                                                                 cfg.init_from))
             d.check_batch(cfg.batch_size)
             loaded.append(load_corpus(corpus, lowercase=cfg.lowercase, newlines_to_spaces=cfg.newlines_to_spaces,
                                       progress=progress))

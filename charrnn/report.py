@@ -211,6 +211,7 @@ first character after {speed['first_char_ms']:.1f} ms.</p>
 <h2>Model</h2>{table(cfg.get('model', {}))}
 <p>{n_params:,} parameters:</p><pre>{e(lm.model.summary())}</pre>
 <h2>Corpus</h2>{table(cfg.get('corpus', {}))}
+{f"<h2>Started from</h2>{table(cfg['init'])}" if cfg.get('init') else ""}
 <h2>Training options</h2>{table(cfg.get('training', {}))}
 </body></html>
 """

@@ -75,12 +75,14 @@ def unknown(vocab, ids: np.ndarray, chars: int) -> tuple[int, int]:
 
 def split(corpus: EncodedCorpus, val_fraction: float, tokenizer: str = "char", size: int | None = None,
           vocab: TokenVocab | None = None, progress: bool = False) -> Splits:
-    """The corpus as ids of ``vocab`` (a run's own, on resume) or of a new ``tokenizer`` vocabulary of
-    ``size`` ids (--max-vocab; default: every word, or BPE_VOCAB subwords) learned from the training split
-    (``progress``: with the library's progress bars)."""
-    train, val = split_train_val(corpus.ids, val_fraction)
+    """The corpus as ids of ``vocab`` (a run's own, on resume, or the one it starts from) or of a new
+    ``tokenizer`` vocabulary of ``size`` ids (--max-vocab; default: every word, or BPE_VOCAB subwords) learned
+    from the training split (``progress``: with the library's progress bars)."""
     if tokenizer == "char":
-        return Splits(corpus.vocab, train, val, max(len(val) - 1, 0), len(train))
+        ids = corpus.ids if vocab is None or vocab.chars == corpus.vocab.chars else corpus.reencode(vocab)
+        train, val = split_train_val(ids, val_fraction)
+        return Splits(vocab or corpus.vocab, train, val, max(len(val) - 1, 0), len(train))
+    train, val = split_train_val(corpus.ids, val_fraction)
     cut = len(train)
     key = _key(corpus, tokenizer, size, val_fraction)
     if vocab is None:

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import ops
-from . import tokenized
+from . import sources, tokenized
 from .config import TrainConfig
 from .corpus import EncodedCorpus
 from .data import StreamBatches, WindowBatches
@@ -187,7 +187,12 @@ class Trainer:
         if dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by the session
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
-        saved_vocab = dist.on_rank0(lambda: resumed_vocab(self.run_dir, cfg)) if resume else None
+        source = sources.read(cfg.init_from) if cfg.init_from and not resume else None
+        self.init = source.describe() if source is not None else None     # config.json's "init" (resumed: its own)
+        if resume:
+            saved_vocab = dist.on_rank0(lambda: resumed_vocab(self.run_dir, cfg))
+        else:
+            saved_vocab = sources.vocabulary(source, corpus.vocab) if source is not None else None
         splits, self.batches = split_data(corpus, cfg, dist, saved_vocab, progress)
         self.vocab, self.train_ids, self.val_ids = splits.vocab, splits.train, splits.val
         self.val_chars, self.chars_per_token = splits.val_chars, splits.chars_per_token
@@ -203,7 +208,11 @@ class Trainer:
                          self.model_cfg.num_parameters(), self.device)
         check_samples(self)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = CharLM(self.model_cfg).to(self.device)
+        self.model = CharLM(self.model_cfg)
+        if source is not None:
+            sources.load_weights(self.model, source)
+            self._report_unknown(source, unk_tokens)
+        self.model = self.model.to(self.device)
         if dist.rank:  # dropout masks differ between the ranks, which see different rows
             torch.manual_seed(rank_seed(cfg.seed, dist.rank, 0))
         self.optimizer = make_optimizer(cfg, self.model)
@@ -220,7 +229,16 @@ class Trainer:
             dist.on_rank0(lambda: ckpt.start_run(self.run_dir, self._config_json(), self.vocab))
 
     def _config_json(self) -> dict:
-        return {"model": self.model_cfg.to_dict(), "corpus": self.corpus.describe(), "training": self.cfg.to_dict()}
+        init = {"init": self.init} if self.init else {}
+        return {"model": self.model_cfg.to_dict(), "corpus": self.corpus.describe(), "training": self.cfg.to_dict(),
+                **init}
+
+    def _report_unknown(self, source, unk: int) -> None:
+        """A word or BPE source reads the new corpus with its own tokenizer: say how much of it (``unk`` of the
+        training ids) is [UNK]."""
+        if self.vocab.kind != "char" or unk:
+            self.log(f"starting from {source.path}: {unk / max(len(self.train_ids), 1):.2%} of the training "
+                     f"tokens are [UNK] under its {self.vocab.kind} vocabulary")
 
     def _resume(self) -> None:
         # Rank 0 reads and checks the run directory and hands the trainer state to the other ranks,
@@ -235,6 +253,7 @@ class Trainer:
     def _open_run(self) -> dict:
         config, state = ckpt.open_for_resume(self.run_dir, self.vocab, self.model_cfg, self.cfg.batch_size,
                                              self.optimizer)
+        self.init = config.get("init")
         check_data_position(self.batches, state, self.run_dir, self.corpus.name)
         if config.get("corpus", {}).get("sha256") != self.corpus.sha256:
             kind = self.vocab.kind
@@ -388,7 +407,9 @@ def resumed_vocab(run_dir: Path, cfg: TrainConfig):
             raise OptionError(option, "is {value}, but the run in {run} was trained with {saved}; resume without "
                                       "changing it", value=getattr(cfg, option), run=run_dir,
                               saved=saved.get(option, default))
-    return None if cfg.tokenizer == "char" else load_vocab(run_dir / ckpt.VOCAB)
+    if cfg.tokenizer == "char" and not saved.get("init_from"):     # the corpus's, checked by open_for_resume
+        return None
+    return load_vocab(run_dir / ckpt.VOCAB)      # its own: a word or BPE one, or one grown from its source
 
 
 def unigram_proposal(ids: np.ndarray, vocab_size: int) -> torch.Tensor:
@@ -460,7 +481,7 @@ def describe(t: Trainer) -> str:
         f"{cfg.optimizer} lr {cfg.lr}, {t.batches.nominal_steps_per_epoch()} steps per epoch"
         + (f"; data-parallel over {t.dist.world} processes, {cfg.batch_size // t.dist.world} "
            "sequences each" if t.dist.active else ""),
-    ])
+    ] + ([f"started from {t.init['from']} ({t.init['weights']}, sha256 {t.init['sha256'][:12]})"] if t.init else []))
 
 
 class Clock:

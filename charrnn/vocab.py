@@ -1,4 +1,5 @@
-"""The character vocabulary: ``[UNK]`` at id 0, then the corpus's characters sorted.
+"""The character vocabulary: ``[UNK]`` at id 0, then the corpus's characters sorted (a run started from
+another run keeps that run's ids and appends the characters the new corpus adds: :meth:`Vocab.grown`).
 
 This is the TensorFlow tutorial's ``StringLookup(vocabulary=sorted(set(text)))``:
 66 ids on Tiny Shakespeare.  Encoding is vectorised with NumPy (code points and
@@ -39,8 +40,8 @@ class Vocab:
         if any(not isinstance(c, str) or len(c) != 1 for c in self.chars):
             raise CharRNNError("vocabulary entries must be single characters")
         codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
-        if len(codes) > 1 and not np.all(codes[1:] > codes[:-1]):
-            raise CharRNNError("vocabulary characters must be unique and sorted")
+        if len(np.unique(codes)) != len(codes):
+            raise CharRNNError("vocabulary characters must be unique")
         self._codes = codes
         self._table = None
 
@@ -51,6 +52,12 @@ class Vocab:
     @classmethod
     def from_text(cls, text: str) -> "Vocab":
         return cls.from_codepoints(codepoints(text))
+
+    def grown(self, chars) -> "Vocab":
+        """This vocabulary with the characters of ``chars`` it lacks appended (sorted): its ids keep their
+        meaning."""
+        have = set(self.chars)
+        return Vocab(self.chars + sorted(set(chars) - have))
 
     def __len__(self) -> int:
         """Number of ids, ``[UNK]`` included."""

@@ -44,6 +44,10 @@ PROBES = [
           "a list, through the library, `--min-p` (a run and an .onnx file), the runtime, `/v1/generate` and "
           "`/v1/completions`",
           "refused naming the option (one line, exit 2; 422; 400 with `param` `min_p`); 0, 1 and null honoured"),
+    Probe("init-from-hostile", "options", "`--init-from` as an empty path, a FIFO, an .onnx file, another model's "
+          "folder, a corpus file, a huge or missing path, a run with a damaged config, weights or vocabulary; a "
+          "number or a list in the library",
+          "refused in one line naming `--init-from` (exit 2; an OptionError), and the new run's folder not created"),
     # -- crash consistency and full disks (test_crash.py) --
     Probe("kill-9", "crashes and disks",
           "`kill -9` of `train --resume --checkpoint-every 1` at 30 seeded random moments, mid-write included",

@@ -1,0 +1,111 @@
+"""`charrnn train --init-from RUN`: a run that starts from another run's weights (charrnn/sources.py)."""
+
+import json
+
+import pytest
+import torch
+
+import charrnn
+from charrnn import checkpoint as ckpt
+from charrnn.errors import OptionError
+
+from .conftest import TINY_KW, cli, make_text
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny run trained on lowercase text without digits, and a corpus that adds upper case and digits."""
+    tmp = tmp_path_factory.mktemp("init-from")
+    base = tmp / "base.txt"
+    base.write_text(make_text(20_000).lower(), encoding="utf-8")
+    mine = tmp / "mine.txt"       # the base's sentences with their capitals, and a line of new characters between
+    mine.write_text("\nRoom 101, 42 QUIET ZEBRAS.\n".join(make_text(8_000, seed=3).split("\n")), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CHARRNN_HOME", str(tmp / "home"))
+        charrnn.train(str(base), tmp / "base", max_steps=30, progress=False, log=lambda m: None, **TINY_KW)
+    return tmp
+
+
+def _train(source, out, **kw):
+    kw = {"max_steps": 1, "precision": "fp32", "seq_len": 32, "batch_size": 16, "progress": False,
+          "log": lambda m: None, **kw}
+    return charrnn.train(str(source / "mine.txt"), out, init_from=str(source / "base"), **kw)
+
+
+def test_the_new_characters_are_appended_and_the_known_predictions_are_the_sources(source, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARRNN_HOME", str(tmp_path / "home"))
+    base = charrnn.load(source / "base")
+    out = tmp_path / "tuned"
+    _train(source, out, max_steps=1, lr=1e-12, sample_every=0)       # one step that changes nothing measurable
+    run = ckpt.load_run(out, weights="latest")
+    old = base.vocab.chars
+    assert run.vocab.chars[:len(old)] == old                          # the source's ids keep their meaning
+    added = run.vocab.chars[len(old):]
+    assert added == sorted(added) and {"Q", "Z", "1", "0"} <= set(added)
+    # At the start (the source's weights, grown), the logits of every known character are the source's.
+    fresh = charrnn.models.CharLM(run.model.config)
+    charrnn.sources.load_weights(fresh, charrnn.sources.read(source / "base"))
+    ids = torch.from_numpy(base.vocab.encode("the quick brown fox jumps over the lazy dog\n").astype("int64"))[None]
+    with torch.inference_mode():
+        theirs, _ = base.model(ids)
+        ours, _ = fresh(ids)
+    torch.testing.assert_close(ours[..., :len(base.vocab)], theirs, rtol=0, atol=1e-6)
+    # The new characters start as unlikely as the source's rarest one, and the architecture is the source's.
+    assert (fresh.head.weight[len(base.vocab):] == 0).all()
+    assert run.model.config.hidden == base.model.config.hidden == TINY_KW["hidden"]
+    cfg = json.loads((out / ckpt.CONFIG).read_text())
+    assert cfg["init"]["from"] == str(source / "base") and len(cfg["init"]["sha256"]) == 64
+    assert cfg["training"]["init_from"] == str(source / "base")
+
+
+def test_fine_tuning_learns_the_new_text_and_resumes_exactly(source, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARRNN_HOME", str(tmp_path / "home"))
+    still = _train(source, tmp_path / "still", max_steps=1, lr=1e-12, sample_every=0)     # the source, grown
+    tuned = _train(source, tmp_path / "tuned", max_steps=40, lr=3e-3, sample_every=0)
+    scratch = charrnn.train(str(source / "mine.txt"), tmp_path / "scratch", max_steps=40, lr=3e-3, sample_every=0,
+                            progress=False, log=lambda m: None, **TINY_KW)
+    assert tuned.last_val_loss < still.last_val_loss - 0.5             # it learned the new text
+    assert tuned.last_val_loss < scratch.last_val_loss                 # better than from random weights
+    # Resuming (with or without --init-from) goes on from the run's own checkpoint, its grown vocabulary included.
+    whole, out = tmp_path / "whole", tmp_path / "halves"
+    _train(source, whole, max_steps=12, sample_every=0)
+    _train(source, out, max_steps=6, sample_every=0)
+    resumed = charrnn.train(str(source / "mine.txt"), out, resume=True, max_steps=12, progress=False,
+                            log=lambda m: None)
+    again = charrnn.train(str(source / "mine.txt"), out, resume=True, max_steps=14, progress=False,
+                          log=lambda m: None, init_from=str(source / "base"))
+    assert resumed.step == 12 and again.step == 14
+    _train(source, whole, max_steps=14, sample_every=0, resume=True)
+    a, b = (ckpt.load_run(d, weights="latest").model.state_dict() for d in (whole, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / ckpt.CONFIG).read_text())["init"]["from"] == str(source / "base")
+
+
+def test_bad_sources_and_conflicts_are_one_line_and_write_nothing(source, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CHARRNN_HOME", str(tmp_path / "home"))
+    corpus = source / "mine.txt"
+    not_a_run = tmp_path / "folder"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("hello")
+    cases = [
+        (["--init-from", tmp_path / "missing"], "--init-from"),
+        (["--init-from", not_a_run], "--init-from"),
+        (["--init-from", corpus], "--init-from"),                                  # a file, not a run
+        (["--init-from", source / "base", "--hidden", "64"], "--hidden"),          # a shape conflict
+        (["--init-from", source / "base", "--arch", "lstm"], "--arch"),
+        (["--init-from", source / "base", "--tokenizer", "word"], "--tokenizer"),
+    ]
+    for i, (extra, named) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        code, _, err = cli(capsys, "train", corpus, "--out", out, "--max-steps", "1", *extra)
+        assert code == 2 and named in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert not out.exists(), extra
+    # --resume with another source: refused, the run untouched.
+    out = tmp_path / "tuned"
+    _train(source, out, max_steps=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, _, err = cli(capsys, "train", corpus, "--out", out, "--resume", "--init-from", not_a_run)
+    assert code == 2 and "--init-from" in err and "started from" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(OptionError, match="init_from"):
+        _train(source, tmp_path / "again", embed=8)                   # the API names the field
