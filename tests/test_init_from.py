@@ -109,3 +109,29 @@ def test_bad_sources_and_conflicts_are_one_line_and_write_nothing(source, tmp_pa
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(OptionError, match="init_from"):
         _train(source, tmp_path / "again", embed=8)                   # the API names the field
+
+
+def test_a_grown_vocabulary_generates_exports_and_evaluates_as_trained(source, tmp_path, monkeypatch):
+    """The grown vocabulary (not sorted) through generate, the ONNX export and its runtime, and eval."""
+    from charrnn import runtime
+    from charrnn.export import export_onnx
+
+    monkeypatch.setenv("CHARRNN_HOME", str(tmp_path / "home"))
+    result = _train(source, tmp_path / "tuned", max_steps=20, lr=3e-3, sample_every=0)
+    lm = charrnn.load(tmp_path / "tuned")
+    assert lm.vocab.chars != sorted(lm.vocab.chars)
+    assert lm.evaluate()["loss"] == pytest.approx(result.best_val_loss, rel=1e-6)
+    exported = runtime.load(export_onnx(tmp_path / "tuned", tmp_path / "m.onnx").path)
+    assert exported.generate("Room 1", 80, temperature=0) == lm.generate("Room 1", 80, temperature=0)
+
+
+def test_a_word_source_keeps_its_tokenizer_and_says_how_much_is_unknown(source, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARRNN_HOME", str(tmp_path / "home"))
+    q = dict(progress=False, log=lambda m: None, sample_every=0)
+    charrnn.train(str(source / "base.txt"), tmp_path / "words", tokenizer="word", max_steps=2, **q, **TINY_KW)
+    said = []
+    charrnn.train(str(source / "mine.txt"), tmp_path / "tuned", init_from=str(tmp_path / "words"), max_steps=2,
+                  progress=False, log=said.append, sample_every=0, seq_len=16, batch_size=8)
+    base, tuned = (ckpt.load_run(d, weights="latest") for d in (tmp_path / "words", tmp_path / "tuned"))
+    assert tuned.vocab.kind == "word" and tuned.vocab.to_json() == base.vocab.to_json()
+    assert any("[UNK] under its word vocabulary" in line for line in said)     # capitals, digits: unknown words
