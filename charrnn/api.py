@@ -78,6 +78,7 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
             else:
                 cfg = build_config(preset, **options)
                 if cfg.init_from is not None:       # the source's architecture and tokenizer
+                    sources.check_not_replaced(cfg.init_from, out)
                     cfg = build_config(preset, **sources.options(options, sources.config(cfg.init_from),
                                                                  cfg.init_from))
             d.check_batch(cfg.batch_size)

@@ -92,6 +92,13 @@ def options(given: dict, source_config: dict, path) -> dict:
     return out
 
 
+def check_not_replaced(source, out) -> None:
+    """A new run may not be written where its source is (``--force`` would delete the source)."""
+    if Path(source).resolve() == Path(out).resolve():
+        raise OptionError("init_from", "is {path}, the run {out} would replace; give the new run another {out}",
+                          path=out)
+
+
 def check_resume(saved: str | None, given: str | None, run) -> None:
     """A resumed run goes on from its own checkpoint: ``--init-from`` may be left out or repeated, not changed."""
     if given is not None and (saved is None or Path(given).resolve() != Path(saved).resolve()):

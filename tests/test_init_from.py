@@ -109,6 +109,11 @@ def test_bad_sources_and_conflicts_are_one_line_and_write_nothing(source, tmp_pa
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(OptionError, match="init_from"):
         _train(source, tmp_path / "again", embed=8)                   # the API names the field
+    # --force over the source itself would delete it: refused, the source untouched.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, _, err = cli(capsys, "train", corpus, "--out", out, "--force", "--init-from", out)
+    assert code == 2 and "--init-from" in err and "--out" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def test_a_grown_vocabulary_generates_exports_and_evaluates_as_trained(source, tmp_path, monkeypatch):
