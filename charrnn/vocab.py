@@ -33,15 +33,21 @@ class Vocab:
     kind: ClassVar[str] = "char"
     banned: ClassVar[tuple] = ()     # ids never generated besides [UNK] (none: every character is the corpus's)
     chars: list[str]
-    _codes: np.ndarray = field(init=False, repr=False)
-    _table: np.ndarray | None = field(init=False, repr=False, default=None)
+    # Where each block of characters appended by grown() starts (an index into chars); each block is sorted.
+    blocks: list[int] = field(default_factory=list)
+    _codes: np.ndarray = field(init=False, repr=False, compare=False)
+    _table: np.ndarray | None = field(init=False, repr=False, default=None, compare=False)
 
     def __post_init__(self) -> None:
         if any(not isinstance(c, str) or len(c) != 1 for c in self.chars):
             raise CharRNNError("vocabulary entries must be single characters")
         codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)
-        if len(np.unique(codes)) != len(codes):
-            raise CharRNNError("vocabulary characters must be unique")
+        bounds = [0, *self.blocks, len(codes)]
+        if any(not isinstance(b, int) or not 0 < b < len(codes) for b in self.blocks) or bounds != sorted(bounds):
+            raise CharRNNError("vocabulary blocks must be increasing positions inside its characters")
+        if len(np.unique(codes)) != len(codes) or any(np.any(np.diff(codes[a:b].astype(np.int64)) <= 0)
+                                                      for a, b in zip(bounds, bounds[1:])):
+            raise CharRNNError("vocabulary characters must be unique and sorted (in each block of appended ones)")
         self._codes = codes
         self._table = None
 
@@ -54,10 +60,10 @@ class Vocab:
         return cls.from_codepoints(codepoints(text))
 
     def grown(self, chars) -> "Vocab":
-        """This vocabulary with the characters of ``chars`` it lacks appended (sorted): its ids keep their
+        """This vocabulary with the characters of ``chars`` it lacks appended as a sorted block: its ids keep their
         meaning."""
-        have = set(self.chars)
-        return Vocab(self.chars + sorted(set(chars) - have))
+        new = sorted(set(chars) - set(self.chars))
+        return Vocab(self.chars + new, self.blocks + [len(self.chars)]) if new else self
 
     def __len__(self) -> int:
         """Number of ids, ``[UNK]`` included."""
@@ -122,7 +128,8 @@ class Vocab:
         return self.chars[i - 1] if i > 0 else UNK
 
     def to_json(self) -> dict:
-        return {"unk": UNK, "unk_id": UNK_ID, "chars": "".join(self.chars)}
+        blocks = {"blocks": self.blocks} if self.blocks else {}
+        return {"unk": UNK, "unk_id": UNK_ID, "chars": "".join(self.chars), **blocks}
 
     @classmethod
     def from_json(cls, obj) -> "Vocab":
@@ -132,7 +139,10 @@ class Vocab:
             raise CharRNNError("it has no \"chars\" string")
         if obj.get("unk_id", UNK_ID) != UNK_ID:
             raise CharRNNError(f"its [UNK] id is {obj.get('unk_id')!r}, this charrnn reads {UNK_ID}")
-        return cls(list(chars))
+        blocks = obj.get("blocks", [])
+        if not isinstance(blocks, list):
+            raise CharRNNError("its \"blocks\" is not a list")
+        return cls(list(chars), blocks)
 
     def save(self, path) -> None:
         from .fileio import atomic_write_text

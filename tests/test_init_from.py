@@ -140,3 +140,20 @@ def test_a_word_source_keeps_its_tokenizer_and_says_how_much_is_unknown(source, 
     base, tuned = (ckpt.load_run(d, weights="latest") for d in (tmp_path / "words", tmp_path / "tuned"))
     assert tuned.vocab.kind == "word" and tuned.vocab.to_json() == base.vocab.to_json()
     assert any("[UNK] under its word vocabulary" in line for line in said)     # capitals, digits: unknown words
+
+
+def test_a_grown_vocabulary_records_its_blocks():
+    """Each growth appends a sorted block; vocab.json lists where the blocks start, so that a vocabulary in any
+    other order (a damaged or foreign file) is still refused."""
+    from charrnn.errors import CharRNNError
+    from charrnn.vocab import Vocab
+
+    v = Vocab(list("abc")).grown("xbA").grown("a1")
+    assert v.chars == list("abcAx1") and v.blocks == [3, 5]
+    assert Vocab.from_json(json.loads(json.dumps(v.to_json()))) == v
+    assert list(v.encode("xA1a")) == [5, 4, 6, 1] and v.decode([5, 4, 6, 1]) == "xA1a"
+    assert Vocab(list("abc")).grown("cab") == Vocab(list("abc"))         # nothing new: the same vocabulary
+    for bad in ({"chars": "cba"}, {"chars": "abcxA", "blocks": [3]}, {"chars": "abcx", "blocks": [9]},
+                {"chars": "abcx", "blocks": "3"}, {"chars": "abca", "blocks": [3]}):
+        with pytest.raises(CharRNNError):
+            Vocab.from_json(bad)
