@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import distributed, sources
+from . import distributed, shipped, sources
 from .config import build_config
 from .corpus import load_corpus
 from .errors import CharRNNError, OptionError
@@ -78,7 +78,7 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
             else:
                 cfg = build_config(preset, **options)
                 if cfg.init_from is not None:       # the source's architecture and tokenizer
-                    sources.check_not_replaced(cfg.init_from, out)
+                    sources.check_not_replaced(shipped.resolve(cfg.init_from), out)
                     cfg = build_config(preset, **sources.options(options, sources.config(cfg.init_from),
                                                                  cfg.init_from))
             d.check_batch(cfg.batch_size)
@@ -190,6 +190,7 @@ def load(model: str | Path, *, weights: str = "best", device: str = "cpu", int8:
     from . import hf
 
     dev = resolve_device(device)
+    model = shipped.resolve(model)          # charrnn's own shipped models by name (base-en)
     if hf.is_pretrained(model):
         extra = [name for name, given in (("weights", weights != "best"), ("int8", int8)) if given]
         if extra:

@@ -364,6 +364,26 @@ def cmd_corpora(args) -> int:
     return 0
 
 
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list the models shipped with charrnn (generate, eval, serve and --init-from "
+                                      "take their names)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args) -> int:
+    from .shipped import listing
+
+    rows = listing()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['name']}: {r['description']}")
+        print(f"  card: {r['card']}" if r["available"] else "  not in this installation")
+    return 0
+
+
 def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="draw training and validation loss of one or more runs into a PNG")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (overlaid, with a legend)")
@@ -470,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_export(sub)
     _add_corpora(sub)
+    _add_models(sub)
     _add_plot(sub)
     _add_report(sub)
     _add_serve(sub)

@@ -240,9 +240,10 @@ class TrainConfig:
     sample_length: int = _samples(200, "characters per sample", check=POSITIVE_INT)
     sample_prompt: str | None = _samples(None, "text the samples continue",
                                          default_text="the first 40 characters of the validation text")
-    init_from: str | None = _training(None, "start from a trained charrnn run (its directory): its architecture, "
-                                             "tokenizer and weights; characters the corpus adds are appended to its "
-                                             "vocabulary", metavar="RUN",
+    init_from: str | None = _training(None, "start from a trained charrnn run (its directory) or a shipped model "
+                                             "(charrnn models: base-en): its architecture, tokenizer and weights; "
+                                             "characters the corpus adds are appended to its vocabulary",
+                                      metavar="RUN",
                                      check=(lambda v: isinstance(v, str), "must be the path of a run directory"))
     # reproducibility and hardware
     seed: int = _hardware(0, "random seed", check=SEED)

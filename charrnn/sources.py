@@ -1,5 +1,6 @@
 """Where a run starts from: ``charrnn train CORPUS --out DIR --init-from RUN`` (and ``charrnn.train(...,
-init_from=RUN)``) fine-tunes a trained charrnn run on new text instead of starting from random weights.
+init_from=RUN)``) fine-tunes a trained charrnn run, or a model shipped with charrnn (:mod:`charrnn.shipped`:
+``base-en``), on new text instead of starting from random weights.
 
 The new run takes the source's architecture (an option that conflicts with it is refused, naming the
 option), its tokenizer and its vocabulary: the source's ids keep their meaning, and for a character run
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import shipped
 from .config import MODEL_OPTIONS
 from .errors import CharRNNError, OptionError
 from .models import CharLM
@@ -41,6 +43,7 @@ class Source:
     the weights file."""
 
     path: Path
+    name: str | None      # a shipped model's name (base-en), None for a run directory
     config: dict
     vocab: object
     model: CharLM
@@ -49,14 +52,16 @@ class Source:
 
     def describe(self) -> dict:
         """What ``config.json`` records under ``init``."""
-        return {"from": str(self.path.resolve()), "kind": "run", "weights": self.weights, "sha256": self.sha256}
+        where = ({"from": self.name, "kind": "shipped"} if self.name else
+                 {"from": str(self.path.resolve()), "kind": "run"})
+        return {**where, "weights": self.weights, "sha256": self.sha256}
 
 
 def config(path) -> dict:
     """The config.json of the run at ``path``; a one-line :class:`OptionError` naming ``--init-from`` when
     ``path`` is not a run."""
     try:
-        return ckpt.read_config(path)
+        return ckpt.read_config(shipped.resolve(path))
     except CharRNNError as e:
         raise OptionError("init_from", "{path}: {why}", path=path, why=str(e)) from None
     except OSError as e:            # e.g. a name too long for the file system
@@ -66,12 +71,14 @@ def config(path) -> dict:
 def read(path) -> Source:
     """The run at ``path`` with its best weights (:func:`config` says why not)."""
     config(path)
+    where = Path(shipped.resolve(path))
     try:
-        loaded = ckpt.load_run(path)
+        loaded = ckpt.load_run(where)
     except CharRNNError as e:
         raise OptionError("init_from", "{path}: {why}", path=path, why=str(e)) from None
-    digest = hashlib.sha256((Path(path) / loaded.weights).read_bytes()).hexdigest()
-    return Source(Path(path), loaded.config, loaded.vocab, loaded.model, loaded.weights, digest)
+    digest = hashlib.sha256((where / loaded.weights).read_bytes()).hexdigest()
+    name = path if shipped.path(path) is not None else None
+    return Source(where, name, loaded.config, loaded.vocab, loaded.model, loaded.weights, digest)
 
 
 def options(given: dict, source_config: dict, path) -> dict:

@@ -157,3 +157,33 @@ def test_a_grown_vocabulary_records_its_blocks():
                 {"chars": "abcx", "blocks": "3"}, {"chars": "abca", "blocks": [3]}):
         with pytest.raises(CharRNNError):
             Vocab.from_json(bad)
+
+
+@pytest.fixture
+def fake_shipped(source, tmp_path, monkeypatch):
+    """A shipped model folder holding the tiny source run (the real base-en is tested in test_base_model.py)."""
+    from charrnn import shipped
+
+    folder = tmp_path / "base_models"
+    (folder / "en").mkdir(parents=True)
+    for name in (ckpt.CONFIG, ckpt.VOCAB, ckpt.LATEST):
+        (folder / "en" / name).write_bytes((source / "base" / name).read_bytes())
+    monkeypatch.setattr(shipped, "FOLDER", folder)
+    monkeypatch.chdir(tmp_path)
+    return folder / "en"
+
+
+def test_a_shipped_model_is_taken_by_name(fake_shipped, source, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CHARRNN_HOME", str(tmp_path / "home"))
+    lm = charrnn.load("base-en")
+    assert lm.generate("the ", 30, seed=1) == charrnn.load(source / "base", weights="latest").generate("the ", 30,
+                                                                                                       seed=1)
+    result = charrnn.train(str(source / "mine.txt"), tmp_path / "tuned", init_from="base-en", max_steps=1,
+                           progress=False, log=lambda m: None, sample_every=0)
+    init = json.loads((tmp_path / "tuned" / ckpt.CONFIG).read_text())["init"]
+    assert result.step == 1 and init["from"] == "base-en" and init["kind"] == "shipped"
+    code, out, _ = cli(capsys, "models")
+    assert code == 0 and "base-en:" in out and str(fake_shipped / "CARD.md") in out
+    (tmp_path / "base-en").mkdir()                                  # the user's own folder of that name wins
+    with pytest.raises(charrnn.errors.CharRNNError, match="base-en"):
+        charrnn.load("base-en")
