@@ -262,7 +262,8 @@ class BatchChoice:
         for d in decodings:
             (self.fused if d.fused else self.others).append((d, self.rows, len(d.finish)))
             self.rows += len(d.finish)
-        self._groups = ([d.generator for d, _, _ in self.fused], [float(d.params.temperature) for d, _, _ in self.fused],
+        self._groups = ([d.generator for d, _, _ in self.fused],
+                        [float(d.params.temperature) for d, _, _ in self.fused],
                         [s for _, s, _ in self.fused], [n for _, _, n in self.fused])
         self.failed: list[tuple[Decoding, Exception]] = []
 

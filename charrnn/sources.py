@@ -87,7 +87,8 @@ def options(given: dict, source_config: dict, path) -> dict:
     model, training = source_config["model"], source_config.get("training", {})
     out = dict(given)
     for name in ARCHITECTURE + TOKENIZER_OPTIONS:
-        theirs = model.get(name) if name in MODEL_OPTIONS else training.get(name, "char" if name == "tokenizer" else None)
+        default = "char" if name == "tokenizer" else None
+        theirs = model.get(name) if name in MODEL_OPTIONS else training.get(name, default)
         if given.get(name) is not None and given[name] != theirs:
             raise OptionError(name, "{" + name + "} is {value}, but the run {source} you start from has {theirs}; "
                                     "leave it out: a run started with {init_from} takes its source's",

@@ -85,32 +85,36 @@ def package(args) -> None:
 def card(run: Path, loaded, full: dict, fp16: dict, use_fp16: bool, args) -> None:
     metrics = [json.loads(line) for line in (run / ckpt.METRICS).read_text().splitlines()]
     steps = max((m.get("step", 0) for m in metrics), default=0)
+    minutes = max((m.get("time", 0) for m in metrics), default=0) / 60
     size = (OUT / ckpt.LATEST).stat().st_size
+    kind = "fp16" if use_fp16 else "fp32"
     stored = fp16 if use_fp16 else full
     rows = "\n".join(f"| {name} | {full[name]:.4f} | {fp16[name]:.4f} |" for name in TEXTS)
+    model = loaded.model
     text = f"""# base-en: charrnn's English base character model
 
 `charrnn train MY.txt --out DIR --init-from base-en` fine-tunes it on your text; `charrnn generate base-en`
 samples from it.
 
-- **Model**: GRU, {MODEL['layers']} layer of {MODEL['hidden']} units, embedding {MODEL['embed']}, {loaded.model.num_parameters():,}
-  parameters, {len(loaded.vocab)} ids (the characters of its text and `[UNK]`); weights stored in
-  {'fp16' if use_fp16 else 'fp32'} ({size / 1e6:.1f} MB).
+- **Model**: GRU, {MODEL['layers']} layer of {MODEL['hidden']} units, embedding {MODEL['embed']}:
+  {model.num_parameters():,} parameters, {len(loaded.vocab)} ids (the characters of its text and `[UNK]`).
+  Weights stored in {kind} ({size / 1e6:.1f} MB).
 - **Data**: the first 90% of Tiny Shakespeare, Nietzsche's *Beyond Good and Evil* (Helen Zimmern's
   translation) and Tolstoy's *War and Peace* (the Maudes' translation), public domain (Project
   Gutenberg), concatenated. The last 10% of each was never trained on.
-- **Training**: {steps:,} steps, `{json.dumps({**MODEL, **TRAINING})}`, {args.minutes if hasattr(args, 'minutes') else ''}
-  on a 2-core CPU. Made by `python tools/make_base_model.py train` and `package`.
-- **Licence**: the weights are released with charrnn, under its licence; the texts are in the public domain.
+- **Training**: {steps:,} steps in {minutes:.0f} minutes on a 2-core CPU, `{json.dumps({**MODEL, **TRAINING})}`.
+  Made by `python tools/make_base_model.py train` and `package`.
+- **Licence**: the texts are in the public domain; the weights are released with charrnn, under its MIT
+  licence.
 
-Bits per character on each text's held-out last 10% (`charrnn eval base-en --corpus NAME --val-fraction 0.1`
-prints the stored weights' figure):
+Bits per character on each text's held-out last 10% (`charrnn eval base-en --corpus shakespeare
+--val-fraction 0.1`; `nietzsche`, or War and Peace's file, for the others):
 
 | text | fp32 | fp16 |
 |---|---|---|
 {rows}
 
-The stored weights are the {'fp16' if use_fp16 else 'fp32'} ones: {', '.join(f'{k} {v:.4f}' for k, v in stored.items())}.
+The stored weights are the {kind} ones: {', '.join(f'{k} {v:.4f}' for k, v in stored.items())}.
 """
     (OUT / "CARD.md").write_text(text, encoding="utf-8")
 
