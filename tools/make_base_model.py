@@ -50,10 +50,16 @@ def train(args) -> None:
 
 
 def evaluate(run: Path, data: str) -> dict[str, float]:
-    """Bits per character on each text's held-out last 10% (the file, as ``charrnn eval --corpus FILE``)."""
+    """Bits per character on each text's held-out last 10%, read as training read it (newlines as LF: War and Peace's
+    file has CRLF); for a file with LF alone, what ``charrnn eval --corpus FILE --val-fraction 0.1`` prints."""
     lm = charrnn.load(run)
-    return {name: round(lm.evaluate(str(Path(data) / file), val_fraction=HELD_OUT)["bpc"], 4)
-            for name, file in TEXTS.items()}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, file in TEXTS.items():
+            text = Path(tmp) / file
+            text.write_text((Path(data) / file).read_text(encoding="utf-8"), encoding="utf-8")
+            out[name] = round(lm.evaluate(str(text), val_fraction=HELD_OUT)["bpc"], 4)
+    return out
 
 
 def package(args) -> None:
@@ -101,14 +107,14 @@ samples from it.
   Weights stored in {kind} ({size / 1e6:.1f} MB).
 - **Data**: the first 90% of Tiny Shakespeare, Nietzsche's *Beyond Good and Evil* (Helen Zimmern's
   translation) and Tolstoy's *War and Peace* (the Maudes' translation), public domain (Project
-  Gutenberg), concatenated. The last 10% of each was never trained on.
+  Gutenberg), newlines as `\\n`, concatenated. The last 10% of each was never trained on.
 - **Training**: {steps:,} steps in {minutes:.0f} minutes on a 2-core CPU, `{json.dumps({**MODEL, **TRAINING})}`.
   Made by `python tools/make_base_model.py train` and `package`.
 - **Licence**: the texts are in the public domain; the weights are released with charrnn, under its MIT
   licence.
 
 Bits per character on each text's held-out last 10% (`charrnn eval base-en --corpus shakespeare
---val-fraction 0.1`; `nietzsche`, or War and Peace's file, for the others):
+--val-fraction 0.1`, and `nietzsche`; War and Peace's file with its `\\r\\n` turned into `\\n`):
 
 | text | fp32 | fp16 |
 |---|---|---|
