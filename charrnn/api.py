@@ -56,8 +56,6 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
     arguments and they train one model data-parallel (see :mod:`charrnn.distributed`); only
     rank 0 reads and writes ``out`` and prints.
     """
-    from .training import Trainer
-
     out = Path(out)
     if isinstance(options.get("init_from"), os.PathLike):
         options = {**options, "init_from": os.fspath(options["init_from"])}
@@ -79,8 +77,7 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
                 cfg = build_config(preset, **options)
                 if cfg.init_from is not None:       # the source's architecture and tokenizer
                     sources.check_not_replaced(shipped.resolve(cfg.init_from), out)
-                    cfg = build_config(preset, **sources.options(options, sources.config(cfg.init_from),
-                                                                 cfg.init_from))
+                    cfg = build_config(preset, **_source_options(options, cfg.init_from))
             d.check_batch(cfg.batch_size)
             loaded.append(load_corpus(corpus, lowercase=cfg.lowercase, newlines_to_spaces=cfg.newlines_to_spaces,
                                       progress=progress))
@@ -92,11 +89,43 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
         # The other ranks load the corpus after rank 0 has encoded it: on its machine they find it cached.
         data = loaded[0] if loaded else load_corpus(corpus, lowercase=cfg.lowercase,
                                                     newlines_to_spaces=cfg.newlines_to_spaces, progress=False)
-        trainer = Trainer(data, cfg, out, resume=resume, progress=progress and d.main,
+        trainer = _trainer_class(cfg)(data, cfg, out, resume=resume, progress=progress and d.main,
                           log=log if d.main else (lambda msg: None), dist=d)
         for event, fn in (hooks or {}).items():
             trainer.add_hook(event, fn)
         return trainer.fit()
+
+
+def _pretrained_source(cfg) -> bool:
+    from . import hf
+
+    return cfg.init_from is not None and hf.is_pretrained(shipped.resolve(cfg.init_from))
+
+
+def _source_options(options: dict, source: str) -> dict:
+    """The options of a run that starts from ``source``, with its architecture (a charrnn run's) or checked to
+    leave the architecture to it (a Hugging Face model's)."""
+    from . import hf
+
+    if hf.is_pretrained(shipped.resolve(source)):
+        from .hf_training import options as pretrained_options
+
+        return pretrained_options(options, source)
+    if options.get("lora") is not None:
+        raise OptionError("lora", "trains adapters on a Hugging Face model, but {init_from} {source} is a charrnn "
+                                  "run; drop {lora}", source=source)
+    return sources.options(options, sources.config(source), source)
+
+
+def _trainer_class(cfg):
+    """The trainer of the run's kind of model: charrnn's own, or a Hugging Face model it starts from."""
+    if _pretrained_source(cfg):
+        from .hf_training import HFTrainer
+
+        return HFTrainer
+    from .training import Trainer
+
+    return Trainer
 
 
 class LanguageModel(Generator):
@@ -191,10 +220,11 @@ def load(model: str | Path, *, weights: str = "best", device: str = "cpu", int8:
 
     dev = resolve_device(device)
     model = shipped.resolve(model)          # charrnn's own shipped models by name (base-en)
-    if hf.is_pretrained(model):
+    fine_tuned = ckpt.is_hf_run(model)
+    if fine_tuned or hf.is_pretrained(model):
         extra = [name for name, given in (("weights", weights != "best"), ("int8", int8)) if given]
         if extra:
-            raise OptionError(extra[0], "applies only to charrnn runs; a Hugging Face model has one set of float "
-                                        "weights: drop it")
-        return hf.load(model, device=dev)
+            raise OptionError(extra[0], "applies only to charrnn's own models; a Hugging Face model has one set of "
+                                        "float weights: drop it")
+        return hf.load_run(model, device=dev) if fine_tuned else hf.load(model, device=dev)
     return LanguageModel(ckpt.load_run(model, weights=weights, device=dev), dev, int8=int8)

@@ -52,11 +52,28 @@ SAMPLES = "samples"
 RUN_FILES = (CONFIG, VOCAB, TOKENIZER_FILE, LATEST, BEST, STATE, METRICS)
 METRIC_NUMBERS = ("step", "epoch", "time", "loss", "bpc", "val_loss", "val_bpc", "val_unk_share", "epoch_loss", "lr",
                   "chars_per_s")
+HF_FOLDER = "hf"       # a run fine-tuned from a Hugging Face model: its model, as transformers loads it
+HF_KIND = "huggingface"     # such a run's config.json "model" "kind"
 LOCK = ".lock"         # held by the one process that trains into the directory (see writer_lock)
 
 
 def is_run_dir(path) -> bool:
     return (Path(path) / CONFIG).is_file()
+
+
+def is_hf_run(path) -> bool:
+    """Whether ``path`` holds a run fine-tuned from a Hugging Face model (read leniently: a damaged run is
+    :func:`read_config`'s to report)."""
+    try:
+        cfg = json.loads((Path(path) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(cfg, dict) and "format_version" in cfg and is_hf_config(cfg)
+
+
+def is_hf_config(cfg: dict) -> bool:
+    """Whether a run's config.json is that of a run fine-tuned from a Hugging Face model (charrnn.hf_training)."""
+    return isinstance(cfg.get("model"), dict) and cfg["model"].get("kind") == HF_KIND
 
 
 def _refuse_a_file(path: Path) -> None:
@@ -155,7 +172,8 @@ def _clear_run_dir(path: Path) -> None:
     if path.is_dir():
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
-        shutil.rmtree(path / SAMPLES, ignore_errors=True)
+        for folder in (SAMPLES, HF_FOLDER):
+            shutil.rmtree(path / folder, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
 
 
@@ -205,7 +223,7 @@ def read_config(path) -> dict:
     problem = _config_problem(cfg)
     if problem:
         raise damaged(cfg_path, problem)
-    if not (path / VOCAB).is_file():
+    if not is_hf_config(cfg) and not (path / VOCAB).is_file():
         raise CharRNNError(f"run directory {path} is incomplete (no {VOCAB}); train it again")
     return cfg
 
@@ -220,7 +238,8 @@ def _config_problem(cfg: dict) -> str | None:
     if not isinstance(cfg.get("corpus", {}).get("name", ""), str):
         return "its corpus name is not a string"
     try:
-        ModelConfig(**cfg["model"]).validate()
+        if not is_hf_config(cfg):          # a Hugging Face model is described by its own folder
+            ModelConfig(**cfg["model"]).validate()
         if "training" in cfg:
             build_config(None, **cfg["training"])
     except TypeError as e:
@@ -243,12 +262,14 @@ def write_config(path, cfg: dict) -> None:
     atomic_write_json(Path(path) / CONFIG, {"format_version": FORMAT_VERSION, **cfg})
 
 
-def start_run(path, cfg: dict, vocab: Vocab) -> None:
+def start_run(path, cfg: dict, vocab: Vocab | None) -> None:
     """The first files of a new run (in a directory :func:`check_new_run_dir` accepted): a run it
-    replaces (``--force``) goes first, then the config and vocabulary are written."""
+    replaces (``--force``) goes first, then the config and vocabulary (when the run has one of its own) are
+    written."""
     _clear_run_dir(Path(path))
     write_config(path, cfg)
-    vocab.save(Path(path) / VOCAB)
+    if vocab is not None:
+        vocab.save(Path(path) / VOCAB)
     (Path(path) / METRICS).unlink(missing_ok=True)
 
 
@@ -450,20 +471,28 @@ def open_for_resume(run, vocab: Vocab, model_cfg: ModelConfig, batch_size: int,
         raise OptionError(changed[0], "is {new} but the run in {run} was trained with {saved}; resume without "
                                       "changing the model's options", new=new_model[changed[0]], run=run,
                           saved=saved_model.get(changed[0]))
-    state = load_trainer_state(run)
     with torch.device("meta"):               # shapes only, no memory
-        problem = weights_mismatch(state["model"], CharLM(model_cfg))
-    if not problem and optimizer is not None and _param_group_keys(state["optimizer"]) != _param_group_keys(
-            optimizer.state_dict()):
-        problem = "its optimizer state is another optimizer's"
-    if problem:
-        raise damaged(run / STATE, f"it belongs to another run: {problem}", "start the run again with {force}")
-    read_metrics(run)                        # a garbage line is refused before anything is written
+        model = CharLM(model_cfg)
+    state = check_trainer_state(run, model, optimizer)
     saved_stream = state.get("stream_state")
     if saved_stream is not None and saved_stream[0].shape[1] != batch_size:
         raise OptionError("batch_size", "the run carries the state of {streams} streams ({stateful}); resume with "
                                         "{batch_size} {streams}", streams=saved_stream[0].shape[1])
     return saved, state
+
+
+def check_trainer_state(run, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """The run's trainer state, once checked to fit ``model`` and ``optimizer``, and its metrics log readable
+    (a garbage line is refused before anything is written)."""
+    state = load_trainer_state(run)
+    problem = weights_mismatch(state["model"], model)
+    if not problem and optimizer is not None and _param_group_keys(state["optimizer"]) != _param_group_keys(
+            optimizer.state_dict()):
+        problem = "its optimizer state is another optimizer's"
+    if problem:
+        raise damaged(Path(run) / STATE, f"it belongs to another run: {problem}", "start the run again with {force}")
+    read_metrics(run)
+    return state
 
 
 # --------------------------------------------------------------------------- metrics

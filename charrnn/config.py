@@ -240,11 +240,15 @@ class TrainConfig:
     sample_length: int = _samples(200, "characters per sample", check=POSITIVE_INT)
     sample_prompt: str | None = _samples(None, "text the samples continue",
                                          default_text="the first 40 characters of the validation text")
-    init_from: str | None = _training(None, "start from a trained charrnn run (its directory) or a shipped model "
-                                             "(charrnn models: base-en): its architecture, tokenizer and weights; "
-                                             "characters the corpus adds are appended to its vocabulary",
-                                      metavar="RUN",
-                                     check=(lambda v: isinstance(v, str), "must be the path of a run directory"))
+    init_from: str | None = _training(None, "start from a trained charrnn run (its directory), a shipped model "
+                                             "(charrnn models: base-en) or a Hugging Face causal LM (a "
+                                             "save_pretrained folder or a hub id; the hf extra): its architecture, "
+                                             "tokenizer and weights; characters the corpus adds are appended to a "
+                                             "character vocabulary", metavar="SOURCE",
+                                      check=(lambda v: isinstance(v, str),
+                                             "must be the path of a run directory or a model's name"))
+    lora: int | None = _training(None, "with --init-from a Hugging Face model: train LoRA adapters of this rank "
+                                       "(peft) instead of every weight", metavar="RANK", check=POSITIVE_INT)
     # reproducibility and hardware
     seed: int = _hardware(0, "random seed", check=SEED)
     device: str = _hardware("auto", "where to train", choices=DEVICES, default_text="auto: cuda if available")
@@ -268,6 +272,8 @@ class TrainConfig:
         if self.tokenizer == "bpe" and (self.max_vocab or BPE_VOCAB) < 257:
             raise OptionError("max_vocab", "is {value}: a byte-level BPE vocabulary holds the 256 bytes and [UNK] at "
                                            "least; give 257 or more", value=self.max_vocab)
+        if self.lora is not None and self.init_from is None:
+            raise OptionError("lora", "trains adapters on a Hugging Face model; give the model with {init_from}")
         if self.epochs is None and self.max_steps is None and self.time_limit is None:
             raise OptionError("epochs", "give at least one of {epochs}, {max_steps} and {time_limit}")
         return self

@@ -114,7 +114,7 @@ def held_out_ids(run_config: dict, vocab, corpus: str | None = None,
     ``corpus`` (its last ``val_fraction`` when given, split as training splits it); normalised as in
     training."""
     if corpus is None:
-        corpus, val_fraction = _recorded(run_config, "pass {corpus}")
+        corpus, val_fraction = recorded(run_config, "pass {corpus}")
         if not val_fraction:
             raise OptionError("corpus", "the run has no validation split ({val_fraction} 0); pass {corpus}")
     data = _load(corpus, run_config)
@@ -143,7 +143,7 @@ def held_out_text(corpus: str, val_fraction: float | None = None) -> str:
 
 def training_ids(run_config: dict, vocab) -> np.ndarray:
     """The training split of the corpus a run was trained on, as ids of its ``vocab``."""
-    corpus, fraction = _recorded(run_config, "its training split sets the scale of dynamic evaluation's steps; "
+    corpus, fraction = recorded(run_config, "its training split sets the scale of dynamic evaluation's steps; "
                                              "train it with this charrnn")
     data = _load(corpus, run_config)
     if vocab.kind == "char":
@@ -151,7 +151,7 @@ def training_ids(run_config: dict, vocab) -> np.ndarray:
     return tokenized.split(data, fraction, vocab.kind, vocab=vocab).train
 
 
-def _recorded(run_config: dict, fix: str) -> tuple[str, float]:
+def recorded(run_config: dict, fix: str) -> tuple[str, float]:
     """The corpus a run was trained on and its validation fraction; ``fix`` ends the error when it is not recorded
     (a template that may name options: ``{corpus}``)."""
     name = run_config.get("corpus", {}).get("name")

@@ -22,26 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
 import json
 import math
 import os
 import re
 import socket
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 
+from . import checkpoint as ckpt
 from .errors import CharRNNError, OptionError
-from .evaluation import LN2, held_out_text
+from .evaluation import LN2, held_out_text, recorded
 from .generator import Generator
 from .hardware import check_rows_fit
 from .interfaces import Capabilities
 from .sampling import Sampler
 
 INSTALL = 'pip install -e ".[hf]"'
+WEIGHT_FILES = ("*.safetensors", "*.bin")   # a save_pretrained folder's weights, in the order transformers prefers
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 CONTEXT_TOKENS = 8      # prompt tokens decoded before a continuation (see DecodeStream)
 HUB_TIMEOUT_S = 3
@@ -62,7 +66,11 @@ def is_pretrained(name) -> bool:
     (nothing of that name here, and transformers installed) a name shaped like a hub id, e.g. ``gpt2`` or
     ``openai-community/gpt2``."""
     path = Path(name)
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError:         # e.g. a name too long for the file system: no model of ours
+        return False
+    if is_dir:
         try:
             config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
@@ -229,6 +237,18 @@ def _sees_ahead(model) -> bool:
     return not torch.allclose(logits[0], logits[1], rtol=1e-3, atol=1e-3 * float(logits.abs().max()))
 
 
+def text_config(model):
+    """The configuration of the model's text part (the model's own, but for a model of several parts)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def context_of(model) -> int | None:
+    """The most tokens the model reads at once (None: no limit it declares)."""
+    config = text_config(model)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 class PretrainedVocab:
     """The tokenizer's ids, shifted up by one: 0 is ``[UNK]``.  ``banned``: the shifted ids never generated
     (the tokenizer's special tokens, and output rows the tokenizer has no token for)."""
@@ -285,9 +305,8 @@ class PretrainedStepper:
         self.takes_positions = "position_ids" in takes
         self.cache_arg = "cache" if "cache" in takes else "past_key_values"     # renamed in transformers 5.25
         self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.config = config
-        self.context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.config = text_config(model)
+        self.context = context_of(model)
         self._banned = torch.tensor(vocab.banned, dtype=torch.long)
 
     def logits(self, raw: torch.Tensor) -> torch.Tensor:
@@ -473,30 +492,142 @@ class PretrainedModel(Generator):
         if not 1 <= stride < window:
             raise OptionError("stride", "must be at least 1 and below {window} ({n}), got {value}", value=stride,
                               n=window)
-        text = held_out_text(corpus, val_fraction)
-        found = self.tokenizer(text, return_offsets_mapping=True, verbose=False)
-        ids = torch.tensor(found["input_ids"], dtype=torch.long)
+        ids, chars = text_ids(self.tokenizer, held_out_text(corpus, val_fraction))
         if len(ids) < 2:
             raise CharRNNError(f"corpus {corpus} is shorter than two tokens; nothing to evaluate")
-        chars = len(text) - found["offset_mapping"][0][1]     # the characters the predicted tokens cover
-        total, done = self._windows(ids, window, stride)
-        loss = total / done
-        return {"loss": loss, "bpc": total / chars / LN2, "nats_per_char": total / chars,
-                "perplexity": math.exp(min(loss, 700)), "tokens": done, "chars": chars, "window": window,
-                "stride": stride}
+        return window_scores(self.model, ids, chars, window, stride, self.device)
 
-    @torch.inference_mode()
-    def _windows(self, ids: torch.Tensor, window: int, stride: int) -> tuple[float, int]:
-        """Summed loss (nats) of ``ids[1:]``, each scored once, and how many were scored."""
-        total, scored_to = 0.0, 1           # ids[:scored_to] are scored (the first is never predicted)
+
+def text_ids(tokenizer, text: str) -> tuple[torch.Tensor, int]:
+    """``text``'s token ids, and the characters the tokens after the first (those a model predicts) cover."""
+    found = tokenizer(text, return_offsets_mapping=True, verbose=False)
+    ids = torch.tensor(found["input_ids"], dtype=torch.long)
+    return ids, len(text) - (found["offset_mapping"][0][1] if len(ids) else 0)
+
+
+def window_scores(model, ids: torch.Tensor, chars: int, window: int, stride: int, device: torch.device) -> dict:
+    """:meth:`PretrainedModel.evaluate`'s figures for the token ``ids`` of a text whose predicted tokens cover
+    ``chars`` characters, read in windows of ``window`` tokens ``stride`` apart."""
+    total, done = _windows(model, ids, window, stride, device)
+    loss = total / done
+    return {"loss": loss, "bpc": total / chars / LN2, "nats_per_char": total / chars,
+            "perplexity": math.exp(min(loss, 700)), "tokens": done, "chars": chars, "window": window,
+            "stride": stride}
+
+
+@torch.inference_mode()
+def _windows(model, ids: torch.Tensor, window: int, stride: int, device: torch.device) -> tuple[float, int]:
+    """Summed loss (nats) of ``ids[1:]``, each scored once, and how many were scored."""
+    was_training = model.training
+    model.eval()
+    total, scored_to = 0.0, 1           # ids[:scored_to] are scored (the first is never predicted)
+    try:
         for begin in range(0, len(ids) - 1, stride):
             end = min(begin + window, len(ids))
-            x = ids[begin:end].to(self.device)
-            logits = self.model(input_ids=x[None]).logits[0, :-1].float()
+            x = ids[begin:end].to(device)
+            logits = model(input_ids=x[None]).logits[0, :-1].float()
             new = scored_to - (begin + 1)       # targets x[1:] before this index were scored already
             total += float(F.cross_entropy(logits[new:], x[1:][new:], reduction="sum"))
             scored_to = end
             if end == len(ids):
                 break
-        return total, scored_to - 1
+    finally:
+        model.train(was_training)
+    return total, scored_to - 1
 
+
+
+# --------------------------------------------------------------------------- runs fine-tuned from a model
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise CharRNNError("LoRA adapters need the Python package 'peft'; install the hf extra: " + INSTALL) from None
+    return peft
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """peft without the warnings a user can do nothing about: it asks transformers a deprecated question, and
+    says that it sets fan_in_fan_out for GPT-2's Conv1D layers itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out")
+        yield
+
+
+def weights_digest(name: str) -> str:
+    """The sha256 of a Hugging Face model's weight files (a folder's, or a hub id's in the local cache), in order
+    of their names; what a fine-tuned run records of the model it started from."""
+    folder = Path(name)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception as e:  # noqa: BLE001 - not in the cache, in whatever way
+            raise CharRNNError(f"the weights of {name} are not in the Hugging Face cache ({_first_line(e)}); "
+                               "download the model again") from None
+    for pattern in WEIGHT_FILES:
+        files = sorted(folder.glob(pattern))
+        if files:
+            digest = hashlib.sha256()
+            for path in files:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+            return digest.hexdigest()
+    raise CharRNNError(f"{name} has no weight files ({', '.join(WEIGHT_FILES)}); give a folder written by "
+                       "save_pretrained")
+
+
+def load_run(run, *, device: torch.device) -> FineTunedModel:
+    """A run fine-tuned from a Hugging Face model (:mod:`charrnn.hf_training`): its ``hf/`` folder, the whole
+    model, or a LoRA adapter merged into the model it names (checked against the sha256 the run recorded)."""
+    run = Path(run)
+    config = ckpt.read_config(run)
+    folder = run / ckpt.HF_FOLDER
+    if not folder.is_dir():
+        raise CharRNNError(f"run {run} has no {ckpt.HF_FOLDER}/ folder (its model); train it again with --force")
+    init = config.get("init") or {}
+    if not config["model"].get("lora"):
+        loaded = load(folder, device=device)
+        return FineTunedModel(run, config, loaded.model, loaded.tokenizer, device)
+    base = str(init.get("from"))
+    if weights_digest(base) != init.get("sha256"):
+        raise CharRNNError(f"the weights of {base}, which run {run}'s LoRA adapter was trained on, changed since "
+                           "(another sha256); put the model it started from back there")
+    loaded = load(base, device=device)
+    try:
+        with quiet_peft():
+            model = _peft().PeftModel.from_pretrained(loaded.model, folder).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - a damaged file raises whatever its parser raises
+        raise _unloadable(folder, "LoRA adapter", e) from None
+    return FineTunedModel(run, config, model.eval(), loaded.tokenizer, device)
+
+
+class FineTunedModel(PretrainedModel):
+    """A run fine-tuned from a Hugging Face model: a :class:`PretrainedModel` that evaluates on the run's own
+    validation split by default, as ``charrnn eval RUN`` does for every run."""
+
+    def __init__(self, run: Path, config: dict, model, tokenizer, device: torch.device):
+        super().__init__(str(run), model, tokenizer, device)
+        self.config = config
+
+    @property
+    def label(self) -> str:
+        lora = self.config["model"].get("lora")
+        return f"fine-tuned {self.model.config.model_type}" + (f" (LoRA rank {lora}, merged)" if lora else "")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "run": Path(self.name).name, "init": self.config.get("init")}
+
+    def evaluate(self, corpus: str | None = None, *, val_fraction: float | None = None, window: int | None = None,
+                 stride: int | None = None) -> dict:
+        if corpus is None:
+            corpus, val_fraction = recorded(self.config, "pass {corpus}")
+            if not val_fraction:
+                raise OptionError("corpus", "the run has no validation split ({val_fraction} 0); pass {corpus}")
+        return super().evaluate(corpus, val_fraction=val_fraction, window=window, stride=stride)

@@ -134,9 +134,12 @@ def latest_samples(run) -> tuple[int | None, list[tuple[float, str]]]:
 
 def generation_speed(lm, length: int = 300) -> dict:
     """Batch-1 sampling speed of a loaded model: characters per second and first-character latency."""
+    context = getattr(lm, "context", None)     # a transformer's, in tokens: the sample must fit in it
+    if context:
+        length = min(length, context // 2)
     start = time.perf_counter()
     first = None
-    prompt = "\n" if "\n" in lm.vocab.chars else " "
+    prompt = " " if lm.unknown_chars("\n") else "\n"
     for i, _ in enumerate(lm.stream(prompt, length, temperature=1.0, seed=0)):
         if i == 0:
             first = time.perf_counter() - start
@@ -166,6 +169,7 @@ def write_report(run, out, force: bool = False, weights: str = "best") -> Path:
     lm = load(run, weights=weights)
     speed = generation_speed(lm)
     n_params = lm.model.num_parameters()
+    summary = lm.model.summary() if hasattr(lm.model, "summary") else repr(lm.model)    # a Hugging Face model's
     best = min(metrics["val"], key=lambda r: r["val_loss"], default=None)
     last_train = metrics["train"][-1] if metrics["train"] else {}
     e = html.escape
@@ -203,13 +207,13 @@ def write_report(run, out, force: bool = False, weights: str = "best") -> Path:
 <p class="muted">{e(str(run.resolve()))} &middot; report written {time.strftime('%Y-%m-%d %H:%M')}</p>
 <div class="facts">{''.join(f'<div class="fact">{e(k)}<b>{e(v)}</b></div>' for k, v in facts)}</div>
 <h2>Loss</h2>{curves}
-<p>Best validation loss: {e(best_text)} (weights: {e(lm.run.weights)}).</p>
+<p>Best validation loss: {e(best_text)} (weights: {e(lm.label)}).</p>
 <h2>Samples</h2>{sample_html}
 <h2>Generation speed</h2>
 <p>{speed['length']} characters at batch 1 on CPU, fp32: {speed['chars_per_s']:,.0f} characters per second,
 first character after {speed['first_char_ms']:.1f} ms.</p>
 <h2>Model</h2>{table(cfg.get('model', {}))}
-<p>{n_params:,} parameters:</p><pre>{e(lm.model.summary())}</pre>
+<p>{n_params:,} parameters:</p><pre>{e(summary)}</pre>
 <h2>Corpus</h2>{table(cfg.get('corpus', {}))}
 {f"<h2>Started from</h2>{table(cfg['init'])}" if cfg.get('init') else ""}
 <h2>Training options</h2>{table(cfg.get('training', {}))}

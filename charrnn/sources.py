@@ -61,11 +61,16 @@ def config(path) -> dict:
     """The config.json of the run at ``path``; a one-line :class:`OptionError` naming ``--init-from`` when
     ``path`` is not a run."""
     try:
-        return ckpt.read_config(shipped.resolve(path))
+        saved = ckpt.read_config(shipped.resolve(path))
     except CharRNNError as e:
         raise OptionError("init_from", "{path}: {why}", path=path, why=str(e)) from None
     except OSError as e:            # e.g. a name too long for the file system
         raise OptionError("init_from", "cannot read {path}: {why}", path=path, why=e.strerror or e) from None
+    if ckpt.is_hf_config(saved):
+        raise OptionError("init_from", "{path} was fine-tuned from a Hugging Face model: go on with {resume}, or "
+                                       "start from its folder {folder} (a whole model, not a LoRA adapter)",
+                          path=path, folder=Path(path) / ckpt.HF_FOLDER)
+    return saved
 
 
 def read(path) -> Source:

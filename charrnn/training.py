@@ -93,7 +93,7 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int | None, progress
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = list(model.parameters())
+    params = [p for p in model.parameters() if p.requires_grad]     # frozen ones (LoRA's base) are left out
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -167,6 +167,8 @@ class TrainResult:
 
 class Trainer:
     """Train a :class:`CharLM` on an encoded corpus into a run directory; see the module's docstring for hooks.
+    Another kind of model trains through a subclass that overrides what this class says of the model
+    (:meth:`_prepare` and the methods the built-in hooks call: :class:`charrnn.hf_training.HFTrainer`).
 
     ``trainer.state`` (a :class:`charrnn.checkpoint.TrainState`) is where the run stands: step,
     epoch, best validation loss, training time.  ``progress`` shows a progress bar; ``log(message)``
@@ -187,6 +189,28 @@ class Trainer:
         if dist.active and self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK by the session
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self._prepare(corpus, resume, progress)    # the data, the vocabulary and the model
+        self.model = self.model.to(self.device)
+        if dist.rank:  # dropout masks differ between the ranks, which see different rows
+            torch.manual_seed(rank_seed(cfg.seed, dist.rank, 0))
+        self.optimizer = make_optimizer(cfg, self.model)
+        self.state = ckpt.TrainState()
+        self.stream_state: State | None = None  # stateful training: this rank's rows of the carried state
+        self.hooks: dict[str, list[Hook]] = {event: [] for event in EVENTS}
+        self.console = Console(progress, self.log)
+        self._stop_request: str | None = None
+        self._signals = StopFlag()
+        add_builtin_hooks(self)
+        if resume:
+            self._resume()
+        else:
+            dist.on_rank0(self._start_run)
+
+    def _prepare(self, corpus: EncodedCorpus, resume: bool, progress: bool) -> None:
+        """Set the run's data (``vocab``, ``train_ids``, ``val_ids``, ``batches``, the characters per token) and
+        its model (on the CPU), from ``--init-from``'s source when given.  A trainer of another kind of model
+        (:mod:`charrnn.hf_training`) sets the same attributes its own way."""
+        cfg, dist = self.cfg, self.dist
         source = sources.read(cfg.init_from) if cfg.init_from and not resume else None
         self.init = source.describe() if source is not None else None     # config.json's "init" (resumed: its own)
         if resume:
@@ -212,26 +236,14 @@ class Trainer:
         if source is not None:
             sources.load_weights(self.model, source)
             self._report_unknown(source, unk_tokens)
-        self.model = self.model.to(self.device)
-        if dist.rank:  # dropout masks differ between the ranks, which see different rows
-            torch.manual_seed(rank_seed(cfg.seed, dist.rank, 0))
-        self.optimizer = make_optimizer(cfg, self.model)
-        self.state = ckpt.TrainState()
-        self.stream_state: State | None = None  # stateful training: this rank's rows of the carried state
-        self.hooks: dict[str, list[Hook]] = {event: [] for event in EVENTS}
-        self.console = Console(progress, self.log)
-        self._stop_request: str | None = None
-        self._signals = StopFlag()
-        add_builtin_hooks(self)
-        if resume:
-            self._resume()
-        else:
-            dist.on_rank0(lambda: ckpt.start_run(self.run_dir, self._config_json(), self.vocab))
 
     def _config_json(self) -> dict:
         init = {"init": self.init} if self.init else {}
         return {"model": self.model_cfg.to_dict(), "corpus": self.corpus.describe(), "training": self.cfg.to_dict(),
                 **init}
+
+    def _start_run(self) -> None:
+        ckpt.start_run(self.run_dir, self._config_json(), self.vocab)
 
     def _report_unknown(self, source, unk: int) -> None:
         """A word or BPE source reads the new corpus with its own tokenizer: say how much of it (``unk`` of the
@@ -251,8 +263,7 @@ class Trainer:
                  + (f" with {self.dist.world} processes" if self.dist.active else ""))
 
     def _open_run(self) -> dict:
-        config, state = ckpt.open_for_resume(self.run_dir, self.vocab, self.model_cfg, self.cfg.batch_size,
-                                             self.optimizer)
+        config, state = self._saved()
         self.init = config.get("init")
         check_data_position(self.batches, state, self.run_dir, self.corpus.name)
         if config.get("corpus", {}).get("sha256") != self.corpus.sha256:
@@ -262,6 +273,42 @@ class Trainer:
         ckpt.write_config(self.run_dir, self._config_json())
         ckpt.truncate_metrics(self.run_dir, state["step"])
         return state
+
+    def _saved(self) -> tuple[dict, dict]:
+        """The run's config.json and trainer state, once checked to fit this vocabulary, model and optimizer."""
+        return ckpt.open_for_resume(self.run_dir, self.vocab, self.model_cfg, self.cfg.batch_size, self.optimizer)
+
+    # ----------------------------------------------------------------- what the built-in hooks ask of the model
+
+    def summary(self) -> str:
+        """The lines a run starts with: corpus, model, device and batch."""
+        return describe(self)
+
+    def validate(self) -> dict:
+        """The validation split's scores (:func:`charrnn.evaluation.scores`), as ``charrnn eval`` computes them."""
+        cfg = self.cfg
+        return evaluate(self.model, self.val_ids, seq_len=max(cfg.seq_len, 256), n_streams=cfg.eval_streams,
+                        device=self.device, amp_dtype=self.amp_dtype, dist=self.dist, chars=self.val_chars,
+                        unk_chars=self.val_unk_chars)
+
+    def save_best(self) -> None:
+        """Keep the weights as the run's best (rank 0)."""
+        ckpt.save_weights(self.run_dir / ckpt.BEST, self.model, self.state.step)
+
+    def sampler(self):
+        """What the samples during training are drawn with."""
+        from .sampling import Sampler
+
+        return Sampler(self.model, self.vocab)
+
+    def sample_length(self, prompt: str) -> int:
+        """The characters a sample during training adds to ``prompt``: --sample-length."""
+        return self.cfg.sample_length
+
+    def opening(self) -> str:
+        """The first 40 characters of the validation text (of the training text when there is none)."""
+        source = self.val_ids if len(self.val_ids) else self.train_ids
+        return self.vocab.decode(np.asarray(source[:40]))
 
     # ----------------------------------------------------------------- hooks
 
@@ -290,7 +337,7 @@ class Trainer:
         """Train until a stopping rule says stop: --max-steps, --epochs, --time-limit, Ctrl-C, a hook's request."""
         if self.device.type == "cpu":
             ops.backend.compiled()  # the C++ kernels: built on a machine's first run, before the clock starts
-        self.log(describe(self))
+        self.log(self.summary())
         step_model, total_steps = self._step_model(), planned_steps(self.cfg, self.batches)
         self.clock = Clock(self.state.train_time)
         self.losses = LossTracker(self.device, self.dist)
@@ -636,14 +683,12 @@ class Validation:
         self.last_step = s.step
         if t.cfg.val_fraction == 0:
             return
-        result = evaluate(t.model, t.val_ids, seq_len=max(t.cfg.seq_len, 256), n_streams=t.cfg.eval_streams,
-                          device=t.device, amp_dtype=t.amp_dtype, dist=t.dist, chars=t.val_chars,
-                          unk_chars=t.val_unk_chars)
+        result = t.validate()
         loss = s.last_val = result["loss"]
         if s.best_val is None or loss < s.best_val:
             s.best_val = loss
             if t.dist.main:
-                ckpt.save_weights(t.run_dir / ckpt.BEST, t.model, s.step)
+                t.save_best()
         unit = "char" if t.vocab.kind == "char" else "token"
         t.console.write(f"step {s.step} ({why}): val loss {loss:.4f} nats/{unit}, {result['bpc']:.4f} bits/char"
                         + (" (best)" if loss == s.best_val else "") + unscored_note(result))
@@ -670,8 +715,6 @@ class Samples:
             self.run(trainer)
 
     def run(self, trainer: Trainer) -> None:
-        from .sampling import Sampler
-
         t, cfg, step = trainer, trainer.cfg, trainer.state.step
         self.last_step = step
         if not t.dist.main:
@@ -680,10 +723,10 @@ class Samples:
         folder = t.run_dir / ckpt.SAMPLES
         folder.mkdir(exist_ok=True)
         try:
-            sampler = Sampler(t.model, t.vocab)
+            sampler = t.sampler()
             for temperature in cfg.sample_temperatures:
                 # A generator of its own per (seed, step): the training RNG is left untouched.
-                text = sampler.generate(prompt, cfg.sample_length, temperature=temperature,
+                text = sampler.generate(prompt, t.sample_length(prompt), temperature=temperature,
                                         seed=(cfg.seed * 1_000_003 + step) % 2**63, interrupted=t.signalled)[0]
                 atomic_write_text(folder / f"step{step:07d}-t{temperature:g}.txt", text)
                 cut = " (cut short: interrupted)" if t.signalled() else ""
@@ -698,10 +741,7 @@ def sample_prompt(trainer: Trainer) -> str:
     """What the samples during training continue: --sample-prompt, or the first 40 characters of the validation
     text (of the training text when there is none)."""
     prompt = trainer.cfg.sample_prompt
-    if prompt is None:
-        source = trainer.val_ids if len(trainer.val_ids) else trainer.train_ids
-        prompt = trainer.vocab.decode(np.asarray(source[:40]))
-    return prompt
+    return trainer.opening() if prompt is None else prompt
 
 
 def check_samples(trainer: Trainer) -> None:

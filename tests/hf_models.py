@@ -6,9 +6,10 @@ END = "<|endoftext|>"
 
 
 def tiny_gpt2(folder, text: str, *, vocab_size: int = 300, layers: int = 2, width: int = 32, heads: int = 2,
-              context: int = 128, seed: int = 0) -> Path:
+              context: int = 128, seed: int = 0, dropout: float = 0.1) -> Path:
     """A GPT-2 with random weights and a byte-level BPE tokenizer trained on ``text``, written to ``folder``
-    with ``save_pretrained`` (what a user downloads from the hub has the same files)."""
+    with ``save_pretrained`` (what a user downloads from the hub has the same files); ``dropout`` is each of
+    GPT-2's (0.1 is its default)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -21,7 +22,8 @@ def tiny_gpt2(folder, text: str, *, vocab_size: int = 300, layers: int = 2, widt
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=END, eos_token=END, unk_token=None)
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=context, n_embd=width, n_layer=layers, n_head=heads,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     folder = Path(folder)
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -197,3 +197,21 @@ def test_two_processes_train_a_word_or_bpe_model_as_one(small_corpus, tmp_path, 
     assert_close(weights(one), weights(two))
     last1, last2 = metrics(one)[-1], metrics(two)[-1]
     assert last2["val_bpc"] == pytest.approx(last1["val_bpc"], abs=1e-5)
+
+
+@pytest.mark.parametrize("lora", [None, 2])
+def test_two_processes_fine_tune_a_hugging_face_model_as_one(small_corpus, tmp_path, lora):
+    """Every rank loads the model it starts from and tokenizes the corpus itself; the global batch is split as
+    for characters, so two processes end on one process's weights (the adapters, with LoRA) and validation."""
+    pytest.importorskip("peft")
+    from .hf_models import tiny_gpt2
+
+    gpt = tiny_gpt2(tmp_path / "gpt", small_corpus.read_text(encoding="utf-8"), dropout=0.0)
+    extra = ["--lora", str(lora)] if lora else []
+    one, two = tmp_path / "one", tmp_path / "two"
+    charrnn.train(str(small_corpus), one, init_from=str(gpt), lora=lora, progress=False, max_steps=4, eval_every=4,
+                  sample_every=0, seq_len=32, batch_size=8, precision="fp32", lr=3e-3)
+    check(torchrun("train", small_corpus, "--out", two, "--init-from", gpt, *extra, "--max-steps", 4, "--eval-every",
+                   4, "--seq-len", 32, "--batch-size", 8, "--precision", "fp32", "--lr", 3e-3, "--quiet", *NO_SAMPLES))
+    assert_close(weights(one), weights(two))
+    assert metrics(two)[-1]["val_loss"] == pytest.approx(metrics(one)[-1]["val_loss"], abs=1e-5)

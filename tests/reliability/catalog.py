@@ -48,6 +48,12 @@ PROBES = [
           "folder, a corpus file, a huge or missing path, a run with a damaged config, weights or vocabulary; a "
           "number or a list in the library",
           "refused in one line naming `--init-from` (exit 2; an OptionError), and the new run's folder not created"),
+    Probe("hf-finetune-hostile", "options",
+          "fine-tuning a Hugging Face model whose weights or tokenizer are damaged or whose tokenizer is another "
+          "model's; `--lora` empty, 0, negative, NaN, a word, past the model's width; a fine-tuned run whose model "
+          "folder or adapter config is damaged, or whose LoRA base changed",
+          "training refused in one line naming the option, the new run's folder not created; loading the damaged "
+          "run one line naming the file (or saying the base changed)"),
     # -- crash consistency and full disks (test_crash.py) --
     Probe("kill-9", "crashes and disks",
           "`kill -9` of `train --resume --checkpoint-every 1` at 30 seeded random moments, mid-write included",
