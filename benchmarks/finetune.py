@@ -2,7 +2,7 @@
 
     python benchmarks/finetune.py --corpus FILE [--minutes 1 3 10] [--base base-en]
 
-For each time budget: a run from random weights with the base model's architecture (GRU 512, embedding 64)
+For each time budget: a run from random weights with the base model's architecture and dropout
 and the same training options, and a run started from the base model (``--init-from``), each for that many
 minutes of training (``--time-limit``; the machine otherwise quiet, so minutes of CPU time) on FILE. Prints one
 JSON object: per budget, each run's best validation bits/char (FILE's last 10%) and a 300-character sample
@@ -33,7 +33,7 @@ def one(corpus: str, out: str, minutes: float, start: str, base: str) -> dict:
         options = dict(init_from=base)
     else:
         model = ckpt.read_config(shipped.resolve(base))["model"]
-        options = {k: model[k] for k in ARCHITECTURE}
+        options = {k: model[k] for k in ARCHITECTURE + ("dropout",)}     # the same model, randomly initialised
     result = charrnn.train(corpus, out, time_limit=minutes * 60, lr=LR[start], progress=False, log=lambda m: None,
                            **TRAINING, **options)
     lm = charrnn.load(out)

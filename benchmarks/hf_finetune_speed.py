@@ -7,12 +7,14 @@ Both sides train the same model (built here with random weights and a byte-level
 the same text, with the same batch (8 windows of --seq-len tokens), AdamW at a constant learning rate, gradient
 clipping at 1.0, fp32 (``--precision`` bf16: both in bf16 autocast), and for ``lora`` the same peft settings (rank
 8, alpha 8, no dropout, every linear layer but the output).  Each run is a process of its own; it reports the
-tokens per second of the steps after the first --warmup (no evaluation or checkpoint in between: both time the
-steps alone), its peak resident memory, and that peak less the memory after the model was loaded.  The sides
-alternate, --repeats times; prints one JSON object with every run and the medians.
+tokens per second of its median step after the first --warmup (a step that ends an epoch, where charrnn also
+validates and checkpoints, is not the median), its peak resident memory (charrnn's includes its validation and
+checkpoint at the end; the Trainer here saves nothing), and that peak less the memory after the model was loaded.
+The sides alternate, --repeats times; prints one JSON object with every run and the medians.
 """
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -47,25 +49,28 @@ def build(folder: Path, text: str, size: str) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=s["context"], n_embd=s["width"], n_layer=s["layers"],
-                        n_head=s["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        n_head=s["heads"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 
 class Clock:
-    """Times the steps after the first ``warmup``."""
+    """The time of each step after the first ``warmup``, from the end of one to the end of the next."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+        self.warmup, self.steps, self.last, self.durations = warmup, 0, None, []
 
     def step(self) -> None:
+        now = time.perf_counter()
+        self.peak_mb = peak_rss_mb()        # while training, before the end's validation and checkpoint
         self.steps += 1
-        if self.steps == self.warmup:
-            self.start = time.perf_counter()
-        self.end = time.perf_counter()
+        if self.steps > self.warmup:
+            self.durations.append(now - self.last)
+        self.last = now
 
-    def seconds(self) -> float:
-        return self.end - self.start
+    def median(self) -> float:
+        return statistics.median(self.durations)
 
 
 def run_charrnn(args, model: str, lora: bool, out: str, clock: Clock) -> None:
@@ -120,13 +125,14 @@ def child(args) -> None:
 
     AutoModelForCausalLM.from_pretrained(model)     # the loaded model's memory is in the baseline too
     loaded = peak_rss_mb()
+    gc.collect()            # that copy freed now, not whenever a side's own allocations trigger a collection
     clock = Clock(args.warmup)
     with tempfile.TemporaryDirectory() as out:
         (run_charrnn if args.side == "charrnn" else run_trainer)(args, model, args.mode == "lora", out, clock)
-    timed_steps = clock.steps - clock.warmup
     print(json.dumps({"side": args.side, "model": args.model, "mode": args.mode,
-                      "tokens_per_s": round(timed_steps * 8 * args.seq_len / clock.seconds(), 1),
+                      "tokens_per_s": round(8 * args.seq_len / clock.median(), 1),
                       "peak_rss_mb": round(peak_rss_mb(), 1), "peak_over_loaded_mb": round(peak_rss_mb() - loaded, 1),
+                      "training_peak_rss_mb": round(clock.peak_mb, 1),
                       "imports_mb": round(base, 1), "threads": torch.get_num_threads()}))
 
 
@@ -168,7 +174,7 @@ def main():
             row = {"model": size, "mode": mode}
             for side in ("charrnn", "trainer"):
                 mine = [r for r in runs if (r["side"], r["model"], r["mode"]) == (side, size, mode)]
-                for key in ("tokens_per_s", "peak_rss_mb", "peak_over_loaded_mb"):
+                for key in ("tokens_per_s", "peak_rss_mb", "peak_over_loaded_mb", "training_peak_rss_mb"):
                     row[f"{side}_{key}"] = statistics.median(r[key] for r in mine)
             row["speed_ratio"] = round(row["charrnn_tokens_per_s"] / row["trainer_tokens_per_s"], 3)
             medians.append(row)

@@ -96,12 +96,6 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
         return trainer.fit()
 
 
-def _pretrained_source(cfg) -> bool:
-    from . import hf
-
-    return cfg.init_from is not None and hf.is_pretrained(shipped.resolve(cfg.init_from))
-
-
 def _source_options(options: dict, source: str) -> dict:
     """The options of a run that starts from ``source``, with its architecture (a charrnn run's) or checked to
     leave the architecture to it (a Hugging Face model's)."""
@@ -119,7 +113,9 @@ def _source_options(options: dict, source: str) -> dict:
 
 def _trainer_class(cfg):
     """The trainer of the run's kind of model: charrnn's own, or a Hugging Face model it starts from."""
-    if _pretrained_source(cfg):
+    from . import hf
+
+    if cfg.init_from is not None and hf.is_pretrained(shipped.resolve(cfg.init_from)):
         from .hf_training import HFTrainer
 
         return HFTrainer

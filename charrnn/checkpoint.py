@@ -35,8 +35,8 @@ from safetensors.torch import load_file, save
 from .config import build_config
 from .distributed import Dist, rank_seed
 from .errors import CharRNNError, OptionError, options_error
-from .fileio import (NoSpaceError, append_text, atomic_write_bytes, atomic_write_json, atomic_write_text,
-                     is_temp_name, reporting_full_disk)
+from .fileio import (NoSpaceError, append_text, atomic_save, atomic_write_bytes, atomic_write_json,
+                     atomic_write_text, is_full_disk, is_temp_name, reporting_full_disk)
 from .models.charlm import CharLM, ModelConfig, State
 from .tokens import TOKENIZER_FILE, load_vocab
 from .vocab import Vocab
@@ -172,7 +172,7 @@ def _clear_run_dir(path: Path) -> None:
     if path.is_dir():
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
-        for folder in (SAMPLES, HF_FOLDER):
+        for folder in (SAMPLES, HF_FOLDER, HF_FOLDER + ".new", HF_FOLDER + ".old"):   # hf_training.write_folder's
             shutil.rmtree(path / folder, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -274,19 +274,27 @@ def start_run(path, cfg: dict, vocab: Vocab | None) -> None:
 
 
 def save_weights(path, model: CharLM, step: int) -> None:
-    atomic_write_bytes(path, weights_bytes(model, {"format": "pt", "step": str(step)}))
+    atomic_write_bytes(path, *weights_parts(model, {"format": "pt", "step": str(step)}))
 
 
 def weights_bytes(model: torch.nn.Module, metadata: dict[str, str]) -> bytes:
-    """The model's weights as a safetensors file, the same bytes for the same weights: safetensors writes
-    ``__metadata__`` in a random order (safetensors/safetensors#584), so the header is written again sorted."""
+    """The model's weights as a safetensors file (:func:`weights_parts` joined)."""
+    return b"".join(weights_parts(model, metadata))
+
+
+def weights_parts(model: torch.nn.Module, metadata: dict[str, str]) -> tuple:
+    """The model's weights as a safetensors file, the same bytes for the same weights, in two parts (the header,
+    and the tensors without a copy): safetensors writes ``__metadata__`` in a random order
+    (safetensors/safetensors#584), so the header is written again sorted."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     data = save(tensors, metadata=metadata)
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    return data[:8] + text.ljust(n) + data[8 + n:] if len(text) <= n else data
+    if len(text) > n:
+        return (data,)
+    return data[:8] + text.ljust(n), memoryview(data)[8 + n:]
 
 
 # --------------------------------------------------------------------------- the trainer state (exact resume)
@@ -308,9 +316,9 @@ class TrainState:
 
 
 def save_checkpoint(run, model: CharLM, optimizer: torch.optim.Optimizer, train_state: TrainState,
-                    stream_state: State | None, device: torch.device, dist: Dist) -> None:
+                    stream_state: State | None, device: torch.device, dist: Dist, latest: bool = True) -> None:
     """Write ``trainer-state.pt`` (weights, optimizer, random states, :class:`TrainState`, the carried
-    state of stateful training) and the latest weights.
+    state of stateful training) and (``latest``) the latest weights.
 
     Every rank calls this: the ranks' random states (torch's CPU generator, and CUDA's on a GPU)
     and their rows of the carried state are gathered, rank 0 writes, and nobody goes on before
@@ -339,12 +347,40 @@ def save_checkpoint(run, model: CharLM, optimizer: torch.optim.Optimizer, train_
             state["rng_cuda"] = rng_cuda[0]
             if dist.active:
                 state["rng_cuda_ranks"] = rng_cuda
-        data = io.BytesIO()
-        torch.save(state, data)
-        atomic_write_bytes(Path(run) / STATE, data.getbuffer())
-        save_weights(Path(run) / LATEST, model, train_state.step)
+        path = Path(run) / STATE
+        try:
+            atomic_save(path, lambda f: torch.save(state, f))     # streamed: no copy of the state in memory
+        except (OSError, RuntimeError) as e:
+            if not is_full_disk(e):
+                raise
+            raise NoSpaceError(path, _saved_size(state)) from None
+        if latest:
+            save_weights(Path(run) / LATEST, model, train_state.step)
 
     dist.on_rank0(write)   # a failed write (a full disk) stops every rank
+
+
+class _Counter(io.RawIOBase):
+    """A file that keeps nothing and counts the bytes written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        self.bytes += n
+        return n
+
+
+def _saved_size(obj) -> int:
+    """The bytes ``torch.save(obj)`` writes (counted, not kept)."""
+    counter = _Counter()
+    torch.save(obj, counter)
+    return counter.bytes
 
 
 def restore_checkpoint(state: dict, model: CharLM, optimizer: torch.optim.Optimizer, device: torch.device,

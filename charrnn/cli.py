@@ -91,11 +91,22 @@ def add_options(parser, cls) -> list[str]:
     return names
 
 
+def _trains_own_model(args) -> bool:
+    """Whether the run trains one of charrnn's own models, not a Hugging Face model it fine-tunes (a transformer
+    trains about a third slower with the allocation settings of :func:`charrnn.hardware.tune_cpu_allocator`)."""
+    from . import checkpoint as ckpt, hf, shipped
+
+    if args.resume:
+        return not ckpt.is_hf_run(args.out)
+    return args.init_from is None or not hf.is_pretrained(shipped.resolve(args.init_from))
+
+
 def cmd_train(args) -> int:
     from .api import train
     from .hardware import tune_cpu_allocator
 
-    tune_cpu_allocator()     # this process is ours: the allocation settings CPU training runs best with
+    if _trains_own_model(args):
+        tune_cpu_allocator()     # this process is ours: the allocation settings a recurrent model trains best with
     options = {name: getattr(args, name) for name in option_names(TrainConfig)}
     result = train(args.corpus, args.out, preset=args.preset, resume=args.resume, force=args.force,
                    progress=not args.quiet, **options)

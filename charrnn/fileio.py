@@ -66,6 +66,18 @@ def _no_space_error(path, needed: int, then: str, values: dict) -> NoSpaceError:
     return NoSpaceError(path, needed, then, **values)
 
 
+def is_full_disk(e: BaseException | None) -> bool:
+    """Whether ``e``, or an exception it was raised from or while handling, is a full disk's (or quota's) OSError
+    (a library may report a failed write as another error: torch.save raises a RuntimeError)."""
+    for _ in range(8):
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextlib.contextmanager
 def reporting_full_disk(path, needed: int):
     """An ``OSError`` of a full disk (or quota) in the block becomes a :class:`NoSpaceError` for ``path``."""
@@ -94,14 +106,16 @@ def _write_all(f, data) -> None:
         view = view[f.write(view):]
 
 
-def atomic_write_bytes(path, data) -> None:
-    """Replace ``path`` by ``data`` (bytes or any buffer): all of it or, after any failure or kill, the old file."""
+def atomic_write_bytes(path, *parts) -> None:
+    """Replace ``path`` by ``parts`` (bytes or any buffers, one after another): all of it or, after any failure or
+    kill, the old file."""
     path = Path(path)
-    with reporting_full_disk(path, memoryview(data).nbytes):
+    with reporting_full_disk(path, sum(memoryview(data).nbytes for data in parts)):
         f, tmp = _new_temp(path)
         try:
             with f:
-                _write_all(f, data)
+                for data in parts:
+                    _write_all(f, data)
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:

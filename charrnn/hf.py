@@ -589,6 +589,8 @@ def load_run(run, *, device: torch.device) -> FineTunedModel:
     run = Path(run)
     config = ckpt.read_config(run)
     folder = run / ckpt.HF_FOLDER
+    if not folder.is_dir() and (run / (ckpt.HF_FOLDER + ".old")).is_dir():     # killed while swapping folders
+        folder = run / (ckpt.HF_FOLDER + ".old")
     if not folder.is_dir():
         raise CharRNNError(f"run {run} has no {ckpt.HF_FOLDER}/ folder (its model); train it again with --force")
     init = config.get("init") or {}

@@ -31,6 +31,7 @@ from . import hf
 from .config import build_config
 from .data import WindowBatches, split_train_val
 from .errors import CharRNNError, OptionError
+from .fileio import reporting_full_disk
 from .sampling import Sampler
 from .tokenized import corpus_text
 from .training import Trainer
@@ -100,9 +101,10 @@ def write_folder(model, tokenizer, folder: Path) -> None:
     files are written beside it first."""
     new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
     shutil.rmtree(new, ignore_errors=True)
-    with hf.quiet_peft():
+    size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    with hf.quiet_peft(), reporting_full_disk(folder, size):
         model.save_pretrained(new)
-    tokenizer.save_pretrained(new)
+        tokenizer.save_pretrained(new)
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
@@ -112,6 +114,8 @@ def write_folder(model, tokenizer, folder: Path) -> None:
 
 class HFTrainer(Trainer):
     """:class:`charrnn.training.Trainer` for a Hugging Face causal LM (see the module)."""
+
+    keeps_latest = False    # trainer-state.pt holds the latest weights, hf/ the best: no third copy
 
     def _prepare(self, corpus, resume: bool, progress: bool) -> None:
         cfg = self.cfg

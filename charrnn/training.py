@@ -106,13 +106,14 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[torch.Tensor],
                    clip: float | None) -> None:
-    """Back-propagate ``loss`` and update: zero the gradients, backward, clip their global norm to
-    ``clip`` (None or 0: no clipping), step."""
+    """Back-propagate ``loss`` and update: backward, clip the gradients' global norm to ``clip`` (None or 0: no
+    clipping), step, and free the gradients (the next forward pass runs without them in memory)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip:
         torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def train_step(model: CharLM, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, clip: float | None,
@@ -174,6 +175,8 @@ class Trainer:
     epoch, best validation loss, training time.  ``progress`` shows a progress bar; ``log(message)``
     receives the summary and the evaluation lines (default: stderr).
     """
+
+    keeps_latest = True     # a checkpoint also writes the latest weights (model.safetensors: --weights latest)
 
     def __init__(self, corpus: EncodedCorpus, cfg: TrainConfig, run_dir, resume: bool = False,
                  progress: bool = True, log=None, dist: Dist = SINGLE):
@@ -432,7 +435,7 @@ class Trainer:
         self.losses.flush_epoch(self.state)
         self.state.train_time = self.clock()
         ckpt.save_checkpoint(self.run_dir, self.model, self.optimizer, self.state, self.stream_state,
-                             self.device, self.dist)
+                             self.device, self.dist, latest=self.keeps_latest)
 
 
 # --------------------------------------------------------------------------- the trainer's parts

@@ -130,8 +130,8 @@ def test_commands(capsys, model_dir, text_file):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["generate", "{m}", "--int8"], "--int8 applies only to charrnn runs"),
-    (["generate", "{m}", "--weights", "latest"], "--weights applies only to charrnn runs"),
+    (["generate", "{m}", "--int8"], "--int8 applies only to charrnn's own models"),
+    (["generate", "{m}", "--weights", "latest"], "--weights applies only to charrnn's own models"),
     (["eval", "{m}"], "no validation split of its own"),
     (["eval", "{m}", "--corpus", "{t}", "--window", 1000], "--window must be between 2 and the model's context"),
     (["eval", "{m}", "--corpus", "{t}", "--stride", 128], "--stride must be at least 1 and below --window"),
