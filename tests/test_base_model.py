@@ -37,3 +37,5 @@ def test_its_card_claims_what_eval_prints(capsys, monkeypatch):
     code, out, err = cli(capsys, "eval", "base-en", "--corpus", "shakespeare", "--val-fraction", "0.1")
     assert code == 0, err
     assert f"{float(stored):.4f} bits/char" in out, (stored, out)
+    code, _, err = cli(capsys, "eval", "base-en")        # it has no validation split of its own: it says so
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--corpus" in err and "not found" not in err, err

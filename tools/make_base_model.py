@@ -77,7 +77,8 @@ def package(args) -> None:
         use_fp16 = all(abs(fp16[k] - full[k]) < 0.005 for k in full)
         OUT.mkdir(parents=True, exist_ok=True)
         config = json.loads((run / ckpt.CONFIG).read_text(encoding="utf-8"))
-        config["corpus"] = {"name": "base-en: the first 90% of " + ", ".join(TEXTS.values())}
+        # A description, not a name: no file of that name exists, so `charrnn eval base-en` asks for --corpus.
+        config["corpus"] = {"description": "base-en: the first 90% of " + ", ".join(TEXTS.values())}
         ckpt.write_config(OUT, {k: v for k, v in config.items() if k != "format_version"})
         shutil.copy(run / ckpt.VOCAB, OUT / ckpt.VOCAB)
         if use_fp16:
