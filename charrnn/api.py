@@ -96,12 +96,17 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
         return trainer.fit()
 
 
+def is_pretrained_source(source: str) -> bool:
+    """Whether ``--init-from`` ``source`` is a Hugging Face model (not a charrnn run or shipped model)."""
+    from . import hf
+
+    return hf.is_pretrained(shipped.resolve(source))
+
+
 def _source_options(options: dict, source: str) -> dict:
     """The options of a run that starts from ``source``, with its architecture (a charrnn run's) or checked to
     leave the architecture to it (a Hugging Face model's)."""
-    from . import hf
-
-    if hf.is_pretrained(shipped.resolve(source)):
+    if is_pretrained_source(source):
         from .hf_training import options as pretrained_options
 
         return pretrained_options(options, source)
@@ -113,9 +118,7 @@ def _source_options(options: dict, source: str) -> dict:
 
 def _trainer_class(cfg):
     """The trainer of the run's kind of model: charrnn's own, or a Hugging Face model it starts from."""
-    from . import hf
-
-    if cfg.init_from is not None and hf.is_pretrained(shipped.resolve(cfg.init_from)):
+    if cfg.init_from is not None and is_pretrained_source(cfg.init_from):
         from .hf_training import HFTrainer
 
         return HFTrainer

@@ -94,11 +94,12 @@ def add_options(parser, cls) -> list[str]:
 def _trains_own_model(args) -> bool:
     """Whether the run trains one of charrnn's own models, not a Hugging Face model it fine-tunes (a transformer
     trains about a third slower with the allocation settings of :func:`charrnn.hardware.tune_cpu_allocator`)."""
-    from . import checkpoint as ckpt, hf, shipped
+    from . import checkpoint as ckpt
+    from .api import is_pretrained_source
 
     if args.resume:
         return not ckpt.is_hf_run(args.out)
-    return args.init_from is None or not hf.is_pretrained(shipped.resolve(args.init_from))
+    return args.init_from is None or not is_pretrained_source(args.init_from)
 
 
 def cmd_train(args) -> int:

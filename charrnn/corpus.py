@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CharRNNError, OptionError
-from .fileio import atomic_save, atomic_write_json
+from .fileio import atomic_save, atomic_write_json, sha256_of
 from .vocab import Vocab, codepoints
 
 CHUNK_BYTES = 16 << 20
@@ -77,18 +77,10 @@ def charrnn_home() -> Path:
 # --------------------------------------------------------------------------- named corpora
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_named(nc: NamedCorpus, path: Path) -> str | None:
     """None if ``path`` holds the named corpus, else what is wrong with it."""
     if nc.exact:
-        digest = _sha256_file(path)
+        digest = sha256_of([path], CHUNK_BYTES)
         return None if digest == nc.sha256 else f"sha256 {digest} is not the expected {nc.sha256}"
     try:
         text = path.read_text(encoding="utf-8-sig")

@@ -114,9 +114,7 @@ def held_out_ids(run_config: dict, vocab, corpus: str | None = None,
     ``corpus`` (its last ``val_fraction`` when given, split as training splits it); normalised as in
     training."""
     if corpus is None:
-        corpus, val_fraction = recorded(run_config, "pass {corpus}")
-        if not val_fraction:
-            raise OptionError("corpus", "the run has no validation split ({val_fraction} 0); pass {corpus}")
+        corpus, val_fraction = recorded_split(run_config)
     data = _load(corpus, run_config)
     if vocab.kind == "char":
         ids = data.reencode(vocab)
@@ -149,6 +147,15 @@ def training_ids(run_config: dict, vocab) -> np.ndarray:
     if vocab.kind == "char":
         return split_train_val(data.reencode(vocab), fraction)[0]
     return tokenized.split(data, fraction, vocab.kind, vocab=vocab).train
+
+
+def recorded_split(run_config: dict) -> tuple[str, float]:
+    """The corpus a run was trained on and its validation fraction, which ``charrnn eval RUN`` reads; an error
+    naming ``--corpus`` when either is missing."""
+    corpus, val_fraction = recorded(run_config, "pass {corpus}")
+    if not val_fraction:
+        raise OptionError("corpus", "the run has no validation split ({val_fraction} 0); pass {corpus}")
+    return corpus, val_fraction
 
 
 def recorded(run_config: dict, fix: str) -> tuple[str, float]:

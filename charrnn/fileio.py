@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
 import os
@@ -23,6 +24,16 @@ from .errors import CharRNNError, spell
 # Ours (".NAME.RANDOM.tmp"), and the ".tmpRANDOM" that safetensors' save_file (the tempfile crate) writes.
 _TEMP_NAME = re.compile(r"\..+\.[0-9a-z_]+\.tmp|\.tmp[0-9A-Za-z]{6}")
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def sha256_of(paths, block: int = 16 << 20) -> str:
+    """The sha256 of the files ``paths``' bytes, one after another, read ``block`` bytes at a time."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(block), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_temp_name(name: str) -> bool:

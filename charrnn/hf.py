@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import inspect
 import json
 import math
@@ -38,7 +37,8 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .errors import CharRNNError, OptionError
-from .evaluation import LN2, held_out_text, recorded
+from .evaluation import LN2, held_out_text, recorded_split
+from .fileio import sha256_of
 from .generator import Generator
 from .hardware import check_rows_fit
 from .interfaces import Capabilities
@@ -484,8 +484,7 @@ class PretrainedModel(Generator):
         if corpus is None:
             raise OptionError("corpus", "a pretrained model has no validation split of its own; pass {corpus} (and "
                               "{val_fraction} to evaluate on a corpus's validation split)")
-        window = window or self.context or 1024
-        stride = stride or max(1, window // 2)
+        window, stride = default_windows(self.context, window, stride)
         if not 2 <= window <= (self.context or window):
             raise OptionError("window", "must be between 2 and the model's context ({n}), got {value}",
                               value=window, n=self.context)
@@ -496,6 +495,13 @@ class PretrainedModel(Generator):
         if len(ids) < 2:
             raise CharRNNError(f"corpus {corpus} is shorter than two tokens; nothing to evaluate")
         return window_scores(self.model, ids, chars, window, stride, self.device)
+
+
+def default_windows(context: int | None, window: int | None = None, stride: int | None = None) -> tuple[int, int]:
+    """``window`` and ``stride``, or their defaults for a model of ``context`` tokens: a whole context (1024 when
+    the model declares none) and half of one."""
+    window = window or context or 1024
+    return window, stride or max(1, window // 2)
 
 
 def text_ids(tokenizer, text: str) -> tuple[torch.Tensor, int]:
@@ -536,7 +542,6 @@ def _windows(model, ids: torch.Tensor, window: int, stride: int, device: torch.d
     return total, scored_to - 1
 
 
-
 # --------------------------------------------------------------------------- runs fine-tuned from a model
 
 
@@ -573,12 +578,7 @@ def weights_digest(name: str) -> str:
     for pattern in WEIGHT_FILES:
         files = sorted(folder.glob(pattern))
         if files:
-            digest = hashlib.sha256()
-            for path in files:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-            return digest.hexdigest()
+            return sha256_of(files)
     raise CharRNNError(f"{name} has no weight files ({', '.join(WEIGHT_FILES)}); give a folder written by "
                        "save_pretrained")
 
@@ -629,7 +629,5 @@ class FineTunedModel(PretrainedModel):
     def evaluate(self, corpus: str | None = None, *, val_fraction: float | None = None, window: int | None = None,
                  stride: int | None = None) -> dict:
         if corpus is None:
-            corpus, val_fraction = recorded(self.config, "pass {corpus}")
-            if not val_fraction:
-                raise OptionError("corpus", "the run has no validation split ({val_fraction} 0); pass {corpus}")
+            corpus, val_fraction = recorded_split(self.config)
         return super().evaluate(corpus, val_fraction=val_fraction, window=window, stride=stride)

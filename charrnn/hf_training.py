@@ -157,10 +157,14 @@ class HFTrainer(Trainer):
                                               "longer corpus or a larger {val_fraction}", n=len(self.val_ids))
         self.chars_per_token = self.chars_per_scored_token = len(self.train_text) / max(len(self.train_ids), 1)
 
+    def _parameters(self) -> tuple[int, int]:
+        """The model's parameters, and those of them that train."""
+        params = list(self.model.model.parameters())
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
     def _config_json(self) -> dict:
         model = self.model.model
-        params = sum(p.numel() for p in model.parameters())
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        params, trained = self._parameters()
         training = self.cfg.to_dict()
         del training["model"]
         return {"model": {"kind": ckpt.HF_KIND, "model_type": hf.text_config(model).model_type,
@@ -192,8 +196,7 @@ class HFTrainer(Trainer):
 
     def summary(self) -> str:
         model, cfg = self.model.model, self.cfg
-        params = sum(p.numel() for p in model.parameters())
-        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        params, trained = self._parameters()
         precision = "bf16 autocast" if self.amp_dtype is not None else "fp32"
         return "\n".join([
             f"corpus {self.corpus.name}: {len(self.corpus):,} characters; train {len(self.train_ids):,}, validation "
@@ -207,8 +210,7 @@ class HFTrainer(Trainer):
         ])
 
     def validate(self) -> dict:
-        window = self.context or 1024
-        result = hf.window_scores(self.model.model, self.val_ids, self.val_chars, window, max(1, window // 2),
+        result = hf.window_scores(self.model.model, self.val_ids, self.val_chars, *hf.default_windows(self.context),
                                   self.device)
         return {**result, "unk_tokens": 0, "unk_chars": 0, "unk_share": 0.0}
 
