@@ -257,23 +257,40 @@ def cmd_generate(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a run's one-step generator to a file that generates without torch",
-                       description="Write the run's one-step model (character ids and recurrent state in, logits and "
-                                   "the new state out) as ONNX, with the vocabulary and sampling defaults as "
-                                   "metadata. `charrnn generate FILE.onnx` (or charrnn.runtime) generates from it "
-                                   "with onnxruntime and NumPy alone.")
+    from .export import FORMATS
+
+    p = sub.add_parser("export", help="export a run to a file that generates without torch, or to a web page",
+                       description="--format onnx: the run's one-step model (character ids and recurrent state in, "
+                                   "logits and the new state out) as ONNX, with the vocabulary and sampling defaults "
+                                   "as metadata; `charrnn generate FILE.onnx` (or charrnn.runtime) generates from it "
+                                   "with onnxruntime and NumPy alone. --format web: a folder with a page that "
+                                   "generates in the browser (no server, no Python; open index.html or publish the "
+                                   "folder on any static host) and charrnn.js for your own pages.")
     p.add_argument("run", help="run directory written by `charrnn train`")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (default onnx, the only one)")
-    p.add_argument("--out", required=True, help="file to write, ending in .onnx (never overwritten without --force)")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="default %(default)s")
+    p.add_argument("--out", required=True, help="onnx: a file ending in .onnx; web: a new or empty folder "
+                                                "(never overwritten without --force)")
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
-    p.add_argument("--int8", action="store_true",
-                   help="store the matrix weights as int8 (onnxruntime dynamic quantisation): a smaller file "
-                        "at nearly fp32's quality (docs/performance.md has the figures)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--int8", action="store_true",
+                           help="store the matrix weights as int8 (onnxruntime dynamic quantisation): a smaller file "
+                                "at nearly fp32's quality (docs/performance.md has the figures). Default for "
+                                "--format web where it costs at most 0.001 bits/char on the run's validation split")
+    precision.add_argument("--fp32", action="store_true", help="keep fp32 weights (the default for --format onnx)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file, or an exported page")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
+    if args.format == "web":
+        from .web_export import export_web
+
+        precision = "int8" if args.int8 else "fp32" if args.fp32 else "auto"
+        r = export_web(args.run, args.out, weights=args.weights, precision=precision, force=args.force)
+        print(f"exported {args.run} ({r.weights_file}) to the folder {r.path} ({r.bytes / 1e6:.1f} MB) in "
+              f"{r.seconds:.1f} s; weights {r.note}.\nOpen {r.path / 'index.html'} in a browser, or publish the "
+              "folder on any static host (e.g. GitHub Pages).", file=sys.stderr)
+        return 0
     from .export import export_onnx
 
     r = export_onnx(args.run, args.out, weights=args.weights, int8=args.int8, force=args.force)

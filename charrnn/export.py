@@ -47,7 +47,7 @@ from .models.charlm import CharLM
 from .ops.table import input_table
 from .vocab import Vocab
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "web")
 FORMAT_VERSION = 1
 OPSET = 17      # onnxruntime >= 1.13 runs it
 IR_VERSION = 8  # the IR version of opset 17, so older onnxruntime releases load the file too
@@ -173,7 +173,7 @@ def metadata(model: CharLM, vocab: Vocab, run_config: dict, weights_file: str, w
     }
 
 
-def _quantize_int8(proto):
+def quantize_int8(proto):
     """Dynamic int8 quantisation of the MatMul weights (per output column), via onnxruntime.
 
     ``reduce_range``: 7-bit weights.  On x86 CPUs without VNNI (AVX2 only) the u8 x s8 kernel
@@ -194,6 +194,14 @@ def _quantize_int8(proto):
         finally:
             logging.disable(logging.NOTSET)
         return onnx.load(out)
+
+
+def export_source(run) -> None:
+    """Refuse a run that is not one of charrnn's own recurrent models (a fine-tuned Hugging Face model)."""
+    if ckpt.is_hf_run(run):
+        raise CharRNNError(f"{run} fine-tunes a Hugging Face model; charrnn export writes charrnn's own recurrent "
+                           f"models. Its hf/ folder is a transformers model: export that with transformers' tools "
+                           f"(for example optimum's ONNX export)")
 
 
 @dataclass
@@ -223,11 +231,12 @@ def export_onnx(run, out, *, weights: str = "best", int8: bool = False, force: b
     if not out.parent.is_dir():
         raise CharRNNError(f"the folder of --out {out} does not exist; create it first")
     _onnx()
+    export_source(run)
     loaded = ckpt.load_run(run, weights=weights, device="cpu")
     proto = step_graph(loaded.model)
     kind = "fp32"
     if int8:
-        proto, kind = _quantize_int8(proto), "int8"
+        proto, kind = quantize_int8(proto), "int8"
     meta = metadata(loaded.model, loaded.vocab, loaded.config, loaded.weights, kind)
     del proto.metadata_props[:]
     for key, value in meta.items():

@@ -151,6 +151,25 @@ def atomic_save(path, write) -> None:
         raise
 
 
+def replace_folder(folder, write) -> None:
+    """Replace the folder ``folder`` (if any) by what ``write(path)`` writes into the new folder ``path``: it is
+    built beside (``FOLDER.new``), then swapped in; a failure leaves the old folder as it was."""
+    folder = Path(folder)
+    new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        new.mkdir()
+        write(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

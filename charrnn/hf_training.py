@@ -20,7 +20,6 @@ parallelism.  What differs:
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from . import hf
 from .config import build_config
 from .data import WindowBatches, split_train_val
 from .errors import CharRNNError, OptionError
-from .fileio import reporting_full_disk
+from .fileio import replace_folder, reporting_full_disk
 from .sampling import Sampler
 from .tokenized import corpus_text
 from .training import Trainer
@@ -99,17 +98,14 @@ def with_lora(model, rank: int):
 def write_folder(model, tokenizer, folder: Path) -> None:
     """``model`` and ``tokenizer`` saved with ``save_pretrained`` into ``folder``, which is replaced whole: the
     files are written beside it first."""
-    new, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(new, ignore_errors=True)
     size = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    with hf.quiet_peft(), reporting_full_disk(folder, size):
-        model.save_pretrained(new)
-        tokenizer.save_pretrained(new)
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    new.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(new: Path) -> None:
+        with hf.quiet_peft(), reporting_full_disk(folder, size):
+            model.save_pretrained(new)
+            tokenizer.save_pretrained(new)
+
+    replace_folder(folder, write)
 
 
 class HFTrainer(Trainer):

@@ -7,8 +7,9 @@
 :class:`ExportedModel` has the same ``generate`` / ``stream`` / ``unknown_chars`` interface as
 :class:`charrnn.api.LanguageModel`, with the same sampling semantics as :mod:`charrnn.sampling`:
 temperature 0 is greedy, ``[UNK]`` is never produced, top-k, top-p then min-p filtering, all samples
-of a call in one batched step, and a seed makes the text reproducible (NumPy's generator: the
-same seed gives the same text here every time, not the same text as the PyTorch sampler).
+of a call in one batched step, and a seed makes the text reproducible (:mod:`charrnn.portable_random`:
+the same seed gives the same text here every time and in the exported web page, not the same text as the
+PyTorch sampler).
 
 The prompt is read one character at a time through the exported one-step graph (the PyTorch
 sampler reads it with the fused recurrent kernel: same numbers within float rounding).
@@ -27,6 +28,7 @@ from .cells import cell
 from .errors import CharRNNError, OptionError
 from .interfaces import Capabilities
 from .options import GREEDY_BELOW, SamplingParams, check_shape, start_text
+from .portable_random import PortableRandom
 from .tokens import TextStream, TokenVocab
 from .vocab import UNK_ID, Vocab
 
@@ -68,7 +70,7 @@ def process_logits(logits: np.ndarray, temperature: float = 1.0, top_k: int | No
     return logits
 
 
-def choose(logits: np.ndarray, temperature: float, top_k, top_p, rng: np.random.Generator, *,
+def choose(logits: np.ndarray, temperature: float, top_k, top_p, rng: PortableRandom, *,
            min_p: float | None = None) -> np.ndarray:
     """Next ids ``(batch,)`` int64 from logits ``(batch, vocab)``: greedy at temperature 0, else sampled."""
     if temperature < GREEDY_BELOW:
@@ -246,7 +248,7 @@ class ExportedModel:
         """
         params = self.sampling_params(params, **options)
         check_shape(length, len(prompts) or 1)
-        rng = np.random.default_rng(params.seed)
+        rng = PortableRandom(params.seed)
         repetition_penalty = params.repetition_penalty
         if length == 0:
             return
