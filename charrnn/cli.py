@@ -257,8 +257,6 @@ def cmd_generate(args) -> int:
 
 
 def _add_export(sub) -> None:
-    from .export import FORMATS
-
     p = sub.add_parser("export", help="export a run to a file that generates without torch, or to a web page",
                        description="--format onnx: the run's one-step model (character ids and recurrent state in, "
                                    "logits and the new state out) as ONNX, with the vocabulary and sampling defaults "
@@ -267,7 +265,7 @@ def _add_export(sub) -> None:
                                    "generates in the browser (no server, no Python; open index.html or publish the "
                                    "folder on any static host) and charrnn.js for your own pages.")
     p.add_argument("run", help="run directory written by `charrnn train`")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="default %(default)s")
+    p.add_argument("--format", choices=["onnx", "web"], default="onnx", help="default %(default)s")
     p.add_argument("--out", required=True, help="onnx: a file ending in .onnx; web: a new or empty folder "
                                                 "(never overwritten without --force)")
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")

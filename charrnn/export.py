@@ -47,7 +47,6 @@ from .models.charlm import CharLM
 from .ops.table import input_table
 from .vocab import Vocab
 
-FORMATS = ("onnx", "web")
 FORMAT_VERSION = 1
 OPSET = 17      # onnxruntime >= 1.13 runs it
 IR_VERSION = 8  # the IR version of opset 17, so older onnxruntime releases load the file too

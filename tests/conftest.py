@@ -150,3 +150,21 @@ def running(app):
 
     with serving(uvicorn.Config(app, log_level="warning")) as port:
         yield f"http://127.0.0.1:{port}"
+
+
+def browser(width: int = 1200, height: int = 900):
+    """Debian's headless Chromium through selenium (skipped without it, failed under CHARRNN_REQUIRE_BROWSER)."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("CHARRNN_REQUIRE_BROWSER"):
+            pytest.fail("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={width},{height}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)

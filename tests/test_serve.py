@@ -7,8 +7,6 @@ headless Chromium.
 
 import asyncio
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +22,7 @@ from charrnn.cli import main
 from charrnn.errors import CharRNNError
 from charrnn.serve import Limits, create_app
 
+from .conftest import browser as open_browser
 from .conftest import running, train_tiny_run
 
 LIMITS = Limits(max_prompt_chars=100, max_length=200_000, max_samples=4, max_queue=64, max_batch=16)
@@ -470,29 +469,12 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
 # ----- the web page in headless Chromium ---------------------------------------------------------------------
 
 
-def _browser():
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        if os.environ.get("CHARRNN_REQUIRE_BROWSER"):
-            pytest.fail("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1200,900"):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
 @pytest.mark.slow
 def test_web_page_streams_and_stops_in_chromium(server, lm):
     from selenium.webdriver.common.by import By
 
     url, engine = server
-    browser = _browser()
+    browser = open_browser()
     try:
         browser.get(f"{url}/")
         find = lambda element_id: browser.find_element(By.ID, element_id)  # noqa: E731

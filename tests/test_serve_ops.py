@@ -326,9 +326,9 @@ def test_sigterm_finishes_short_requests_ends_long_ones_and_exits_0(run_dir):
 def test_web_page_asks_for_the_key_and_sends_it(keyed):
     from selenium.webdriver.common.by import By
 
-    from .test_serve import _browser
+    from .conftest import browser as open_browser
 
-    browser = _browser()
+    browser = open_browser()
     try:
         browser.get(f"{keyed}/")
         find = lambda element_id: browser.find_element(By.ID, element_id)  # noqa: E731

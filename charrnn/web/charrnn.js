@@ -25,6 +25,7 @@
   const UNK_ID = 0;
   const GREEDY_BELOW = 1e-6;  // charrnn.options.GREEDY_BELOW: a temperature below it is greedy
   const YIELD_MS = 30;        // the longest a stream runs before letting the page draw and take clicks
+  const BATCH_BYTES = 256 * 2 ** 20;   // the most memory one step's logits and state may take
 
   class CharrnnError extends Error {
     constructor(message) { super(message); this.name = "CharrnnError"; }
@@ -211,7 +212,9 @@
     }
     get size() { return this.tokenBytes.length; }
     hasNewline() { return this.tokenBytes.some((b) => b.length === 1 && b[0] === 10); }
-    encode(text) { return this.tokenizer.encode(text, { add_special_tokens: false }).ids; }
+    encode(text) {      // tokenizers.js leaves a word its WordLevel model lacks without an id: [UNK], as in Python
+      return this.tokenizer.encode(text, { add_special_tokens: false }).ids.map((id) => id ?? UNK_ID);
+    }
     pieces(text) {      // the text each id covers (a word vocabulary: one pre-tokenized piece per id)
       return this.tokenizer.pre_tokenizer.pre_tokenize_text(text, {});
     }
@@ -346,7 +349,7 @@
     /** Stream a continuation of `prompt`: an async iterator of arrays, each sample's new text (one entry per
      * sample), until every sample has `length` characters or meets a stop text, or `signal` aborts. */
     async *stream(prompt, options) {
-      const o = checkedOptions(options, this.meta.sampling);
+      const o = this.options(options);
       const text = this.startText(prompt);
       if (o.length === 0) return;
       const rows = o.numSamples, vocabSize = this.vocab.size;
@@ -389,9 +392,19 @@
       return new this.ort.Tensor("float32", out, [layers, rows, hidden]);
     }
 
+    options(options) {            // checked, and the batch's memory within BATCH_BYTES
+      const o = checkedOptions(options, this.meta.sampling), c = this.meta.model;
+      const perRow = 4 * (this.vocab.size + this.stateNames.length * c.layers * c.hidden);
+      if (o.numSamples * perRow > BATCH_BYTES) {
+        throw new CharrnnError(`numSamples ${o.numSamples} needs ${Math.ceil(o.numSamples * perRow / 2 ** 20)} MB ` +
+          `per step; give at most ${Math.floor(BATCH_BYTES / perRow)}`);
+      }
+      return o;
+    }
+
     /** Complete texts: each sample's prompt and continuation. */
     async generate(prompt, options) {
-      const texts = new Array(options?.numSamples ?? 1).fill(prompt);
+      const texts = new Array(this.options(options).numSamples).fill(prompt);
       for await (const pieces of this.stream(prompt, options)) pieces.forEach((p, r) => { texts[r] += p; });
       return texts;
     }

@@ -54,6 +54,19 @@ PROBES = [
           "folder or adapter config is damaged, or whose LoRA base changed",
           "training refused in one line naming the option, the new run's folder not created; loading the damaged "
           "run one line naming the file (or saying the base changed)"),
+    Probe("web-export-hostile", "options",
+          "`export --format web` into a file, a FIFO, a folder of other files, the run itself, an existing page "
+          "without `--force`, a missing parent; from a damaged run or a fine-tuned Hugging Face run; killed "
+          "mid-write; `--int8` with `--fp32`",
+          "refused in one line (exit 2) and nothing written or changed; an interrupted export leaves the old page "
+          "as it was and no partial folder"),
+    Probe("web-page-hostile", "web page",
+          "the exported page with `model.js` missing, truncated, foreign script, another format, a non-charrnn "
+          "ONNX graph or damaged model bytes; another run's `model.js`; length, temperature, top-k, top-p, seed "
+          "and samples negative, zero, fractional, huge or infinite; charrnn.js given unknown options or wrong "
+          "types",
+          "a readable message in the page naming the file or option and the fix, never a blank page or a stuck "
+          "button; another run's model.js is simply that model; a bad option fails that generation only"),
     # -- crash consistency and full disks (test_crash.py) --
     Probe("kill-9", "crashes and disks",
           "`kill -9` of `train --resume --checkpoint-every 1` at 30 seeded random moments, mid-write included",
