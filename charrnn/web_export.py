@@ -12,11 +12,15 @@ run encodes prompts with and each id's bytes), the model's shape and the samplin
 
 The weights are int8 where that costs at most :data:`INT8_TOLERANCE` bits/char on the run's validation
 split, measured through both graphs with onnxruntime here; fp32 otherwise, or when the split cannot be read.
+The page's int8 is weight-only (:func:`weight_only_int8`): int8 in the file, restored to fp32 by onnxruntime
+when the page loads it, because onnxruntime-web's int8 kernels are slower than its fp32 ones
+(docs/web.md has the figures); `--int8` for an .onnx file is dynamic quantisation, which computes in int8.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import gzip
 import json
 import math
@@ -30,7 +34,7 @@ import numpy as np
 from . import __version__, cells
 from . import checkpoint as ckpt
 from .errors import CharRNNError
-from .export import SAMPLING_DEFAULTS, export_source, quantize_int8, step_graph
+from .export import SAMPLING_DEFAULTS, export_source, step_graph
 from .fileio import replace_folder
 
 FORMAT_VERSION = 1           # of model.js (charrnn/web/charrnn.js reads the same)
@@ -41,6 +45,9 @@ PAGE_FILES = ("index.html", "style.css", "page.js", "charrnn.js")
 VENDOR_FILES = ("charrnn-vendor.js", "ort-wasm.js", "LICENSES.txt")
 MODEL_FILE = "model.js"
 PRECISIONS = ("auto", "int8", "fp32")
+# The session option (onnxruntime's, charrnn.js gives it too) that folds weight_only_int8's DequantizeLinear
+# nodes into fp32 weights instead of running the matrix products in int8.
+FOLD_WEIGHTS = ("session.disable_quant_qdq", "1")
 
 
 @dataclass
@@ -54,6 +61,33 @@ class WebExportResult:
     note: str                # why the weights are what they are
 
 
+def weight_only_int8(proto):
+    """``proto`` with every weight matrix (each MatMul's and Gather's initializer) stored as int8, one symmetric
+    scale per output (MatMul: per column; Gather: per row), behind a DequantizeLinear node.  onnxruntime folds
+    those nodes into fp32 weights when the session is made with :data:`FOLD_WEIGHTS`."""
+    from onnx import helper, numpy_helper
+
+    weights = {i.name: i for i in proto.graph.initializer}
+    axis_of = {"MatMul": 1, "Gather": 0}
+    nodes = []
+    for node in proto.graph.node:
+        name = node.input[0] if node.op_type == "Gather" else node.input[1] if node.op_type == "MatMul" else None
+        if name in weights and len(weights[name].dims) == 2:
+            axis = axis_of[node.op_type]
+            w = numpy_helper.to_array(weights.pop(name))
+            scale = np.abs(w).max(axis=1 - axis) / 127
+            scale[scale == 0] = 1
+            q = np.rint(w / np.expand_dims(scale, 1 - axis)).astype(np.int8)
+            proto.graph.initializer.remove(next(i for i in proto.graph.initializer if i.name == name))
+            proto.graph.initializer.extend([numpy_helper.from_array(q, f"{name}.int8"),
+                                            numpy_helper.from_array(scale.astype(np.float32), f"{name}.scale")])
+            nodes.append(helper.make_node("DequantizeLinear", [f"{name}.int8", f"{name}.scale"], [name], axis=axis))
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
+
+
 def _bits_per_char(graph: bytes, ids: np.ndarray, token_chars: np.ndarray, state_names) -> float:
     """Bits per character of the one-step ``graph`` over ``ids`` (read in EVAL_STREAMS streams from the zero
     state): the predicted ids' log-loss over the characters they spell (``token_chars`` per id)."""
@@ -61,7 +95,9 @@ def _bits_per_char(graph: bytes, ids: np.ndarray, token_chars: np.ndarray, state
 
     from .runtime import session_options
 
-    session = ort.InferenceSession(graph, session_options(), providers=["CPUExecutionProvider"])
+    options = session_options()
+    options.add_session_config_entry(*FOLD_WEIGHTS)
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     usable = min(len(ids) - 1, EVAL_TARGETS) // EVAL_STREAMS * EVAL_STREAMS
     x = ids[:usable].reshape(EVAL_STREAMS, -1).astype(np.int64)
     y = ids[1:usable + 1].reshape(EVAL_STREAMS, -1).astype(np.int64)
@@ -84,7 +120,7 @@ def choose_weights(loaded, precision: str) -> tuple[str, bytes, dict, str]:
     fp32 = proto.SerializeToString()
     if precision == "fp32":
         return "fp32", fp32, {}, "fp32 as asked (--fp32)"
-    int8 = quantize_int8(proto).SerializeToString()
+    int8 = weight_only_int8(copy.deepcopy(proto)).SerializeToString()
     if precision == "int8":
         return "int8", int8, {}, "int8 as asked (--int8)"
     from .evaluation import held_out_ids

@@ -15,9 +15,17 @@ import pytest
 
 import charrnn
 from charrnn import runtime
-from charrnn.export import export_onnx
+from charrnn.export import export_onnx, step_graph
 from charrnn.portable_random import PortableRandom
-from charrnn.web_export import INT8_TOLERANCE, PAGE_FILES, VENDOR_FILES, choose_weights, export_web
+from charrnn.web_export import (
+    FOLD_WEIGHTS,
+    INT8_TOLERANCE,
+    PAGE_FILES,
+    VENDOR_FILES,
+    choose_weights,
+    export_web,
+    weight_only_int8,
+)
 
 from .conftest import TINY_KW, browser, make_text
 
@@ -236,6 +244,29 @@ def test_int8_is_the_default_only_within_the_tolerance(runs, monkeypatch):
     assert choose_weights(loaded, "auto")[0] == "fp32"
     assert choose_weights(loaded, "fp32")[:2] == ("fp32", charrnn.export.step_graph(loaded.model).SerializeToString())
     assert choose_weights(loaded, "int8")[0] == "int8"
+
+
+def test_weight_only_int8_stores_int8_matrices_and_computes_nearly_fp32(runs):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    loaded = charrnn.checkpoint.load_run(runs["bpe"][0], weights="best")
+    fp32 = step_graph(loaded.model)
+    int8 = weight_only_int8(step_graph(loaded.model))
+    matrices = [i for i in int8.graph.initializer if len(i.dims) == 2]
+    assert matrices and all(i.data_type == onnx.TensorProto.INT8 for i in matrices)
+    assert len(int8.SerializeToString()) < 0.4 * len(fp32.SerializeToString())
+    options = ort.SessionOptions()
+    options.add_session_config_entry(*FOLD_WEIGHTS)
+    sessions = [ort.InferenceSession(g.SerializeToString(), options) for g in (fp32, int8)]
+    ids = loaded.vocab.encode(make_text(300, seed=3)).astype(np.int64)
+    state = [np.zeros((1, 1, 48), np.float32)] * 2
+    for i in ids:
+        out = [s.run(None, {"ids": np.array([i]), "h": h}) for s, h in zip(sessions, state)]
+        state = [o[1] for o in out]
+        scale = np.abs(out[0][0]).max()
+        assert np.abs(out[0][0] - out[1][0]).max() < 0.02 * scale
 
 
 def test_the_folder_holds_every_file_and_the_model_its_weights(runs):

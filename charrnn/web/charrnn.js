@@ -438,7 +438,9 @@
       throw new CharrnnError(`model.js is damaged (its model does not decode: ${e.message}): export the model again`);
     }
     try {
-      return await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+      // disable_quant_qdq: int8 weights become fp32 at load (web_export.FOLD_WEIGHTS; docs/web.md says why)
+      return await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all",
+        extra: { session: { disable_quant_qdq: "1" } } });
     } catch (e) {
       const first = String(e.message || e).split("\n")[0].slice(0, 200);
       throw new CharrnnError(`model.js is damaged (onnxruntime cannot load its model: ${first}): export the ` +
