@@ -264,7 +264,7 @@ def _add_export(sub) -> None:
                                    "with onnxruntime and NumPy alone. --format web: a folder with a page that "
                                    "generates in the browser (no server, no Python; open index.html or publish the "
                                    "folder on any static host) and charrnn.js for your own pages.")
-    p.add_argument("run", help="run directory written by `charrnn train`")
+    p.add_argument("run", help="run directory written by `charrnn train`, or a shipped model (base-en)")
     p.add_argument("--format", choices=["onnx", "web"], default="onnx", help="default %(default)s")
     p.add_argument("--out", required=True, help="onnx: a file ending in .onnx; web: a new or empty folder "
                                                 "(never overwritten without --force)")

@@ -195,12 +195,17 @@ def quantize_int8(proto):
         return onnx.load(out)
 
 
-def export_source(run) -> None:
-    """Refuse a run that is not one of charrnn's own recurrent models (a fine-tuned Hugging Face model)."""
+def export_source(run) -> Path:
+    """The run directory to export: ``run``, or the shipped model it names (base-en); refused when it is not one of
+    charrnn's own recurrent models (a fine-tuned Hugging Face model)."""
+    from . import shipped
+
+    run = Path(shipped.resolve(str(run)))
     if ckpt.is_hf_run(run):
         raise CharRNNError(f"{run} fine-tunes a Hugging Face model; charrnn export writes charrnn's own recurrent "
                            f"models. Its hf/ folder is a transformers model: export that with transformers' tools "
                            f"(for example optimum's ONNX export)")
+    return run
 
 
 @dataclass
@@ -230,7 +235,7 @@ def export_onnx(run, out, *, weights: str = "best", int8: bool = False, force: b
     if not out.parent.is_dir():
         raise CharRNNError(f"the folder of --out {out} does not exist; create it first")
     _onnx()
-    export_source(run)
+    run = export_source(run)
     loaded = ckpt.load_run(run, weights=weights, device="cpu")
     proto = step_graph(loaded.model)
     kind = "fp32"

@@ -127,8 +127,9 @@ def choose_weights(loaded, precision: str) -> tuple[str, bytes, dict, str]:
 
     try:
         ids, _ = held_out_ids(loaded.config, loaded.vocab)
-    except CharRNNError as e:
-        return "fp32", fp32, {}, f"fp32: the validation split to compare int8 against could not be read ({e})"
+    except CharRNNError:
+        return "fp32", fp32, {}, ("fp32: the run's validation split, on which int8 is checked, cannot be read here "
+                                  "(--int8 stores int8 unchecked)")
     if len(ids) <= EVAL_STREAMS:
         return "fp32", fp32, {}, "fp32: the validation split is too short to compare int8 against"
     token_chars = np.array([len(b.decode("utf-8", errors="replace")) for b in loaded.vocab.token_bytes])
@@ -194,10 +195,10 @@ def export_web(run, out, *, weights: str = "best", precision: str = "auto", forc
     """Write ``run``'s page into the folder ``out`` (created; an exported page there is replaced only with
     ``force``).  ``precision``: auto (int8 where it costs at most INT8_TOLERANCE bits/char), int8 or fp32."""
     t0 = time.perf_counter()
-    run, out = Path(run), Path(out)
+    out = Path(out)
     if precision not in PRECISIONS:
         raise CharRNNError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    export_source(run)
+    run = export_source(run)
     _check_out(out, run, force)
     loaded = ckpt.load_run(run, weights=weights, device="cpu")
     kind, graph, bpc, note = choose_weights(loaded, precision)

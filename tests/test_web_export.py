@@ -63,9 +63,10 @@ def chromium():
 class Page:
     """The exported page in the browser, driven as a user drives it."""
 
-    def __init__(self, driver, folder: Path, name: str = "index.html"):
+    def __init__(self, driver, where):
+        """``where``: an exported folder (opened from file://) or a URL."""
         self.driver = driver
-        driver.get((folder / name).as_uri())
+        driver.get((where / "index.html").as_uri() if isinstance(where, Path) else where)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             state = driver.execute_script("const p = window.charrnnPage; return p && [p.ready, p.error || null]")
@@ -116,6 +117,26 @@ def test_greedy_text_in_the_page_equals_charrnn_generate(runs, chromium, kind, p
     assert prompt + got["texts"][0] == greedy(run, prompt, 120)
     assert page.driver.find_element("css selector", "pre.sample").text == prompt + got["texts"][0]
     assert re.search(r"Done: 120 characters", page.text("status")) and page.text("speed").endswith("characters/s")
+
+
+@pytest.mark.slow
+def test_the_folder_works_from_a_static_http_server(runs, chromium):
+    import functools
+    import http.server
+    import threading
+
+    run, folder = runs["char"]
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = Page(chromium, f"http://127.0.0.1:{server.server_address[1]}/")
+        assert page.ready, page.error
+        got = page.generate(prompt="the ", temperature=0, length=80)
+        assert "the " + got["texts"][0] == greedy(run, "the ", 80)
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.slow
