@@ -255,6 +255,7 @@ def test_the_documented_example_runs_in_a_page_of_ones_own(runs, chromium):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_int8_is_the_default_only_within_the_tolerance(runs, monkeypatch):
     run = runs["char"][0]
     loaded = charrnn.checkpoint.load_run(run)
@@ -267,6 +268,7 @@ def test_int8_is_the_default_only_within_the_tolerance(runs, monkeypatch):
     assert choose_weights(loaded, "int8")[0] == "int8"
 
 
+@pytest.mark.slow
 def test_weight_only_int8_stores_int8_matrices_and_computes_nearly_fp32(runs):
     import numpy as np
     import onnx
@@ -290,6 +292,7 @@ def test_weight_only_int8_stores_int8_matrices_and_computes_nearly_fp32(runs):
         assert np.abs(out[0][0] - out[1][0]).max() < 0.02 * scale
 
 
+@pytest.mark.slow
 def test_the_folder_holds_every_file_and_the_model_its_weights(runs):
     folder = runs["word"][1]
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
