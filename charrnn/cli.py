@@ -271,9 +271,10 @@ def _add_export(sub) -> None:
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--int8", action="store_true",
-                           help="store the matrix weights as int8 (onnxruntime dynamic quantisation): a smaller file "
-                                "at nearly fp32's quality (docs/performance.md has the figures). Default for "
-                                "--format web where it costs at most 0.001 bits/char on the run's validation split")
+                           help="store the matrix weights as int8, a smaller file at nearly fp32's quality: for onnx "
+                                "onnxruntime's dynamic quantisation (int8 arithmetic; docs/performance.md), for web "
+                                "weight-only (fp32 arithmetic in the page; docs/web.md). The default for --format web "
+                                "where it costs at most 0.001 bits/char on the run's validation split")
     precision.add_argument("--fp32", action="store_true", help="keep fp32 weights (the default for --format onnx)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file, or an exported page")
     p.set_defaults(func=cmd_export)

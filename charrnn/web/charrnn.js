@@ -97,7 +97,7 @@
     }
     if (o.minP) {
       const probs = softmax(x);
-      const floor = o.minP * Math.max(...probs);
+      const floor = o.minP * probs.reduce((a, b) => Math.max(a, b), 0);
       for (let i = 0; i < x.length; i++) if (probs[i] < floor) x[i] = -Infinity;
     }
     return x;

@@ -6,6 +6,7 @@
   const page = { model: null, ready: false, readyMs: null, lastRun: null, running: null };
   window.charrnnPage = page;
   const FLUSH_MS = 50;     // how often streamed text reaches the page
+  const MAX_SAMPLES = 64;  // boxes the page shows at most (charrnn.js takes as many as memory allows)
 
   function showError(message) {
     $("error").textContent = message;
@@ -25,11 +26,12 @@
   }
 
   function readOptions() {
-    const stop = $("stop").value;
+    const stop = $("stop").value, samples = number("samples", Number) ?? 1;
+    if (samples > MAX_SAMPLES) throw new Error(`Samples: at most ${MAX_SAMPLES} in this page, got ${samples}`);
     return {
       length: number("length", Number), temperature: number("temperature", Number),
       topK: number("top-k", Number), topP: number("top-p", Number), seed: number("seed", (t) => t),
-      numSamples: number("samples", Number) ?? 1, stop: stop ? [unescape(stop)] : [],
+      numSamples: samples, stop: stop ? [unescape(stop)] : [],
     };
   }
 
@@ -58,11 +60,13 @@
 
   async function generate() {
     $("error").hidden = true;
-    let options;
-    try { options = readOptions(); } catch (e) { showError(e.message); return; }
     const prompt = $("prompt").value, controller = new AbortController();
+    let options, unknown;
+    try {                          // checked before anything is shown: a bad option fails this generation only
+      options = page.model.options(readOptions());
+      unknown = page.model.unknown(prompt);
+    } catch (e) { showError(e.message); return; }
     options.signal = controller.signal;
-    const unknown = page.model.unknown(prompt);
     const run = { chars: 0, seconds: 0, firstPieceMs: null, finished: false, stopped: false, texts: [] };
     page.running = controller;
     $("generate").disabled = true;

@@ -176,7 +176,8 @@ def test_bad_options_fail_that_generation_only(setup):
            ("top-k", "0", "topK must be a positive integer"), ("top-k", "2.5", "topK must be"),
            ("top-p", "0", "topP must be in (0, 1]"), ("top-p", "1.5", "topP must be in (0, 1]"),
            ("seed", "-1", "seed must be an integer"), ("seed", "1e30", "seed must be an integer"),
-           ("seed", "9223372036854775808", "seed must be an integer"), ("samples", "0", "numSamples must be")]
+           ("seed", "9223372036854775808", "seed must be an integer"), ("samples", "0", "numSamples must be"),
+           ("samples", "100000", "at most 64 in this page")]
     driver = browser()
     try:
         assert _load(driver, setup["page"])[0]
