@@ -42,6 +42,16 @@ def save_run(model, vocab, path: Path) -> None:
     ckpt.save_weights(path / ckpt.LATEST, model, 0)
 
 
+def measured_run(run_arg, tmp: Path):
+    """(run directory, model, vocabulary): --run's, or the default model with random weights saved under tmp."""
+    if run_arg:
+        loaded = ckpt.load_run(run_arg)
+        return Path(run_arg), loaded.model, loaded.vocab
+    model, vocab = default_model()
+    save_run(model, vocab, tmp / "run")
+    return tmp / "run", model, vocab
+
+
 def rate(stream, batch: int) -> tuple[float, float]:
     """(aggregate chars/s, first character in ms) of one pass over a stream_ids iterator."""
     t0 = time.perf_counter()
@@ -77,14 +87,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="charrnn-export-bench-"))
-    if args.run:
-        run = Path(args.run)
-        loaded = ckpt.load_run(run)
-        model, vocab = loaded.model, loaded.vocab
-    else:
-        model, vocab = default_model()
-        run = tmp / "run"
-        save_run(model, vocab, run)
+    run, model, vocab = measured_run(args.run, tmp)
 
     # Export and load times (medians of 3; export includes reading the run's weights).
     files, export_s, load_s, sizes = {}, {}, {}, {}
@@ -138,8 +141,9 @@ def main(argv=None):
         from charrnn.corpus import load_corpus
         from charrnn.data import eval_streams, split_train_val
 
-        cfg = loaded.config["training"]
-        data = load_corpus(loaded.config["corpus"]["name"], lowercase=cfg["lowercase"],
+        config = ckpt.read_config(run)
+        cfg = config["training"]
+        data = load_corpus(config["corpus"]["name"], lowercase=cfg["lowercase"],
                            newlines_to_spaces=cfg["newlines_to_spaces"], progress=False)
         _, val = split_train_val(data.reencode(vocab), cfg["val_fraction"])
         x, y = (t.long().numpy() for t in eval_streams(val, 64))

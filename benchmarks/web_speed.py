@@ -25,11 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine  # noqa: E402
-from export_speed import rate, save_run  # noqa: E402
-from sample_speed import default_model  # noqa: E402
+from export_speed import measured_run, rate  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from charrnn import checkpoint as ckpt  # noqa: E402
 from charrnn import runtime  # noqa: E402
 from charrnn.export import export_onnx  # noqa: E402
 from charrnn.sampling import Sampler  # noqa: E402
@@ -86,14 +84,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="charrnn-web-bench-"))
-    if args.run:
-        run = Path(args.run)
-        loaded = ckpt.load_run(run)
-        model, vocab = loaded.model, loaded.vocab
-    else:
-        model, vocab = default_model()
-        run = tmp / "run"
-        save_run(model, vocab, run)
+    run, model, vocab = measured_run(args.run, tmp)
     pages, sizes, onnx_files = {}, {}, {}
     for weights in ("int8", "fp32"):
         result = export_web(run, tmp / f"page-{weights}", precision=weights)
