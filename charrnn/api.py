@@ -27,7 +27,7 @@ from .config import build_config
 from .corpus import load_corpus
 from .errors import CharRNNError, OptionError
 from .dynamic import Adapter, dynamic_evaluate, gradient_rms
-from .evaluation import evaluate, held_out_ids, training_ids
+from .evaluation import evaluate, evaluate_labels, held_out_ids, recorded_split, training_ids
 from .generator import Generator
 from .hardware import resolve_device
 from .interfaces import Capabilities
@@ -79,21 +79,30 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
                     sources.check_not_replaced(shipped.resolve(cfg.init_from), out)
                     cfg = build_config(preset, **_source_options(options, cfg.init_from))
             d.check_batch(cfg.batch_size)
-            loaded.append(load_corpus(corpus, lowercase=cfg.lowercase, newlines_to_spaces=cfg.newlines_to_spaces,
-                                      progress=progress))
+            loaded.append(_corpus(cfg)(corpus, lowercase=cfg.lowercase, newlines_to_spaces=cfg.newlines_to_spaces,
+                                       progress=progress))
             if not resume:
                 ckpt.check_new_run_dir(out, force=force)   # the Trainer replaces a forced run when all is checked
             return cfg
 
         cfg = d.on_rank0(prepare)
         # The other ranks load the corpus after rank 0 has encoded it: on its machine they find it cached.
-        data = loaded[0] if loaded else load_corpus(corpus, lowercase=cfg.lowercase,
-                                                    newlines_to_spaces=cfg.newlines_to_spaces, progress=False)
+        data = loaded[0] if loaded else _corpus(cfg)(corpus, lowercase=cfg.lowercase,
+                                                     newlines_to_spaces=cfg.newlines_to_spaces, progress=False)
         trainer = _trainer_class(cfg)(data, cfg, out, resume=resume, progress=progress and d.main,
                           log=log if d.main else (lambda msg: None), dist=d)
         for event, fn in (hooks or {}).items():
             trainer.add_hook(event, fn)
         return trainer.fit()
+
+
+def _corpus(cfg):
+    """What reads the corpus: a labelled corpus's reader (charrnn.labels) with --labels, else load_corpus."""
+    if cfg.labels:
+        from .labels import load_labelled
+
+        return load_labelled
+    return load_corpus
 
 
 def is_pretrained_source(source: str) -> bool:
@@ -117,7 +126,12 @@ def _source_options(options: dict, source: str) -> dict:
 
 
 def _trainer_class(cfg):
-    """The trainer of the run's kind of model: charrnn's own, or a Hugging Face model it starts from."""
+    """The trainer of the run's kind of model: charrnn's own (on a labelled corpus or not), or a Hugging Face model
+    it starts from."""
+    if cfg.labels:
+        from .labelled_training import LabelledTrainer
+
+        return LabelledTrainer
     if cfg.init_from is not None and is_pretrained_source(cfg.init_from):
         from .hf_training import HFTrainer
 
@@ -143,7 +157,8 @@ class LanguageModel(Generator):
         if int8 and device.type != "cpu":
             raise OptionError("int8", "{int8} sampling runs on the CPU only, not on {kind}; drop {int8} or use "
                                       "{device} cpu", kind=device.type)
-        self.sampler = Sampler(self.model, self.vocab, weights="int8" if int8 else "fp32")
+        self.labels = loaded.config.get("labels") or []     # a labelled run's label names (charrnn.labels)
+        self.sampler = Sampler(self.model, self.vocab, weights="int8" if int8 else "fp32", labels=self.labels)
         self.capabilities = dataclasses.replace(self.capabilities, batchable=self.sampler.batchable)
 
     @property
@@ -168,22 +183,49 @@ class LanguageModel(Generator):
         }
 
     def evaluate(self, corpus: str | None = None, *, val_fraction: float | None = None, seq_len: int = 256,
-                 n_streams: int = 16, dynamic: DynamicOptions | None = None) -> dict:
+                 n_streams: int = 16, dynamic: DynamicOptions | None = None, label: str | None = None) -> dict:
         """Loss on the run's validation split, or on all of ``corpus`` (its last ``val_fraction`` when given):
         ``{loss, perplexity}`` per token, ``{bpc, nats_per_char}`` per character (comparable across
         tokenizers and model kinds), ``{tokens, chars}``, all over the text the model predicts: ``[UNK]`` targets
         (words outside a word vocabulary) are not scored, and ``{unk_tokens, unk_chars, unk_share}`` say how
         much of the text they cover.  With ``dynamic`` options, also ``"dynamic"``: the
-        same text read once more with dynamic evaluation (:mod:`charrnn.dynamic`)."""
+        same text read once more with dynamic evaluation (:mod:`charrnn.dynamic`).
+
+        A labelled run (:mod:`charrnn.labels`) is scored on each label's validation text under its label, with
+        each label's figures under ``"labels"`` (only ``label``'s with ``label``); a ``corpus`` is read under
+        ``label`` (default: unlabelled)."""
+        offset = self.sampler.label_offset(label)
+        if self.labels and dynamic is not None:
+            raise OptionError("dynamic", "applies to runs without labels in this version; drop it")
+        if self.labels and corpus is None:
+            return self._evaluate_labels(label, seq_len, n_streams)
         ids, chars = held_out_ids(self.config, self.vocab, corpus, val_fraction)
         unk_chars = unknown(self.vocab, ids[1:], chars)[1]
         # The step sizes first: they refuse a segment the memory or the training split cannot hold.
         rms = self._gradient_rms(dynamic) if dynamic is not None else None
         result = evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars,
-                          unk_chars=unk_chars)
+                          unk_chars=unk_chars, label=offset // self.model.config.vocab_size)
         if dynamic is not None:
             result["dynamic"] = dynamic_evaluate(self.model, ids, rms, dynamic, chars, unk_chars)
         return result
+
+    def _evaluate_labels(self, label: str | None, seq_len: int, n_streams: int) -> dict:
+        """The run's validation: each label's validation text (as training split it) under its label."""
+        from .labels import load_labelled
+
+        corpus, val_fraction = recorded_split(self.config)
+        norm = self.config.get("training", {})
+        labelled = load_labelled(corpus, lowercase=norm.get("lowercase", False),
+                                 newlines_to_spaces=norm.get("newlines_to_spaces", False), progress=False)
+        parts = labelled.splits(val_fraction, self.vocab)[1]
+        known = {name: k for k, name in enumerate(self.labels)}
+        parts = {known[labelled.labels[k]]: ids for k, ids in parts.items() if labelled.labels[k] in known
+                 and (label is None or labelled.labels[k] == label)}
+        if not parts:
+            raise OptionError("label", "{value} has no validation text in {corpus}; give another label or "
+                                       "{corpus}", value=label or "no label", corpus=corpus)
+        return evaluate_labels(self.model, parts, self.labels, seq_len=seq_len, n_streams=n_streams,
+                               device=self.device)
 
     def _gradient_rms(self, options: DynamicOptions) -> dict[str, torch.Tensor]:
         return gradient_rms(self.model, training_ids(self.config, self.vocab), options.dynamic_segment)

@@ -307,6 +307,9 @@ def _add_eval(sub) -> None:
                         "holds out (the same text for every model)")
     p.add_argument("--weights", choices=["best", "latest"], default="best", help="default %(default)s")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default %(default)s")
+    p.add_argument("--label", metavar="NAME", help="of a run trained with --labels: that label's validation text "
+                                                   "only (default: every label's, one row each), or --corpus read "
+                                                   "under it (default: unlabelled)")
     p.add_argument("--json", action="store_true",
                    help='print {"loss", "perplexity"} per token, {"bpc", "nats_per_char"} per character, {"tokens", '
                         '"chars"} scored, and {"unk_tokens", "unk_chars", "unk_share"}: the [UNK] tokens (words '
@@ -348,6 +351,8 @@ def cmd_eval(args) -> int:
         if not lm.capabilities.dynamic:
             raise CharRNNError("--dynamic applies to charrnn runs; drop it for a Hugging Face model")
         windows["dynamic"] = dynamic
+    if args.label is not None:
+        windows["label"] = args.label
     r = lm.evaluate(args.corpus, val_fraction=args.val_fraction, **windows)
     if args.json:
         print(json.dumps(r))
@@ -362,6 +367,9 @@ def cmd_eval(args) -> int:
         print(f"{where}: {r['bpc']:.4f} bits/char ({r['nats_per_char']:.4f} nats/char) over {r['chars']:,} "
               f"characters; loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f} over "
               f"{r['tokens']:,} {lm.vocab.kind} tokens ({weights}){unscored_note(r)}")
+    for name, lr in r.get("labels", {}).items():
+        print(f"  label {name}: {lr['bpc']:.4f} bits/char, loss {lr['loss']:.4f} nats/char over {lr['chars']:,} "
+              "characters")
     if args.dynamic:
         d = r["dynamic"]
         print(f"dynamic evaluation (lr {d['dynamic_lr']:g}, decay {d['dynamic_decay']:g}, segments of "

@@ -149,6 +149,29 @@ class StreamBatches:
         return chunk[:, :-1], chunk[:, 1:]
 
 
+@dataclass
+class LabelTargets:
+    """Batches of label-space ids (``label * vocab_size + id``, :mod:`charrnn.labels`) whose targets are plain ids:
+    ``batches``' inputs as they are, its targets modulo ``vocab_size``."""
+
+    batches: WindowBatches | StreamBatches
+    vocab_size: int
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self.batches.ids
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.batches.steps_in_epoch(epoch)
+
+    def nominal_steps_per_epoch(self) -> int:
+        return self.batches.nominal_steps_per_epoch()
+
+    def batch(self, epoch: int, step: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batches.batch(epoch, step, rows)
+        return x, y % self.vocab_size
+
+
 def eval_streams(ids: np.ndarray, n_streams: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a text into ``n_streams`` contiguous streams for evaluation.
 

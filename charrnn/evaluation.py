@@ -65,7 +65,7 @@ def unscored_note(r: dict) -> str:
 def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int = 16,
              device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
              dist: Dist = SINGLE, chars: int | None = None, unk_chars: int | None = None,
-             scored: np.ndarray | None = None) -> dict:
+             scored: np.ndarray | None = None, label: int = 0) -> dict:
     """The loss of every id of ``ids`` (but the first), each predicted once, but ``[UNK]``.
 
     The text is cut into ``n_streams`` contiguous streams that run side by side; each
@@ -74,6 +74,8 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     ``unk_chars`` those inside ``[UNK]`` targets (default: one per target).  ``scored``, a boolean per id, leaves
     the targets where it is False out as ``[UNK]`` targets are (a character model scored over the characters a
     word model predicts: benchmarks/bits_per_char.py).
+
+    ``label``: a labelled model (:mod:`charrnn.labels`) reads ``ids`` under that label.
 
     Under data parallelism (``dist`` active; every rank calls this) each rank reads its own
     share of the streams and the loss sums are added up over the ranks, so every rank gets
@@ -96,7 +98,7 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
         with ThreadPolicy(on=device.type == "cpu") as threads:
             for t in range(0, x.shape[1] if len(x) else 0, seq_len):
                 threads.update()
-                xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64)
+                xb = x[:, t : t + seq_len].to(device=device, dtype=torch.int64) + label * model.config.vocab_size
                 yb = y[:, t : t + seq_len].to(device=device, dtype=torch.int64)
                 with autocast(device, amp_dtype), ops.evaluation():
                     logits, state = model(xb, state)
@@ -105,6 +107,18 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
         model.train(was_training)
     dist.sum_(total)
     return scores(float(total), targets, unk_tokens, chars, unk_chars)
+
+
+def evaluate_labels(model: CharLM, parts: dict[int, np.ndarray], labels: list[str], **options) -> dict:
+    """A labelled model (:mod:`charrnn.labels`) on each label's text ``parts`` (by label id), each read under its
+    label with :func:`evaluate`'s ``options``: the figures over all of them (every label's text weighing as its
+    characters do), and each label's own under ``"labels"`` (name -> :func:`scores`)."""
+    per_label, total, targets = {}, 0.0, 0
+    for label, ids in parts.items():
+        r = evaluate(model, ids, label=label, **options)
+        per_label[labels[label]] = r
+        total, targets = total + r["loss"] * r["tokens"], targets + r["tokens"]
+    return {**scores(total, targets, 0), "labels": per_label}
 
 
 def held_out_ids(run_config: dict, vocab, corpus: str | None = None,

@@ -44,7 +44,6 @@ from . import checkpoint as ckpt
 from .errors import CharRNNError
 from .fileio import atomic_write_bytes
 from .models.charlm import CharLM
-from .ops.table import input_table
 from .vocab import Vocab
 
 FORMAT_VERSION = 1
@@ -101,9 +100,7 @@ def _layers(g: _Graph, model: CharLM) -> tuple[str, list[tuple[str, ...]]]:
     cell = cells.cell(c.arch)
     nodes = cell.impl_module().onnx
     with torch.no_grad():
-        w0, b0 = rnn.weight_ih_l0.float().cpu(), rnn.bias_ih_l0.float().cpu()
-        embedding = model.embedding.weight.float().cpu() if model.embedding is not None else None
-        table = g.const("input_table", input_table(w0, b0, embedding).contiguous().numpy())  # as Stepper's
+        table = g.const("input_table", model.input_projection().float().cpu().contiguous().numpy())  # as Stepper's
     split = g.const("gate_split", np.full(cell.gates, c.hidden, dtype=np.int64))
     x = None
     new = []

@@ -34,7 +34,7 @@ from .vocab import UNK_ID, Vocab
 
 FORMAT_VERSION = 1  # the export format this runtime reads (charrnn.export.FORMAT_VERSION)
 # Sampling parameters the runtime does not decode (the PyTorch sampler does): refused unless left at their defaults.
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "stop", "logprobs")
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "stop", "logprobs", "label")
 _DEFAULT = SamplingParams()
 
 

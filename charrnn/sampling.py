@@ -8,10 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .decoding import Decoding
-from .errors import CharRNNError
+from .errors import CharRNNError, OptionError
+from .labels import label_weights
 from .hardware import check_sampling_fits
 from .interfaces import Reader
 from .models.charlm import CharLM, State
@@ -42,10 +44,11 @@ class Sampler:
     (:class:`charrnn.hf.PretrainedReader`).  The model-specific methods below hand over to the reader."""
 
     def __init__(self, model: CharLM | Reader, vocab: Vocab | None = None, weights: str = "fp32",
-                 backend: str = "auto"):
-        """Over a :class:`CharLM` and its ``vocab`` (``weights`` and ``backend``: see :class:`Stepper`), or over
-        any :class:`charrnn.interfaces.Reader` given alone (a pretrained transformer's, :mod:`charrnn.hf`)."""
-        self.reader: Reader = model if vocab is None else RunReader(model, vocab, weights, backend)
+                 backend: str = "auto", labels: Sequence[str] | None = None):
+        """Over a :class:`CharLM` and its ``vocab`` (``weights`` and ``backend``: see :class:`Stepper`; ``labels``:
+        a labelled run's label names), or over any :class:`charrnn.interfaces.Reader` given alone (a pretrained
+        transformer's, :mod:`charrnn.hf`)."""
+        self.reader: Reader = model if vocab is None else RunReader(model, vocab, weights, backend, labels)
         # What generation, decoding and the server's engine read of the model; fixed for the sampler's life.
         self.model, self.vocab, self.device = self.reader.model, self.reader.vocab, self.reader.device
         self.stepper = self.reader.stepper
@@ -77,11 +80,18 @@ class Sampler:
         """The ids the model reads for ``prompt`` (what a repetition penalty counts as seen)."""
         return self.reader.prompt_ids(prompt)
 
-    def prime(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list]:
-        """Run each prompt through the model; the last logits ``(batch, vocab)`` and the state.
+    def prime(self, prompts: Sequence[str], offset: int = 0) -> tuple[torch.Tensor, list]:
+        """Run each prompt through the model (under a label: ``offset``, the reader's ``label_offset``); the last
+        logits ``(batch, vocab)`` and the state.
 
         After token healing the logits allow only the ids that start with the prompt's last token."""
-        return self.reader.prime(prompts)
+        return self.reader.prime(prompts, offset) if offset else self.reader.prime(prompts)
+
+    def label_offset(self, label: str | None) -> int:
+        """What the ids of a run trained with --labels are shifted by under ``label`` (:mod:`charrnn.labels`)."""
+        if label is not None and not isinstance(self.reader, RunReader):
+            raise OptionError("label", "applies to a run trained with --labels; this model has no labels")
+        return self.reader.label_offset(label) if label is not None else 0
 
     def token_text(self, i: int) -> str:
         """The text of id ``i`` alone (the alternatives of a log-probability record)."""
@@ -93,15 +103,16 @@ class Sampler:
         self.check_fits("num_samples", len(prompts), len(prompts))
         if decoding.steps_left <= 0:
             return
+        offset = self.label_offset(decoding.params.label)
         with ThreadPolicy(on=self.device.type == "cpu") as threads:
-            logits, state = self.prime(prompts)
+            logits, state = self.prime(prompts, offset)
             while True:
                 ids = decoding.choose(logits)
                 yield ids
                 if decoding.steps_left <= 0:
                     return
                 threads.update()
-                logits, state = self.stepper.step(ids, state)
+                logits, state = self.stepper.step(ids + offset if offset else ids, state)
 
     def stream_ids(self, prompts: Sequence[str], length: int, params: SamplingParams | None = None,
                    **options) -> Iterator[torch.Tensor]:
@@ -226,8 +237,9 @@ class RunReader:
     :class:`charrnn.interfaces.Reader`): prompts through the fused recurrent kernel, then one step of
     :class:`Stepper` per token."""
 
-    def __init__(self, model: CharLM, vocab: Vocab, weights: str = "fp32", backend: str = "auto"):
-        """``weights`` and ``backend``: see :class:`Stepper`."""
+    def __init__(self, model: CharLM, vocab: Vocab, weights: str = "fp32", backend: str = "auto",
+                 labels: Sequence[str] | None = None):
+        """``weights`` and ``backend``: see :class:`Stepper`; ``labels``: a labelled run's label names."""
         if model.config.vocab_size != len(vocab):
             raise CharRNNError(f"model has {model.config.vocab_size} ids but the vocabulary {len(vocab)}; "
                                "the run directory is inconsistent, retrain it")
@@ -237,7 +249,22 @@ class RunReader:
         self.stepper = Stepper(model, weights, backend)
         self.batchable = True     # int8 too: each row's activations are quantised on their own
         self.prompt_cache: PromptCache | None = None     # off unless asked for (the server turns it on)
+        self.labels = list(labels or [])
+        if len(self.labels) != model.config.n_labels:
+            raise CharRNNError(f"the run names {len(self.labels)} labels but its model reads {model.config.n_labels}; "
+                               "the run directory is inconsistent, retrain it")
 
+    def label_offset(self, label: str | None) -> int:
+        """What ``label`` (a name; None: unlabelled) adds to the ids the model reads (:mod:`charrnn.labels`)."""
+        if label is None:
+            return 0
+        if not self.labels:
+            raise OptionError("label", "applies to a run trained with --labels; this run has no labels")
+        weights = label_weights(label, self.labels)
+        if np.count_nonzero(weights) > 1:
+            raise OptionError("label", "asks for a mix of labels ({value}), which this version does not generate; "
+                                       "give one label", value=label)
+        return int(np.argmax(weights)) * self.model.config.vocab_size
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
         """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).
 
@@ -258,19 +285,21 @@ class RunReader:
         return self.healed(prompt)[0]
 
     @torch.inference_mode()
-    def prime(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list]:
-        """Run each prompt through the model; the last logits ``(batch, vocab)`` and the state.
+    def prime(self, prompts: Sequence[str], offset: int = 0) -> tuple[torch.Tensor, list]:
+        """Run each prompt through the model (under the label :meth:`label_offset` gave ``offset``); the last
+        logits ``(batch, vocab)`` and the state.
 
         After token healing the logits allow only the ids that start with the prompt's last token."""
         logits, states = [], []
         by_prompt: dict[str, tuple] = {}
+        cache = self.prompt_cache if not offset else None       # the cache holds unlabelled prompts
         for p in prompts:
             if p not in by_prompt:
-                by_prompt[p] = self.prompt_cache.get(p) if self.prompt_cache is not None else None
+                by_prompt[p] = cache.get(p) if cache is not None else None
                 if by_prompt[p] is None:
-                    by_prompt[p] = self._read_prompt(p)
-                    if self.prompt_cache is not None:
-                        self.prompt_cache.put(p, by_prompt[p])
+                    by_prompt[p] = self._read_prompt(p, offset)
+                    if cache is not None:
+                        cache.put(p, by_prompt[p])
             out, st = by_prompt[p]
             logits.append(out)
             states.append(st)
@@ -284,14 +313,14 @@ class RunReader:
         """The text of id ``i`` alone (the alternatives of a log-probability record)."""
         return self.vocab.token_bytes[i].decode("utf-8", errors="replace")
 
-    def _read_prompt(self, prompt: str) -> tuple[torch.Tensor, State]:
+    def _read_prompt(self, prompt: str, offset: int = 0) -> tuple[torch.Tensor, State]:
         """The logits after ``prompt`` ``(1, vocab)`` and the model's state; after token healing the logits
         allow only the ids that start with the prompt's last token."""
         ids, tail = self.healed(prompt)
         st = None
         # In pieces, so that a long prompt costs its ids, not a row of activations per character.
         for piece in ids.to(self.device).split(PRIME_CHUNK):
-            out, st = self.model(piece[None], st)
+            out, st = self.model(piece[None] + offset, st)
         out = out[:, -1]
         if tail:            # token healing: the first token completes the prompt's last one
             allowed = torch.from_numpy(self.vocab.starting_with(tail)).to(out.device)

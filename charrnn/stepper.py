@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from . import cells, native, ops
 from .errors import CharRNNError
 from .models.charlm import CharLM, State
-from .ops.table import input_table
 
 WEIGHT_FORMATS = ("fp32", "int8")
 BACKENDS = ("auto", "native", "python")
@@ -106,8 +105,7 @@ class Stepper:
         rnn = model.rnn
         int8 = weights == "int8"
         with torch.no_grad():
-            embedding = model.embedding.weight if model.embedding is not None else None
-            self.table = input_table(rnn.weight_ih_l0, rnn.bias_ih_l0, embedding).float().contiguous()
+            self.table = model.input_projection().float().contiguous()
             self.lin_ih = [None] + [_Linear(getattr(rnn, f"weight_ih_l{i}"), getattr(rnn, f"bias_ih_l{i}"), int8)
                                     for i in range(1, c.layers)]
             self.lin_hh = [] if self.cell.input_only else [

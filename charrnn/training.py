@@ -696,7 +696,9 @@ class Validation:
         t.console.write(f"step {s.step} ({why}): val loss {loss:.4f} nats/{unit}, {result['bpc']:.4f} bits/char"
                         + (" (best)" if loss == s.best_val else "") + unscored_note(result))
         t._emit("after_eval", {"step": s.step, "epoch": s.epoch, "time": round(s.train_time, 3),
-                               "val_loss": loss, "val_bpc": result["bpc"], "val_unk_share": result["unk_share"]})
+                               "val_loss": loss, "val_bpc": result["bpc"], "val_unk_share": result["unk_share"],
+                               **({"val_labels": {k: r["bpc"] for k, r in result["labels"].items()}}
+                                  if "labels" in result else {})})
 
 
 class Samples:

@@ -11,7 +11,7 @@ import pytest
 import charrnn
 from charrnn import cli as cli_module
 from charrnn import native
-from charrnn.config import ModelConfig, TrainConfig, build_config, option_fields, option_names
+from charrnn.config import FROM_CORPUS, ModelConfig, TrainConfig, build_config, option_fields, option_names
 from charrnn.errors import CharRNNError, OptionError, flag
 from charrnn.options import GenerationOptions, check_beam_width, check_sampling_options
 
@@ -42,7 +42,8 @@ def test_model_options_are_nested_and_given_by_their_own_names():
     assert build_config(model=ModelConfig(hidden=32), layers=2).model == ModelConfig(hidden=32, layers=2)
     assert build_config(model={"hidden": 32}).model.hidden == 32
     d = cfg.to_dict()
-    assert d["model"] == {"arch": "lstm", "embed": 0, "hidden": 64, "layers": 1, "dropout": 0.0, "weight_drop": 0.0}
+    assert d["model"] == {"arch": "lstm", "embed": 0, "hidden": 64, "layers": 1, "dropout": 0.0, "weight_drop": 0.0,
+                          "label_on": "input"}
     assert "hidden" not in d and TrainConfig.from_dict(json.loads(json.dumps(d))) == cfg
     with pytest.raises(CharRNNError, match="unknown training option.*hiden"):
         build_config(hiden=3)
@@ -75,7 +76,7 @@ def test_runs_written_before_the_nesting_load_and_resume(small_corpus, tmp_path)
 def test_every_option_field_is_a_flag_of_train_and_generate():
     parser = cli_module.build_parser()
     subs = next(a for a in parser._actions if a.dest == "command").choices
-    nested = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+    nested = {f.name for f in dataclasses.fields(ModelConfig)} - set(FROM_CORPUS)
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"} | nested
     assert set(option_names(TrainConfig)) == train_fields
     for command, cls in (("train", TrainConfig), ("generate", GenerationOptions)):

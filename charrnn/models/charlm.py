@@ -37,11 +37,32 @@ class CharLM(nn.Module):
         self.rnn = cell.impl_module().build(cell, in_size, c.hidden, c.layers, dropout)
         self.drop = ops.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
+        # A labelled model (charrnn.labels) reads ids in label space: label * vocab_size + id.
+        self.label_embedding = (nn.Embedding(c.n_labels, in_size)
+                                if c.n_labels and c.label_on in ("input", "both") else None)
+        if self.label_embedding is not None:
+            nn.init.zeros_(self.label_embedding.weight)     # every label starts as the plain model
+        n_state = len(cell.state)
+        self.initial_state = (nn.Parameter(torch.zeros(c.n_labels, n_state, c.layers, c.hidden))
+                              if c.n_labels and c.label_on in ("state", "both") else None)
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.embedding is None:
-            return F.one_hot(ids, self.config.vocab_size).to(self.head.weight.dtype)
-        return self.embedding(ids)
+        """The first layer's inputs for ``ids`` (label-space ids of a labelled model: its label embedding added)."""
+        v = self.config.vocab_size
+        chars = ids % v if self.config.n_labels else ids
+        x = (F.one_hot(chars, v).to(self.head.weight.dtype) if self.embedding is None else self.embedding(chars))
+        if self.label_embedding is not None:
+            x = x + self.label_embedding(ids // v).to(x.dtype)
+        return x
+
+    def labelled_state(self, ids: torch.Tensor, state: State | None) -> State | None:
+        """The state a labelled model starts from: each row's label's learned initial state (``state`` None and
+        the label read on the state), else ``state``."""
+        if state is not None or self.initial_state is None:
+            return state
+        h0 = self.initial_state[ids[:, 0] // self.config.vocab_size]      # (batch, states, layers, hidden)
+        parts = tuple(h0[:, k].transpose(0, 1).contiguous() for k in range(h0.shape[1]))
+        return parts if len(parts) > 1 else parts[0]
 
     def forward(self, ids: torch.Tensor, state: State | None = None, last_only: bool = False,
                 features: bool = False) -> tuple[torch.Tensor, State]:
@@ -54,12 +75,13 @@ class CharLM(nn.Module):
         # validation (ops.evaluation()); GPU (cuDNN) and other no_grad inference (sampling)
         # keep self.rnn.
         wd = self.config.weight_drop if self.training else 0.0
+        state = self.labelled_state(ids, state)
         if self._fast_lookup(ids):
             # The output layer (and its dropout) goes inside the last layer's backward, unless only
             # the last position is wanted.
             p = self.drop.p if self.training else 0.0
             fold = not last_only and not features and ops.head_usable(self.rnn, self.head, p)
-            y, state = ops.rnn_forward(self.rnn, None, state, table=self._input_table(), ids=ids,
+            y, state = ops.rnn_forward(self.rnn, None, state, table=self.input_projection(), ids=ids,
                                        weight_drop=wd, head=self.head if fold else None, head_dropout=p)
             if fold:
                 return y, state
@@ -86,10 +108,17 @@ class CharLM(nn.Module):
         return (ids.dim() == 2
                 and ops.supported(self.rnn, ids.device, self.rnn.weight_ih_l0.dtype))
 
-    def _input_table(self) -> torch.Tensor:
-        """The first layer's input projection of every id, (vocab, gates * hidden)."""
+    def input_projection(self) -> torch.Tensor:
+        """The first layer's input projection of every id, (vocab, gates * hidden); of a labelled model, of every
+        label-space id (labels * vocab rows: each label's projection added to every id's)."""
         w = self.embedding.weight if self.embedding is not None else None
-        return ops.input_table(self.rnn.weight_ih_l0, self.rnn.bias_ih_l0, w)
+        table = ops.input_table(self.rnn.weight_ih_l0, self.rnn.bias_ih_l0, w)
+        if not self.config.n_labels:
+            return table
+        if self.label_embedding is None:
+            return table.repeat(self.config.n_labels, 1)
+        shift = F.linear(self.label_embedding.weight.to(table.dtype), self.rnn.weight_ih_l0.to(table.dtype))
+        return (shift[:, None, :] + table[None]).reshape(-1, table.shape[1])
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

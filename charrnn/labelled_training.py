@@ -1,0 +1,101 @@
+"""LabelledTrainer: :class:`charrnn.training.Trainer` for a labelled corpus (:mod:`charrnn.labels`).
+
+What differs from a plain run: every label's text is split into training and validation parts on its own (the
+last ``--val-fraction`` of each), so every label is validated; the training windows are cut from the labels'
+training parts one after another, in label space (``label * vocab_size + id``), so each window's inputs carry
+their label; validation scores each label's part under its own label, and the run's validation loss is their
+mean over all the characters (each label weighing as much as its text).  ``config.json`` holds the label names
+(``labels``); the metrics hold each label's validation bits/char (``val_labels``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .data import LabelTargets, StreamBatches, WindowBatches
+from .errors import OptionError
+from .evaluation import evaluate_labels
+from .hardware import check_model_fits
+from .labels import LabelledCorpus
+from .models.charlm import CharLM
+from .training import Trainer, check_samples, unigram_proposal
+
+
+def check_options(cfg) -> None:
+    """Refuse the options a labelled run does not take (yet)."""
+    for option, value, why in (("tokenizer", cfg.tokenizer != "char", "reads characters"),
+                               ("init_from", cfg.init_from is not None, "starts from random weights")):
+        if value:
+            raise OptionError(option, "cannot be combined with {labels}: a labelled run " + why + " in this "
+                                      "version; leave it out")
+
+
+class LabelledTrainer(Trainer):
+    """:class:`charrnn.training.Trainer` for a :class:`charrnn.labels.LabelledCorpus` (see the module)."""
+
+    def _prepare(self, corpus: LabelledCorpus, resume: bool, progress: bool) -> None:
+        cfg = self.cfg
+        check_options(cfg)
+        self.init = None
+        self.vocab = corpus.vocab
+        v = len(self.vocab)
+        parts, self.val_parts = corpus.splits(cfg.val_fraction)
+        train = [ids.astype(np.int64) + label * v for label, ids in enumerate(parts)]
+        missing = [corpus.labels[k] for k, ids in enumerate(train[1:], 1) if not len(ids)]
+        if missing:
+            raise OptionError("labels", "label {names} has no text; give it .txt files or remove it",
+                              names=", ".join(missing))
+        if cfg.val_fraction and not self.val_parts:
+            raise OptionError("val_fraction", "leaves no label a validation text of two characters; raise "
+                                              "{val_fraction}")
+        self.train_ids = np.concatenate(train)
+        self.val_ids = np.concatenate(list(self.val_parts.values())) if self.val_parts else np.zeros(0, np.int64)
+        self.val_chars = sum(len(ids) - 1 for ids in self.val_parts.values())
+        self.chars_per_token = self.chars_per_scored_token = 1.0
+        self.val_unk_chars, self.scores_unk = 0, False
+        batches = (StreamBatches(self.train_ids, cfg.seq_len, cfg.batch_size, cfg.seed) if cfg.stateful else
+                   WindowBatches(self.train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step))
+        self.batches = LabelTargets(batches, v)
+        self.proposal = unigram_proposal(self.train_ids % v, v) if cfg.sampled_softmax else None
+        self.labels = corpus.labels
+        self.model_cfg = cfg.model_config(v, len(corpus.labels))
+        check_model_fits(self.model_cfg.training_bytes(cfg.batch_size // self.dist.world, cfg.seq_len),
+                         self.model_cfg.num_parameters(), self.device)
+        check_samples(self)
+        torch.manual_seed(cfg.seed)
+        self.model = CharLM(self.model_cfg)
+
+    def sampler(self):
+        """Samples during training: unlabelled."""
+        from .sampling import Sampler
+
+        return Sampler(self.model, self.vocab, labels=self.labels)
+
+    def _config_json(self) -> dict:
+        return {**super()._config_json(), "labels": self.labels}
+
+    def _saved(self) -> tuple[dict, dict]:
+        config = ckpt.read_config(self.run_dir)
+        if config.get("labels") != self.labels:
+            raise OptionError("labels", "the run in {run} was trained on the labels {saved}, this corpus has {now}; "
+                                        "resume with the run's labelled corpus", run=self.run_dir,
+                              saved=", ".join(config.get("labels") or ["none"]), now=", ".join(self.labels))
+        return super()._saved()
+
+    def validate(self) -> dict:
+        """Each label's validation part scored under its label (:func:`charrnn.evaluation.evaluate_labels`)."""
+        cfg = self.cfg
+        return evaluate_labels(self.model, self.val_parts, self.labels, seq_len=max(cfg.seq_len, 256),
+                               n_streams=cfg.eval_streams, device=self.device, amp_dtype=self.amp_dtype,
+                               dist=self.dist)
+
+    def summary(self) -> str:
+        chars = {name: len(ids) for name, ids in zip(self.labels, np.split(self.train_ids, self._cuts()))}
+        counts = ", ".join(f"{name} {n:,}" for name, n in chars.items() if n)
+        return super().summary() + f"\nlabels (training characters): {counts}"
+
+    def _cuts(self) -> list[int]:
+        v = len(self.vocab)
+        return [int(np.searchsorted(self.train_ids // v, k)) for k in range(1, len(self.labels))]
