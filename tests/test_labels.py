@@ -192,3 +192,35 @@ def test_resuming_with_another_corpus_kind_is_one_line(run, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "labels" in err, err
     code, _, err = cli(capsys, "generate", unlabelled, "--prompt", "s", "--label", "soft")
     assert code == 2 and "no labels" in err
+
+
+@pytest.mark.slow
+def test_serve_generates_by_label_and_batches_labels_together(run):
+    import concurrent.futures
+
+    import httpx
+
+    from charrnn.serve import Limits, create_app
+
+    from .conftest import running
+
+    lm = charrnn.load(run)
+    app = create_app(lm, Limits(max_batch=16))
+    with running(app) as url:
+        def generate(label, seed):
+            body = {"prompt": " ", "length": 120, "temperature": 0.8, "seed": seed, "label": label}
+            return httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:      # labels side by side in the server's batch
+            answers = list(pool.map(generate, ["soft", "hard", None] * 2, range(6)))
+        for (label, seed), r in zip([("soft", 0), ("hard", 1), (None, 2)] * 2, answers):
+            assert r.status_code == 200, r.text
+            assert r.json()["samples"] == lm.generate(" ", 120, temperature=0.8, seed=r.json()["seed"],
+                                                      label=label)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": " ", "max_tokens": 100, "seed": 5,
+                                                       "label": "hard"}, timeout=60)
+        assert r.status_code == 200 and _share(r.json()["choices"][0]["text"], CAPS) > 0.9
+        for path, body in (("/v1/generate", {"prompt": "a", "label": "loud"}),
+                           ("/v1/completions", {"prompt": "a", "label": "loud"})):
+            r = httpx.post(f"{url}{path}", json=body, timeout=60)
+            assert r.status_code in (400, 422) and "unlabelled, hard, soft" in r.text, r.text

@@ -340,10 +340,10 @@ def test_a_failing_request_fails_alone_and_the_server_keeps_serving(lm):
         def __getattr__(self, name):
             return getattr(self.sampler, name)
 
-        def prime(self, prompts):
+        def prime(self, prompts, offset=0):
             if prompts[0] == "boom":
                 raise RuntimeError("injected failure")
-            return self.sampler.prime(prompts)
+            return self.sampler.prime(prompts, offset)
 
     flaky = types.SimpleNamespace(**vars(lm))
     flaky.sampler = Flaky(lm.sampler)

@@ -47,6 +47,7 @@ log = logging.getLogger("charrnn.serve")
 # A request's target (path and query), and its line and headers together: past them, 414 and 431.
 MAX_URL_BYTES = 8 * 1024
 MAX_HEAD_BYTES = 16 * 1024
+LABEL_CHARS = 1000          # a label request (a name, or a mix of names and weights) at most
 
 
 class GenerateRequest(BaseModel):
@@ -67,6 +68,7 @@ class GenerateRequest(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20)
     num_samples: int = _DEFAULTS.num_samples
     seed: int | None = Field(_SAMPLING.seed, ge=0, lt=2**63)
+    label: str | None = Field(_SAMPLING.label, max_length=LABEL_CHARS)
 
     def to_sampling_params(self) -> SamplingParams:
         """The request's sampling parameters, checked: an :class:`OptionError` names the field at fault."""
@@ -103,6 +105,7 @@ class _Endpoints:
         try:
             check_shape(req.length, req.num_samples)
             params = req.to_sampling_params()
+            self.lm.sampler.label_offset(params.label)  # a label the run has
             self.lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
         except CharRNNError as e:
             raise RequestError(422, str(e)) from None  # an OptionError names the field: "top_p must be ..."

@@ -151,14 +151,17 @@ class _Rows:
         self.jobs: list[Job] = []
         self.logits: torch.Tensor | None = None
         self.state = None
+        self.offsets: torch.Tensor | None = None      # each row's label offset (charrnn.labels; 0: unlabelled)
         self._choice: BatchChoice | None = None
 
-    def add(self, job: Job, logits: torch.Tensor, state) -> None:
-        """Append ``job``'s rows, primed: its logits ``(num_samples, vocab)`` and its state."""
+    def add(self, job: Job, logits: torch.Tensor, state, offset: int = 0) -> None:
+        """Append ``job``'s rows, primed: its logits ``(num_samples, vocab)``, its state and its label's offset."""
+        offsets = torch.full((job.num_samples,), offset, dtype=torch.long, device=logits.device)
         if self.jobs:
             self.logits, self.state = torch.cat([self.logits, logits]), _cat_states([self.state, state])
+            self.offsets = torch.cat([self.offsets, offsets])
         else:
-            self.logits, self.state = logits, state
+            self.logits, self.state, self.offsets = logits, state, offsets
         self.jobs.append(job)
         self._choice = None
 
@@ -175,8 +178,9 @@ class _Rows:
         if rows:
             index = torch.tensor(rows, device=self.logits.device)
             self.logits, self.state = self.logits.index_select(0, index), select_state(self.state, index)
+            self.offsets = self.offsets.index_select(0, index)
         else:
-            self.logits = self.state = None
+            self.logits = self.state = self.offsets = None
         self.jobs = kept
         self._choice = None
 
@@ -189,7 +193,7 @@ class _Rows:
         return ids, [(next(j for j in self.jobs if j.decoding is d), e) for d, e in failed]
 
     def step(self, ids: torch.Tensor) -> None:
-        self.logits, self.state = self.stepper.step(ids, self.state)
+        self.logits, self.state = self.stepper.step(ids + self.offsets if self.offsets.any() else ids, self.state)
 
     def read(self, steps: list[torch.Tensor]) -> dict[Job, tuple[list[str], list[list[dict]]]]:
         """Each job's new text and records for the ids chosen this hop (``steps``: one ``(rows,)`` per step)."""
@@ -390,10 +394,11 @@ class Engine:
             job.decoding = Decoding(self.sampler, prompts, job.length, job.params)
             job.remaining = job.decoding.steps_left
             if job.remaining > 0:
-                logits, state = self.sampler.prime(prompts)
+                offset = self.sampler.label_offset(job.params.label)
+                logits, state = self.sampler.prime(prompts, offset)
                 if not (self.batch_requests and self._rows):
                     self._rows.append(_Rows(self.sampler.stepper))
-                self._rows[-1].add(job, logits, state)
+                self._rows[-1].add(job, logits, state, offset)
         except Exception as e:  # a bug, not a user error: fail this request only
             _fail(job, e)
 

@@ -56,6 +56,7 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
     logit_bias: dict | None = None
     user: str | None = None      # accepted, ignored
+    label: str | None = Field(None, max_length=1000)   # charrnn's extra field: a labelled run's label (docs/serving.md)
 
     @model_validator(mode="before")
     @classmethod
@@ -131,6 +132,7 @@ class OpenAIEndpoints:
         try:
             check_shape(req.max_tokens, req.n)
             params = req.to_sampling_params()
+            self.lm.sampler.label_offset(params.label)      # a label the run has
             for prompt in prompts:
                 self.lm.sampler.encode_prompt(prompt)
         except OptionError as e:
