@@ -28,6 +28,7 @@ onnxruntime exposes as ``InferenceSession.get_modelmeta().custom_metadata_map``.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ META_MODEL = "charrnn.model"
 META_SAMPLING = "charrnn.sampling"
 META_WEIGHTS = "charrnn.weights"
 META_SOURCE = "charrnn.source"
+META_LABELS = "charrnn.labels"        # a labelled run's: {"names": [...], "initial_state": base64 float32 or null}
 
 
 def _onnx():
@@ -154,10 +156,24 @@ def step_graph(model: CharLM):
     return proto
 
 
+def labels_metadata(model: CharLM, run_config: dict) -> dict | None:
+    """A labelled run's label names and, when the label is read on the state, each label's initial state
+    (float32 ``(labels, state tensors, layers, hidden)``, base64): what a runtime starts each label from.  The
+    graph reads ids in label space (``label * vocab_size + id``)."""
+    if not model.config.n_labels:
+        return None
+    initial = model.initial_state
+    packed = (None if initial is None else
+              base64.b64encode(initial.detach().float().cpu().contiguous().numpy().tobytes()).decode("ascii"))
+    return {"names": run_config.get("labels", []), "initial_state": packed}
+
+
 def metadata(model: CharLM, vocab: Vocab, run_config: dict, weights_file: str, weights: str) -> dict[str, str]:
     """What the runtime needs besides the graph (all values are strings)."""
     corpus = run_config.get("corpus", {})
+    labels = labels_metadata(model, run_config)
     return {
+        **({META_LABELS: json.dumps(labels)} if labels else {}),
         META_FORMAT: str(FORMAT_VERSION),
         META_VERSION: __version__,
         META_VOCAB: json.dumps(vocab.to_json(), ensure_ascii=False),

@@ -17,6 +17,7 @@ sampler reads it with the fused recurrent kernel: same numbers within float roun
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ import numpy as np
 from .cells import cell
 from .errors import CharRNNError, OptionError
 from .interfaces import Capabilities
+from .labels import label_weights
 from .options import GREEDY_BELOW, SamplingParams, check_shape, start_text
 from .portable_random import PortableRandom
 from .tokens import TextStream, TokenVocab
@@ -34,7 +36,7 @@ from .vocab import UNK_ID, Vocab
 
 FORMAT_VERSION = 1  # the export format this runtime reads (charrnn.export.FORMAT_VERSION)
 # Sampling parameters the runtime does not decode (the PyTorch sampler does): refused unless left at their defaults.
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "stop", "logprobs", "label")
+UNSUPPORTED = ("presence_penalty", "frequency_penalty", "stop", "logprobs")
 _DEFAULT = SamplingParams()
 
 
@@ -144,6 +146,7 @@ class ExportedModel:
             self.sampling_defaults = json.loads(self.metadata["charrnn.sampling"])
             self.arch, self.layers, self.hidden = self.config["arch"], self.config["layers"], self.config["hidden"]
             self.state_names = list(cell(self.arch).state)   # an unknown cell: CharRNNError
+            self.labels, self.initial_state = self._labels(self.metadata.get("charrnn.labels"))
             self.sampling_params()          # the stored defaults are valid
         except (KeyError, TypeError, AttributeError, ValueError, RecursionError, CharRNNError) as e:
             raise CharRNNError(f"{path} has damaged charrnn metadata ({e}); export the run again") from None
@@ -153,6 +156,34 @@ class ExportedModel:
         if problem:
             raise CharRNNError(f"{path}: its charrnn metadata does not match its graph ({problem}); the file was "
                                "altered, export the run again")
+
+    def _labels(self, meta: str | None) -> tuple[list[str], np.ndarray | None]:
+        """A labelled export's label names and initial states (``(labels, states, layers, hidden)``, or None)."""
+        n = self.config.get("n_labels", 0)
+        if meta is None:
+            if n:
+                raise ValueError(f"the model reads {n} labels and the file names none")
+            return [], None
+        meta = json.loads(meta)
+        names, packed = list(meta["names"]), meta["initial_state"]
+        if len(names) != n or not all(isinstance(x, str) for x in names):
+            raise ValueError(f"{len(names)} label names for a model of {n} labels")
+        if packed is None:
+            return names, None
+        shape = (n, len(self.state_names), self.layers, self.hidden)
+        return names, np.frombuffer(base64.b64decode(packed, validate=True), dtype=np.float32).reshape(shape)
+
+    def label_index(self, label: str | None) -> int:
+        """The label ``label`` names (None: unlabelled, 0); an OptionError for another label or a mix."""
+        if label is None:
+            return 0
+        if not self.labels:
+            raise OptionError("label", "applies to a model trained with --labels; this one has no labels")
+        weights = label_weights(label, self.labels)
+        if np.count_nonzero(weights) > 1:
+            raise OptionError("label", "asks for a mix of labels ({value}), which this version does not generate; "
+                                       "give one label", value=label)
+        return int(np.argmax(weights))
 
     def _graph_mismatch(self) -> str | None:
         """What differs between the graph's inputs and outputs and the model the metadata describes."""
@@ -171,8 +202,11 @@ class ExportedModel:
         return None
 
     # -- the one-step model --------------------------------------------------------------
-    def zero_state(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((self.layers, batch, self.hidden), dtype=np.float32) for _ in self.state_names]
+    def zero_state(self, batch: int, label: int = 0) -> list[np.ndarray]:
+        """The state generation starts from: zeros, or ``label``'s learned initial state."""
+        if self.initial_state is None:
+            return [np.zeros((self.layers, batch, self.hidden), dtype=np.float32) for _ in self.state_names]
+        return [np.repeat(self.initial_state[label, k][:, None, :], batch, axis=1) for k in range(len(self.state_names))]
 
     def step(self, ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """``ids (batch,)`` and the state -> ``logits (batch, vocab)`` and the new state."""
@@ -188,15 +222,17 @@ class ExportedModel:
             out.append(logits[0])
         return np.stack(out) if out else np.zeros((0, len(self.vocab)), dtype=np.float32)
 
-    def prime(self, prompts: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Read every prompt (each distinct prompt once); the last logits ``(batch, vocab)`` and the state."""
+    def prime(self, prompts: Sequence[str], label: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Read every prompt (each distinct prompt once, under ``label``); the last logits ``(batch, vocab)`` and
+        the state."""
         by_prompt: dict[str, tuple] = {}
+        offset = label * len(self.vocab)
         for p in prompts:
             if p not in by_prompt:
-                state = self.zero_state(1)
+                state = self.zero_state(1, label)
                 ids, tail = self.vocab.heal(start_text(p, self.vocab.chars))
                 for i in ids:
-                    logits, state = self.step(np.array([i], dtype=np.int64), state)
+                    logits, state = self.step(np.array([i + offset], dtype=np.int64), state)
                 if tail:            # token healing: the first token completes the prompt's last one
                     logits = np.where(self.vocab.starting_with(tail), logits, -np.inf).astype(np.float32)
                 by_prompt[p] = (logits, state)
@@ -214,7 +250,7 @@ class ExportedModel:
         """The file, its model and vocabulary (as a run's ``describe``)."""
         return {"file": self.path.name, "kind": "onnx", "model": self.config, "tokenizer": self.vocab.kind,
                 "vocabulary": "".join(self.vocab.chars) if self.vocab.kind == "char" else len(self.vocab),
-                "device": "cpu", "int8": self.weights == "int8"}
+                "device": "cpu", "int8": self.weights == "int8", **({"labels": self.labels} if self.labels else {})}
 
     # -- generation (the interface of charrnn.api.LanguageModel) -------------------------
     def unknown_chars(self, text: str) -> list[str]:
@@ -250,9 +286,10 @@ class ExportedModel:
         check_shape(length, len(prompts) or 1)
         rng = PortableRandom(params.seed)
         repetition_penalty = params.repetition_penalty
+        label = self.label_index(params.label)
         if length == 0:
             return
-        logits, state = self.prime(prompts)
+        logits, state = self.prime(prompts, label)
         seen = None
         if repetition_penalty != 1:
             seen = np.zeros((len(prompts), len(self.vocab)), dtype=bool)
@@ -267,7 +304,7 @@ class ExportedModel:
                 seen[np.arange(len(ids)), ids] = True
             yield ids
             if i + 1 < length:
-                logits, state = self.step(ids, state)
+                logits, state = self.step(ids + label * len(self.vocab), state)
 
     def stream(self, prompt: str | Sequence[str] = "\n", length: int = 1000, *, num_samples: int = 1,
                params: SamplingParams | None = None, **options) -> Iterator[list[str]]:

@@ -34,7 +34,7 @@ import numpy as np
 from . import __version__, cells
 from . import checkpoint as ckpt
 from .errors import CharRNNError
-from .export import SAMPLING_DEFAULTS, export_source, step_graph
+from .export import SAMPLING_DEFAULTS, export_source, labels_metadata, step_graph
 from .fileio import replace_folder
 
 FORMAT_VERSION = 1           # of model.js (charrnn/web/charrnn.js reads the same)
@@ -152,7 +152,7 @@ def model_json(loaded, graph: bytes, weights: str, bits_per_char: dict) -> dict:
                       "token_bytes": [base64.b64encode(b).decode("ascii") for b in vocab.token_bytes],
                       "banned": list(vocab.banned)}
     return {
-        "format": FORMAT_VERSION, "charrnn": __version__,
+        "format": FORMAT_VERSION, "charrnn": __version__, "labels": labels_metadata(loaded.model, loaded.config),
         "model": loaded.model.config.to_dict(), "state": list(cells.cell(loaded.model.config.arch).state),
         "vocab": vocab_meta, "sampling": SAMPLING_DEFAULTS, "weights": weights, "bits_per_char": bits_per_char,
         "source": {"weights_file": loaded.weights, "corpus": loaded.config.get("corpus", {}).get("name")},

@@ -224,3 +224,40 @@ def test_serve_generates_by_label_and_batches_labels_together(run):
                            ("/v1/completions", {"prompt": "a", "label": "loud"})):
             r = httpx.post(f"{url}{path}", json=body, timeout=60)
             assert r.status_code in (400, 422) and "unlabelled, hard, soft" in r.text, r.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label_on", ["input", "both"])
+def test_export_runtime_and_page_generate_by_label_as_pytorch_does(tmp_path, label_on):
+    from charrnn import runtime
+    from charrnn.export import export_onnx
+    from charrnn.web_export import export_web
+
+    from .test_web_export import Page
+    from .conftest import browser
+
+    corpus = labelled_corpus(tmp_path / "corpus", 1500)
+    charrnn.train(str(corpus), tmp_path / "run", labels=True, label_on=label_on, **{**FAST, "max_steps": 150})
+    lm = charrnn.load(tmp_path / "run")
+    export_onnx(tmp_path / "run", tmp_path / "m.onnx")
+    rt = runtime.load(tmp_path / "m.onnx")
+    assert rt.labels == lm.labels
+    page_folder = export_web(tmp_path / "run", tmp_path / "page", precision="fp32").path
+    driver = browser()
+    try:
+        page = Page(driver, page_folder)
+        assert page.ready, page.error
+        shown = [o.text for o in driver.find_elements("css selector", "#label option")]
+        assert shown == lm.labels
+        for label in (None, "soft", "hard"):
+            want = lm.generate(" X", 80, temperature=0, label=label)[0]
+            assert rt.generate(" X", 80, temperature=0, label=label)[0] == want
+            page.set(label=label or "")
+            assert " X" + page.generate(prompt=" X", temperature=0, length=80)["texts"][0] == want
+        seeded = rt.generate(" ", 80, temperature=0.9, seed=5, label="soft")[0]
+        page.set(label="soft")
+        assert " " + page.generate(prompt=" ", temperature=0.9, seed=5, length=80)["texts"][0] == seeded
+    finally:
+        driver.quit()
+    with pytest.raises(charrnn.errors.OptionError, match="unlabelled, hard, soft"):
+        rt.generate(" ", 5, label="loud")

@@ -260,7 +260,7 @@
 
   function checkedOptions(options, defaults) {
     const o = { length: 1000, numSamples: 1, temperature: defaults.temperature ?? 1, topK: defaults.top_k ?? null,
-      topP: defaults.top_p ?? null, minP: null, seed: null, stop: [], signal: null };
+      topP: defaults.top_p ?? null, minP: null, seed: null, stop: [], signal: null, label: null };
     for (const [name, value] of Object.entries(options || {})) {
       if (!(name in o)) throw new CharrnnError(`unknown option ${name}; the options are ${Object.keys(o).join(", ")}`);
       if (value != null) o[name] = value;
@@ -300,16 +300,40 @@
     constructor(meta, session, ort, vocab) {
       this.meta = meta; this.session = session; this.ort = ort; this.vocab = vocab;
       this.stateNames = meta.state;
+      this.labels = meta.labels ? meta.labels.names : [];
+      this.initialState = meta.labels && meta.labels.initial_state ? new Float32Array(
+        fromBase64(meta.labels.initial_state).buffer) : null;
       const c = meta.model;
       this.info = { arch: c.arch, layers: c.layers, hidden: c.hidden, vocabulary: meta.vocab.kind,
         vocabSize: vocab.size, weights: meta.weights, bitsPerChar: meta.bits_per_char, charrnn: meta.charrnn,
-        source: meta.source };
+        source: meta.source, labels: this.labels };
     }
 
-    zeroState(batch) {
-      const c = this.meta.model;
-      return this.stateNames.map(() => new this.ort.Tensor("float32",
-        new Float32Array(c.layers * batch * c.hidden), [c.layers, batch, c.hidden]));
+    zeroState(batch, label = 0) {   // zeros, or the label's learned initial state (charrnn.runtime.zero_state)
+      const c = this.meta.model, size = c.layers * c.hidden;
+      return this.stateNames.map((_, k) => {
+        const data = new Float32Array(c.layers * batch * c.hidden);
+        if (this.initialState) {
+          const start = (label * this.stateNames.length + k) * size;
+          for (let l = 0; l < c.layers; l++) {
+            const row = this.initialState.subarray(start + l * c.hidden, start + (l + 1) * c.hidden);
+            for (let b = 0; b < batch; b++) data.set(row, (l * batch + b) * c.hidden);
+          }
+        }
+        return new this.ort.Tensor("float32", data, [c.layers, batch, c.hidden]);
+      });
+    }
+
+    labelIndex(label) {           // charrnn.runtime.ExportedModel.label_index: one label's name, or null
+      if (label == null || label === "") return 0;
+      if (!this.labels.length) {
+        throw new CharrnnError("label applies to a model trained with --labels; this one has no labels");
+      }
+      const k = this.labels.indexOf(label);
+      if (k < 0) {
+        throw new CharrnnError(`label '${label}' is not one of the run's labels: ${this.labels.join(", ")}`);
+      }
+      return k;
     }
 
     async step(ids, state) {      // ids: numbers (batch) -> { logits: Float32Array (batch * vocab), state }
@@ -331,11 +355,11 @@
     /** The distinct characters (or words) of `prompt` the model does not know: they are read as [UNK]. */
     unknown(prompt) { return this.vocab.unknown(prompt); }
 
-    async prime(text) {           // charrnn.runtime.ExportedModel.prime, for one prompt
-      const { ids, tail } = this.vocab.heal(text);
-      let state = this.zeroState(1), logits = null, last = performance.now();
+    async prime(text, label = 0) {   // charrnn.runtime.ExportedModel.prime, for one prompt
+      const { ids, tail } = this.vocab.heal(text), offset = label * this.vocab.size;
+      let state = this.zeroState(1, label), logits = null, last = performance.now();
       for (const id of ids) {
-        ({ logits, state } = await this.step([id], state));
+        ({ logits, state } = await this.step([id + offset], state));
         if (performance.now() - last > YIELD_MS) { await nextTask(); last = performance.now(); }
       }
       logits = Float32Array.from(logits);
@@ -354,7 +378,8 @@
       if (o.length === 0) return;
       const rows = o.numSamples, vocabSize = this.vocab.size;
       const rng = new PortableRandom(o.seed ?? randomSeed());
-      const primed = await this.prime(text);
+      const label = this.labelIndex(o.label), offset = label * vocabSize;
+      const primed = await this.prime(text, label);
       const logits = new Float32Array(rows * vocabSize);
       for (let r = 0; r < rows; r++) logits.set(primed.logits, r * vocabSize);
       let state = primed.state.map((t) => this.repeat(t, rows));
@@ -377,7 +402,7 @@
           return text;
         });
         if (finished.every(Boolean)) return;
-        ({ logits: current, state } = await this.step(ids, state));
+        ({ logits: current, state } = await this.step(ids.map((id) => id + offset), state));
         if (performance.now() - last > YIELD_MS) { await nextTask(); last = performance.now(); }
       }
       if (o.signal?.aborted) yield finished.map((done, r) => (done ? "" : stops.flush(r)));
@@ -394,6 +419,7 @@
 
     options(options) {            // checked, and the batch's memory within BATCH_BYTES
       const o = checkedOptions(options, this.meta.sampling), c = this.meta.model;
+      this.labelIndex(o.label);
       const perRow = 4 * (this.vocab.size + this.stateNames.length * c.layers * c.hidden);
       if (o.numSamples * perRow > BATCH_BYTES) {
         throw new CharrnnError(`numSamples ${o.numSamples} needs ${Math.ceil(o.numSamples * perRow / 2 ** 20)} MB ` +

@@ -31,7 +31,7 @@
     return {
       length: number("length", Number), temperature: number("temperature", Number),
       topK: number("top-k", Number), topP: number("top-p", Number), seed: number("seed", (t) => t),
-      numSamples: samples, stop: stop ? [unescape(stop)] : [],
+      numSamples: samples, stop: stop ? [unescape(stop)] : [], label: $("label").value || null,
     };
   }
 
@@ -40,6 +40,17 @@
     return `${info.arch.toUpperCase()} ${info.layers} × ${info.hidden}, ${info.vocabulary} vocabulary of ` +
       `${info.vocabSize}, ${info.weights} weights` + (bpc ? `, ${bpc.toFixed(3)} bits/char on validation` : "") +
       `. Runs in this page (charrnn ${info.charrnn}, onnxruntime-web); nothing is sent anywhere.`;
+  }
+
+  function showLabels(labels) {      // a labelled model's labels to choose from (the first: unlabelled)
+    if (!labels.length) return;
+    for (const [k, name] of labels.entries()) {
+      const option = document.createElement("option");
+      option.value = k ? name : "";
+      option.textContent = name;
+      $("label").append(option);
+    }
+    $("label-field").hidden = false;
   }
 
   function outputs(prompt, rows) {
@@ -124,6 +135,7 @@
       if (!window.charrnn) throw new Error("charrnn.js did not load (missing or damaged): export the model again");
       page.model = await window.charrnn.load();
       $("about").textContent = describe(page.model.info);
+      showLabels(page.model.info.labels);
       page.ready = true;
       page.readyMs = performance.now();
       $("generate").disabled = false;
