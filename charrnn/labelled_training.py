@@ -14,22 +14,32 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import sources
 from .data import LabelTargets, StreamBatches, WindowBatches
 from .errors import OptionError
 from .evaluation import evaluate_labels
 from .hardware import check_model_fits
 from .labels import LabelledCorpus
 from .models.charlm import CharLM
-from .training import Trainer, check_samples, unigram_proposal
+from .training import Trainer, check_samples, resumed_vocab, unigram_proposal
 
 
 def check_options(cfg) -> None:
     """Refuse the options a labelled run does not take (yet)."""
-    for option, value, why in (("tokenizer", cfg.tokenizer != "char", "reads characters"),
-                               ("init_from", cfg.init_from is not None, "starts from random weights")):
-        if value:
-            raise OptionError(option, "cannot be combined with {labels}: a labelled run " + why + " in this "
-                                      "version; leave it out")
+    if cfg.tokenizer != "char":
+        raise OptionError("tokenizer", "cannot be combined with {labels}: a labelled run reads characters in this "
+                                       "version; leave it out")
+
+
+def _source(cfg, resume: bool):
+    """``--init-from``'s source (a charrnn run without labels, or a shipped model), when a new run starts from one."""
+    if not cfg.init_from or resume:
+        return None
+    source = sources.read(cfg.init_from)
+    if source.model.config.n_labels:
+        raise OptionError("init_from", "{init_from} is a labelled run; a labelled run starts from a run without "
+                                       "labels (or from scratch) in this version")
+    return source
 
 
 class LabelledTrainer(Trainer):
@@ -38,10 +48,14 @@ class LabelledTrainer(Trainer):
     def _prepare(self, corpus: LabelledCorpus, resume: bool, progress: bool) -> None:
         cfg = self.cfg
         check_options(cfg)
-        self.init = None
-        self.vocab = corpus.vocab
+        source = _source(cfg, resume)
+        self.init = source.describe() if source is not None else None     # config.json's "init" (resumed: its own)
+        if resume:
+            self.vocab = self.dist.on_rank0(lambda: resumed_vocab(self.run_dir, cfg)) or corpus.vocab
+        else:
+            self.vocab = sources.vocabulary(source, corpus.vocab) if source is not None else corpus.vocab
         v = len(self.vocab)
-        parts, self.val_parts = corpus.splits(cfg.val_fraction)
+        parts, self.val_parts = corpus.splits(cfg.val_fraction, self.vocab)
         train = [ids.astype(np.int64) + label * v for label, ids in enumerate(parts)]
         missing = [corpus.labels[k] for k, ids in enumerate(train[1:], 1) if not len(ids)]
         if missing:
@@ -66,6 +80,8 @@ class LabelledTrainer(Trainer):
         check_samples(self)
         torch.manual_seed(cfg.seed)
         self.model = CharLM(self.model_cfg)
+        if source is not None:
+            sources.load_weights(self.model, source)
 
     def sampler(self):
         """Samples during training: unlabelled."""

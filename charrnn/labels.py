@@ -141,6 +141,11 @@ def load_labelled(spec: str, lowercase: bool = False, newlines_to_spaces: bool =
                           newlines_to_spaces)
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """``text`` as an error message quotes it: cut at ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def label_weights(request: str | None, labels: list[str]) -> np.ndarray:
     """The weight of every label (summing to 1) that ``request`` asks for: a label's name, or a weighted mix
     ``a=0.7,b=0.3`` (weights scaled to sum to 1); ``None`` or empty: :data:`UNLABELLED`."""
@@ -152,7 +157,7 @@ def label_weights(request: str | None, labels: list[str]) -> np.ndarray:
         name, eq, value = piece.partition("=")
         name = name.strip()
         if name not in labels:
-            raise OptionError("label", "'{value}' is not one of the run's labels: {known}", value=name,
+            raise OptionError("label", "'{value}' is not one of the run's labels: {known}", value=shown(name),
                               known=", ".join(labels))
         try:
             w = float(value) if eq else 1.0
@@ -160,6 +165,6 @@ def label_weights(request: str | None, labels: list[str]) -> np.ndarray:
             w = math.nan
         if not (math.isfinite(w) and w > 0):
             raise OptionError("label", "weights must be positive numbers, as in a=0.7,b=0.3; got '{value}'",
-                              value=piece.strip())
+                              value=shown(piece.strip()))
         weights[labels.index(name)] += w
     return weights / weights.sum()

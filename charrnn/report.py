@@ -84,6 +84,7 @@ def _draw_curves(runs: list[Path], labels: list[str]):
             if m["val"]:
                 ax.plot([r[x] / scale for r in m["val"]], [bits_per_char(r, "val_") for r in m["val"]], color=colour,
                         marker="o", markersize=4, linewidth=1.8, label=f"{label} validation")
+            _draw_labels(ax, [r for r in m["val"] if "val_labels" in r], x, scale, label)
         drawn = drawn or bool(m["train"] or m["val"])
     if not drawn:
         plt.close(fig)
@@ -97,6 +98,13 @@ def _draw_curves(runs: list[Path], labels: list[str]):
     fig.suptitle("training (thin) and validation (dots) loss")
     fig.tight_layout()
     return fig, plt
+
+
+def _draw_labels(ax, records: list[dict], x: str, scale: float, run_label: str) -> None:
+    """A labelled run's validation curve of every label (dashed; :mod:`charrnn.labels`)."""
+    for name in records[0]["val_labels"] if records else []:
+        ax.plot([r[x] / scale for r in records], [r["val_labels"].get(name, math.nan) for r in records],
+                linestyle="--", marker=".", linewidth=1, label=f"{run_label} validation, {name}")
 
 
 def _png(fig, plt) -> bytes:
@@ -193,6 +201,8 @@ def write_report(run, out, force: bool = False, weights: str = "best") -> Path:
     best_text = f"{best['val_loss']:.4f} nats/{unit} = {best_bpc}" if best else "n/a"
     if best and best.get("val_unk_share"):
         best_text += f" over the text outside [UNK] ({best['val_unk_share']:.1%} of the characters, not scored)"
+    if best and best.get("val_labels"):
+        best_text += "; by label: " + ", ".join(f"{k} {v:.4f}" for k, v in best["val_labels"].items())
     facts = [
         ("best validation loss", best_bpc),
         ("parameters", f"{n_params:,}"),

@@ -28,7 +28,7 @@ import numpy as np
 from .cells import cell
 from .errors import CharRNNError, OptionError
 from .interfaces import Capabilities
-from .labels import label_weights
+from .labels import label_weights, shown
 from .options import GREEDY_BELOW, SamplingParams, check_shape, start_text
 from .portable_random import PortableRandom
 from .tokens import TextStream, TokenVocab
@@ -182,7 +182,7 @@ class ExportedModel:
         weights = label_weights(label, self.labels)
         if np.count_nonzero(weights) > 1:
             raise OptionError("label", "asks for a mix of labels ({value}), which this version does not generate; "
-                                       "give one label", value=label)
+                                       "give one label", value=shown(label))
         return int(np.argmax(weights))
 
     def _graph_mismatch(self) -> str | None:

@@ -13,7 +13,7 @@ import torch
 
 from .decoding import Decoding
 from .errors import CharRNNError, OptionError
-from .labels import label_weights
+from .labels import label_weights, shown
 from .hardware import check_sampling_fits
 from .interfaces import Reader
 from .models.charlm import CharLM, State
@@ -263,7 +263,7 @@ class RunReader:
         weights = label_weights(label, self.labels)
         if np.count_nonzero(weights) > 1:
             raise OptionError("label", "asks for a mix of labels ({value}), which this version does not generate; "
-                                       "give one label", value=label)
+                                       "give one label", value=shown(label))
         return int(np.argmax(weights)) * self.model.config.vocab_size
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
         """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).

@@ -126,6 +126,9 @@ def vocabulary(source: Source, corpus_vocab: Vocab):
     return source.vocab.grown(corpus_vocab.chars) if source.vocab.kind == "char" else source.vocab
 
 
+LABEL_PARAMETERS = ("label_embedding", "initial_state")     # what a labelled CharLM has beyond a plain one
+
+
 @torch.no_grad()
 def load_weights(model: CharLM, source: Source) -> None:
     """Give ``model`` (built for the new vocabulary, randomly initialised) the source's weights: every tensor
@@ -133,6 +136,8 @@ def load_weights(model: CharLM, source: Source) -> None:
     old = source.model.state_dict()
     known = source.model.config.vocab_size
     for name, tensor in model.state_dict().items():
+        if name not in old and name.split(".")[0] in LABEL_PARAMETERS:
+            continue                    # a labelled model's labels start at zero: each label is the source
         theirs = old[name]
         if tensor.shape == theirs.shape:
             tensor.copy_(theirs)

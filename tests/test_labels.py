@@ -261,3 +261,31 @@ def test_export_runtime_and_page_generate_by_label_as_pytorch_does(tmp_path, lab
         driver.quit()
     with pytest.raises(charrnn.errors.OptionError, match="unlabelled, hard, soft"):
         rt.generate(" ", 5, label="loud")
+
+
+@pytest.mark.slow
+def test_report_and_plot_draw_every_labels_curve(run, tmp_path, capsys):
+    from charrnn.report import read_metrics
+
+    assert all("val_labels" in r for r in read_metrics(run)["val"])
+    code, _, err = cli(capsys, "report", run, "--out", tmp_path / "r.html")
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert "by label: unlabelled" in page and "soft" in page and "hard" in page
+    code, _, err = cli(capsys, "plot", run, "--out", tmp_path / "p.png")
+    assert code == 0 and (tmp_path / "p.png").stat().st_size > 1000, err
+
+
+@pytest.mark.slow
+def test_a_labelled_run_starts_from_a_plain_run(tmp_path):
+    corpus = labelled_corpus(tmp_path / "corpus", 1500)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("the common text, and some other words. " * 200, encoding="utf-8")
+    charrnn.train(str(plain), tmp_path / "base", **{**FAST, "max_steps": 30})
+    charrnn.train(str(corpus), tmp_path / "run", labels=True, init_from=str(tmp_path / "base"),
+                  **{**FAST, "max_steps": 200})
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["init"]["from"] == str((tmp_path / "base").resolve()) and config["labels"][0] == UNLABELLED
+    lm = charrnn.load(tmp_path / "run")
+    assert _share(lm.generate(" ", 200, temperature=0.5, seed=1, label="hard")[0], CAPS) > 0.8
+    charrnn.train(str(corpus), tmp_path / "run", resume=True, **{**FAST, "max_steps": 210})

@@ -67,6 +67,13 @@ PROBES = [
           "types",
           "a readable message in the page naming the file or option and the fix, never a blank page or a stuck "
           "button; another run's model.js is simply that model; a bad option fails that generation only"),
+    Probe("labels-hostile", "options",
+          "`train --labels` on a plain file, a folder without label folders, an empty label folder, a label "
+          "folder holding a FIFO or a non-UTF-8 file, a binary or damaged manifest, a manifest naming missing "
+          "files, a label named with ',' or '='; `--label` empty-weighted, NaN, unknown, 10,000 characters, a "
+          "mix, on a run without labels, in a server request and in the web page",
+          "refused in one line (exit 2, a 400/422 naming `label`, a message in the page) naming the label or "
+          "file and the known labels; nothing written; the requests beside it finish"),
     # -- crash consistency and full disks (test_crash.py) --
     Probe("kill-9", "crashes and disks",
           "`kill -9` of `train --resume --checkpoint-every 1` at 30 seeded random moments, mid-write included",
