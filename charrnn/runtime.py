@@ -28,7 +28,7 @@ import numpy as np
 from .cells import cell
 from .errors import CharRNNError, OptionError
 from .interfaces import Capabilities
-from .labels import label_weights, shown
+from .labels import label_index
 from .options import GREEDY_BELOW, SamplingParams, check_shape, start_text
 from .portable_random import PortableRandom
 from .tokens import TextStream, TokenVocab
@@ -175,15 +175,7 @@ class ExportedModel:
 
     def label_index(self, label: str | None) -> int:
         """The label ``label`` names (None: unlabelled, 0); an OptionError for another label or a mix."""
-        if label is None:
-            return 0
-        if not self.labels:
-            raise OptionError("label", "applies to a model trained with --labels; this one has no labels")
-        weights = label_weights(label, self.labels)
-        if np.count_nonzero(weights) > 1:
-            raise OptionError("label", "asks for a mix of labels ({value}), which this version does not generate; "
-                                       "give one label", value=shown(label))
-        return int(np.argmax(weights))
+        return label_index(label, self.labels)
 
     def _graph_mismatch(self) -> str | None:
         """What differs between the graph's inputs and outputs and the model the metadata describes."""

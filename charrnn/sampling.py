@@ -8,12 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .decoding import Decoding
 from .errors import CharRNNError, OptionError
-from .labels import label_weights, shown
+from .labels import label_index
 from .hardware import check_sampling_fits
 from .interfaces import Reader
 from .models.charlm import CharLM, State
@@ -256,15 +255,8 @@ class RunReader:
 
     def label_offset(self, label: str | None) -> int:
         """What ``label`` (a name; None: unlabelled) adds to the ids the model reads (:mod:`charrnn.labels`)."""
-        if label is None:
-            return 0
-        if not self.labels:
-            raise OptionError("label", "applies to a run trained with --labels; this run has no labels")
-        weights = label_weights(label, self.labels)
-        if np.count_nonzero(weights) > 1:
-            raise OptionError("label", "asks for a mix of labels ({value}), which this version does not generate; "
-                                       "give one label", value=shown(label))
-        return int(np.argmax(weights)) * self.model.config.vocab_size
+        return label_index(label, self.labels) * self.model.config.vocab_size
+
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
         """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).
 
