@@ -21,7 +21,7 @@ from .evaluation import evaluate_labels
 from .hardware import check_model_fits
 from .labels import LabelledCorpus
 from .models.charlm import CharLM
-from .training import Trainer, check_samples, resumed_vocab, unigram_proposal
+from .training import Trainer, check_same_corpus, check_samples, resumed_vocab, unigram_proposal
 
 
 def check_options(cfg) -> None:
@@ -48,6 +48,7 @@ class LabelledTrainer(Trainer):
     def _prepare(self, corpus: LabelledCorpus, resume: bool, progress: bool) -> None:
         cfg = self.cfg
         check_options(cfg)
+        check_same_corpus(corpus, self.dist)
         source = _source(cfg, resume)
         self.init = source.describe() if source is not None else None     # config.json's "init" (resumed: its own)
         if resume:

@@ -478,12 +478,17 @@ def not_finite(loss: float, step: int) -> CharRNNError:
                        "checkpoint is kept)", loss=loss, step=step)
 
 
-def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None, progress: bool = False):
-    """(the training and validation ids and vocabulary, the batches cut from the training ids); ``vocab``
-    is a resumed run's own word or BPE vocabulary; ``progress`` shows the progress of learning a new one."""
+def check_same_corpus(corpus, dist: Dist) -> None:
+    """Refuse data-parallel processes that read different corpora."""
     if len(set(dist.all_objects(corpus.sha256))) > 1:
         raise CharRNNError("the processes read different corpora (their sha256 differ); give every machine "
                            "the same corpus file")
+
+
+def split_data(corpus: EncodedCorpus, cfg: TrainConfig, dist: Dist, vocab=None, progress: bool = False):
+    """(the training and validation ids and vocabulary, the batches cut from the training ids); ``vocab``
+    is a resumed run's own word or BPE vocabulary; ``progress`` shows the progress of learning a new one."""
+    check_same_corpus(corpus, dist)
     splits = tokenized.split(corpus, cfg.val_fraction, cfg.tokenizer, cfg.max_vocab, vocab, progress)
     if cfg.val_fraction > 0 and not np.any(np.asarray(splits.val[1:]) != UNK_ID):
         raise OptionError("val_fraction", f"the validation split ({len(splits.val)} tokens) is too short: no target "

@@ -141,6 +141,8 @@ class CharLM(nn.Module):
                      + (f", weight drop {c.weight_drop}" if c.weight_drop else ""),
                      sum(p.numel() for p in self.rnn.parameters())))
         rows.append((f"linear {c.hidden} -> {c.vocab_size}", sum(p.numel() for p in self.head.parameters())))
+        if c.n_labels:
+            rows.append((f"{c.n_labels} labels, on the {c.label_on}", c.label_parameters()))
         width = max(len(r[0]) for r in rows)
         lines = [f"  {name:<{width}}  {n:>12,}" for name, n in rows]
         lines.append(f"  {'total parameters':<{width}}  {self.num_parameters():>12,}")
