@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import emit, machine  # noqa: E402
 
 import charrnn  # noqa: E402
-from charrnn.evaluation import evaluate  # noqa: E402
+from charrnn.evaluation import evaluate, label_parts  # noqa: E402
 from charrnn.labels import load_labelled  # noqa: E402
 
 CORPORA = {"shakespeare": "tinyshakespeare.txt", "nietzsche": "nietzsche.txt", "warpeace": "warpeace.txt"}
@@ -83,10 +83,10 @@ def main(argv=None):
         separate[label] = charrnn.load(root / label)
 
     lm = charrnn.load(root / "conditioned")
-    parts = load_labelled(str(corpus), progress=False).splits(0.1, lm.vocab)[1]
+    parts = label_parts(load_labelled(str(corpus), progress=False).splits(0.1, lm.vocab), lm.vocab)
     names = lm.labels
     crossed = {names[k]: {names[j]: round(evaluate(lm.model, ids, label=j)["bpc"], 4) for j in parts}
-               for k, ids in parts.items()}
+               for k, (ids, _, _) in parts.items()}
     margins = {text: round(min(v for j, v in row.items() if j != text) - row[text], 4) for text, row in crossed.items()}
     own = {label: crossed[label][label] for label in CORPORA}
     alone = {label: round(separate[label].evaluate()["bpc"], 4) for label in CORPORA}

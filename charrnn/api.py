@@ -27,7 +27,7 @@ from .config import build_config
 from .corpus import load_corpus
 from .errors import CharRNNError, OptionError
 from .dynamic import Adapter, dynamic_evaluate, gradient_rms
-from .evaluation import evaluate, evaluate_labels, held_out_ids, recorded_split, training_ids
+from .evaluation import evaluate, evaluate_labels, held_out_ids, label_parts, recorded_split, training_ids
 from .generator import Generator
 from .hardware import resolve_device
 from .interfaces import Capabilities
@@ -217,9 +217,9 @@ class LanguageModel(Generator):
         norm = self.config.get("training", {})
         labelled = load_labelled(corpus, lowercase=norm.get("lowercase", False),
                                  newlines_to_spaces=norm.get("newlines_to_spaces", False), progress=False)
-        parts = labelled.splits(val_fraction, self.vocab)[1]
+        parts = label_parts(labelled.splits(val_fraction, self.vocab), self.vocab)
         known = {name: k for k, name in enumerate(self.labels)}
-        parts = {known[labelled.labels[k]]: ids for k, ids in parts.items() if labelled.labels[k] in known
+        parts = {known[labelled.labels[k]]: part for k, part in parts.items() if labelled.labels[k] in known
                  and (label is None or labelled.labels[k] == label)}
         if not parts:
             raise OptionError("label", "{value} has no validation text in {corpus}; give another label or "

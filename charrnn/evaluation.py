@@ -109,16 +109,28 @@ def evaluate(model: CharLM, ids: np.ndarray, seq_len: int = 256, n_streams: int 
     return scores(float(total), targets, unk_tokens, chars, unk_chars)
 
 
-def evaluate_labels(model: CharLM, parts: dict[int, np.ndarray], labels: list[str], **options) -> dict:
-    """A labelled model (:mod:`charrnn.labels`) on each label's text ``parts`` (by label id), each read under its
+def label_parts(splits: list, vocab) -> dict[int, tuple[np.ndarray, int, int]]:
+    """The validation parts of a labelled corpus's per-label :class:`charrnn.tokenized.Splits` (None: a label
+    without text), by label id: (ids, the characters their targets cover, those inside ``[UNK]`` targets)."""
+    from .tokenized import unknown
+
+    return {label: (np.asarray(sp.val), sp.val_chars, unknown(vocab, sp.val[1:], sp.val_chars)[1])
+            for label, sp in enumerate(splits) if sp is not None and len(sp.val) > 1}
+
+
+def evaluate_labels(model: CharLM, parts: dict[int, tuple[np.ndarray, int, int]], labels: list[str],
+                    **options) -> dict:
+    """A labelled model (:mod:`charrnn.labels`) on each label's text (:func:`label_parts`), each read under its
     label with :func:`evaluate`'s ``options``: the figures over all of them (every label's text weighing as its
     characters do), and each label's own under ``"labels"`` (name -> :func:`scores`)."""
-    per_label, total, targets = {}, 0.0, 0
-    for label, ids in parts.items():
-        r = evaluate(model, ids, label=label, **options)
+    per_label, nats, targets, unk_tokens, chars, unk_chars = {}, 0.0, 0, 0, 0, 0
+    for label, (ids, n_chars, n_unk_chars) in parts.items():
+        r = evaluate(model, ids, label=label, chars=n_chars, unk_chars=n_unk_chars, **options)
         per_label[labels[label]] = r
-        total, targets = total + r["loss"] * r["tokens"], targets + r["tokens"]
-    return {**scores(total, targets, 0), "labels": per_label}
+        nats += r["loss"] * r["tokens"]
+        targets, unk_tokens = targets + r["tokens"] + r["unk_tokens"], unk_tokens + r["unk_tokens"]
+        chars, unk_chars = chars + r["chars"] + r["unk_chars"], unk_chars + r["unk_chars"]
+    return {**scores(nats, targets, unk_tokens, chars, unk_chars), "labels": per_label}
 
 
 def held_out_ids(run_config: dict, vocab, corpus: str | None = None,

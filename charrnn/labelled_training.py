@@ -14,21 +14,17 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import sources
+from . import sources, tokenized
+from .config import BPE_VOCAB
 from .data import LabelTargets, StreamBatches, WindowBatches
 from .errors import OptionError
-from .evaluation import evaluate_labels
+from .evaluation import evaluate_labels, label_parts
 from .hardware import check_model_fits
 from .labels import LabelledCorpus
 from .models.charlm import CharLM
-from .training import Trainer, check_same_corpus, check_samples, resumed_vocab, unigram_proposal
-
-
-def check_options(cfg) -> None:
-    """Refuse the options a labelled run does not take (yet)."""
-    if cfg.tokenizer != "char":
-        raise OptionError("tokenizer", "cannot be combined with {labels}: a labelled run reads characters in this "
-                                       "version; leave it out")
+from .tokens import TokenVocab
+from .training import (Trainer, check_same_corpus, check_sampled_softmax, check_samples, resumed_vocab,
+                       unigram_proposal)
 
 
 def _source(cfg, resume: bool):
@@ -47,32 +43,34 @@ class LabelledTrainer(Trainer):
 
     def _prepare(self, corpus: LabelledCorpus, resume: bool, progress: bool) -> None:
         cfg = self.cfg
-        check_options(cfg)
         check_same_corpus(corpus, self.dist)
         source = _source(cfg, resume)
         self.init = source.describe() if source is not None else None     # config.json's "init" (resumed: its own)
-        if resume:
-            self.vocab = self.dist.on_rank0(lambda: resumed_vocab(self.run_dir, cfg)) or corpus.vocab
-        else:
-            self.vocab = sources.vocabulary(source, corpus.vocab) if source is not None else corpus.vocab
+        self.vocab = self._vocabulary(corpus, source, resume, progress)
         v = len(self.vocab)
-        parts, self.val_parts = corpus.splits(cfg.val_fraction, self.vocab)
-        train = [ids.astype(np.int64) + label * v for label, ids in enumerate(parts)]
-        missing = [corpus.labels[k] for k, ids in enumerate(train[1:], 1) if not len(ids)]
+        splits = corpus.splits(cfg.val_fraction, self.vocab)
+        missing = [corpus.labels[k] for k, sp in enumerate(splits[1:], 1) if sp is None or not len(sp.train)]
         if missing:
             raise OptionError("labels", "label {names} has no text; give it .txt files or remove it",
                               names=", ".join(missing))
+        self.val_parts = label_parts(splits, self.vocab)
         if cfg.val_fraction and not self.val_parts:
-            raise OptionError("val_fraction", "leaves no label a validation text of two characters; raise "
+            raise OptionError("val_fraction", "leaves no label a validation text of two tokens; raise "
                                               "{val_fraction}")
-        self.train_ids = np.concatenate(train)
-        self.val_ids = np.concatenate(list(self.val_parts.values())) if self.val_parts else np.zeros(0, np.int64)
-        self.val_chars = sum(len(ids) - 1 for ids in self.val_parts.values())
-        self.chars_per_token = self.chars_per_scored_token = 1.0
-        self.val_unk_chars, self.scores_unk = 0, False
+        self.train_ids = np.concatenate([sp.train.astype(np.int64) + k * v for k, sp in enumerate(splits) if sp])
+        self.val_ids = (np.concatenate([ids for ids, _, _ in self.val_parts.values()]) if self.val_parts
+                        else np.zeros(0, np.int64))
+        self.val_chars = sum(chars for _, chars, _ in self.val_parts.values())
+        self.val_unk_chars = sum(unk for _, _, unk in self.val_parts.values())
+        train_chars = sum(sp.train_chars for sp in splits if sp)
+        self.chars_per_token = train_chars / max(len(self.train_ids), 1)
+        unk_tokens, unk_chars = tokenized.unknown(self.vocab, self.train_ids % v, train_chars)
+        self.scores_unk = unk_tokens > 0
+        self.chars_per_scored_token = (train_chars - unk_chars) / max(len(self.train_ids) - unk_tokens, 1)
         batches = (StreamBatches(self.train_ids, cfg.seq_len, cfg.batch_size, cfg.seed) if cfg.stateful else
                    WindowBatches(self.train_ids, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.window_step))
         self.batches = LabelTargets(batches, v)
+        check_sampled_softmax(cfg, v)
         self.proposal = unigram_proposal(self.train_ids % v, v) if cfg.sampled_softmax else None
         self.labels = corpus.labels
         self.model_cfg = cfg.model_config(v, len(corpus.labels))
@@ -83,6 +81,24 @@ class LabelledTrainer(Trainer):
         self.model = CharLM(self.model_cfg)
         if source is not None:
             sources.load_weights(self.model, source)
+
+    def _vocabulary(self, corpus: LabelledCorpus, source, resume: bool, progress: bool):
+        """The run's vocabulary: a resumed run's own, its source's grown with the corpus's new characters, one word
+        or BPE vocabulary learned from every label's training part, or the labels' characters."""
+        cfg = self.cfg
+        if resume:
+            return self.dist.on_rank0(lambda: resumed_vocab(self.run_dir, cfg)) or corpus.vocab
+        if source is not None:
+            return sources.vocabulary(source, corpus.vocab)
+        if cfg.tokenizer == "char":
+            return corpus.vocab
+        target = cfg.max_vocab or (BPE_VOCAB if cfg.tokenizer == "bpe" else 1 << 31)    # word: every token
+        vocab = TokenVocab.train(cfg.tokenizer, corpus.training_text(cfg.val_fraction), target, progress)
+        if cfg.max_vocab is not None and len(vocab) < cfg.max_vocab:
+            raise OptionError("max_vocab", "is {value:,}, but the training parts give only {n:,} {kind} ids ([UNK] "
+                                           "included); give at most {n:,}, or leave it out", value=cfg.max_vocab,
+                              n=len(vocab), kind=cfg.tokenizer)
+        return vocab
 
     def sampler(self):
         """Samples during training: unlabelled."""

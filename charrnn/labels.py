@@ -51,24 +51,44 @@ class LabelledCorpus:
         pieces = [part.reencode(vocab) for part in self.parts[label]]
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=vocab.dtype)
 
-    def splits(self, val_fraction: float, vocab: Vocab | None = None) -> tuple[list[np.ndarray], dict]:
-        """Every label's training part (a list, by label) and validation part (by label, those of two ids or
-        more): the last ``val_fraction`` of each label's text is its validation part."""
-        from .data import split_train_val
+    def corpus(self, label: int, vocab: Vocab | None = None) -> EncodedCorpus:
+        """Label ``label``'s text as one corpus, in ``vocab``'s characters (default :attr:`vocab`)."""
+        digest = hashlib.sha256(" ".join(p.sha256 for p in self.parts[label]).encode()).hexdigest()
+        return EncodedCorpus(f"{self.name}#{self.labels[label]}", self.ids(label, vocab), vocab or self.vocab,
+                             digest, self.lowercase, self.newlines_to_spaces)
 
-        train, val = [], {}
+    def splits(self, val_fraction: float, vocab=None) -> list:
+        """Every label's :class:`charrnn.tokenized.Splits` (training and validation ids, and the characters they
+        cover) under ``vocab``: the run's (a character vocabulary re-encodes the text; a word or BPE one reads
+        it), default :attr:`vocab`.  The last ``val_fraction`` of each label's text is its validation part."""
+        from .tokenized import split
+
+        vocab = vocab or self.vocab
+        out = []
         for label in range(len(self.labels)):
-            ids = self.ids(label, vocab)
-            part_train, part_val = split_train_val(ids, val_fraction) if val_fraction else (ids, ids[:0])
-            train.append(part_train)
-            if len(part_val) > 1:
-                val[label] = np.asarray(part_val)
-        return train, val
+            corpus = self.corpus(label, self.vocab)
+            if not len(corpus.ids):
+                out.append(None)
+                continue
+            out.append(split(corpus, val_fraction, vocab.kind, vocab=None if vocab is self.vocab else vocab))
+        return out
 
     def describe(self) -> dict:
         return {"name": self.name, "sha256": self.sha256, "chars": len(self),
                 "labels": {label: sum(len(p) for p in ps) for label, ps in zip(self.labels, self.parts)},
                 "lowercase": self.lowercase, "newlines_to_spaces": self.newlines_to_spaces}
+
+    def training_text(self, val_fraction: float) -> str:
+        """Every label's training part as text, one after another (what a word or BPE vocabulary learns from)."""
+        from .data import split_train_val
+        from .tokenized import corpus_text
+
+        texts = []
+        for label in range(len(self.labels)):
+            corpus = self.corpus(label)
+            cut = len(split_train_val(corpus.ids, val_fraction)[0]) if val_fraction else len(corpus.ids)
+            texts.append(corpus_text(corpus, 0, cut))
+        return "".join(texts)
 
 
 def _check_name(label: str, where: str) -> str:

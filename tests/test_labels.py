@@ -61,15 +61,15 @@ def test_the_label_is_learned_and_generation_obeys_it(run):
     assert scores
     own = lm.evaluate()["labels"]
     # Each label's validation text read under the other label costs far more.
-    from charrnn.evaluation import evaluate
+    from charrnn.evaluation import evaluate, label_parts
 
     config = json.loads((run / "config.json").read_text())
     labelled = load_labelled(config["corpus"]["name"])
-    parts = labelled.splits(0.1, lm.vocab)[1]
+    parts = label_parts(labelled.splits(0.1, lm.vocab), lm.vocab)
     for k, name in enumerate(lm.labels):
         if k and k in parts:
             other = 3 - k
-            crossed = evaluate(lm.model, parts[k], label=other)["bpc"]
+            crossed = evaluate(lm.model, parts[k][0], label=other)["bpc"]
             assert crossed > own[name]["bpc"] + 0.5, (name, crossed, own[name]["bpc"])
     for label, alphabet in (("soft", VOWELS), ("hard", CAPS)):
         text = lm.generate(" ", 300, temperature=0.8, seed=3, label=label)[0]
@@ -289,3 +289,27 @@ def test_a_labelled_run_starts_from_a_plain_run(tmp_path):
     lm = charrnn.load(tmp_path / "run")
     assert _share(lm.generate(" ", 200, temperature=0.5, seed=1, label="hard")[0], CAPS) > 0.8
     charrnn.train(str(corpus), tmp_path / "run", resume=True, **{**FAST, "max_steps": 210})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tokenizer", ["word", "bpe"])
+def test_word_and_bpe_labelled_runs(tmp_path, capsys, tokenizer):
+    from charrnn import runtime
+    from charrnn.export import export_onnx
+
+    corpus = labelled_corpus(tmp_path / "corpus", 1500)
+    extra = {"max_vocab": 300} if tokenizer == "bpe" else {}
+    charrnn.train(str(corpus), tmp_path / "run", labels=True, tokenizer=tokenizer, **extra,
+                  **{**FAST, "max_steps": 400})
+    lm = charrnn.load(tmp_path / "run")
+    assert lm.vocab.kind == tokenizer
+    assert _share(lm.generate(" ", 200, temperature=0.5, seed=1, label="hard")[0], CAPS) > 0.8
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+            if "val_labels" in line][-1]
+    code, out, err = cli(capsys, "eval", tmp_path / "run", "--weights", "latest", "--json")
+    assert code == 0, err
+    assert abs(json.loads(out)["loss"] - last["val_loss"]) < 1e-6
+    export_onnx(tmp_path / "run", tmp_path / "m.onnx")
+    rt = runtime.load(tmp_path / "m.onnx")
+    for label in ("soft", "hard"):
+        assert rt.generate(" X", 60, temperature=0, label=label) == lm.generate(" X", 60, temperature=0, label=label)
