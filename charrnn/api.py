@@ -25,12 +25,20 @@ from . import checkpoint as ckpt
 from . import distributed, shipped, sources
 from .config import build_config
 from .corpus import load_corpus
-from .errors import CharRNNError, OptionError
 from .dynamic import Adapter, dynamic_evaluate, gradient_rms
-from .evaluation import evaluate, evaluate_labels, held_out_ids, label_parts, recorded_split, training_ids
+from .errors import CharRNNError, OptionError
+from .evaluation import (
+    evaluate,
+    evaluate_labels,
+    held_out_ids,
+    label_parts,
+    recorded_split,
+    training_ids,
+)
 from .generator import Generator
 from .hardware import resolve_device
 from .interfaces import Capabilities
+from .labels import label_index
 from .options import DynamicOptions
 from .sampling import Sampler
 from .tokenized import unknown
@@ -194,7 +202,7 @@ class LanguageModel(Generator):
         A labelled run (:mod:`charrnn.labels`) is scored on each label's validation text under its label, with
         each label's figures under ``"labels"`` (only ``label``'s with ``label``); a ``corpus`` is read under
         ``label`` (default: unlabelled)."""
-        offset = self.sampler.label_offset(label)
+        label_id = label_index(label, self.labels)      # one label: a mix is generated, not evaluated
         if self.labels and dynamic is not None:
             raise OptionError("dynamic", "applies to runs without labels in this version; drop it")
         if self.labels and corpus is None:
@@ -204,7 +212,7 @@ class LanguageModel(Generator):
         # The step sizes first: they refuse a segment the memory or the training split cannot hold.
         rms = self._gradient_rms(dynamic) if dynamic is not None else None
         result = evaluate(self.model, ids, seq_len=seq_len, n_streams=n_streams, device=self.device, chars=chars,
-                          unk_chars=unk_chars, label=offset // self.model.config.vocab_size)
+                          unk_chars=unk_chars, label=label_id)
         if dynamic is not None:
             result["dynamic"] = dynamic_evaluate(self.model, ids, rms, dynamic, chars, unk_chars)
         return result

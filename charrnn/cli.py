@@ -227,7 +227,7 @@ def cmd_generate(args) -> int:
     lm, params = _generator(args, o)
     _warn_unknown(lm, o.prompt)
     if args.beam_width is not None:
-        beams = lm.sampler.beam(o.prompt, o.length, args.beam_width)
+        beams = lm.sampler.beam(o.prompt, o.length, args.beam_width, label=o.sampling.label)
         if args.json:
             _print_json({"beams": [{"text": t, "log_prob": lp} for t, lp in beams]})
         else:

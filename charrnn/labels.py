@@ -192,13 +192,14 @@ def label_weights(request: str | None, labels: list[str]) -> np.ndarray:
 
 def label_index(request: str | None, labels: list[str]) -> int:
     """The one label ``request`` names (None: unlabelled, 0), for a model with the label names ``labels`` (none:
-    a model without labels); an OptionError for any other label, or a mix (not generated in this version)."""
+    a model without labels); an OptionError for any other label, or a mix (evaluation and exported models read
+    one label)."""
     if request is None:
         return 0
     if not labels:
         raise OptionError("label", "applies to a model trained with --labels; this one has no labels")
     weights = label_weights(request, labels)
     if np.count_nonzero(weights) > 1:
-        raise OptionError("label", "asks for a mix of labels ({value}), which this version does not generate; "
-                                   "give one label", value=shown(request))
+        raise OptionError("label", "asks for a mix of labels ({value}): only generation from a run directory mixes "
+                                   "labels; give one label here", value=shown(request))
     return int(np.argmax(weights))

@@ -60,7 +60,7 @@ class SamplingParams:
                                            "OpenAI API's; -2 to 2)", metavar="F", check=_OPENAI_PENALTY)
     seed: int | None = option(None, "random seed: same seed, same text", check=SEED)
     label: str | None = option(None, "of a run trained with --labels: the label to generate as (default: "
-                                     "unlabelled)", metavar="NAME")
+                                     "unlabelled), or a weighted mix such as a=0.7,b=0.3", metavar="NAME")
     # No help: not flags made from the fields (`charrnn generate` has --stop and --logprobs of its own).
     stop: tuple[str, ...] = option(())        # texts that end a sample (never shown)
     logprobs: int | None = option(None, check=NON_NEGATIVE_INT)   # log-probability alternatives per token

@@ -8,13 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .decoding import Decoding
 from .errors import CharRNNError, OptionError
-from .labels import label_index
 from .hardware import check_sampling_fits
 from .interfaces import Reader
+from .labels import label_weights
 from .models.charlm import CharLM, State
 from .options import SamplingParams, check_beam_width, check_shape, start_text
 from .prompt_cache import PromptCache
@@ -25,6 +26,7 @@ from .vocab import UNK_ID, Vocab
 
 # Prompt characters run through the model at once when priming.
 PRIME_CHUNK = 1024
+MAX_MIXES = 64          # mixes of labels a model keeps a block of its input table for
 
 
 @dataclass
@@ -86,11 +88,19 @@ class Sampler:
         After token healing the logits allow only the ids that start with the prompt's last token."""
         return self.reader.prime(prompts, offset) if offset else self.reader.prime(prompts)
 
+    def check_label(self, label: str | None) -> None:
+        """Refuse a ``label`` the model does not have, reading nothing (the server checks each request so)."""
+        if label is not None:
+            self._labelled().check_label(label)
+
     def label_offset(self, label: str | None) -> int:
         """What the ids of a run trained with --labels are shifted by under ``label`` (:mod:`charrnn.labels`)."""
-        if label is not None and not isinstance(self.reader, RunReader):
+        return self._labelled().label_offset(label) if label is not None else 0
+
+    def _labelled(self) -> RunReader:
+        if not isinstance(self.reader, RunReader):
             raise OptionError("label", "applies to a run trained with --labels; this model has no labels")
-        return self.reader.label_offset(label) if label is not None else 0
+        return self.reader
 
     def token_text(self, i: int) -> str:
         """The text of id ``i`` alone (the alternatives of a log-probability record)."""
@@ -190,7 +200,7 @@ class Sampler:
         return prompts, Decoding(self, prompts, length, params)
 
     @torch.inference_mode()
-    def beam(self, prompt: str, length: int, beam_width: int) -> list[tuple[str, float]]:
+    def beam(self, prompt: str, length: int, beam_width: int, label: str | None = None) -> list[tuple[str, float]]:
         """The ``beam_width`` most likely continuations of ``prompt`` (``length`` characters each, ``[UNK]``
         excluded), as ``(prompt + continuation, total log-probability of the continuation)``, best first.
 
@@ -204,7 +214,8 @@ class Sampler:
         self.check_fits("beam_width", beam_width, int(beam_width) * self.model.config.vocab_size)
         if length == 0:
             return [(prompt, 0.0)]
-        logits, state = self.prime([prompt])
+        offset = self.label_offset(label)
+        logits, state = self.prime([prompt], offset)
         end = logits.shape[-1]          # one more id, the beams' end: "this text has its length"
 
         def scored(out: torch.Tensor, text) -> torch.Tensor:
@@ -217,7 +228,7 @@ class Sampler:
         def step(ids, beams: _Beams):
             ids = ids.clamp(max=end - 1)       # a finished beam reads any id: its text is complete
             beams.text.push(ids.tolist())
-            out, st = self.stepper.step(ids, beams.state)
+            out, st = self.stepper.step(ids + offset if offset else ids, beams.state)
             return scored(out, beams.text), _Beams(st, beams.text)
 
         start = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -249,13 +260,36 @@ class RunReader:
         self.batchable = True     # int8 too: each row's activations are quantised on their own
         self.prompt_cache: PromptCache | None = None     # off unless asked for (the server turns it on)
         self.labels = list(labels or [])
+        self.mixes: dict[tuple, tuple[int, torch.Tensor | None]] = {}    # a mix's block and initial state
         if len(self.labels) != model.config.n_labels:
             raise CharRNNError(f"the run names {len(self.labels)} labels but its model reads {model.config.n_labels}; "
                                "the run directory is inconsistent, retrain it")
 
+    def check_label(self, label: str | None) -> np.ndarray:
+        """The weight of every label ``label`` asks for (a name, or a mix ``a=0.7,b=0.3``; None: unlabelled)."""
+        if label is not None and not self.labels:
+            raise OptionError("label", "applies to a model trained with --labels; this one has no labels")
+        return label_weights(label, self.labels) if self.labels else np.ones(1)
+
     def label_offset(self, label: str | None) -> int:
-        """What ``label`` (a name; None: unlabelled) adds to the ids the model reads (:mod:`charrnn.labels`)."""
-        return label_index(label, self.labels) * self.model.config.vocab_size
+        """What ``label`` adds to the ids the model reads (:mod:`charrnn.labels`): a label's block of the input
+        table, or a mix's, made the first time it is asked for (the stepper's table grows by one block)."""
+        weights = self.check_label(label)
+        if np.count_nonzero(weights) == 1:
+            return int(np.argmax(weights)) * self.model.config.vocab_size
+        key = tuple(np.round(weights, 6))
+        if key not in self.mixes:
+            if len(self.mixes) >= MAX_MIXES:
+                raise OptionError("label", "asks for a new mix of labels, past the {n} this model keeps; use one "
+                                           "of the mixes asked for before, or load the model again", n=MAX_MIXES)
+            w = torch.tensor(weights, dtype=torch.float32, device=self.device)
+            with torch.no_grad():
+                table = self.model.input_projection().float().view(len(weights), self.model.config.vocab_size, -1)
+                index = self.stepper.add_block(torch.einsum("l,lvg->vg", w, table))
+                initial = self.model.initial_state
+                self.mixes[key] = (index, None if initial is None else torch.einsum("l,lskh->skh", w,
+                                                                                     initial.float()))
+        return self.mixes[key][0] * self.model.config.vocab_size
 
     def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, list[str]]:
         """Prompt ids and the characters that are not in the vocabulary (mapped to ``[UNK]``).
@@ -309,15 +343,32 @@ class RunReader:
         """The logits after ``prompt`` ``(1, vocab)`` and the model's state; after token healing the logits
         allow only the ids that start with the prompt's last token."""
         ids, tail = self.healed(prompt)
-        st = None
-        # In pieces, so that a long prompt costs its ids, not a row of activations per character.
-        for piece in ids.to(self.device).split(PRIME_CHUNK):
-            out, st = self.model(piece[None] + offset, st)
-        out = out[:, -1]
+        if offset >= self.model.config.n_labels * self.model.config.vocab_size > 0:
+            out, st = self._read_mixed(ids, offset)
+        else:
+            st = None
+            # In pieces, so that a long prompt costs its ids, not a row of activations per character.
+            for piece in ids.to(self.device).split(PRIME_CHUNK):
+                out, st = self.model(piece[None] + offset, st)
+            out = out[:, -1]
         if tail:            # token healing: the first token completes the prompt's last one
             allowed = torch.from_numpy(self.vocab.starting_with(tail)).to(out.device)
             out = out.masked_fill(~allowed, float("-inf"))
         return out, st
+
+    def _read_mixed(self, ids: torch.Tensor, offset: int) -> tuple[torch.Tensor, State]:
+        """A prompt read under a mix of labels: one stepper step per id over the mix's block (the model's fused
+        kernel knows the labels' blocks only), from the mix of the labels' initial states (or zeros)."""
+        initial = next(h0 for index, h0 in self.mixes.values() if index * self.model.config.vocab_size == offset)
+        if initial is None:
+            state = self.model.zero_state(1)
+        else:
+            parts = tuple(initial[k][:, None, :].contiguous() for k in range(initial.shape[0]))
+            state = parts if len(parts) > 1 else parts[0]
+        state = self.stepper.from_module_state(state)
+        for i in ids.tolist():
+            out, state = self.stepper.step(torch.tensor([i + offset], device=self.device), state)
+        return out, self.stepper.to_module_state(state)
 
     def text_stream(self, prompts: Sequence[str], length: int) -> TextStream:
         """What turns the generated ids of ``prompts`` into their ``length`` characters of text."""

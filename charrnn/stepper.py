@@ -99,6 +99,7 @@ class Stepper:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         c = model.config
         self.arch, self.layers, self.hidden, self.weights = c.arch, c.layers, c.hidden, weights
+        self.vocab_size = c.vocab_size
         self.cell = cells.cell(c.arch)
         self._states = len(self.cell.state)      # state tensors per layer: 1 a tensor, more a tuple
         self._cell_step = self.cell.impl_module().step
@@ -131,6 +132,14 @@ class Stepper:
         hh = [lin.native_parts() for lin in self.lin_hh]
         return module.Step(self.cell.native, self.hidden, self.table, ih, hh, self.head.native_parts(),
                            self.table.shape[0])
+
+    def add_block(self, block: torch.Tensor) -> int:
+        """Append ``vocab_size`` rows to the input table (a mix of a labelled model's labels, :mod:`charrnn.labels`)
+        and rebuild the compiled step over it; the block's index (its ids are ``index * vocab_size + id``)."""
+        self.table = torch.cat([self.table, block.to(self.table)]).contiguous()
+        if self._native is not None:
+            self._native = self._build_native()
+        return self.table.shape[0] // self.vocab_size - 1
 
     def from_module_state(self, state: State) -> list:
         if self._states > 1:

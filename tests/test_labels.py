@@ -96,8 +96,25 @@ def test_generate_and_eval_refuse_an_unknown_label_naming_the_known_ones(run, ca
     for command in (("generate", run, "--prompt", "a", "--label", "loud"), ("eval", run, "--label", "loud")):
         code, _, err = cli(capsys, *command)
         assert code == 2 and err.count("\n") == 1 and "unlabelled, hard, soft" in err, err
-    code, _, err = cli(capsys, "generate", run, "--prompt", "a", "--label", "soft=0.5,hard=0.5")
+    code, _, err = cli(capsys, "eval", run, "--label", "soft=0.5,hard=0.5")
     assert code == 2 and "mix" in err
+
+
+@pytest.mark.slow
+def test_a_mix_of_labels_generates_between_them(run, monkeypatch):
+    lm = charrnn.load(run)
+    for label in ("soft", "hard"):      # a mix all but one label's is that label: the same greedy text
+        want = lm.generate(" X", 100, temperature=0, label=label)[0]
+        other = "hard" if label == "soft" else "soft"
+        assert lm.generate(" X", 100, temperature=0, label=f"{label}=1,{other}=0.000001")[0] == want
+    shares = [_share(lm.generate(" ", 2000, temperature=0.8, seed=1, label=label)[0], CAPS)
+              for label in ("soft", "soft=0.5,hard=0.5", "hard")]
+    assert shares[0] < shares[1] < shares[2], shares
+    beams = lm.sampler.beam(" ", 20, 2, label="soft=0.5,hard=0.5")
+    assert len(beams) == 2
+    monkeypatch.setattr("charrnn.sampling.MAX_MIXES", len(lm.sampler.reader.mixes))
+    with pytest.raises(charrnn.errors.OptionError, match="past the"):
+        lm.generate(" ", 5, label="soft=0.3,hard=0.7")
 
 
 def test_label_requests():

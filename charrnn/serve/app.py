@@ -105,7 +105,7 @@ class _Endpoints:
         try:
             check_shape(req.length, req.num_samples)
             params = req.to_sampling_params()
-            self.lm.sampler.label_offset(params.label)  # a label the run has
+            self.lm.sampler.check_label(params.label)  # a label the run has
             self.lm.sampler.encode_prompt(req.prompt)  # an empty prompt needs a newline in the vocabulary
         except CharRNNError as e:
             raise RequestError(422, str(e)) from None  # an OptionError names the field: "top_p must be ..."

@@ -132,7 +132,7 @@ class OpenAIEndpoints:
         try:
             check_shape(req.max_tokens, req.n)
             params = req.to_sampling_params()
-            self.lm.sampler.label_offset(params.label)      # a label the run has
+            self.lm.sampler.check_label(params.label)       # a label the run has
             for prompt in prompts:
                 self.lm.sampler.encode_prompt(prompt)
         except OptionError as e:

@@ -50,11 +50,13 @@ def test_hostile_label_requests_are_one_line(run, tmp_path, capsys):
     charrnn.train(str(tmp_path / "t.txt"), unlabelled, max_steps=1, progress=False, log=lambda m: None, **TINY_KW)
     cases = [(run, "=1", "'' is not one of"), (run, "soft=nan", "positive numbers"), (run, "soft=0", "positive"),
              (run, "soft=-2", "positive"), (run, "loud", "unlabelled, hard, soft"), (run, "x" * 10_000, "is not one"),
-             (run, "soft=0.7,hard=0.3", "mix"), (unlabelled, "soft", "no labels")]
+             (unlabelled, "soft", "no labels")]
     for model, label, naming in cases:
         code, _, err = cli(capsys, "generate", model, "--prompt", "e", "--length", "5", "--label", label)
         line = one_line_error(code, err, naming)
         assert "--label" in line and len(line) < 400, line
+    code, _, err = cli(capsys, "eval", run, "--label", "soft=0.7,hard=0.3")
+    one_line_error(code, err, "mix")
 
 
 @pytest.mark.probe("labels-hostile")
@@ -66,11 +68,12 @@ def test_a_bad_label_in_a_request_fails_alone(run):
     lm = charrnn.load(run)
     with running(create_app(lm, Limits(max_batch=16))) as url:
         bodies = [{"prompt": " ", "length": 50, "label": label, "seed": 1}
-                  for label in ("soft", "loud", None, "x" * 5000, "hard", 7, "soft=nan")]
+                  for label in ("soft", "loud", None, "x" * 5000, "hard", 7, "soft=nan", "soft=0.6,hard=0.4")]
         with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
             answers = list(pool.map(lambda b: httpx.post(f"{url}/v1/generate", json=b, timeout=60), bodies))
         codes = [r.status_code for r in answers]
-        assert codes == [200, 422, 200, 422, 200, 422, 422], [r.text for r in answers]
+        assert codes == [200, 422, 200, 422, 200, 422, 422, 200], [r.text for r in answers]
+        assert answers[-1].json()["samples"] == lm.generate(" ", 50, seed=1, label="soft=0.6,hard=0.4")
         assert "unlabelled, hard, soft" in answers[1].text and "label" in answers[3].text
         r = httpx.post(f"{url}/v1/completions", json={"prompt": " ", "label": ["soft"]}, timeout=60)
         assert r.status_code == 400 and "label" in r.text
