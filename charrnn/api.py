@@ -38,7 +38,7 @@ from .evaluation import (
 from .generator import Generator
 from .hardware import resolve_device
 from .interfaces import Capabilities
-from .labels import label_index
+from .labels import label_index, load_labelled
 from .options import DynamicOptions
 from .sampling import Sampler
 from .tokenized import unknown
@@ -106,11 +106,7 @@ def train(corpus: str, out: str | Path, *, preset: str | None = None, resume: bo
 
 def _corpus(cfg):
     """What reads the corpus: a labelled corpus's reader (charrnn.labels) with --labels, else load_corpus."""
-    if cfg.labels:
-        from .labels import load_labelled
-
-        return load_labelled
-    return load_corpus
+    return load_labelled if cfg.labels else load_corpus
 
 
 def is_pretrained_source(source: str) -> bool:
@@ -219,8 +215,6 @@ class LanguageModel(Generator):
 
     def _evaluate_labels(self, label: str | None, seq_len: int, n_streams: int) -> dict:
         """The run's validation: each label's validation text (as training split it) under its label."""
-        from .labels import load_labelled
-
         corpus, val_fraction = recorded_split(self.config)
         norm = self.config.get("training", {})
         labelled = load_labelled(corpus, lowercase=norm.get("lowercase", False),

@@ -104,8 +104,9 @@ def _sources(spec: str) -> dict[str, list[str]]:
     path = Path(spec).expanduser()
     if path.is_dir():
         found: dict[str, list[str]] = {}
-        if any(p.suffix == ".txt" and p.is_file() for p in path.iterdir()):
-            found[UNLABELLED] = [str(p) for p in sorted(path.iterdir()) if p.suffix == ".txt" and p.is_file()]
+        unlabelled = [str(p) for p in sorted(path.iterdir()) if p.suffix == ".txt" and p.is_file()]
+        if unlabelled:
+            found[UNLABELLED] = unlabelled
         for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
             found.setdefault(_check_name(sub.name, f"folder {sub}"), []).append(str(sub))
         if set(found) <= {UNLABELLED}:
@@ -190,15 +191,21 @@ def label_weights(request: str | None, labels: list[str]) -> np.ndarray:
     return weights / weights.sum()
 
 
+def requested_weights(request: str | None, labels: list[str]) -> np.ndarray:
+    """:func:`label_weights` for a model with the label names ``labels``; a model without labels (``labels``
+    empty) takes no request, and its one weight is 1."""
+    if not labels:
+        if request is not None:
+            raise OptionError("label", "applies to a model trained with --labels; this one has no labels")
+        return np.ones(1)
+    return label_weights(request, labels)
+
+
 def label_index(request: str | None, labels: list[str]) -> int:
     """The one label ``request`` names (None: unlabelled, 0), for a model with the label names ``labels`` (none:
     a model without labels); an OptionError for any other label, or a mix (evaluation and exported models read
     one label)."""
-    if request is None:
-        return 0
-    if not labels:
-        raise OptionError("label", "applies to a model trained with --labels; this one has no labels")
-    weights = label_weights(request, labels)
+    weights = requested_weights(request, labels)
     if np.count_nonzero(weights) > 1:
         raise OptionError("label", "asks for a mix of labels ({value}): only generation from a run directory mixes "
                                    "labels; give one label here", value=shown(request))

@@ -15,7 +15,7 @@ from .decoding import Decoding
 from .errors import CharRNNError, OptionError
 from .hardware import check_sampling_fits
 from .interfaces import Reader
-from .labels import label_weights
+from .labels import requested_weights
 from .models.charlm import CharLM, State
 from .options import SamplingParams, check_beam_width, check_shape, start_text
 from .prompt_cache import PromptCache
@@ -267,9 +267,7 @@ class RunReader:
 
     def check_label(self, label: str | None) -> np.ndarray:
         """The weight of every label ``label`` asks for (a name, or a mix ``a=0.7,b=0.3``; None: unlabelled)."""
-        if label is not None and not self.labels:
-            raise OptionError("label", "applies to a model trained with --labels; this one has no labels")
-        return label_weights(label, self.labels) if self.labels else np.ones(1)
+        return requested_weights(label, self.labels)
 
     def label_offset(self, label: str | None) -> int:
         """What ``label`` adds to the ids the model reads (:mod:`charrnn.labels`): a label's block of the input
